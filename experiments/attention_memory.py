@@ -441,6 +441,7 @@ def run_benchmark() -> dict:
         machine = machine_info()
     name = FLAGS.out_name or default_name(machine, settings)
     records: list[dict] = []
+    commands: list[str] = []
     json_path = os.path.join(FLAGS.out_dir, f"{name}.json")
     if FLAGS.append and os.path.exists(json_path):
         with open(json_path) as f:
@@ -450,6 +451,7 @@ def run_benchmark() -> dict:
             raise app.UsageError(f"--append: {json_path} was measured with other settings "
                                  f"{previous['meta']['settings']}")
         records = previous["records"]
+        commands = previous["meta"].get("commands", [])
     limit = FLAGS.memory_limit_gib * 2 ** 30
     if not limit and machine["platform"] == "cpu":
         limit = 0.6 * _host_available_bytes()
@@ -474,7 +476,7 @@ def run_benchmark() -> dict:
             "memory": ("temp_bytes: compiled temp size (CPU: YNN fusion disabled); "
                        "peak_bytes: device peak_bytes_in_use (GPU/TPU); "
                        "floor_bytes: Q, K, V and output"),
-            "command": " ".join(sys.argv)}
+            "commands": commands + [" ".join(sys.argv)]}
     paths = write_outputs(FLAGS.out_dir, name, records, meta)
     print(format_table(records))
     print("wrote", ", ".join(paths.values()))

@@ -221,3 +221,27 @@ def test_chunked_gradient_memory_grows_linearly():
     assert chunked_growth < 5.0, temp   # 4x length: linear plus a constant tile
     assert dense_growth > 12.0, temp    # the T x S matrices: ~16x
     assert temp["dense"][1] > 8 * temp["chunked"][1], temp
+
+
+def test_value_head_dim_may_differ_from_query_head_dim():
+    q, k, _, _ = _inputs(20, 26)
+    v = jnp.asarray(np.random.default_rng(5).standard_normal((2, 26, 3, 12)), jnp.float32)
+    d_out = jnp.ones((2, 20, 3, 12))
+    chunked = _value_and_grads("chunked", q, k, v, d_out, causal=True, **BLOCKS)
+    dense = _value_and_grads("dense", q, k, v, d_out, causal=True)
+    for c, d in zip(chunked, dense):
+        assert c.shape == d.shape
+        np.testing.assert_allclose(c, d, **TOL)
+
+
+def test_chunked_under_a_data_parallel_mesh():
+    # The training loop shards the batch over a `data` axis; chunked must follow.
+    mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    q, k, v, d_out = (jax.device_put(x, batch) for x in _inputs(24, 24, b=jax.device_count()))
+    chunked = _value_and_grads("chunked", q, k, v, d_out, causal=True, **BLOCKS)
+    dense = _value_and_grads("dense", q, k, v, d_out, causal=True)
+    for c, d in zip(chunked, dense):
+        np.testing.assert_allclose(c, d, **TOL)
+    assert chunked[1].sharding.spec[0] == "data"

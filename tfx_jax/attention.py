@@ -29,9 +29,10 @@ from tfx_jax.attention_chunked import DEFAULT_BLOCK_KV, DEFAULT_BLOCK_Q, chunked
 from tfx_jax.attention_cudnn import cudnn_attention, cudnn_unsupported_reason
 
 IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn")
-# "auto" switches from dense to chunked at this length (CPU measurements in
-# docs/attention_memory.md: from here chunked is faster and its grad needs less memory).
-CHUNKED_MIN_LENGTH = 1024
+# "auto" switches from dense to chunked at this length. CPU measurements
+# (docs/attention_memory.md): from T = 512 on chunked was faster in both passes and
+# its gradient needed half the memory; below, one tile covers the whole sequence.
+CHUNKED_MIN_LENGTH = 512
 
 
 def _check_inputs(query, key, value, mask):

@@ -44,10 +44,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Measured on a 2-core CPU (float32, 4 heads x 64, T = 1k..4k): see
-# docs/attention_memory.md. Square 512 tiles were the fastest there.
+# Tile sizes: on a 2-core CPU (float32, 4 heads x 64, T = 2k and 4k, causal and
+# not) 512 x 256 was the fastest of 128..1024 in forward and forward+backward,
+# within noise of 512 x 512 and 256 x 256 (docs/attention_memory.md).
 DEFAULT_BLOCK_Q = 512
-DEFAULT_BLOCK_KV = 512
+DEFAULT_BLOCK_KV = 256
 
 
 class _Blocking(NamedTuple):
@@ -127,7 +128,7 @@ def _kv_block_range(blocking: _Blocking, i, live_q, live_kv):
     hi = live_kv
     if blocking.causal:  # last query of block i is (i+1)*bq - 1; keys up to it
         hi = jnp.minimum(hi, ((i + 1) * blocking.block_q - 1) // blocking.block_kv + 1)
-    if live_q is not None and not isinstance(live_q, int):
+    if not isinstance(live_q, int):  # query block i past every sequence's end: nothing
         hi = jnp.where(i < live_q, hi, 0)
     return hi
 
@@ -141,18 +142,21 @@ def _q_block_range(blocking: _Blocking, j, live_q, live_kv):
     return lo, hi
 
 
-def _scores(q_block, k_block, scale):
-    return jnp.einsum("bnqh,bnkh->bnqk", q_block, k_block,
-                      preferred_element_type=jnp.float32) * scale
+def _masked_scores(blocking: _Blocking, i, j, q_i, k_j, mask, q_lengths, kv_lengths):
+    """Tile (i, j) of Q K^T / sqrt(d) in float32, -inf where attention is not allowed."""
+    scale = 1.0 / math.sqrt(q_i.shape[-1])
+    s = jnp.einsum("bnqh,bnkh->bnqk", q_i, k_j, preferred_element_type=jnp.float32) * scale
+    valid = _block_mask(blocking, i, j, mask, q_lengths, kv_lengths)
+    return s if valid is None else jnp.where(valid, s, -jnp.inf)
 
 
 def _forward(blocking: _Blocking, q, k, v, mask, q_lengths, kv_lengths):
     """Online-softmax forward; returns (out blocks, lse blocks [nq, B, N, bq])."""
-    num_q_blocks, b, n, bq, h = q.shape
+    num_q_blocks, b, n, bq, _ = q.shape
     num_kv_blocks = k.shape[0]
-    scale = 1.0 / math.sqrt(h)
     live_q, live_kv = _live_block_counts(blocking, num_q_blocks, num_kv_blocks,
                                          q_lengths, kv_lengths)
+    value_dim = v.shape[-1]
 
     def query_block(_, inputs):
         i, q_i = inputs
@@ -161,10 +165,7 @@ def _forward(blocking: _Blocking, q, k, v, mask, q_lengths, kv_lengths):
             m, l, acc = carry
             k_j = lax.dynamic_index_in_dim(k, j, keepdims=False)
             v_j = lax.dynamic_index_in_dim(v, j, keepdims=False)
-            s = _scores(q_i, k_j, scale)
-            valid = _block_mask(blocking, i, j, mask, q_lengths, kv_lengths)
-            if valid is not None:
-                s = jnp.where(valid, s, -jnp.inf)
+            s = _masked_scores(blocking, i, j, q_i, k_j, mask, q_lengths, kv_lengths)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             # A row with nothing visible yet keeps m = -inf; subtract 0 instead.
             m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
@@ -177,7 +178,7 @@ def _forward(blocking: _Blocking, q, k, v, mask, q_lengths, kv_lengths):
 
         init = (jnp.full((b, n, bq), -jnp.inf, jnp.float32),
                 jnp.zeros((b, n, bq), jnp.float32),
-                jnp.zeros((b, n, bq, h), jnp.float32))
+                jnp.zeros((b, n, bq, value_dim), jnp.float32))
         hi = _kv_block_range(blocking, i, live_q, live_kv)
         m, l, acc = lax.fori_loop(0, hi, key_block, init)
         attended = l > 0.0  # False for a query with no key to attend: output zeros
@@ -192,9 +193,9 @@ def _forward(blocking: _Blocking, q, k, v, mask, q_lengths, kv_lengths):
 def _backward(blocking: _Blocking, residuals, d_out):
     """Recomputes each tile's weights from lse; accumulates dQ, dK, dV."""
     q, k, v, mask, q_lengths, kv_lengths, out, lse = residuals
-    num_q_blocks, _, _, _, h = q.shape
+    num_q_blocks = q.shape[0]
     num_kv_blocks = k.shape[0]
-    scale = 1.0 / math.sqrt(h)
+    scale = 1.0 / math.sqrt(q.shape[-1])
     live_q, live_kv = _live_block_counts(blocking, num_q_blocks, num_kv_blocks,
                                          q_lengths, kv_lengths)
     # rowsum(dO * O) = rowsum(P * dP): the softmax Jacobian's correction term.
@@ -209,10 +210,7 @@ def _backward(blocking: _Blocking, residuals, d_out):
             do_i = lax.dynamic_index_in_dim(d_out, i, keepdims=False)
             lse_i = lax.dynamic_index_in_dim(lse, i, keepdims=False)
             delta_i = lax.dynamic_index_in_dim(delta, i, keepdims=False)
-            s = _scores(q_i, k_j, scale)
-            valid = _block_mask(blocking, i, j, mask, q_lengths, kv_lengths)
-            if valid is not None:
-                s = jnp.where(valid, s, -jnp.inf)
+            s = _masked_scores(blocking, i, j, q_i, k_j, mask, q_lengths, kv_lengths)
             p = jnp.exp(s - lse_i[..., None])
             d_v = d_v + jnp.einsum("bnqk,bnqh->bnkh", p.astype(do_i.dtype), do_i,
                                    preferred_element_type=jnp.float32)
@@ -225,9 +223,9 @@ def _backward(blocking: _Blocking, residuals, d_out):
                                    preferred_element_type=jnp.float32)
             return d_q, d_k, d_v
 
-        zeros = jnp.zeros(k_j.shape, jnp.float32)
         lo, hi = _q_block_range(blocking, j, live_q, live_kv)
-        d_q, d_k, d_v = lax.fori_loop(lo, hi, query_block, (d_q, zeros, zeros))
+        d_q, d_k, d_v = lax.fori_loop(lo, hi, query_block, (
+            d_q, jnp.zeros(k_j.shape, jnp.float32), jnp.zeros(v_j.shape, jnp.float32)))
         return d_q, (d_k.astype(k.dtype), d_v.astype(v.dtype))
 
     d_q, (d_k, d_v) = lax.scan(key_block, jnp.zeros(q.shape, jnp.float32),
@@ -269,6 +267,8 @@ def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
         if not isinstance(block, int) or block < 1:
             raise ValueError(f"{name} must be a positive int, got {block!r}")
     t, s = query.shape[1], key.shape[1]
+    if t == 0 or s == 0:  # nothing to attend: zeros, as dense returns
+        return jnp.zeros(query.shape[:3] + value.shape[3:], value.dtype)
     block_q, block_kv = min(block_q, t), min(block_kv, s)
     blocking = _Blocking(q_length=t, kv_length=s, block_q=block_q, block_kv=block_kv,
                          causal=bool(causal))
