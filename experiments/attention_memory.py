@@ -89,6 +89,8 @@ flags.DEFINE_string("out_name", None,
                     "File name stem (default: attention_memory_<platform>_<device>_<cpus>cpu_"
                     "<dtype>[_causal]_<date>).")
 flags.DEFINE_bool("append", False, "Merge into an existing <out_name>.json (same settings).")
+flags.DEFINE_bool("replot", False,
+                  "Measure nothing: rewrite table, CSV and PNG from <out_dir>/<out_name>.json.")
 flags.DEFINE_string("worker_config", None, "Internal: measure one configuration (JSON).")
 flags.DEFINE_bool("worker_info", False, "Internal: print the machine description (JSON).")
 
@@ -334,19 +336,27 @@ def plot(path: str, records: list[dict], meta: dict) -> None:
     for impl, pass_name in series:
         recs = sorted((r for r in records if (r["implementation"], r["pass"]) == (impl, pass_name)),
                       key=lambda r: r["length"])
-        failed = [r["length"] for r in recs if r["status"] != "ok"]
         label = f"{impl} {pass_name.replace('_', '+')}"
+        failed = [r for r in recs if r["status"] != "ok"]
         if failed:
-            label += f" (no result from T={min(failed)})"
-        # Compiled temp sizes are known even where the run was skipped as too big.
-        mem = [(r["length"], r[memory_key] / MIB) for r in recs if r.get(memory_key)]
-        tim = [(r["length"], r["median_s"]) for r in recs if r.get("median_s")]
+            label += f" ({failed[0]['status'].split(':')[0].split(' (')[0]} from T={failed[0]['length']})"
         style = dict(marker=markers.get(pass_name, "^"), color=colors[impl],
                      linestyle="-" if pass_name == "forward_backward" else "--")
+        ran = [r for r in recs if r["status"] == "ok"]
+        mem = [(r["length"], r[memory_key] / MIB) for r in ran if r.get(memory_key)]
+        tim = [(r["length"], r["median_s"]) for r in ran]
         if mem:
             ax_mem.plot(*zip(*mem), label=label, **style)
         if tim:
             ax_time.plot(*zip(*tim), label=label, **style)
+        # Not run (too big), but the compiler said how much it would need: hollow markers.
+        would_need = [(r["length"], r["temp_bytes"] / MIB) for r in failed if r.get("temp_bytes")]
+        if would_need:
+            ax_mem.plot(*zip(*would_need), linestyle="none", marker=style["marker"],
+                        markerfacecolor="none", color=colors[impl])
+    if any(r["status"] != "ok" and r.get("temp_bytes") for r in records):
+        ax_mem.plot([], [], linestyle="none", marker="s", markerfacecolor="none", color="k",
+                    label="hollow: not run, compiled size")
     lengths = sorted({r["length"] for r in records})
     floors = sorted({(r["length"], r["floor_bytes"] / MIB) for r in records if r.get("floor_bytes")})
     if floors:
@@ -373,12 +383,13 @@ def plot(path: str, records: list[dict], meta: dict) -> None:
 
 
 def _reference_slopes(ax, lengths):
-    """Dotted T and T^2 guide lines through the middle of the plotted data."""
-    ys = [y for line in ax.get_lines() for y in line.get_ydata() if y > 0]
-    if not lengths or not ys:
-        return
+    """Dotted T and T^2 guide lines starting just below the data at the shortest length."""
     x0, x1 = lengths[0], lengths[-1]
-    y0 = math.sqrt(min(ys) * max(ys)) / 4
+    ys = [y for line in ax.get_lines() for x, y in zip(line.get_xdata(), line.get_ydata())
+          if x == x0 and y > 0]
+    if x1 == x0 or not ys:
+        return
+    y0 = min(ys) / 2
     ax.plot([x0, x1], [y0, y0 * (x1 / x0)], "k:", linewidth=1, label="slope 1 (linear)")
     ax.plot([x0, x1], [y0, y0 * (x1 / x0) ** 2], "k-.", linewidth=1,
             label="slope 2 (quadratic)")
@@ -493,6 +504,14 @@ def main(argv):
         rec = measure(cfg, time_it=cfg.pop("time_it"),
                       memory_limit_bytes=cfg.pop("memory_limit_bytes"))
         print(RESULT_PREFIX + json.dumps(rec), flush=True)
+        return
+    if FLAGS.replot:
+        if not FLAGS.out_name:
+            raise app.UsageError("--replot needs --out_name (the JSON file's stem)")
+        with open(os.path.join(FLAGS.out_dir, f"{FLAGS.out_name}.json")) as f:
+            result = json.load(f)
+        write_outputs(FLAGS.out_dir, FLAGS.out_name, result["records"], result["meta"])
+        print(format_table(result["records"]))
         return
     run_benchmark()
 

@@ -74,6 +74,12 @@ def test_benchmark_in_process_writes_table_json_csv_png(tmp_path):
     for impl in ("dense", "chunked"):
         assert (records[(impl, "forward_backward", 128)]["temp_bytes"]
                 > records[(impl, "forward", 128)]["temp_bytes"])
+    # --replot redraws the files from the JSON without measuring.
+    (out_dir / "tiny.png").unlink()
+    done = subprocess.run([sys.executable, SCRIPT, "--replot", f"--out_dir={out_dir}",
+                           "--out_name=tiny"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out_dir / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
