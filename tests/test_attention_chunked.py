@@ -12,7 +12,7 @@ import pytest
 
 from tfx_jax.attention import (CHUNKED_MIN_LENGTH, dot_product_attention, lengths_mask,
                                select_implementation)
-from tfx_jax.attention_chunked import chunked_attention
+from tfx_jax.attention_chunked import DEFAULT_BLOCK_Q, chunked_attention
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -151,10 +151,13 @@ def test_auto_on_cpu_picks_dense_short_chunked_long():
     assert select_implementation(long, long, causal=True) == "chunked"
     assert select_implementation(short, long) == "chunked"  # cross-attention to a long source
     assert select_implementation(long, long, dropout_rate=0.1) == "dense"
-    q, k, v, _ = _inputs(CHUNKED_MIN_LENGTH, CHUNKED_MIN_LENGTH, b=1, n=1)
-    np.testing.assert_allclose(dot_product_attention(q, k, v, causal=True),
-                               dot_product_attention(q, k, v, causal=True, implementation="dense"),
-                               **TOL)
+    # "auto" really runs chunked: NaN values in the second query block's keys reach
+    # dense's first queries (0 * NaN), but chunked's first block never loads them.
+    q, k, v, _ = _inputs(2 * DEFAULT_BLOCK_Q, 2 * DEFAULT_BLOCK_Q, b=1, n=1)
+    v = v.at[:, DEFAULT_BLOCK_Q:].set(jnp.nan)
+    auto = dot_product_attention(q, k, v, causal=True)
+    dense = dot_product_attention(q, k, v, causal=True, implementation="dense")
+    assert np.all(np.isfinite(auto[:, :DEFAULT_BLOCK_Q])) and np.all(np.isnan(dense))
 
 
 @pytest.mark.parametrize("dtype,head_dim,capability,mask,causal_cross,expected", [
@@ -177,6 +180,14 @@ def test_auto_on_gpu(dtype, head_dim, capability, mask, causal_cross, expected):
     assert got == expected
     assert select_implementation(q, k, m, causal_cross, 0.1, platform="gpu",
                                  compute_capability=capability) == "dense"
+
+
+def test_auto_on_gpu_keeps_value_head_dim_other_than_query_off_cudnn():
+    q = jnp.zeros((1, CHUNKED_MIN_LENGTH, 2, 64), jnp.bfloat16)
+    assert select_implementation(q, q, platform="gpu", compute_capability="9.0",
+                                 value_head_dim=64) == "cudnn"
+    assert select_implementation(q, q, platform="gpu", compute_capability="9.0",
+                                 value_head_dim=32) == "chunked"
 
 
 def test_auto_on_tpu_and_rocm_never_picks_cudnn():

@@ -162,7 +162,8 @@ def _check_lengths(query, q_lengths, kv_lengths):
 
 def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0, *,
                           platform: Optional[str] = None,
-                          compute_capability: Optional[str] = None) -> str:
+                          compute_capability: Optional[str] = None,
+                          value_head_dim: Optional[int] = None) -> str:
     """What "auto" resolves to for these inputs.
 
     1. dropout on the weights -> "dense" (the only one that implements it);
@@ -173,13 +174,14 @@ def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0,
 
     ``platform`` ("cpu"/"gpu"/"tpu") and ``compute_capability`` (e.g. "9.0")
     default to the first local device; pass them to ask about another machine.
+    ``value_head_dim``: the value's head size when it differs from the query's.
     """
     if dropout_rate > 0.0:
         return "dense"
     reason = cudnn_unsupported_reason(
         query.dtype, query.shape[-1], has_mask=mask is not None, dropout_rate=dropout_rate,
         causal=causal, q_length=query.shape[1], kv_length=key.shape[1],
-        platform=platform, compute_capability=compute_capability)
+        value_head_dim=value_head_dim, platform=platform, compute_capability=compute_capability)
     if reason is None:
         return "cudnn"
     if max(query.shape[1], key.shape[1]) >= CHUNKED_MIN_LENGTH:
@@ -218,7 +220,8 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     _check_inputs(query, key, value, mask)
     _check_lengths(query, q_lengths, kv_lengths)
     if implementation == "auto":
-        implementation = select_implementation(query, key, mask, causal, dropout_rate)
+        implementation = select_implementation(query, key, mask, causal, dropout_rate,
+                                               value_head_dim=value.shape[-1])
     if implementation == "dense":
         mask = combine_masks(mask, lengths_mask(query.shape[1], key.shape[1], q_lengths, kv_lengths))
         return _dense_attention(query, key, value, mask, causal, dropout_rate, dropout_rng)
@@ -229,7 +232,8 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
         return chunked_attention(query, key, value, mask, causal=causal, q_lengths=q_lengths,
                                  kv_lengths=kv_lengths, block_q=block_q, block_kv=block_kv)
     reason = cudnn_unsupported_reason(
-        query.dtype, query.shape[-1], has_mask=mask is not None, dropout_rate=dropout_rate)
+        query.dtype, query.shape[-1], has_mask=mask is not None, dropout_rate=dropout_rate,
+        value_head_dim=value.shape[-1])
     if reason is not None:
         raise ValueError(f"implementation='cudnn' cannot run here: {reason}")
     return cudnn_attention(query, key, value, causal=causal, q_lengths=q_lengths,

@@ -40,6 +40,7 @@ def default_platform_and_capability() -> tuple[str, Optional[str]]:
 
 def cudnn_unsupported_reason(dtype, head_dim: int, *, has_mask: bool, dropout_rate: float,
                              causal: bool = False, q_length: int = 0, kv_length: int = 0,
+                             value_head_dim: Optional[int] = None,
                              platform: Optional[str] = None,
                              compute_capability: Optional[str] = None) -> Optional[str]:
     """None if cuDNN attention can run these inputs, else a sentence saying why not.
@@ -62,6 +63,9 @@ def cudnn_unsupported_reason(dtype, head_dim: int, *, has_mask: bool, dropout_ra
     if head_dim % 8 or head_dim > max_head_dim:
         return (f"cuDNN attention needs head_dim a multiple of 8 and <= {max_head_dim} on "
                 f"compute capability {compute_capability}, got {head_dim}")
+    if value_head_dim is not None and value_head_dim != head_dim:
+        return (f"value head_dim {value_head_dim} != query head_dim {head_dim} is not routed "
+                f"to cuDNN (it needs cuDNN >= 9.10 on Hopper)")
     if has_mask:
         return ("cuDNN attention takes masks only as causal=True and q_lengths/kv_lengths; "
                 "a boolean mask array would become a dense T x S bias. Pass lengths, or use "
