@@ -182,6 +182,9 @@ def measure(cfg: dict, *, time_it: bool, memory_limit_bytes: float) -> dict:
     if cfg["pass"] == "forward":
         args = args[:3]
     rec["floor_bytes"] = 4 * int(np.prod(shape)) * dtype.itemsize  # Q, K, V, output
+    if cfg["implementation"] == "auto":
+        rec["auto_picked"] = tfx_jax.attention.select_implementation(
+            args[0], args[1], causal=cfg["causal"])
     try:
         compiled = jax.jit(fn).lower(*args).compile()
     except Exception as e:  # noqa: BLE001 - recorded, not raised
