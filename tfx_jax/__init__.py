@@ -8,7 +8,9 @@ The chapters of the story, one file each:
   transformer.py  the encoder-decoder for sequence transduction
   vit.py          the Vision Transformer: image patches as words
   lm.py           the decoder-only causal LM behind DALL-E-style generation
+  decoding.py     autoregressive decoding: sampling, greedy and beam search
 """
+from tfx_jax import decoding
 from tfx_jax.attention import attention_weights, causal_mask, dot_product_attention
 from tfx_jax.blocks import BlockStack, FeedForward, TransformerBlock, key_padding_mask
 from tfx_jax.config import StackConfig
@@ -24,5 +26,5 @@ __all__ = [
     "AddPositionEncoding", "BlockStack", "CausalLM", "CausalLMConfig", "Decoder", "Encoder",
     "FeedForward", "MultiHeadAttention", "StackConfig", "Transformer", "TransformerBlock",
     "TransformerConfig", "ViT", "ViTConfig", "attention_weights", "causal_mask",
-    "dot_product_attention", "key_padding_mask", "sinusoidal_position_encoding",
+    "decoding", "dot_product_attention", "key_padding_mask", "sinusoidal_position_encoding",
 ]

@@ -125,7 +125,8 @@ class BlockStack(nn.Module):
         kwargs = dict(config=cfg, causal=self.causal, cross_attention=self.cross_attention,
                       deterministic=self.deterministic)
         if cfg.scan_layers:
-            scanned = nn.scan(block, variable_axes={"params": 0, "cache": 0},
+            # Caches stack on axis 1 so that every cache leaf keeps the batch on axis 0.
+            scanned = nn.scan(block, variable_axes={"params": 0, "cache": 1},
                               split_rngs={"params": True, "dropout": True},
                               in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                               length=self.num_layers)

@@ -116,7 +116,9 @@ class MultiHeadAttention(nn.Module):
         is_initialized = self.has_variable("cache", "cached_key")
         cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
-        cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        # One index per sequence (all equal): every cache leaf then has the batch on
+        # axis 0, so beam search can reorder caches with a single gather.
+        cache_index = self.variable("cache", "cache_index", jnp.zeros, key.shape[:1], jnp.int32)
         if not is_initialized:
             return key, value, combine_masks(
                 mask, causal_mask(key.shape[1], key.shape[1]) if causal else None)
@@ -125,11 +127,11 @@ class MultiHeadAttention(nn.Module):
         if key.shape[0] != batch or length > max_length:
             raise ValueError(f"decode step of shape {tuple(key.shape[:2])} does not fit the "
                              f"cache of shape [batch={batch}, max_length={max_length}]")
-        index = cache_index.value
+        index = cache_index.value[0]
         cached_key.value = jax.lax.dynamic_update_slice_in_dim(cached_key.value, key, index, 1)
         cached_value.value = jax.lax.dynamic_update_slice_in_dim(cached_value.value, value,
                                                                  index, 1)
-        cache_index.value = index + length
+        cache_index.value = cache_index.value + length
         # Query t (at absolute position index + t) sees cached keys 0 .. index + t.
         visible = causal_mask(length, max_length, q_offset=index)
         return cached_key.value, cached_value.value, combine_masks(mask, visible)

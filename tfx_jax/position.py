@@ -69,10 +69,10 @@ class AddPositionEncoding(nn.Module):
                 raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
             return x + table[:length].astype(x.dtype)
         is_initialized = self.has_variable("cache", "position")
-        position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+        position = self.variable("cache", "position", jnp.zeros, x.shape[:1], jnp.int32)
         if not is_initialized:  # init call: shape the cache only
             return x + table[:length].astype(x.dtype)
-        start = position.value
-        position.value = start + length
+        start = position.value[0]  # one counter per sequence, all equal
+        position.value = position.value + length
         rows = jax.lax.dynamic_slice_in_dim(table, start, length, axis=0)
         return x + rows.astype(x.dtype)
