@@ -1,7 +1,9 @@
 """Text data layer: number_words builder, TSV and TFDS sources, tokenizer,
 Grain pipelines."""
+import json
 import os
 
+import grain
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -82,6 +84,13 @@ def test_number_words_pairs_direction(data_dir):
   backward = nwd.number_words_pairs("test", data_dir=data_dir, config=TINY,
                                     source_language="de")
   assert backward[3] == forward[3][::-1]
+  in_memory = open_text_pairs("number_words", "test", data_dir=data_dir,
+                              number_words_config=TINY, in_memory=True)
+  assert isinstance(in_memory, list)
+  assert in_memory == forward.to_list(chunk_size=10) == [
+      forward[i] for i in range(37)]
+  with pytest.raises(IndexError):
+    forward[37]  # pylint: disable=pointless-statement
   english, german = forward[3]
   assert " " in english or english in nw._ENGLISH_BELOW_20
   assert " " not in german
@@ -187,6 +196,8 @@ def test_tfds_unprepared_dataset_is_file_not_found(tmp_path):
 def test_translation_pairs_checks_languages():
   records = [{"de": b"Haus", "en": b"house"}]
   assert TranslationPairs(records, "en", "de")[0] == ("house", "Haus")
+  assert TranslationPairs(records * 3, "de", "en").to_list(chunk_size=2) == [
+      ("Haus", "house")] * 3
   with pytest.raises(ValueError, match="source_language='fr'"):
     TranslationPairs(records, "fr", "de")
   with pytest.raises(ValueError, match="both 'en'"):
@@ -292,14 +303,16 @@ def test_train_epochs_are_shuffled_permutations():
   assert epochs[0] != [s for s, _ in PAIRS]
 
 
-def test_train_iterator_state_restores_the_same_batches():
-  iterator = _train(seed=11)
+@pytest.mark.parametrize("threads", [None, 0])
+def test_train_iterator_state_restores_the_same_batches(threads):
+  options = None if threads is None else grain.ReadOptions(num_threads=threads)
+  iterator = _train(seed=11, read_options=options)
   for _ in range(7):  # past the first epoch boundary (5 batches)
     next(iterator)
   state = iterator.get_state()
   expected = [next(iterator) for _ in range(4)]
-  resumed = _train(seed=11)
-  resumed.set_state(state)
+  resumed = _train(seed=11, read_options=options)
+  resumed.set_state(json.loads(json.dumps(state)))  # as a checkpoint stores it
   for want, got in zip(expected, [next(resumed) for _ in range(4)]):
     for key in want:
       np.testing.assert_array_equal(got[key], want[key])

@@ -35,6 +35,7 @@ def open_text_pairs(
     source_language: str | None = None,
     target_language: str | None = None,
     number_words_config: NumberWordsConfig | None = None,
+    in_memory: bool = False,
 ) -> TextPairs:
   """Returns the ``(source_text, target_text)`` pairs that ``spec`` names.
 
@@ -49,6 +50,9 @@ def open_text_pairs(
       supervised keys (English -> German for number_words).
     number_words_config: sizes and range for number_words (see
       ``number_words_config()``); overrides the config named in ``spec``.
+    in_memory: read the whole split into a list now (TFDS-backed sources).
+      Worth it for corpora that fit in RAM, such as number_words: reading
+      ArrayRecord one example at a time costs far more than tokenizing it.
 
   Raises:
     TypeError / ValueError: ``spec`` is not a non-empty string or names no
@@ -65,9 +69,11 @@ def open_text_pairs(
   name, _, config_name = spec.partition("/")
   if name == NUMBER_WORDS:
     config = number_words_config or config_name or "en_de"
-    return number_words_pairs(split, data_dir=data_dir, config=config,
-                              source_language=source_language,
-                              target_language=target_language)
-  return tfds_translation_pairs(spec, split, data_dir=data_dir,
-                                source_language=source_language,
-                                target_language=target_language)
+    pairs = number_words_pairs(split, data_dir=data_dir, config=config,
+                               source_language=source_language,
+                               target_language=target_language)
+  else:
+    pairs = tfds_translation_pairs(spec, split, data_dir=data_dir,
+                                   source_language=source_language,
+                                   target_language=target_language)
+  return pairs.to_list() if in_memory else pairs

@@ -61,13 +61,26 @@ class TranslationPairs(collections.abc.Sequence):
   def __len__(self) -> int:
     return len(self._records)
 
+  def to_list(self, chunk_size: int = 4096) -> list[tuple[str, str]]:
+    """All pairs in memory, read in chunks (much faster than one by one)."""
+    read_many = getattr(self._records, "__getitems__", None)
+    pairs = []
+    for start in range(0, len(self), chunk_size):
+      indices = list(range(start, min(start + chunk_size, len(self))))
+      records = (read_many(indices) if read_many
+                 else [self._records[i] for i in indices])
+      pairs += [self._pair(record) for record in records]
+    return pairs
+
   def __getitem__(self, index):
     if isinstance(index, slice):
       return [self[i] for i in range(*index.indices(len(self)))]
     index = index.__index__()
     if not -len(self) <= index < len(self):
       raise IndexError(f"index {index} out of range for {len(self)} pairs")
-    record = self._records[index % len(self)]
+    return self._pair(self._records[index % len(self)])
+
+  def _pair(self, record) -> tuple[str, str]:
     return (_as_text(record[self.source_language]),
             _as_text(record[self.target_language]))
 
