@@ -35,8 +35,6 @@ import numpy as np
 
 from tfx_jax.data.tokenizer import EOS_ID, PAD_ID
 
-Batch = dict[str, np.ndarray]
-
 # Grain raises if every element of a window of 1000 is filtered out, instead
 # of looping forever on a dataset whose examples are all too long.
 _ALL_FILTERED = grain.experimental.DatasetOptions(filter_raise_threshold_ratio=1.0)
