@@ -1,0 +1,1 @@
+"""Input pipelines: TFDS dataset builders, data sources, tokenizers and Grain pipelines."""
