@@ -53,12 +53,16 @@ def _canonical_prompt_example(example, **kwargs):
   return _sequence_example(example, prompt, **kwargs)
 
 
-def _check_shapes(dataset: ImageDataset, image_tokenizer: ImageTokenizer) -> None:
+def _transform(example_fn, dataset: ImageDataset, prompts, image_tokenizer, text_loss_weight):
   if tuple(dataset.image_shape) != tuple(image_tokenizer.image_shape):
     raise ValueError(
         f"dataset {dataset.name!r} has images {dataset.image_shape} but the image "
         f"tokenizer expects {image_tokenizer.image_shape}"
     )
+  return functools.partial(
+      example_fn, prompts=prompts, image_tokenizer=image_tokenizer,
+      text_loss_weight=text_loss_weight,
+  )
 
 
 def train_generator_batches(
@@ -74,18 +78,11 @@ def train_generator_batches(
     read_options: grain.ReadOptions | None = None,
 ) -> grain.DatasetIterator:
   """Infinite shuffled joint-sequence batches of this process's shard."""
-  _check_shapes(dataset, image_tokenizer)
+  transform = _transform(
+      _sampled_prompt_example, dataset, prompts, image_tokenizer, text_loss_weight)
   return grain_batches.training_batches(
-      dataset,
-      global_batch_size=global_batch_size,
-      seed=seed,
-      transform=functools.partial(
-          _sampled_prompt_example, prompts=prompts, image_tokenizer=image_tokenizer,
-          text_loss_weight=text_loss_weight,
-      ),
-      process_index=process_index,
-      process_count=process_count,
-      read_options=read_options,
+      dataset, global_batch_size=global_batch_size, seed=seed, transform=transform,
+      process_index=process_index, process_count=process_count, read_options=read_options,
   )
 
 
@@ -101,15 +98,9 @@ def eval_generator_batches(
     read_options: grain.ReadOptions | None = None,
 ) -> grain.DatasetIterator:
   """One padded pass with canonical prompts; ``"valid"`` marks real examples."""
-  _check_shapes(dataset, image_tokenizer)
+  transform = _transform(
+      _canonical_prompt_example, dataset, prompts, image_tokenizer, text_loss_weight)
   return grain_batches.evaluation_batches(
-      dataset,
-      global_batch_size=global_batch_size,
-      transform=functools.partial(
-          _canonical_prompt_example, prompts=prompts, image_tokenizer=image_tokenizer,
-          text_loss_weight=text_loss_weight,
-      ),
-      process_index=process_index,
-      process_count=process_count,
-      read_options=read_options,
+      dataset, global_batch_size=global_batch_size, transform=transform,
+      process_index=process_index, process_count=process_count, read_options=read_options,
   )
