@@ -20,42 +20,43 @@ from tfx_jax.dalle.image_tokenizer import check_images, check_tokens
 
 @dataclasses.dataclass(frozen=True)
 class GrayLevelTokenizer:
-  """K-level per-pixel quantiser for grey images [H, W, 1] (raster order)."""
+    """K-level per-pixel quantiser for grey images [H, W, 1] (raster order)."""
 
-  image_shape: tuple[int, int, int] = (8, 8, 1)
-  num_levels: int = 8
+    image_shape: tuple[int, int, int] = (8, 8, 1)
+    num_levels: int = 8
 
-  def __post_init__(self):
-    if len(self.image_shape) != 3 or self.image_shape[-1] != 1:
-      raise ValueError(
-          f"GrayLevelTokenizer needs grey images (H, W, 1), got image_shape {self.image_shape}"
-          " (use PatchVQTokenizer for colour)"
-      )
-    if not 2 <= self.num_levels <= 256:
-      raise ValueError(f"num_levels must be in 2..256, got {self.num_levels}")
+    def __post_init__(self):
+        if len(self.image_shape) != 3 or self.image_shape[-1] != 1:
+            raise ValueError(
+                "GrayLevelTokenizer needs grey images (H, W, 1), got image_shape "
+                f"{self.image_shape}"
+                " (use PatchVQTokenizer for colour)"
+            )
+        if not 2 <= self.num_levels <= 256:
+            raise ValueError(f"num_levels must be in 2..256, got {self.num_levels}")
 
-  @property
-  def vocab_size(self) -> int:
-    return self.num_levels
+    @property
+    def vocab_size(self) -> int:
+        return self.num_levels
 
-  @property
-  def sequence_length(self) -> int:
-    return self.image_shape[0] * self.image_shape[1]
+    @property
+    def sequence_length(self) -> int:
+        return self.image_shape[0] * self.image_shape[1]
 
-  @property
-  def levels(self) -> np.ndarray:
-    """uint8 [K]: the grey value each token decodes to."""
-    steps = np.arange(self.num_levels) * (255.0 / (self.num_levels - 1))
-    return np.floor(steps + 0.5).astype(np.uint8)
+    @property
+    def levels(self) -> np.ndarray:
+        """uint8 [K]: the grey value each token decodes to."""
+        steps = np.arange(self.num_levels) * (255.0 / (self.num_levels - 1))
+        return np.floor(steps + 0.5).astype(np.uint8)
 
-  def encode(self, images: np.ndarray) -> np.ndarray:
-    """uint8 [..., H, W, 1] -> int32 [..., H*W], nearest level per pixel."""
-    images = check_images(images, self.image_shape)
-    scaled = images.astype(np.float64) * ((self.num_levels - 1) / 255.0)
-    tokens = np.floor(scaled + 0.5).astype(np.int32)
-    return tokens.reshape(*images.shape[:-3], self.sequence_length)
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [..., H, W, 1] -> int32 [..., H*W], nearest level per pixel."""
+        images = check_images(images, self.image_shape)
+        scaled = images.astype(np.float64) * ((self.num_levels - 1) / 255.0)
+        tokens = np.floor(scaled + 0.5).astype(np.int32)
+        return tokens.reshape(*images.shape[:-3], self.sequence_length)
 
-  def decode(self, tokens: np.ndarray) -> np.ndarray:
-    """int [..., H*W] -> uint8 [..., H, W, 1]."""
-    tokens = check_tokens(tokens, self.sequence_length, self.vocab_size)
-    return self.levels[tokens].reshape(*tokens.shape[:-1], *self.image_shape)
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """int [..., H*W] -> uint8 [..., H, W, 1]."""
+        tokens = check_tokens(tokens, self.sequence_length, self.vocab_size)
+        return self.levels[tokens].reshape(*tokens.shape[:-1], *self.image_shape)

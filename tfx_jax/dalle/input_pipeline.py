@@ -33,36 +33,38 @@ DALLE_TEXT_LOSS_WEIGHT = 1 / 8  # DALL-E's weighting: 1/8 text, 7/8 image
 
 
 def _sequence_example(example, prompt, *, prompts, image_tokenizer, text_loss_weight):
-  layout = JointLayout.for_tokenizers(prompts, image_tokenizer)
-  text_ids = prompts.encode(prompt)
-  image_ids = image_tokenizer.encode(example["image"])
-  return {
-      "tokens": layout.join(text_ids, image_ids),
-      "weights": layout.loss_weights(len(text_ids), text_loss_weight),
-      "label": np.int32(example["label"]),
-  }
+    layout = JointLayout.for_tokenizers(prompts, image_tokenizer)
+    text_ids = prompts.encode(prompt)
+    image_ids = image_tokenizer.encode(example["image"])
+    return {
+        "tokens": layout.join(text_ids, image_ids),
+        "weights": layout.loss_weights(len(text_ids), text_loss_weight),
+        "label": np.int32(example["label"]),
+    }
 
 
 def _sampled_prompt_example(example, rng, **kwargs):
-  prompt = kwargs["prompts"].sample(int(example["label"]), rng)
-  return _sequence_example(example, prompt, **kwargs)
+    prompt = kwargs["prompts"].sample(int(example["label"]), rng)
+    return _sequence_example(example, prompt, **kwargs)
 
 
 def _canonical_prompt_example(example, **kwargs):
-  prompt = kwargs["prompts"].prompt(int(example["label"]))
-  return _sequence_example(example, prompt, **kwargs)
+    prompt = kwargs["prompts"].prompt(int(example["label"]))
+    return _sequence_example(example, prompt, **kwargs)
 
 
 def _transform(example_fn, dataset: ImageDataset, prompts, image_tokenizer, text_loss_weight):
-  if tuple(dataset.image_shape) != tuple(image_tokenizer.image_shape):
-    raise ValueError(
-        f"dataset {dataset.name!r} has images {dataset.image_shape} but the image "
-        f"tokenizer expects {image_tokenizer.image_shape}"
+    if tuple(dataset.image_shape) != tuple(image_tokenizer.image_shape):
+        raise ValueError(
+            f"dataset {dataset.name!r} has images {dataset.image_shape} but the image "
+            f"tokenizer expects {image_tokenizer.image_shape}"
+        )
+    if not 0.0 <= text_loss_weight <= 1.0:
+        raise ValueError(f"text_loss_weight must be in [0, 1], got {text_loss_weight}")
+    return functools.partial(
+        example_fn, prompts=prompts, image_tokenizer=image_tokenizer,
+        text_loss_weight=text_loss_weight,
     )
-  return functools.partial(
-      example_fn, prompts=prompts, image_tokenizer=image_tokenizer,
-      text_loss_weight=text_loss_weight,
-  )
 
 
 def train_generator_batches(
@@ -77,13 +79,13 @@ def train_generator_batches(
     process_count: int | None = None,
     read_options: grain.ReadOptions | None = None,
 ) -> grain.DatasetIterator:
-  """Infinite shuffled joint-sequence batches of this process's shard."""
-  transform = _transform(
-      _sampled_prompt_example, dataset, prompts, image_tokenizer, text_loss_weight)
-  return grain_batches.training_batches(
-      dataset, global_batch_size=global_batch_size, seed=seed, transform=transform,
-      process_index=process_index, process_count=process_count, read_options=read_options,
-  )
+    """Infinite shuffled joint-sequence batches of this process's shard."""
+    transform = _transform(
+        _sampled_prompt_example, dataset, prompts, image_tokenizer, text_loss_weight)
+    return grain_batches.training_batches(
+        dataset, global_batch_size=global_batch_size, seed=seed, transform=transform,
+        process_index=process_index, process_count=process_count, read_options=read_options,
+    )
 
 
 def eval_generator_batches(
@@ -97,10 +99,10 @@ def eval_generator_batches(
     process_count: int | None = None,
     read_options: grain.ReadOptions | None = None,
 ) -> grain.DatasetIterator:
-  """One padded pass with canonical prompts; ``"valid"`` marks real examples."""
-  transform = _transform(
-      _canonical_prompt_example, dataset, prompts, image_tokenizer, text_loss_weight)
-  return grain_batches.evaluation_batches(
-      dataset, global_batch_size=global_batch_size, transform=transform,
-      process_index=process_index, process_count=process_count, read_options=read_options,
-  )
+    """One padded pass with canonical prompts; ``"valid"`` marks real examples."""
+    transform = _transform(
+        _canonical_prompt_example, dataset, prompts, image_tokenizer, text_loss_weight)
+    return grain_batches.evaluation_batches(
+        dataset, global_batch_size=global_batch_size, transform=transform,
+        process_index=process_index, process_count=process_count, read_options=read_options,
+    )

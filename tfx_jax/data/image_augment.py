@@ -21,32 +21,32 @@ import numpy as np
 
 
 def default_max_shift(image_height: int) -> int:
-  """Translation range: 1/8 of the side (4 px on CIFAR's 32, 1 px on 8x8 digits)."""
-  return max(1, image_height // 8)
+    """Translation range: 1/8 of the side (4 px on CIFAR's 32, 1 px on 8x8 digits)."""
+    return max(1, image_height // 8)
 
 
 def random_translate(image: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
-  """Moves [H, W, C] content by up to ``max_shift`` pixels, filling with 0."""
-  if max_shift < 0:
-    raise ValueError(f"max_shift must be >= 0, got {max_shift}")
-  if max_shift == 0:
-    return image
-  height, width = image.shape[:2]
-  padded = np.pad(image, ((max_shift, max_shift), (max_shift, max_shift), (0, 0)))
-  top, left = rng.integers(0, 2 * max_shift + 1, size=2)
-  return padded[top : top + height, left : left + width]
+    """Moves [H, W, C] content by up to ``max_shift`` pixels, filling with 0."""
+    if max_shift < 0:
+        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+    if max_shift == 0:
+        return image
+    height, width = image.shape[:2]
+    padded = np.pad(image, ((max_shift, max_shift), (max_shift, max_shift), (0, 0)))
+    top, left = rng.integers(0, 2 * max_shift + 1, size=2)
+    return padded[top : top + height, left : left + width]
 
 
 def random_horizontal_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """Mirrors [H, W, C] left-right with probability 1/2."""
-  return image[:, ::-1] if rng.random() < 0.5 else image
+    """Mirrors [H, W, C] left-right with probability 1/2."""
+    return image[:, ::-1] if rng.random() < 0.5 else image
 
 
 def augment_image(
     image: np.ndarray, rng: np.random.Generator, *, max_shift: int, horizontal_flip: bool
 ) -> np.ndarray:
-  """Random translation, then (if allowed for the dataset) a random flip."""
-  image = random_translate(image, rng, max_shift)
-  if horizontal_flip:
-    image = random_horizontal_flip(image, rng)
-  return np.ascontiguousarray(image)
+    """Random translation, then (if allowed for the dataset) a random flip."""
+    image = random_translate(image, rng, max_shift)
+    if horizontal_flip:
+        image = random_horizontal_flip(image, rng)
+    return np.ascontiguousarray(image)
