@@ -106,6 +106,17 @@ class _WideToyModel(nn.Module):
         return nn.Dense(VOCAB, name="Dense_0")(x)
 
 
+def use_compilation_cache(directory) -> None:
+    """Lets the many short runs of the tests reuse compiled steps (JAX's persistent cache).
+
+    Every ``train()`` call builds a new jitted step, so without it each run
+    recompiles the same program; compilation dominates these tiny runs.
+    """
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def toy_config(**overrides) -> ml_collections.ConfigDict:
     config = tr.default_config()
     config.batch_size = 16

@@ -16,13 +16,14 @@ from tfx_jax.train.metrics import MetricsWriter, average_metrics, read_metrics
 from tfx_jax.train.optimizers import create_optimizer
 from tfx_jax.train.preemption import Preempted, PreemptionWatcher
 from tfx_jax.train.schedules import create_learning_rate_schedule, transformer_schedule
-from tfx_jax.train.state import TrainState, create_train_state
+from tfx_jax.train.state import TrainState, abstract_train_state, create_train_state
 from tfx_jax.train.step import make_eval_step, make_train_step
 from tfx_jax.train.task import Task
 
 __all__ = [
     "Checkpointer", "DATA_AXIS", "MetricsWriter", "NonFiniteError", "Preempted",
-    "PreemptionWatcher", "Task", "TrainResult", "TrainState", "average_metrics",
+    "PreemptionWatcher", "Task", "TrainResult", "TrainState", "abstract_train_state",
+    "average_metrics",
     "batch_sharding", "check_batch_size", "classification_accuracy",
     "classification_cross_entropy", "create_learning_rate_schedule", "create_optimizer",
     "create_train_state", "default_config", "initialize_distributed", "make_data_mesh",

@@ -128,22 +128,26 @@ class Checkpointer:
                 STATE_ITEM: ocp.args.StandardSave(state),
                 ITERATOR_ITEM: ocp.args.JsonSave(iterator_state)}))
 
-    def restore(self, abstract_state: TrainState, data_iterator,
+    def restore(self, abstract_state: TrainState, data_iterator=None,
                 step: Optional[int] = None) -> TrainState:
         """Restores the state at ``step`` (default: latest) and sets the iterator's state.
 
         ``abstract_state`` is a TrainState of ``jax.ShapeDtypeStruct`` with the
-        shardings the restored arrays should have (the current mesh's).
+        shardings the restored arrays should have (the current mesh's), e.g.
+        from :func:`tfx_jax.train.abstract_train_state`. Without
+        ``data_iterator`` only the state is read (evaluation, decoding).
         """
-        check_iterator_checkpointable(data_iterator)
+        if data_iterator is not None:
+            check_iterator_checkpointable(data_iterator)
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         self._check_shapes(step, abstract_state)
+        items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items[ITERATOR_ITEM] = ocp.args.JsonRestore()
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(**{
-                STATE_ITEM: ocp.args.StandardRestore(abstract_state),
-                ITERATOR_ITEM: ocp.args.JsonRestore()}))
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except FileNotFoundError as e:
             raise FileNotFoundError(
                 f"checkpoint at step {step} in {self.directory} has no data iterator state "
@@ -153,7 +157,8 @@ class Checkpointer:
             raise ValueError(
                 f"cannot restore the checkpoint at step {step} in {self.directory} into the "
                 f"current model and optimizer (workdir {self.workdir}): {e}") from e
-        data_iterator.set_state(decode_iterator_state(restored[ITERATOR_ITEM]))
+        if data_iterator is not None:
+            data_iterator.set_state(decode_iterator_state(restored[ITERATOR_ITEM]))
         return restored[STATE_ITEM]
 
     def _check_shapes(self, step: int, abstract_state: TrainState) -> None:

@@ -31,7 +31,7 @@ from tfx_jax.train.metrics import MetricsWriter, average_metrics
 from tfx_jax.train.optimizers import create_optimizer
 from tfx_jax.train.preemption import Preempted, PreemptionWatcher
 from tfx_jax.train.progress import make_progress_bar, print_summary
-from tfx_jax.train.state import TrainState, create_train_state
+from tfx_jax.train.state import TrainState, abstract_train_state, create_train_state
 from tfx_jax.train.step import make_eval_step, make_train_step
 from tfx_jax.train.task import Batch, Task
 
@@ -59,12 +59,6 @@ class TrainResult:
     start_step: int
     train_metrics: dict
     eval_metrics: dict
-
-
-def _abstract_state(init: Callable[[], TrainState], mesh: Mesh) -> TrainState:
-    sharding = replicated_sharding(mesh)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        jax.eval_shape(init))
 
 
 def _check_batch(batch: Batch, step: int, batch_size: int) -> None:
@@ -140,19 +134,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
     check_batch_size(config.batch_size, mesh)
     optimizer, schedule = create_optimizer(config)
 
-    def init() -> TrainState:
-        return create_train_state(task.init_params, optimizer, config.seed)
-
     checkpointer = Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep,
                                 async_save=config.async_checkpointing)
     writer = bar = None
     try:
         if checkpointer.latest_step() is not None:
-            state = checkpointer.restore(_abstract_state(init, mesh), train_iter)
+            state = checkpointer.restore(
+                abstract_train_state(task.init_params, optimizer, config.seed,
+                                     replicated_sharding(mesh)), train_iter)
             _say(f"Resuming from the checkpoint at step {int(state.step)} in "
                  f"{checkpointer.directory}")
         else:
-            state = jax.jit(init, out_shardings=replicated_sharding(mesh))()
+            state = jax.jit(lambda: create_train_state(task.init_params, optimizer, config.seed),
+                            out_shardings=replicated_sharding(mesh))()
         start_step = int(jax.device_get(state.step))
         if start_step >= config.num_train_steps:
             _say(f"Nothing to do: the checkpoint is at step {start_step} and "

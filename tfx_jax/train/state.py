@@ -15,6 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Sharding
 
 
 @flax.struct.dataclass
@@ -37,3 +38,16 @@ def create_train_state(init_params: Callable[[jax.Array], Any],
     params = init_params(params_rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params), rng=step_rng)
+
+
+def abstract_train_state(init_params: Callable[[jax.Array], Any],
+                         optimizer: optax.GradientTransformation, seed: int,
+                         sharding: Sharding) -> TrainState:
+    """The state's shapes and dtypes (``jax.ShapeDtypeStruct``) placed on ``sharding``.
+
+    This is the restore target for checkpoints: nothing is computed, and the
+    restored arrays land directly on the current mesh.
+    """
+    shapes = jax.eval_shape(lambda: create_train_state(init_params, optimizer, seed))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        shapes)

@@ -58,7 +58,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
             return _call_loss_fn(loss_fn, params, batch, state.step_rng(), True)
 
         (loss, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
