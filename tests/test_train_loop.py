@@ -202,3 +202,17 @@ def test_wrong_batch_shape_and_batch_size_raise_clear_errors(tmp_path):
         run(tmp_path / "b", batch_size=12)
     with pytest.raises(TypeError, match="get_state"):
         run(tmp_path / "c", iterator=iter([]))
+    with pytest.raises(TypeError, match="eval_batches must be re-iterable"):
+        run(tmp_path / "d", eval_batches=iter(toy.make_eval_batches(16)))
+
+
+def test_eval_batches_may_be_a_callable(tmp_path):
+    passes = []
+
+    def eval_batches():
+        passes.append(1)
+        return toy.make_eval_batches(16)
+
+    result = run(tmp_path, num_train_steps=4, eval_batches=eval_batches, eval_every_steps=2)
+    assert len(passes) == 2 and result.eval_metrics["step"] == 4
+    assert [r["step"] for r in tr.read_metrics(str(tmp_path), "eval")] == [2, 4]

@@ -67,12 +67,9 @@ def make_train_iter(batch_size: int, *, seed: int = 0, nan_at_step: int | None =
         grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)))
 
 
-def make_eval_batches(batch_size: int):
-    def batches():
-        dataset = grain.MapDataset.source(_examples(seed=1)).batch(batch_size,
-                                                                   drop_remainder=True)
-        return iter(dataset)
-    return batches
+def make_eval_batches(batch_size: int) -> grain.MapDataset:
+    """One finite pass per ``iter()`` (re-iterable), as the data layer's eval sets are."""
+    return grain.MapDataset.source(_examples(seed=1)).batch(batch_size, drop_remainder=True)
 
 
 def make_task(length_scale: int = 1) -> tr.Task:

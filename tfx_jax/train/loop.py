@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import jax
 import ml_collections
@@ -75,6 +75,20 @@ def _loss_first(metrics: dict) -> dict:
     return dict(sorted(metrics.items(), key=lambda item: item[0] != "loss"))
 
 
+def _check_eval_batches(eval_batches) -> None:
+    if eval_batches is None or callable(eval_batches):
+        return
+    if not hasattr(eval_batches, "__iter__") or iter(eval_batches) is eval_batches:
+        raise TypeError(
+            f"eval_batches must be re-iterable (each iter() starts a fresh pass, like a "
+            f"grain.MapDataset or the data layer's EvalData) or a callable returning an "
+            f"iterable; got {type(eval_batches).__name__}, which a first pass would exhaust")
+
+
+def _eval_pass(eval_batches) -> Iterable[Batch]:
+    return eval_batches() if callable(eval_batches) else eval_batches
+
+
 def _say(message: str) -> None:
     if jax.process_index() == 0:
         print(message, file=sys.stderr, flush=True)
@@ -106,7 +120,7 @@ class _TrainWindow:
 
 def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
           train_iter: Iterator[Batch], *,
-          eval_batches: Optional[Callable[[], Iterable[Batch]]] = None,
+          eval_batches: Union[Iterable[Batch], Callable[[], Iterable[Batch]], None] = None,
           mesh: Optional[Mesh] = None) -> TrainResult:
     """Trains ``task`` on ``train_iter`` to ``config.num_train_steps``, resuming from ``workdir``.
 
@@ -118,9 +132,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
       train_iter: infinite iterator of process-local batches (dicts of NumPy
         arrays with leading dim ``batch_size // process_count``) with
         ``get_state()`` / ``set_state()``, e.g. a Grain iterator.
-      eval_batches: optional; called at each evaluation, returns a finite
-        iterable of process-local eval batches. Their ``loss_fn(..., train=False)``
-        metrics are averaged (weighted by ``"weight"``) into the eval line.
+      eval_batches: optional; a re-iterable of process-local eval batches (one
+        finite pass per ``iter()``, e.g. a ``grain.MapDataset``) or a callable
+        returning one. Their ``loss_fn(..., train=False)`` metrics are averaged
+        (weighted by ``"weight"``) into the eval line.
       mesh: default: all devices of all hosts on one ``data`` axis.
 
     Raises:
@@ -130,6 +145,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
     """
     validate_config(config)
     check_iterator_checkpointable(train_iter)
+    _check_eval_batches(eval_batches)
     mesh = make_data_mesh() if mesh is None else mesh
     check_batch_size(config.batch_size, mesh)
     optimizer, schedule = create_optimizer(config)
@@ -159,7 +175,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
         state = run.loop(state, start_step)
         checkpointer.wait_until_finished()
         bar.close()
-        print_summary(f"Finished at step {config.num_train_steps} (workdir {workdir})",
+        print_summary(f"Finished at step {int(jax.device_get(state.step))} (workdir {workdir})",
                       {split: {k: v for k, v in record.items() if k != "split"}
                        for split, record in (("train", run.last_train),
                                              ("eval", run.last_eval)) if record})
@@ -262,7 +278,7 @@ class _Run:
         results = {}
         if self.eval_batches is not None:
             per_batch = []
-            for batch in self.eval_batches():
+            for batch in _eval_pass(self.eval_batches):
                 loss, metrics = self.eval_step(state.params, shard_batch(batch, self.mesh),
                                                state.rng)
                 per_batch.append({"loss": loss, **metrics})
