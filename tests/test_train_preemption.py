@@ -54,8 +54,9 @@ def wait_for_train_step(workdir: Path, step: int, process, timeout: float = 120.
     raise AssertionError(f"no train step {step} in {path} after {timeout} s")
 
 
-def test_sigterm_checkpoints_current_step_and_rerun_matches_uninterrupted(tmp_path):
-    cache = tmp_path / "jax_cache"
+def test_sigterm_checkpoints_current_step_and_rerun_matches_uninterrupted(tmp_path,
+                                                                        tmp_path_factory):
+    cache = tmp_path_factory.getbasetemp() / "jax_cache"  # shared with the child process
     toy.use_compilation_cache(cache)
     config = toy.toy_config(num_train_steps=NUM_STEPS, checkpoint_every_steps=0)
     reference = tr.train(config, str(tmp_path / "reference"), toy.make_task(),
