@@ -5,6 +5,7 @@ An experiment supplies a :class:`Task` (``init_params``, ``loss_fn``, optional
 data iterator, and calls :func:`train`. See docs/training.md.
 """
 from tfx_jax.train.checkpoint import Checkpointer
+from tfx_jax.train import launch
 from tfx_jax.train.config import default_config, validate_config
 from tfx_jax.train.losses import (classification_accuracy, classification_cross_entropy,
                                   token_accuracy, token_cross_entropy)
@@ -21,7 +22,7 @@ from tfx_jax.train.step import make_eval_step, make_train_step
 from tfx_jax.train.task import Task
 
 __all__ = [
-    "Checkpointer", "DATA_AXIS", "MetricsWriter", "NonFiniteError", "Preempted",
+    "Checkpointer", "DATA_AXIS", "launch", "MetricsWriter", "NonFiniteError", "Preempted",
     "PreemptionWatcher", "Task", "TrainResult", "TrainState", "abstract_train_state",
     "average_metrics",
     "batch_sharding", "check_batch_size", "classification_accuracy",
