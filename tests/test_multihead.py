@@ -85,3 +85,14 @@ def test_bad_shapes_are_named():
         mha.init(jax.random.key(0), jnp.zeros((1, 4, 16)))
     with pytest.raises(ValueError, match=r"inputs_q must have shape \[batch, length, features\]"):
         mha.init(jax.random.key(0), jnp.zeros((4, 16)))
+
+
+def test_attention_weights_are_recorded_only_on_request():
+    x = jax.random.normal(jax.random.key(7), (2, 5, 16))
+    mha, variables = init_mha(x)
+    out, state = mha.apply(variables, x, causal=True, mutable=["intermediates"])
+    (weights,) = state["intermediates"]["attention_weights"]
+    chex.assert_shape(weights, (2, 4, 5, 5))
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(np.triu(np.asarray(weights[0, 0]), 1), 0.0)  # causal
+    np.testing.assert_allclose(out, mha.apply(variables, x, causal=True), atol=1e-6)

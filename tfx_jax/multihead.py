@@ -20,7 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tfx_jax.attention import causal_mask, combine_masks, dot_product_attention
+from tfx_jax.attention import (attention_weights, causal_mask, combine_masks,
+                               dot_product_attention)
 
 
 class MultiHeadAttention(nn.Module):
@@ -37,6 +38,9 @@ class MultiHeadAttention(nn.Module):
       decode: keep a key/value cache and attend from the next positions only.
       implementation: attention core ("auto", "dense", "chunked", "cudnn").
       dtype: computation dtype (e.g. bfloat16); param_dtype: parameter dtype.
+
+    Applied with ``mutable=["intermediates"]`` it also records its attention
+    probabilities [B, N, T, S] as ``intermediates/.../attention_weights``.
     """
     num_heads: int
     qkv_features: Optional[int] = None
@@ -95,6 +99,11 @@ class MultiHeadAttention(nn.Module):
             key, value, mask = self._extend_cache(key, value, mask, causal)
             causal = False  # folded into the cache mask
 
+        if self.is_mutable_collection("intermediates"):
+            # Inspection only (apply(..., mutable=["intermediates"])): the [B, N, T, S]
+            # probabilities, computed densely on request and never otherwise.
+            self.sow("intermediates", "attention_weights",
+                     attention_weights(query, key, mask, causal=causal))
         dropout_rng = None
         dropout_rate = 0.0 if deterministic else self.dropout_rate
         if dropout_rate > 0.0:
