@@ -86,7 +86,16 @@ def _mismatches(stored: dict, expected: dict) -> list[str]:
 class Checkpointer:
     """Saves and restores (TrainState, data iterator) pairs under ``<workdir>/checkpoints``."""
 
-    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True,
+                 remove_unfinished: bool = False):
+        """``remove_unfinished=True`` deletes what saves cut short left behind.
+
+        A save goes to ``<step>.orbax-checkpoint-tmp`` and is renamed to
+        ``<step>`` only once complete, so a process killed mid-save leaves a
+        temporary directory that is never restored. Only the run that owns the
+        workdir (the training loop) should delete them: anyone else, e.g. an
+        evaluation job reading checkpoints, would delete a save in progress.
+        """
         self.workdir = os.fspath(workdir)
         self.directory = os.path.join(os.path.abspath(self.workdir), "checkpoints")
         iterator_file = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
@@ -102,7 +111,8 @@ class Checkpointer:
             self.directory, handler_registry=registry,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, create=True,
-                enable_async_checkpointing=async_save))
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=remove_unfinished))
 
     def latest_step(self) -> Optional[int]:
         return self._manager.latest_step()

@@ -173,7 +173,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
     optimizer, schedule = create_optimizer(config)
 
     checkpointer = Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep,
-                                async_save=config.async_checkpointing)
+                                async_save=config.async_checkpointing, remove_unfinished=True)
     writer = bar = None
     try:
         if checkpointer.latest_step() is not None:
