@@ -22,6 +22,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from tfx_jax.train.metrics import is_url
 from tfx_jax.train.state import TrainState
 
 STATE_ITEM = "state"
@@ -97,7 +98,8 @@ class Checkpointer:
         evaluation job reading checkpoints, would delete a save in progress.
         """
         self.workdir = os.fspath(workdir)
-        self.directory = os.path.join(os.path.abspath(self.workdir), "checkpoints")
+        root = self.workdir if is_url(self.workdir) else os.path.abspath(self.workdir)
+        self.directory = os.path.join(root, "checkpoints")  # gs://... stays a URL
         iterator_file = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         iterator_handler = ocp.handlers.JsonCheckpointHandler(
             filename=iterator_file,
@@ -152,7 +154,11 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        self._check_shapes(step, abstract_state)
+        try:
+            metadata = self._manager.item_metadata(step)[STATE_ITEM]
+        except Exception as e:  # Orbax/TensorStore raise many types for unreadable files
+            raise self._unreadable(step, e) from e
+        self._check_shapes(step, metadata, abstract_state)
         items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items[ITERATOR_ITEM] = ocp.args.JsonRestore()
@@ -163,16 +169,29 @@ class Checkpointer:
                 f"checkpoint at step {step} in {self.directory} has no data iterator state "
                 f"for process {jax.process_index()} of {jax.process_count()} (was it written "
                 f"with a different number of processes?): {e}") from e
-        except (ValueError, TypeError, KeyError) as e:
-            raise ValueError(
-                f"cannot restore the checkpoint at step {step} in {self.directory} into the "
-                f"current model and optimizer (workdir {self.workdir}): {e}") from e
+        except Exception as e:
+            raise self._unreadable(step, e) from e
         if data_iterator is not None:
-            data_iterator.set_state(decode_iterator_state(restored[ITERATOR_ITEM]))
+            try:
+                data_iterator.set_state(decode_iterator_state(restored[ITERATOR_ITEM]))
+            except Exception as e:
+                raise ValueError(
+                    f"the data iterator state in the checkpoint at step {step} in "
+                    f"{self.directory} does not fit this data pipeline "
+                    f"({type(data_iterator).__name__}.set_state raised {e!r}); was it written "
+                    f"with another dataset or pipeline? Nothing was deleted.") from e
         return restored[STATE_ITEM]
 
-    def _check_shapes(self, step: int, abstract_state: TrainState) -> None:
-        metadata = self._manager.item_metadata(step)[STATE_ITEM]
+    def _unreadable(self, step: int, error: Exception) -> ValueError:
+        step_dir = os.path.join(self.directory, str(step))
+        return ValueError(
+            f"cannot read the checkpoint at step {step} in {step_dir} (workdir "
+            f"{self.workdir}): {type(error).__name__}: {str(error)[:500]}\nThe directory is "
+            f"corrupt or incomplete, or was written by another model or optimizer. Nothing "
+            f"was deleted: move {step_dir} aside to resume from the checkpoint before it, or "
+            f"use a new --workdir.")
+
+    def _check_shapes(self, step: int, metadata, abstract_state: TrainState) -> None:
         tree = getattr(metadata, "tree", metadata)
         if tree is None:
             return

@@ -31,8 +31,9 @@ def _call_loss_fn(loss_fn: LossFn, params, batch, rng, train: bool):
     """Calls the task's loss_fn and checks it returned ``(scalar, dict of scalars)``."""
     out = loss_fn(params, batch, rng, train)
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
-        raise TypeError("loss_fn must return (loss, metrics_dict), got "
-                        f"{type(out).__name__}")
+        got = (f"an array of shape {jnp.shape(out)}" if hasattr(out, "shape")
+               else type(out).__name__)
+        raise TypeError(f"loss_fn must return (loss, metrics_dict), got {got}")
     loss, metrics = out
     if jnp.shape(loss) != ():
         raise ValueError(f"loss_fn must return a scalar loss, got shape {jnp.shape(loss)}")
