@@ -210,7 +210,8 @@ TRAIN_CASES = [
          workdir=True),
     Case("loss_fn_returns_no_metrics",
          lambda w: train(w, task=task_with_loss(lambda p, b, r, t: jnp.float32(0.0))),
-         TypeError, r"loss_fn must return \(loss, metrics_dict\), got an array of shape \(\)", workdir=True),
+         TypeError, r"loss_fn must return \(loss, metrics_dict\), got an array of shape \(\)",
+         workdir=True),
     Case("loss_fn_returns_per_example_loss",
          lambda w: train(w, task=task_with_loss(
              lambda p, b, r, t: (jnp.zeros(b["inputs"].shape[0]), {}))),

@@ -11,7 +11,13 @@ Restoring uses an abstract target that carries the *current* mesh's
 shardings, so a checkpoint written on 8 devices restores onto 1 and vice
 versa. Before reading any array the stored shapes are compared with the
 model's; a mismatch raises ValueError naming the parameter paths and the
-workdir, and nothing is deleted.
+workdir, and nothing is deleted. A checkpoint that cannot be read (damaged
+files, an iterator state of another pipeline) raises ValueError naming its
+directory; nothing is deleted either.
+
+Saves are atomic: Orbax writes ``<step>.orbax-checkpoint-tmp`` and renames it
+to ``<step>`` when complete, so a process killed mid-save leaves only a
+temporary directory, which is never restored (the training loop deletes it).
 """
 from __future__ import annotations
 
