@@ -429,9 +429,12 @@ def measure_model(name: str) -> dict:
         bench = BENCHMARKS[name](stack_knobs(jax.devices()[0].platform), FLAGS.small,
                                  batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
                                  image_size=FLAGS.image_size)
-        return measure(bench, grad_accum_steps=FLAGS.grad_accum_steps, donate=FLAGS.donate,
-                       warmup=FLAGS.warmup, repeats=FLAGS.repeats, seed=FLAGS.seed,
-                       peak_tflops=FLAGS.peak_tflops)
+        record = measure(bench, grad_accum_steps=FLAGS.grad_accum_steps, donate=FLAGS.donate,
+                         warmup=FLAGS.warmup, repeats=FLAGS.repeats, seed=FLAGS.seed,
+                         peak_tflops=FLAGS.peak_tflops)
+        if FLAGS.scan_layers:
+            record["xla_note"] = "scan_layers: XLA counts the layer loop's body once"
+        return record
     except Exception as error:  # noqa: BLE001 -- reported per model (OOM, unsupported knob)
         return {"model": name, "status": _status_of(error)}
 
@@ -486,7 +489,8 @@ def format_table(records: list[dict]) -> str:
             _fmt(r.get("params"), ".1f", 1e-6) + ("M" if r.get("params") else ""),
             str(r.get("batch_size", "")), r.get("sequence", ""),
             _fmt(r.get("step_time_s"), ".1f", 1e3),
-            _fmt(r.get("items_per_s"), ",.0f") + (f" {r['unit']}" if "items_per_s" in r else ""),
+            _fmt(r.get("items_per_s"), ",.0f" if r.get("items_per_s", 0) >= 100 else ".3g")
+            + (f" {r['unit']}" if "items_per_s" in r else ""),
             _fmt(r.get("model_flops_per_step"), ".4g", 1e-12),
             _fmt(r.get("xla_over_model"), ".3f"),
             _fmt(r.get("achieved_tflops_per_device"), ".3g"),
