@@ -85,7 +85,7 @@ import tempfile
 import time
 from typing import Any, Callable, Optional
 
-from absl import app, flags
+from absl import app, flags, logging
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:  # run as a script from anywhere
@@ -529,6 +529,8 @@ def write_results(records: list[dict], meta: dict, out_dir: str, name: str) -> l
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:  # keep JAX's backend-probing INFO lines out of the table
+        logging.set_verbosity(logging.WARNING)
     unknown = [m for m in FLAGS.models if m not in MODELS]
     if unknown or not FLAGS.models:
         raise app.UsageError(f"--models must name some of {MODELS}, got {FLAGS.models}")
