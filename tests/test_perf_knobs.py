@@ -55,7 +55,8 @@ def test_fused_qkv_model_gives_the_same_logits_as_separate_projections(kind):
                 vocab_size=30, num_encoder_layers=1, num_decoder_layers=1, max_len=8,
                 **TINY, **knobs))
         rng = np.random.default_rng(0)
-        inputs = (jnp.asarray(rng.integers(1, 30, (2, 7))), jnp.asarray(rng.integers(1, 30, (2, 5))))
+        inputs = (jnp.asarray(rng.integers(1, 30, (2, 7))),
+                  jnp.asarray(rng.integers(1, 30, (2, 5))))
     else:
         def make(**knobs):
             return tiny_vit(scan_layers=True, **knobs)
