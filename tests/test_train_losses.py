@@ -1,0 +1,98 @@
+"""Losses and accuracies vs float64 NumPy references."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tfx_jax import train as tr
+
+
+def np_log_softmax(logits):
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def np_smoothed_ce(logits, labels, alpha):
+    """Cross-entropy against (1 - alpha) * one_hot + alpha / K, per position, float64."""
+    k = logits.shape[-1]
+    target = np.full(logits.shape, alpha / k, np.float64)
+    np.put_along_axis(target, labels[..., None], 1 - alpha + alpha / k, axis=-1)
+    return -(target * np_log_softmax(logits)).sum(-1)
+
+
+@pytest.fixture
+def padded_batch():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 5, 7)).astype(np.float32) * 3
+    targets = rng.integers(1, 7, size=(3, 5)).astype(np.int32)
+    targets[0, 3:] = 0
+    targets[2, 1:] = 0
+    return logits, targets
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.3])
+def test_token_cross_entropy_matches_numpy_with_padding(padded_batch, alpha):
+    logits, targets = padded_batch
+    loss, count = tr.token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets),
+                                         label_smoothing=alpha)
+    real = targets != 0
+    want = np_smoothed_ce(logits, targets, alpha)[real].mean()
+    assert float(count) == real.sum() == 9
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+
+
+def test_token_cross_entropy_ignores_logits_at_padding(padded_batch):
+    logits, targets = padded_batch
+    garbage = logits.copy()
+    garbage[targets == 0] = 1e4
+    a, _ = tr.token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), label_smoothing=0.1)
+    b, _ = tr.token_cross_entropy(jnp.asarray(garbage), jnp.asarray(targets),
+                                  label_smoothing=0.1)
+    assert float(a) == float(b)
+
+
+def test_token_cross_entropy_all_padding_is_zero_with_zero_count():
+    loss, count = tr.token_cross_entropy(jnp.ones((2, 3, 4)), jnp.zeros((2, 3), jnp.int32))
+    assert float(loss) == 0.0 and float(count) == 0.0
+
+
+def test_token_cross_entropy_bfloat16_logits_computed_in_float32(padded_batch):
+    logits, targets = padded_batch
+    loss, _ = tr.token_cross_entropy(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(targets))
+    assert loss.dtype == jnp.float32
+    want = np_smoothed_ce(np.asarray(jnp.asarray(logits, jnp.bfloat16), np.float64),
+                          targets, 0.0)[targets != 0].mean()
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2])
+def test_classification_cross_entropy_matches_numpy(alpha):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(6, 4)).astype(np.float32)
+    labels = rng.integers(0, 4, size=6).astype(np.int32)
+    got = tr.classification_cross_entropy(jnp.asarray(logits), jnp.asarray(labels),
+                                          label_smoothing=alpha)
+    np.testing.assert_allclose(float(got), np_smoothed_ce(logits, labels, alpha).mean(),
+                               rtol=1e-5)
+
+
+def test_accuracies(padded_batch):
+    logits, targets = padded_batch
+    acc, count = tr.token_accuracy(jnp.asarray(logits), jnp.asarray(targets))
+    real = targets != 0
+    want = (logits.argmax(-1) == targets)[real].mean()
+    np.testing.assert_allclose(float(acc), want, rtol=1e-6)
+    assert float(count) == real.sum()
+    labels = np.array([0, 1, 2, 2])
+    cls_logits = np.eye(3, dtype=np.float32)[[0, 1, 1, 2]]
+    assert float(tr.classification_accuracy(jnp.asarray(cls_logits), jnp.asarray(labels))) == 0.75
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match=r"logits \(2, 3, 4\) must be targets \(2, 4\)"):
+        tr.token_cross_entropy(jnp.ones((2, 3, 4)), jnp.ones((2, 4), jnp.int32))
+    with pytest.raises(TypeError, match="integer class ids"):
+        tr.classification_cross_entropy(jnp.ones((2, 4)), jnp.ones((2,)))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        tr.classification_cross_entropy(jnp.ones((2, 4)), jnp.ones((2,), jnp.int32),
+                                        label_smoothing=1.0)

@@ -1,0 +1,149 @@
+"""The Transformer block and the stack of N blocks every model is made of.
+
+A block is attention followed by a position-wise feed-forward network, each
+wrapped in a residual connection and layer normalisation (Vaswani et al. 2017,
+sec. 3.1). The paper normalises after the residual sum (post-LN):
+
+    x = LayerNorm(x + Dropout(Sublayer(x)))
+
+while most later models normalise first (pre-LN): x = x + Dropout(Sublayer(LayerNorm(x))).
+
+The same block is the encoder layer (self-attention + FFN), the decoder layer
+(causal self-attention + cross-attention to the encoder + FFN) and the
+GPT/DALL-E layer (causal self-attention + FFN).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tfx_jax.config import StackConfig
+from tfx_jax.multihead import MultiHeadAttention
+
+_ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu}
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward network FFN(x) = act(x W1 + b1) W2 + b2 (sec. 3.3)."""
+    config: StackConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        dense = lambda features, name: nn.Dense(  # noqa: E731
+            features, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            kernel_init=nn.initializers.xavier_uniform(), name=name)
+        h = _ACTIVATIONS[cfg.activation](dense(cfg.d_ff, "wi")(x))
+        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
+        return dense(x.shape[-1], "wo")(h)
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention [+ cross-attention] + feed-forward, with residuals and LayerNorm.
+
+    Attributes:
+      config: the stack's options.
+      causal: self-attention may not look ahead (decoder, language model).
+      cross_attention: add a sub-layer attending to an encoder's output.
+      deterministic: disable dropout.
+
+    Called as ``block(x, mask, encoded, cross_mask) -> (x, None)``; the
+    ``(carry, output)`` form lets ``nn.scan`` run the layers.
+    """
+    config: StackConfig
+    causal: bool = False
+    cross_attention: bool = False
+    deterministic: bool = True
+
+    def _residual(self, x, sublayer, name):
+        cfg = self.config
+        norm = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype,
+                            param_dtype=cfg.param_dtype, name=f"{name}_norm")
+        dropout = nn.Dropout(cfg.dropout_rate)
+        if cfg.pre_norm:
+            return x + dropout(sublayer(norm(x)), deterministic=self.deterministic)
+        return norm(x + dropout(sublayer(x), deterministic=self.deterministic))
+
+    def _attention(self, name, decode):
+        cfg = self.config
+        return MultiHeadAttention(
+            num_heads=cfg.num_heads, dropout_rate=cfg.attention_dropout_rate,
+            use_bias=cfg.use_bias, fused_qkv=cfg.fused_qkv, decode=decode,
+            implementation=cfg.attention_implementation, dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype, name=name)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
+                 encoded: Optional[jax.Array] = None, cross_mask: Optional[jax.Array] = None):
+        cfg = self.config
+        self_attention = self._attention("self_attention", decode=cfg.decode)
+        x = self._residual(
+            x, lambda h: self_attention(h, mask=mask, causal=self.causal,
+                                        deterministic=self.deterministic), "self_attention")
+        if self.cross_attention:
+            if encoded is None:
+                raise ValueError("a cross-attention block needs the encoder output")
+            cross = self._attention("cross_attention", decode=False)
+            x = self._residual(
+                x, lambda h: cross(h, encoded, mask=cross_mask,
+                                   deterministic=self.deterministic), "cross_attention")
+        ffn = FeedForward(cfg, deterministic=self.deterministic, name="ffn")
+        x = self._residual(x, ffn, "ffn")
+        return x, None
+
+
+class BlockStack(nn.Module):
+    """N identical blocks, as a Python loop or as one ``nn.scan``-ned layer.
+
+    With ``scan_layers`` the parameters of all layers are stacked on a leading
+    axis of size N and XLA compiles the layer once (fast compiles for deep
+    models); ``remat_policy`` recomputes activations in the backward pass to
+    trade compute for memory. A final LayerNorm closes a pre-LN stack.
+    """
+    config: StackConfig
+    num_layers: int
+    causal: bool = False
+    cross_attention: bool = False
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, mask=None, encoded=None, cross_mask=None):
+        cfg = self.config
+        block = TransformerBlock
+        if cfg.remat_policy != "none":
+            block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat_policy],
+                             prevent_cse=not cfg.scan_layers)
+        kwargs = dict(config=cfg, causal=self.causal, cross_attention=self.cross_attention,
+                      deterministic=self.deterministic)
+        if cfg.scan_layers:
+            # Caches stack on axis 1 so that every cache leaf keeps the batch on axis 0.
+            scanned = nn.scan(block, variable_axes={"params": 0, "cache": 1},
+                              split_rngs={"params": True, "dropout": True},
+                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                              length=self.num_layers)
+            x, _ = scanned(**kwargs, name="layers")(x, mask, encoded, cross_mask)
+        else:
+            for i in range(self.num_layers):
+                x, _ = block(**kwargs, name=f"layer_{i}")(x, mask, encoded, cross_mask)
+        if cfg.pre_norm:
+            x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype,
+                             param_dtype=cfg.param_dtype, name="final_norm")(x)
+        return x
+
+
+def key_padding_mask(key_tokens: jax.Array, pad_id: int = 0) -> jax.Array:
+    """[B, 1, 1, S] mask: True where the key is a real token, not padding.
+
+    Only keys are masked: a padding query's output is never used, and a mask
+    that is O(S) instead of O(T x S) keeps memory-efficient attention lean.
+    """
+    return (key_tokens != pad_id)[:, None, None, :]

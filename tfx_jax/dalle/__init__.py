@@ -1,0 +1,34 @@
+"""The DALL-E-style generator's data side: image and text tokens in one stream.
+
+DALL-E (Ramesh et al. 2021) models a caption's tokens followed by an image's
+tokens with one decoder-only Transformer. Here: images of digits become tokens
+by grey-level quantisation (`GrayLevelTokenizer`) or a k-means patch codebook
+(`PatchVQTokenizer`); prompts from a small grammar become word tokens
+(`DigitPrompts`); `JointLayout` joins both into one id space; and
+`train_generator_batches` / `eval_generator_batches` feed the LM.
+"""
+from tfx_jax.dalle.gray_levels import GrayLevelTokenizer
+from tfx_jax.dalle.image_tokenizer import ImageTokenizer
+from tfx_jax.dalle.input_pipeline import (
+    DALLE_TEXT_LOSS_WEIGHT,
+    eval_generator_batches,
+    train_generator_batches,
+)
+from tfx_jax.dalle.joint_sequence import BOI_ID, BOS_ID, PAD_ID, JointLayout
+from tfx_jax.dalle.patch_vq import PatchVQTokenizer
+from tfx_jax.dalle.prompts import PROMPT_TEMPLATES, DigitPrompts
+
+__all__ = [
+    "BOI_ID",
+    "BOS_ID",
+    "DALLE_TEXT_LOSS_WEIGHT",
+    "DigitPrompts",
+    "GrayLevelTokenizer",
+    "ImageTokenizer",
+    "JointLayout",
+    "PAD_ID",
+    "PROMPT_TEMPLATES",
+    "PatchVQTokenizer",
+    "eval_generator_batches",
+    "train_generator_batches",
+]

@@ -1,0 +1,151 @@
+"""Image tokens from a learned codebook of small patches (vector quantisation).
+
+A step closer to DALL-E's dVAE, which maps each 8x8 region of a 256x256 image
+to one of 8192 learned codes: here each non-overlapping ``p x p`` patch becomes
+the index of its nearest codeword (squared Euclidean distance on pixel values),
+and the codebook is learned by k-means (Lloyd's algorithm, k-means++ start) on
+the training images' patches. An 8x8 digit with p=2 becomes 16 tokens.
+
+Codewords are stored as uint8 pixels, so decoding is a table lookup and an
+image made of codewords round-trips exactly. Duplicate codewords (possible
+after rounding) are merged, so ``vocab_size <= codebook_size``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from tfx_jax.dalle.image_tokenizer import check_images, check_tokens
+
+
+def image_patches(images: np.ndarray, patch_size: int) -> np.ndarray:
+    """[..., H, W, C] -> [..., (H/p)*(W/p), p*p*C], patches in raster order."""
+    *batch, height, width, channels = images.shape
+    p = patch_size
+    patches = images.reshape(*batch, height // p, p, width // p, p, channels)
+    patches = np.moveaxis(patches, -4, -3)  # [..., H/p, W/p, p, p, C]
+    return patches.reshape(*batch, (height // p) * (width // p), p * p * channels)
+
+
+def patches_to_images(patches: np.ndarray, image_shape, patch_size: int) -> np.ndarray:
+    """Inverse of `image_patches`."""
+    height, width, channels = image_shape
+    p = patch_size
+    batch = patches.shape[:-2]
+    grid = patches.reshape(*batch, height // p, width // p, p, p, channels)
+    return np.moveaxis(grid, -3, -4).reshape(*batch, height, width, channels)
+
+
+def _squared_distances(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    return (
+        np.sum(points**2, axis=1, keepdims=True)
+        - 2.0 * points @ centers.T
+        + np.sum(centers**2, axis=1)[None, :]
+    )
+
+
+def kmeans(points: np.ndarray, k: int, *, iterations: int, rng: np.random.Generator) -> np.ndarray:
+    """Lloyd's k-means with k-means++ seeding; returns float64 centres [k, D]."""
+    points = np.asarray(points, np.float64)
+    centers = [points[rng.integers(len(points))]]
+    nearest = np.sum((points - centers[0]) ** 2, axis=1)
+    for _ in range(1, k):
+        if nearest.sum() == 0:  # fewer distinct points than k
+            break
+        centers.append(points[rng.choice(len(points), p=nearest / nearest.sum())])
+        nearest = np.minimum(nearest, np.sum((points - centers[-1]) ** 2, axis=1))
+    centers = np.stack(centers)
+    for _ in range(iterations):
+        assignment = np.argmin(_squared_distances(points, centers), axis=1)
+        counts = np.bincount(assignment, minlength=len(centers))
+        sums = np.zeros_like(centers)
+        np.add.at(sums, assignment, points)
+        occupied = counts > 0
+        centers[occupied] = sums[occupied] / counts[occupied, None]
+    return centers
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PatchVQTokenizer:
+    """Nearest-codeword tokens for non-overlapping p x p patches (raster order).
+
+    Build one with `PatchVQTokenizer.fit(train_images)` or `load(path)`.
+    """
+
+    codebook: np.ndarray  # uint8 [vocab_size, p*p*C]
+    image_shape: tuple[int, int, int]
+    patch_size: int = 2
+
+    def __post_init__(self):
+        height, width, channels = self.image_shape
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"image_shape {self.image_shape} is not divisible into {self.patch_size}x"
+                f"{self.patch_size} patches"
+            )
+        dim = self.patch_size**2 * channels
+        codebook = self.codebook
+        if codebook.dtype != np.uint8 or codebook.ndim != 2 or codebook.shape[1] != dim:
+            raise ValueError(
+                f"codebook must be uint8 [K, {dim}], got {codebook.dtype} {codebook.shape}")
+
+    @classmethod
+    def fit(
+        cls,
+        images: np.ndarray,
+        *,
+        codebook_size: int = 64,
+        patch_size: int = 2,
+        iterations: int = 20,
+        seed: int = 0,
+    ) -> "PatchVQTokenizer":
+        """Learns the codebook by k-means over all patches of uint8 [N, H, W, C]."""
+        images = np.asarray(images)
+        if images.ndim != 4:
+            raise ValueError(f"fit needs images [N, H, W, C], got shape {images.shape}")
+        image_shape = tuple(int(d) for d in images.shape[1:])
+        check_images(images, image_shape)
+        if codebook_size < 1:
+            raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
+        points = image_patches(images, patch_size).reshape(-1, patch_size**2 * image_shape[-1])
+        centers = kmeans(points, codebook_size, iterations=iterations,
+                         rng=np.random.default_rng(seed))
+        codebook = np.unique(np.clip(np.floor(centers + 0.5), 0, 255).astype(np.uint8), axis=0)
+        return cls(codebook=codebook, image_shape=image_shape, patch_size=patch_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.codebook)
+
+    @property
+    def sequence_length(self) -> int:
+        height, width, _ = self.image_shape
+        return (height // self.patch_size) * (width // self.patch_size)
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [..., H, W, C] -> int32 [..., (H/p)(W/p)] nearest codeword ids."""
+        images = check_images(images, self.image_shape)
+        patches = image_patches(images, self.patch_size).astype(np.float64)
+        flat = patches.reshape(-1, patches.shape[-1])
+        ids = np.argmin(_squared_distances(flat, self.codebook.astype(np.float64)), axis=1)
+        return ids.astype(np.int32).reshape(patches.shape[:-1])
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """int [..., (H/p)(W/p)] -> uint8 [..., H, W, C]."""
+        tokens = check_tokens(tokens, self.sequence_length, self.vocab_size)
+        return patches_to_images(self.codebook[tokens], self.image_shape, self.patch_size)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes codebook, image shape and patch size to an .npz file."""
+        np.savez(path, codebook=self.codebook, image_shape=np.asarray(self.image_shape),
+                 patch_size=np.asarray(self.patch_size))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PatchVQTokenizer":
+        """Reads a tokenizer written by `save`."""
+        with np.load(path) as data:
+            image_shape = tuple(int(d) for d in data["image_shape"])
+            return cls(codebook=data["codebook"], image_shape=image_shape,
+                       patch_size=int(data["patch_size"]))

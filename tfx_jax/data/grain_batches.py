@@ -1,0 +1,124 @@
+"""Process-local Grain batches: the contract every tfx_jax input pipeline keeps.
+
+* Training: a seeded global shuffle of the source, reshuffled every epoch,
+  repeated forever, a per-example random transform seeded by (seed, position in
+  that stream), then process ``p`` of ``n`` takes stream positions ``p, p+n,
+  p+2n, ...`` and batches ``global_batch_size // n`` of them. The examples of
+  global step ``k`` are therefore the stream slice ``[k*B, (k+1)*B)`` whatever
+  the number of processes, each with the same augmentation.
+* Evaluation: one pass in source order, padded with zero examples to a multiple
+  of the global batch so every process runs the same number of steps; a bool
+  ``"valid"`` [b] marks real examples (training batches carry it too, all True,
+  so one masked loss serves both).
+
+Both return a Grain ``DatasetIterator``: ``get_state()`` / ``set_state(state)``
+restore it so that the next batches are exactly those an uninterrupted run sees.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+import functools
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+Example = dict[str, Any]
+
+
+def process_shard(
+        process_index: int | None = None, process_count: int | None = None
+) -> tuple[int, int]:
+    """(index, count) of this process: JAX's by default, or given (for tests)."""
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"need 0 <= process_index < process_count, got {index} and {count}")
+    return int(index), int(count)
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+    """Per-process batch size; the global batch must split evenly over processes."""
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(
+            f"global batch_size {global_batch_size} must be a positive multiple of the "
+            f"number of processes ({process_count})"
+        )
+    return global_batch_size // process_count
+
+
+def _training_example(example, rng, *, transform):
+    return {**transform(example, rng), "valid": np.bool_(True)}
+
+
+def training_batches(
+    source,
+    *,
+    global_batch_size: int,
+    seed: int,
+    transform: Callable[[Any, np.random.Generator], Example],
+    process_index: int | None = None,
+    process_count: int | None = None,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.DatasetIterator:
+    """Infinite, shuffled, per-process training batches (see module docstring).
+
+    Args:
+      source: random-access examples (``len`` and ``[i]``).
+      global_batch_size: examples per step over all processes.
+      seed: fixes the shuffle of every epoch and every example's randomness.
+      transform: ``(example, rng) -> dict of arrays``; must draw all its
+        randomness from ``rng``.
+      process_index, process_count: default to JAX's; pass them to simulate hosts.
+      read_options: Grain threading/prefetch options (Grain's default if None).
+    """
+    index, count = process_shard(process_index, process_count)
+    batch_size = local_batch_size(global_batch_size, count)
+    if len(source) == 0:
+        raise ValueError("cannot train on an empty data source")
+    dataset = (
+        grain.MapDataset.source(source)
+        .seed(seed)
+        .shuffle()
+        .repeat()
+        .random_map(functools.partial(_training_example, transform=transform))
+    )
+    dataset = dataset[index::count].batch(batch_size, drop_remainder=True)
+    return iter(dataset.to_iter_dataset(read_options))
+
+
+def _evaluation_example(position, *, source, transform, padding):
+    if position >= len(source):
+        return padding
+    return {**transform(source[position]), "valid": np.bool_(True)}
+
+
+def evaluation_batches(
+    source,
+    *,
+    global_batch_size: int,
+    transform: Callable[[Any], Example],
+    process_index: int | None = None,
+    process_count: int | None = None,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.DatasetIterator:
+    """One deterministic pass, padded to full batches (see module docstring).
+
+    Every process yields ``ceil(len(source) / global_batch_size)`` batches; over
+    all processes the ``valid`` examples are each source example exactly once.
+    Padding examples are zeros shaped like ``transform(source[0])``.
+    """
+    index, count = process_shard(process_index, process_count)
+    batch_size = local_batch_size(global_batch_size, count)
+    num_examples = len(source)
+    num_padded = -(-num_examples // global_batch_size) * global_batch_size
+    padding = None
+    if num_padded > num_examples:
+        padding = jax.tree.map(np.zeros_like, transform(source[0]))
+        padding["valid"] = np.bool_(False)
+    dataset = grain.MapDataset.range(num_padded).map(
+        functools.partial(_evaluation_example, source=source, transform=transform, padding=padding)
+    )
+    dataset = dataset[index::count].batch(batch_size)
+    return iter(dataset.to_iter_dataset(read_options))

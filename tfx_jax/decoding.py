@@ -1,0 +1,161 @@
+"""Autoregressive decoding with a key/value cache: sampling, greedy and beam search.
+
+At inference the decoder has no correct answer to read (no teacher forcing):
+it writes one token, feeds it back, and writes the next. With a key/value cache
+each new token costs one decoder step instead of a pass over the whole prefix.
+
+Everything here is model-agnostic. A model is seen through a *step function*
+
+    step_fn(tokens [N, T] int32, cache) -> (logits [N, T, vocab], new_cache)
+
+that appends ``T`` tokens to the cache (a prompt, or one token) and returns
+next-token logits for each of them. Every cache leaf with at least one axis has
+the sequence (batch * beam) on axis 0, so beams are reordered by one gather.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+StepFn = Callable[[jax.Array, Any], Tuple[jax.Array, Any]]
+NEG_INF = -1.0e9
+
+
+def _sample_logits(logits, rng, temperature, top_k):
+    """Draws a token from logits [N, V]: argmax at temperature 0, else softmax(l / T) on top-k."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth_best = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth_best, NEG_INF, logits)
+    return jax.random.categorical(rng, logits, axis=-1)
+
+
+def sample(step_fn: StepFn, cache: Any, prompt: jax.Array, num_steps: int, *,
+           rng: Optional[jax.Array] = None, temperature: float = 1.0,
+           top_k: Optional[int] = None, eos_id: Optional[int] = None) -> jax.Array:
+    """Continues ``prompt`` [N, P] by ``num_steps`` tokens; returns [N, P + num_steps].
+
+    The prompt goes through the model in one call (filling the cache), then one
+    token per step. ``temperature=0`` is greedy decoding; ``top_k`` keeps the k
+    most likely tokens before sampling. After ``eos_id`` a sequence emits ``eos_id``.
+    """
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must have shape [batch, length >= 1], got {tuple(prompt.shape)}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k}")
+    if temperature > 0 and rng is None:
+        raise ValueError("sampling with temperature > 0 needs an rng")
+    rng = jax.random.key(0) if rng is None else rng
+    batch = prompt.shape[0]
+    logits, cache = step_fn(prompt, cache)
+    rng, first_rng = jax.random.split(rng)
+    token = _sample_logits(logits[:, -1], first_rng, temperature, top_k)
+    done = jnp.zeros((batch,), bool)
+
+    def body(carry, step_rng):
+        token, done, cache = carry
+        if eos_id is not None:
+            token = jnp.where(done, eos_id, token)
+            done = done | (token == eos_id)
+        logits, cache = step_fn(token[:, None], cache)
+        next_token = _sample_logits(logits[:, -1], step_rng, temperature, top_k)
+        return (next_token, done, cache), token
+
+    if num_steps > 1:
+        (last, done, _), tokens = jax.lax.scan(body, (token, done, cache),
+                                               jax.random.split(rng, num_steps - 1))
+        if eos_id is not None:
+            last = jnp.where(done, eos_id, last)
+        generated = jnp.concatenate([tokens.T, last[:, None]], axis=1)
+    else:
+        generated = token[:, None][:, :num_steps]
+    return jnp.concatenate([prompt, generated.astype(prompt.dtype)], axis=1)
+
+
+def repeat_for_beams(x: jax.Array, beam_size: int) -> jax.Array:
+    """[B, ...] -> [B * beam_size, ...], each example repeated for its beams."""
+    return jnp.repeat(x, beam_size, axis=0)
+
+
+def gather_beams(tree: Any, origins: jax.Array) -> Any:
+    """Reorders every [B * K, ...] leaf by ``origins`` [B, K] (beam indices within each example)."""
+    batch, beam_size = origins.shape
+    flat = (origins + jnp.arange(batch)[:, None] * beam_size).reshape(-1)
+
+    def gather(leaf):
+        if getattr(leaf, "ndim", 0) == 0 or leaf.shape[0] != batch * beam_size:
+            return leaf
+        return leaf[flat]
+    return jax.tree.map(gather, tree)
+
+
+def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
+    """GNMT length normalisation ((5 + |Y|) / 6)^alpha (Wu et al. 2016), used by the paper."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def beam_search(step_fn: StepFn, cache: Any, *, batch_size: int, beam_size: int = 4,
+                max_len: int, bos_id: int, eos_id: int, alpha: float = 0.6
+                ) -> Tuple[jax.Array, jax.Array]:
+    """Beam search for the sequence with the highest length-normalised log-probability.
+
+    The score of a finished hypothesis is log p(Y) / ((5 + |Y|) / 6)^alpha, |Y|
+    counting its tokens including EOS (paper: beam 4, alpha 0.6). The cache must
+    have been built for ``batch_size * beam_size`` sequences (see
+    :func:`repeat_for_beams`). Search stops once no live beam can beat the
+    finished ones, or after ``max_len`` tokens.
+
+    Returns:
+      sequences [batch, beam, max_len] (best first, EOS then 0-padded; without BOS)
+      and their scores [batch, beam]. Examples with no finished hypothesis return
+      their live beams, scored as if they ended at max_len.
+    """
+    b, k = batch_size, beam_size
+    first = jnp.zeros((b, k), jnp.float32).at[:, 1:].set(NEG_INF)  # identical beams at start
+    state = dict(
+        step=jnp.array(0), last=jnp.full((b, k), bos_id, jnp.int32),
+        alive_seq=jnp.zeros((b, k, max_len), jnp.int32), alive_logp=first,
+        done_seq=jnp.zeros((b, k, max_len), jnp.int32), done_score=jnp.full((b, k), NEG_INF),
+        cache=cache)
+
+    def not_finished(s):
+        best_possible = s["alive_logp"][:, 0] / length_penalty(jnp.float32(max_len), alpha)
+        worst_done = s["done_score"][:, -1]
+        return (s["step"] < max_len) & jnp.any(best_possible > worst_done)
+
+    def advance(s):
+        logits, cache = step_fn(s["last"].reshape(b * k, 1), s["cache"])
+        logp = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32)).reshape(b, k, -1)
+        vocab = logp.shape[-1]
+        candidates = (s["alive_logp"][..., None] + logp).reshape(b, k * vocab)
+        cand_logp, cand_index = jax.lax.top_k(candidates, 2 * k)  # enough to keep k alive
+        origin, token = cand_index // vocab, cand_index % vocab
+        seqs = jnp.take_along_axis(s["alive_seq"], origin[..., None], axis=1)
+        seqs = seqs.at[:, :, s["step"]].set(token)
+        is_eos = token == eos_id
+
+        alive_logp, keep = jax.lax.top_k(jnp.where(is_eos, NEG_INF, cand_logp), k)
+        take = lambda x: jnp.take_along_axis(x, keep if x.ndim == 2 else keep[..., None], axis=1)  # noqa: E731
+        new_origin, new_token = take(origin), take(token)
+
+        score = cand_logp / length_penalty(s["step"] + 1.0, alpha)
+        merged_score = jnp.concatenate([s["done_score"], jnp.where(is_eos, score, NEG_INF)], 1)
+        merged_seq = jnp.concatenate([s["done_seq"], seqs], axis=1)
+        done_score, best = jax.lax.top_k(merged_score, k)
+        done_seq = jnp.take_along_axis(merged_seq, best[..., None], axis=1)
+        return dict(step=s["step"] + 1, last=new_token, alive_seq=take(seqs),
+                    alive_logp=alive_logp, done_seq=done_seq, done_score=done_score,
+                    cache=gather_beams(cache, new_origin))
+
+    s = jax.lax.while_loop(not_finished, advance, state)
+    any_done = s["done_score"][:, :1] > NEG_INF / 2
+    alive_score = s["alive_logp"] / length_penalty(s["step"].astype(jnp.float32), alpha)
+    sequences = jnp.where(any_done[..., None], s["done_seq"], s["alive_seq"])
+    scores = jnp.where(any_done, s["done_score"], alive_score)
+    return sequences, scores

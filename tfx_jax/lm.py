@@ -1,0 +1,76 @@
+"""The decoder-only causal language model (GPT-style), the engine of DALL-E.
+
+Drop the encoder and the cross-attention from the Transformer and keep the
+decoder: every position attends to itself and the positions before it, and is
+trained to predict the next token. DALL-E (Ramesh et al. 2021) models one
+stream of [text tokens ; image tokens] exactly this way and generates an image
+by sampling its tokens one after another.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tfx_jax.blocks import BlockStack
+from tfx_jax.config import POSITION_KINDS, StackConfig, _one_of, _positive
+from tfx_jax.position import AddPositionEncoding
+from tfx_jax.transformer import check_tokens
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CausalLMConfig(StackConfig):
+    """Decoder-only LM hyper-parameters (pre-LN, GELU, learned positions by default).
+
+    Attributes (beyond :class:`StackConfig`):
+      vocab_size: token vocabulary size.
+      num_layers: number of causal blocks.
+      max_len: longest sequence (context window).
+      tie_embeddings: reuse the token embedding as the output projection.
+      position: "learned" (GPT) or "sinusoidal".
+    """
+    vocab_size: int
+    num_layers: int = 12
+    max_len: int = 1024
+    tie_embeddings: bool = True
+    position: str = "learned"
+    pre_norm: bool = True
+    activation: str = "gelu"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _positive(self, "vocab_size", "num_layers", "max_len")
+        _one_of(self, "position", POSITION_KINDS)
+
+
+class CausalLM(nn.Module):
+    """``apply({"params": p}, tokens [B, T]) -> next-token logits [B, T, vocab]`` (float32).
+
+    With ``config.decode=True`` initialise on a [B, max_length] sequence to shape
+    the key/value caches, then feed a prompt (any length) and one token at a time
+    with ``mutable=["cache"]``.
+    """
+    config: CausalLMConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        cfg = self.config
+        check_tokens("tokens", tokens, cfg.max_len)
+        embedding = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
+                             param_dtype=cfg.param_dtype,
+                             embedding_init=nn.initializers.normal(stddev=0.02),
+                             name="embedding")
+        x = embedding(tokens)
+        x = AddPositionEncoding(cfg.max_len, cfg.position, decode=cfg.decode,
+                                param_dtype=cfg.param_dtype, name="position")(x)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = BlockStack(cfg, cfg.num_layers, causal=True, deterministic=deterministic,
+                       name="layers")(x)
+        if cfg.tie_embeddings:
+            logits = embedding.attend(x)
+        else:
+            logits = nn.Dense(cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                              name="logits")(x)
+        return logits.astype(jnp.float32)

@@ -1,0 +1,124 @@
+"""The training loop's config keys, their defaults, and their validation.
+
+Experiment configs start from :func:`default_config` and extend it (model
+sizes, data files, label smoothing, ...); the loop reads only the keys listed
+here and ignores the rest. Keys and meanings:
+
+=========================  =============  ============================================
+key                        default        meaning
+=========================  =============  ============================================
+seed                       0              PRNG seed for parameter init and dropout
+batch_size                 64             global batch per step (all hosts together)
+num_train_steps            100_000        train steps (= batches) to run
+learning_rate              1e-3           peak rate ("warmup_cosine", "constant");
+                                          a multiplier for "transformer" (paper = 1.0)
+schedule                   warmup_cosine  "transformer" | "warmup_cosine" | "constant"
+warmup_steps               4000           linear warm-up length in optimizer updates
+schedule_d_model           512            d_model in the "transformer" schedule
+end_learning_rate          0.0            final rate of "warmup_cosine"
+optimizer                  adam           "adam" | "adamw"
+b1, b2, eps                0.9/0.98/1e-9  Adam moments (paper, sec. 5.3)
+weight_decay               0.0            decoupled weight decay ("adamw" only)
+grad_clip_norm             0.0            clip to this global norm; 0 = off
+grad_accum_steps           1              batches per optimizer update (optax.MultiSteps)
+log_every_steps            100            train metrics line every N steps
+eval_every_steps           1000           evaluation every N steps (0 = only at the end)
+checkpoint_every_steps     1000           checkpoint every N steps (0 = only at the end)
+max_checkpoints_to_keep    3              older checkpoints are deleted
+async_checkpointing        True           write checkpoints in the background
+skip_nonfinite_updates     False          skip non-finite steps instead of stopping
+progress_bar               True           tqdm bar (only on process 0 and a TTY)
+=========================  =============  ============================================
+
+With ``grad_accum_steps = k`` one *step* is still one batch of ``batch_size``
+examples; the optimizer updates every ``k`` steps (effective batch
+``k * batch_size``) and schedules count optimizer updates, so
+``num_train_steps`` must be a multiple of ``k``.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+SCHEDULES = ("transformer", "warmup_cosine", "constant")
+OPTIMIZERS = ("adam", "adamw")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The defaults for every key the training loop reads (see module docstring)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.batch_size = 64
+    config.num_train_steps = 100_000
+    config.learning_rate = 1e-3
+    config.schedule = "warmup_cosine"
+    config.warmup_steps = 4000
+    config.schedule_d_model = 512
+    config.end_learning_rate = 0.0
+    config.optimizer = "adam"
+    config.b1 = 0.9
+    config.b2 = 0.98
+    config.eps = 1e-9
+    config.weight_decay = 0.0
+    config.grad_clip_norm = 0.0
+    config.grad_accum_steps = 1
+    config.log_every_steps = 100
+    config.eval_every_steps = 1000
+    config.checkpoint_every_steps = 1000
+    config.max_checkpoints_to_keep = 3
+    config.async_checkpointing = True
+    config.skip_nonfinite_updates = False
+    config.progress_bar = True
+    return config
+
+
+def _require(config, key: str, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"config.{key} must be {expected}, got {config[key]!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first key that is missing or out of range."""
+    missing = [key for key in default_config() if key not in config]
+    if missing:
+        raise ValueError(
+            f"config is missing the training keys {missing}; start experiment configs "
+            f"from tfx_jax.train.default_config()")
+    for key in ("batch_size", "num_train_steps", "grad_accum_steps", "max_checkpoints_to_keep",
+                "schedule_d_model"):
+        _require(config, key, _is_int(config[key]) and config[key] > 0, "a positive integer")
+    for key in ("warmup_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+                "seed"):
+        _require(config, key, _is_int(config[key]) and config[key] >= 0,
+                 "a non-negative integer")
+    _require(config, "log_every_steps", config.log_every_steps > 0, "a positive integer")
+    _require(config, "schedule", config.schedule in SCHEDULES, f"one of {SCHEDULES}")
+    _require(config, "optimizer", config.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}")
+    for key in ("learning_rate", "eps"):
+        _require(config, key, _is_number(config[key]) and config[key] > 0, "a positive number")
+    for key in ("end_learning_rate", "weight_decay", "grad_clip_norm"):
+        _require(config, key, _is_number(config[key]) and config[key] >= 0,
+                 "a non-negative number (0 = off)")
+    for key in ("b1", "b2"):
+        _require(config, key, _is_number(config[key]) and 0 <= config[key] < 1, "in [0, 1)")
+    if config.weight_decay > 0 and config.optimizer != "adamw":
+        raise ValueError(
+            f"config.weight_decay = {config.weight_decay} needs config.optimizer = 'adamw' "
+            f"(plain Adam has no decoupled weight decay), got {config.optimizer!r}")
+    _require(config, "num_train_steps", config.num_train_steps % config.grad_accum_steps == 0,
+             f"a multiple of config.grad_accum_steps = {config.grad_accum_steps}")
+    num_updates = config.num_train_steps // config.grad_accum_steps
+    if config.schedule == "warmup_cosine":
+        _require(config, "warmup_steps", config.warmup_steps < num_updates,
+                 f"smaller than the number of optimizer updates ({num_updates}) for the "
+                 f"'warmup_cosine' schedule")
+    if config.schedule == "transformer":
+        _require(config, "warmup_steps", config.warmup_steps > 0,
+                 "positive for the 'transformer' schedule")

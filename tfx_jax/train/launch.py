@@ -1,0 +1,67 @@
+"""One entry point for every training script: flags, multi-host start, clean exits.
+
+A script defines ``main(config, workdir)`` and ends with
+``launch.run(main, default_config=__file__-relative path)``. Then
+
+    python experiments/x.py --workdir=DIR [--config=experiments/configs/x.py]
+                            [--config.batch_size=64 ...]
+                            [--multihost] [--coordinator_address=HOST:PORT
+                             --num_processes=N --process_id=I]
+
+works the same for all scripts (the Flax-examples convention), and:
+
+* several processes start JAX's own runtime (``jax.distributed.initialize``):
+  ``--multihost`` lets JAX detect the cluster (Cloud TPU VMs, SLURM, ...);
+  explicit coordinator flags or ``JAX_COORDINATOR_ADDRESS`` configure it by hand;
+* preemption (SIGTERM) exits with code 143 after the checkpoint is saved, and a
+  non-finite loss exits with code 3, each with a message on stderr.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from tfx_jax.train.loop import NonFiniteError
+from tfx_jax.train.mesh import initialize_distributed
+from tfx_jax.train.preemption import Preempted
+
+NONFINITE_EXIT_CODE = 3
+
+
+def _define_flags(default_config: str) -> None:
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.",
+                        required=True)
+    config_flags.DEFINE_config_file("config", default_config, "Config file (ml_collections).",
+                                    lock_config=True)
+    flags.DEFINE_bool("multihost", False, "Let jax.distributed detect the cluster "
+                      "(Cloud TPU VM / pod slice, SLURM, Open MPI).")
+    flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (GPU clusters).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
+    flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+
+
+def run(main: Callable, default_config: str) -> None:
+    """Parses flags, starts the multi-host runtime if asked, calls ``main(config, workdir)``."""
+    _define_flags(default_config)
+
+    def _main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        f = flags.FLAGS
+        if not f["verbosity"].present:  # keep Orbax's per-save INFO lines out of the way
+            logging.set_verbosity(logging.WARNING)
+        initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
+                               auto_detect=f.multihost)
+        try:
+            main(f.config, f.workdir)
+        except Preempted as e:
+            print(f"Stopped: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        except NonFiniteError as e:
+            print(f"Stopped: {e}", file=sys.stderr)
+            sys.exit(NONFINITE_EXIT_CODE)
+
+    app.run(_main)

@@ -1,0 +1,57 @@
+"""What an experiment hands the training loop: how to init, how to score, how to evaluate.
+
+The loop knows nothing of models or data formats; a :class:`Task` is the whole
+contract::
+
+    def init_params(rng):                       # -> params pytree
+        return model.init({"params": rng}, dummy_src, dummy_tgt)["params"]
+
+    def loss_fn(params, batch, rng, train):     # -> (scalar loss, {name: scalar})
+        logits = model.apply({"params": params}, batch["inputs"], batch["targets_in"],
+                             deterministic=not train, rngs={"dropout": rng})
+        loss, num_tokens = token_cross_entropy(logits, batch["targets"], label_smoothing=0.1)
+        return loss, {"weight": num_tokens}
+
+    task = Task(init_params=init_params, loss_fn=loss_fn, evaluate=None)
+
+``loss_fn`` runs inside ``jax.jit`` on the *global* batch (a dict of arrays
+sharded over the ``data`` mesh axis) and must be differentiable in
+``params``. Its metrics are scalars; the optional key ``"weight"`` (e.g. the
+number of real tokens or examples) weights that batch when metrics of
+several batches are averaged, and its sum is logged.
+
+``evaluate(params, step, mesh) -> {name: float}`` is an optional callback run
+on every host at evaluation time, for metrics that need more than the loss
+(BLEU, exact match, ...); use :func:`tfx_jax.train.shard_batch` with ``mesh``
+to feed it data. Return names from the project's vocabulary: ``exact_match``,
+``bleu``, ``accuracy``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+from jax.sharding import Mesh
+
+Params = Any
+Batch = Mapping[str, Any]
+LossFn = Callable[[Params, Batch, jax.Array, bool], tuple[jax.Array, Mapping[str, jax.Array]]]
+EvaluateFn = Callable[[Params, int, Mesh], Mapping[str, float]]
+
+WEIGHT_KEY = "weight"
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """The experiment side of training: ``init_params``, ``loss_fn`` and optional ``evaluate``."""
+    init_params: Callable[[jax.Array], Params]
+    loss_fn: LossFn
+    evaluate: Optional[EvaluateFn] = None
+
+    def __post_init__(self):
+        for name in ("init_params", "loss_fn"):
+            if not callable(getattr(self, name)):
+                raise TypeError(f"Task.{name} must be callable, got {getattr(self, name)!r}")
+        if self.evaluate is not None and not callable(self.evaluate):
+            raise TypeError(f"Task.evaluate must be callable or None, got {self.evaluate!r}")

@@ -1,0 +1,160 @@
+"""The encoder-decoder Transformer (Vaswani et al. 2017) for sequence transduction.
+
+The encoder reads the whole source sentence at once: embeddings (scaled by
+sqrt(d_model)) plus positional encodings, then N blocks of self-attention and
+feed-forward. The decoder writes the target one token at a time; each of its
+blocks attends causally to the target prefix, then to the encoder's keys and
+values (cross-attention: "which source words matter for the word I am about
+to write"), then applies its feed-forward network. The decoder's output is
+turned into next-token logits by the embedding matrix itself (sec. 3.4: the
+two embeddings and the pre-softmax projection share one weight matrix).
+
+In training the decoder is fed the correct target shifted right (teacher
+forcing), so all positions are predicted in parallel; at inference it is run
+autoregressively with a key/value cache (``decode=True``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tfx_jax.blocks import BlockStack, key_padding_mask
+from tfx_jax.config import POSITION_KINDS, StackConfig, _one_of, _positive
+from tfx_jax.position import AddPositionEncoding
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TransformerConfig(StackConfig):
+    """The encoder-decoder's hyper-parameters; defaults are the paper's base model.
+
+    Attributes (beyond :class:`StackConfig`):
+      vocab_size: size of the (shared) token vocabulary; id ``pad_id`` is padding.
+      num_encoder_layers, num_decoder_layers: N (paper: 6 each).
+      max_len: longest source or target sequence.
+      share_embeddings: one matrix for source embedding, target embedding and the
+        pre-softmax projection (paper, with a shared source/target BPE vocabulary).
+      position: "sinusoidal" (paper) or "learned".
+      pad_id: the padding token id (masked out as attention key).
+    """
+    vocab_size: int
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    max_len: int = 256
+    share_embeddings: bool = True
+    position: str = "sinusoidal"
+    pad_id: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _positive(self, "vocab_size", "num_encoder_layers", "num_decoder_layers", "max_len")
+        _one_of(self, "position", POSITION_KINDS)
+
+
+def check_tokens(name: str, tokens: jax.Array, max_len: int) -> None:
+    """Token inputs must be integer [batch, length] with length <= max_len."""
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} must have shape [batch, length], got {tuple(tokens.shape)}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
+    if tokens.shape[1] > max_len:
+        raise ValueError(f"{name} length {tokens.shape[1]} exceeds max_len={max_len}")
+
+
+def embed_tokens(embedding: nn.Embed, tokens: jax.Array, config: StackConfig) -> jax.Array:
+    """Token embeddings multiplied by sqrt(d_model), as in sec. 3.4."""
+    return embedding(tokens) * jnp.asarray(math.sqrt(config.d_model), config.dtype)
+
+
+class Encoder(nn.Module):
+    """Source tokens [B, S] -> contextual vectors [B, S, d_model]."""
+    config: TransformerConfig
+    embedding: nn.Module
+
+    @nn.compact
+    def __call__(self, source: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        cfg = self.config
+        x = embed_tokens(self.embedding, source, cfg)
+        x = AddPositionEncoding(cfg.max_len, cfg.position, param_dtype=cfg.param_dtype,
+                                name="position")(x)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        stack = BlockStack(cfg.replace(decode=False), cfg.num_encoder_layers,
+                           deterministic=deterministic, name="layers")
+        return stack(x, key_padding_mask(source, cfg.pad_id))
+
+
+class Decoder(nn.Module):
+    """Target prefix [B, T] + encoder output [B, S, D] -> next-token logits [B, T, vocab]."""
+    config: TransformerConfig
+    embedding: nn.Module
+
+    @nn.compact
+    def __call__(self, encoded: jax.Array, source: jax.Array, target_in: jax.Array, *,
+                 deterministic: bool = True) -> jax.Array:
+        cfg = self.config
+        y = embed_tokens(self.embedding, target_in, cfg)
+        y = AddPositionEncoding(cfg.max_len, cfg.position, decode=cfg.decode,
+                                param_dtype=cfg.param_dtype, name="position")(y)
+        y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+        # Right-padded targets: causality already hides padding keys from real queries.
+        self_mask = None if cfg.decode else key_padding_mask(target_in, cfg.pad_id)
+        stack = BlockStack(cfg, cfg.num_decoder_layers, causal=True, cross_attention=True,
+                           deterministic=deterministic, name="layers")
+        y = stack(y, self_mask, encoded, key_padding_mask(source, cfg.pad_id))
+        if cfg.share_embeddings:
+            logits = self.embedding.attend(y)
+        else:
+            logits = nn.Dense(cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                              name="logits")(y)
+        return logits.astype(jnp.float32)
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder Transformer: ``apply({"params": p}, source, target_in) -> logits``.
+
+    ``source`` [B, S] and ``target_in`` [B, T] are integer token ids, right-padded
+    with ``pad_id``; ``target_in`` is the target shifted right (teacher forcing).
+    Logits [B, T, vocab_size] are float32. ``encode`` and ``decode`` are exposed
+    for autoregressive inference (``config.decode=True`` keeps a key/value cache).
+    """
+    config: TransformerConfig
+
+    def setup(self):
+        cfg = self.config
+
+        def embedding(name):
+            return nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
+                            param_dtype=cfg.param_dtype,
+                            embedding_init=nn.initializers.normal(stddev=cfg.d_model ** -0.5),
+                            name=name)
+
+        if cfg.share_embeddings:
+            source_embedding = target_embedding = embedding("embedding")
+        else:
+            source_embedding = embedding("source_embedding")
+            target_embedding = embedding("target_embedding")
+        self.encoder = Encoder(cfg, source_embedding)
+        self.decoder = Decoder(cfg, target_embedding)
+
+    def encode(self, source: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        check_tokens("source", source, self.config.max_len)
+        return self.encoder(source, deterministic=deterministic)
+
+    def decode(self, encoded: jax.Array, source: jax.Array, target_in: jax.Array, *,
+               deterministic: bool = True) -> jax.Array:
+        check_tokens("target_in", target_in, self.config.max_len)
+        if encoded.shape[:2] != source.shape:
+            raise ValueError(f"encoded {tuple(encoded.shape)} does not match source "
+                             f"{tuple(source.shape)} in [batch, length]")
+        return self.decoder(encoded, source, target_in, deterministic=deterministic)
+
+    def __call__(self, source: jax.Array, target_in: jax.Array, *,
+                 deterministic: bool = True) -> jax.Array:
+        if source.ndim == 2 and target_in.ndim == 2 and source.shape[0] != target_in.shape[0]:
+            raise ValueError(f"source batch {source.shape[0]} != target_in batch "
+                             f"{target_in.shape[0]}")
+        encoded = self.encode(source, deterministic=deterministic)
+        return self.decode(encoded, source, target_in, deterministic=deterministic)

@@ -1,0 +1,93 @@
+"""The Vision Transformer (Dosovitskiy et al. 2021): image patches used as words.
+
+An image [H, W, C] is cut into non-overlapping P x P patches; each patch is
+flattened and linearly projected to d_model (one strided convolution does
+both), giving a sequence of (H/P)*(W/P) "words". A learned [CLS] token is
+prepended, learned position embeddings are added, and a pre-LN Transformer
+encoder (GELU MLPs) mixes the patches. The classification head reads the
+final [CLS] vector (or the mean of the patch vectors: global average pooling).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tfx_jax.blocks import BlockStack
+from tfx_jax.config import StackConfig, _one_of, _positive
+from tfx_jax.position import AddPositionEncoding
+
+POOLINGS = ("cls", "gap")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ViTConfig(StackConfig):
+    """ViT hyper-parameters; defaults are ViT-B/16 at 224x224 for ImageNet-1k.
+
+    Attributes (beyond :class:`StackConfig`):
+      image_size: square input side in pixels; must divide by patch_size.
+      patch_size: P, the side of a patch ("16x16 words").
+      num_channels: C of the input images.
+      num_classes: size of the classification head.
+      num_layers: encoder depth.
+      pool: "cls" (read the [CLS] token, the paper) or "gap" (average the patches).
+    """
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    num_classes: int = 1000
+    num_layers: int = 12
+    pool: str = "cls"
+    d_model: int = 768
+    num_heads: int = 12
+    d_ff: int = 3072
+    dropout_rate: float = 0.0
+    pre_norm: bool = True
+    activation: str = "gelu"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _positive(self, "image_size", "patch_size", "num_channels", "num_classes", "num_layers")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"ViTConfig.patch_size={self.patch_size} does not divide "
+                             f"image_size={self.image_size}")
+        _one_of(self, "pool", POOLINGS)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+class ViT(nn.Module):
+    """``apply({"params": p}, images [B, H, W, C]) -> logits [B, num_classes]`` (float32)."""
+    config: ViTConfig
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        cfg = self.config
+        expected = (cfg.image_size, cfg.image_size, cfg.num_channels)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images must have shape [batch, {expected[0]}, {expected[1]}, "
+                             f"{expected[2]}], got {tuple(images.shape)}")
+        if not jnp.issubdtype(images.dtype, jnp.floating):
+            raise TypeError(f"images must be floating point (normalised pixels), "
+                            f"got dtype {images.dtype}")
+        p = cfg.patch_size
+        x = nn.Conv(cfg.d_model, (p, p), strides=(p, p), padding="VALID", dtype=cfg.dtype,
+                    param_dtype=cfg.param_dtype, name="patch_embedding")(images)
+        batch = x.shape[0]
+        x = x.reshape(batch, -1, cfg.d_model)  # [B, num_patches, D]: patches as words
+        if cfg.pool == "cls":
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, cfg.d_model), cfg.param_dtype)
+            x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, cfg.d_model)).astype(x.dtype),
+                                 x], axis=1)
+        x = AddPositionEncoding(x.shape[1], "learned", param_dtype=cfg.param_dtype,
+                                name="position")(x)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = BlockStack(cfg, cfg.num_layers, deterministic=deterministic, name="encoder")(x)
+        x = x[:, 0] if cfg.pool == "cls" else x.mean(axis=1)
+        logits = nn.Dense(cfg.num_classes, kernel_init=nn.initializers.zeros, dtype=cfg.dtype,
+                          param_dtype=cfg.param_dtype, name="head")(x)
+        return logits.astype(jnp.float32)
