@@ -1,7 +1,5 @@
 """experiments/attention_memory.py runs end to end on tiny sizes and writes its files."""
 import csv
-import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,17 +7,15 @@ import sys
 
 import pytest
 
+from tests.scripts import load_script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "experiments", "attention_memory.py")
 
 
-@functools.lru_cache(maxsize=None)
 def _load_script():
-    """The script as a module (once: it defines absl flags)."""
-    spec = importlib.util.spec_from_file_location("attention_memory_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The script as a module (see tests/scripts.py for its absl flags)."""
+    return load_script(SCRIPT, "attention_memory_script")
 
 
 def test_flop_convention():

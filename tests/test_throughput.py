@@ -1,7 +1,5 @@
 """experiments/throughput.py: FLOP counts, peak table, and its --small preset end to end."""
 import csv
-import functools
-import importlib.util
 import json
 import math
 import os
@@ -11,20 +9,17 @@ import sys
 import jax
 import pytest
 
+from tests.scripts import load_script as load_experiment_script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "experiments", "throughput.py")
 KNOBS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_implementation",
          "fused_qkv", "grad_accum_steps", "donate")
 
 
-@functools.lru_cache(maxsize=None)
 def load_script():
-    """The script as a module (once: it defines absl flags)."""
-    spec = importlib.util.spec_from_file_location("throughput_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while defined
-    spec.loader.exec_module(module)
-    return module
+    """The script as a module (see tests/scripts.py for its absl flags)."""
+    return load_experiment_script(SCRIPT, "throughput_script")
 
 
 def test_peak_flops_by_device_kind():
