@@ -34,10 +34,20 @@ With ``grad_accum_steps = k`` one *step* is still one batch of ``batch_size``
 examples; the optimizer updates every ``k`` steps (effective batch
 ``k * batch_size``) and schedules count optimizer updates, so
 ``num_train_steps`` must be a multiple of ``k``.
+
+:func:`train` keeps the run's whole config (experiment keys too) as
+``<workdir>/config.json`` (:func:`save_config`), so inference commands rebuild
+the model that wrote the checkpoints with :func:`load_config`.
 """
 from __future__ import annotations
 
+import json
+import os
+
+import jax
 import ml_collections
+
+CONFIG_FILE = "config.json"
 
 SCHEDULES = ("transformer", "warmup_cosine", "constant")
 OPTIMIZERS = ("adam", "adamw")
@@ -122,3 +132,27 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.schedule == "transformer":
         _require(config, "warmup_steps", config.warmup_steps > 0,
                  "positive for the 'transformer' schedule")
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes ``config`` as ``<workdir>/config.json`` (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, CONFIG_FILE)
+    with open(path + ".tmp", "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run in ``workdir`` was trained with (see :func:`save_config`).
+
+    JSON has no tuples: sequence values come back as lists.
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"no {CONFIG_FILE} in workdir {workdir!r}: is it a training run's --workdir?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))

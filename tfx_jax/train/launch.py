@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tfx_jax.train.loop import NonFiniteError
@@ -51,6 +51,8 @@ def run(main: Callable, default_config: str) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         f = flags.FLAGS
+        if not f["verbosity"].present:  # Orbax logs every save at INFO; --verbosity=0 shows it
+            logging.set_verbosity(logging.WARNING)
         initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
                                auto_detect=f.multihost)
         try:
