@@ -39,8 +39,6 @@ from tfx_jax.lm import CausalLM
 
 FLAGS = flags.FLAGS
 
-INFERENCE_ERROR_EXIT_CODE = 2
-
 
 def define_flags() -> None:
     """This script's own flags (defined when run, so importing the module has no side effects)."""
@@ -132,14 +130,11 @@ def evaluate(config, workdir: str) -> None:
 
 def main(config, workdir: str) -> None:
     if FLAGS.generate or FLAGS.evaluate:
-        try:
+        with tr.launch.user_errors():
             if FLAGS.generate:
                 generate(config, workdir, FLAGS.generate, FLAGS.output)
             if FLAGS.evaluate:
                 evaluate(config, workdir)
-        except (FileNotFoundError, ValueError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(INFERENCE_ERROR_EXIT_CODE)
         return
     train(config, workdir)
 

@@ -32,8 +32,6 @@ from tfx_jax.vit import ViT
 
 FLAGS = flags.FLAGS
 
-INFERENCE_ERROR_EXIT_CODE = 2
-
 
 def define_flags() -> None:
     """This script's own flags (defined when run, so importing the module has no side effects)."""
@@ -66,7 +64,7 @@ def train(config, workdir: str) -> tr.TrainResult:
     task = classification_task(model, label_smoothing=config.label_smoothing)
     train_iter = train_image_batches(train_data, global_batch_size=config.batch_size,
                                      seed=config.seed, image_size=config.image_size,
-                                     augment=config.augment)
+                                     augment=config.augment, max_shift=config.max_shift)
     eval_batches = lambda: eval_image_batches(  # noqa: E731 (a fresh pass per evaluation)
         eval_data, global_batch_size=config.batch_size, image_size=config.image_size)
     print(f"{config.dataset}: {len(train_data)} train / {len(eval_data)} {config.eval_split} "
@@ -87,26 +85,25 @@ def draw_attention_maps(workdir: str, paths: list[str], invert: bool) -> None:
     classifier = load_classifier(workdir)
     images = load_image_files(paths, classifier.image_shape, invert=invert)
     labels, probs = classifier.predict(images)
-    titles = format_predictions(paths, labels, probs, classifier.class_names)
+    titles = format_predictions([os.path.basename(p) for p in paths], labels, probs,
+                                classifier.class_names)
     maps = cls_attention_maps(classifier.model, classifier.params, images)
     out_dir = os.path.join(workdir, "attention")
     os.makedirs(out_dir, exist_ok=True)
     for path, image, image_maps, title in zip(paths, images, maps, titles):
         out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
         panels = save_attention_maps(out, denormalize_images(image), image_maps, title=title)
-        print(f"{title} -> {out} ({panels} panels: layers x heads)")
+        layers, heads = image_maps.shape[:2]
+        print(f"{title} -> {out} ({panels} panels: the input + {layers} layers x {heads} heads)")
 
 
 def main(config, workdir: str) -> None:
     if FLAGS.predict or FLAGS.attention_maps:
-        try:
+        with tr.launch.user_errors():
             if FLAGS.predict:
                 predict(workdir, FLAGS.predict, FLAGS.invert)
             if FLAGS.attention_maps:
                 draw_attention_maps(workdir, FLAGS.attention_maps, FLAGS.invert)
-        except (FileNotFoundError, ValueError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(INFERENCE_ERROR_EXIT_CODE)
         return
     train(config, workdir)
 

@@ -124,7 +124,7 @@ def test_attention_map_figure_has_one_panel_per_layer_and_head(tmp_path):
     maps = np.random.default_rng(0).uniform(size=(3, 2, 4, 4))
     image = np.zeros((8, 8, 1), np.uint8)
     path = str(tmp_path / "maps.png")
-    assert save_attention_maps(path, image, maps, title="x") == 6
+    assert save_attention_maps(path, image, maps, title="x") == 3 * 2 + 1
     with Image.open(path) as png:
         assert png.format == "PNG" and png.size[0] > 100
     with pytest.raises(ValueError, match="layers, heads, grid, grid"):
@@ -160,7 +160,7 @@ def test_script_trains_predicts_files_and_draws_attention(tmp_path, data_dir, ca
         assert line == f"{path}: {classifier.class_names[p.argmax()]} (p={p.max():.3f})"
 
     vit_script.draw_attention_maps(workdir, paths[:1], invert=False)
-    assert "(4 panels: layers x heads)" in capsys.readouterr().out
+    assert "(5 panels: the input + 2 layers x 2 heads)" in capsys.readouterr().out
     assert os.path.getsize(os.path.join(workdir, "attention", "digit0.png")) > 0
 
 
@@ -175,7 +175,7 @@ def test_inference_without_a_trained_model_is_a_clear_error(tmp_path, data_dir):
         [sys.executable, str(ROOT / "experiments" / "vit.py"), f"--workdir={tmp_path}",
          "--predict=missing.png"], capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert run.returncode == vit_script.INFERENCE_ERROR_EXIT_CODE, run.stderr
+    assert run.returncode == tr.launch.USER_ERROR_EXIT_CODE, run.stderr
     assert "error: no trained model in workdir" in run.stderr
 
 

@@ -70,7 +70,9 @@ def plot_attention_maps(image: np.ndarray, maps: np.ndarray, *,
       title: figure title (e.g. the file and the predicted label).
 
     Rows are layers (first at the top), columns heads; each panel shows the
-    image in grey with the attention (normalised per panel) on top.
+    attention (colour, normalised per panel) with the image's outline (cyan
+    contour at half brightness). One extra panel, top left, shows the input:
+    ``layers * heads + 1`` panels in all.
     """
     from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
@@ -82,20 +84,26 @@ def plot_attention_maps(image: np.ndarray, maps: np.ndarray, *,
         raise ValueError(f"image must be uint8 [H, W, 1 or 3], got {image.dtype} {image.shape}")
     num_layers, num_heads = maps.shape[:2]
     height, width = image.shape[:2]
-    figure = Figure(figsize=(1.6 * num_heads + 0.6, 1.6 * num_layers + 0.6),
+    figure = Figure(figsize=(1.6 * (num_heads + 1) + 0.4, 1.6 * num_layers + 0.6),
                     layout="constrained")
-    axes = figure.subplots(num_layers, num_heads, squeeze=False)
+    axes = figure.subplots(num_layers, num_heads + 1, squeeze=False)
     grey = image[..., 0] if image.shape[-1] == 1 else image.mean(-1)
     extent = (-0.5, width - 0.5, height - 0.5, -0.5)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray",
+                      vmin=0, vmax=255, interpolation="nearest")
+    axes[0, 0].set_title("input", fontsize=9)
     for layer in range(num_layers):
+        if layer:
+            axes[layer, 0].remove()
         for head in range(num_heads):
-            ax = axes[layer, head]
-            ax.imshow(grey, cmap="gray", vmin=0, vmax=255, extent=extent)
-            ax.imshow(maps[layer, head], cmap=cmap, alpha=0.6, extent=extent,
-                      vmin=0.0, vmax=max(float(maps[layer, head].max()), 1e-9),
-                      interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax = axes[layer, head + 1]
+            ax.imshow(maps[layer, head], cmap=cmap, extent=extent, interpolation="nearest",
+                      vmin=0.0, vmax=max(float(maps[layer, head].max()), 1e-9))
+            ax.contour(grey, levels=[float(grey.min() + grey.max()) / 2], colors="cyan",
+                       linewidths=1.0, origin="upper", extent=extent)
             if layer == 0:
                 ax.set_title(f"head {head}", fontsize=9)
             if head == 0:
@@ -107,7 +115,8 @@ def plot_attention_maps(image: np.ndarray, maps: np.ndarray, *,
 
 def save_attention_maps(path: str, image: np.ndarray, maps: np.ndarray, *,
                         title: Optional[str] = None, dpi: int = 100) -> int:
-    """Writes :func:`plot_attention_maps` as a PNG; returns the number of panels."""
+    """Writes :func:`plot_attention_maps` as a PNG; returns the number of panels
+    (``layers * heads + 1``: the input and one map per layer and head)."""
     figure = plot_attention_maps(image, maps, title=title)
     figure.savefig(path, dpi=dpi)
     return len(figure.axes)

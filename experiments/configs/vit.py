@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_split = "test"
     config.image_size = config_dict.placeholder(int)  # resize to this side (None: keep)
     config.augment = True  # random shifts (+ flips where the dataset allows them)
+    config.max_shift = config_dict.placeholder(int)  # shift range in pixels (None: side // 8)
 
     # Model: any ViTConfig field; image size, channels and classes come from the data.
     config.model = ml_collections.ConfigDict(dict(
@@ -32,11 +33,11 @@ def get_config() -> ml_collections.ConfigDict:
         dropout_rate=0.0, pool="cls", dtype="float32"))
 
     # Training: AdamW, linear warm-up then cosine decay (optax, via the train library).
-    config.num_epochs = 60  # > 0: sets num_train_steps from the train split's size
+    config.num_epochs = 120  # > 0: sets num_train_steps from the train split's size
     config.batch_size = 64
     config.optimizer = "adamw"
     config.learning_rate = 2e-3
-    config.weight_decay = 1e-4
+    config.weight_decay = 0.2
     config.b2 = 0.999
     config.eps = 1e-8
     config.warmup_steps = 100
