@@ -1,5 +1,6 @@
 """DALL-E-style generator: loss, KV-cache sampling, generation, evaluation, the script."""
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import pytest
 from PIL import Image
 
 import tfx_jax as tfx
-from experiment_scripts import default_config, load_script
+from scripts import experiment_config as default_config, load_script
 from tfx_jax import train as tr
 from tfx_jax.dalle import DigitPrompts, GrayLevelTokenizer, JointLayout, PatchVQTokenizer
 from tfx_jax.dalle.evaluate import (evaluation_prompts, mean_pairwise_distance,
@@ -18,7 +19,8 @@ from tfx_jax.dalle.input_pipeline import train_generator_batches
 from tfx_jax.dalle.task import generator_config, generator_task, image_tokenizer_from_config
 from tfx_jax.data.image_datasets import load_image_dataset
 
-dalle_script = load_script("dalle")
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+dalle_script = load_script(str(ROOT / "experiments" / "dalle.py"), "dalle_experiment")
 PROMPTS = DigitPrompts()
 TOKENIZER = GrayLevelTokenizer(num_levels=4)
 LAYOUT = JointLayout.for_tokenizers(PROMPTS, TOKENIZER)

@@ -97,3 +97,19 @@ def test_metrics_writer_resume_drops_steps_after_checkpoint(tmp_path):
     records = tr.read_metrics(str(tmp_path))
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[-1] == {"step": 3, "split": "train", "loss": 0.25, "bad": None}
+
+
+def test_metrics_writer_on_an_object_store_rewrites_the_file(tmp_path, monkeypatch):
+    """gs:// cannot append (gcsfs silently overwrites): the writer rewrites the whole file."""
+    from tfx_jax.train import metrics
+    monkeypatch.setattr(metrics, "is_url", lambda path: True)  # a local stand-in for gs://
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "split": "train", "loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    writer = tr.MetricsWriter(str(tmp_path), start_step=2, tensorboard=False)
+    assert writer._file is None  # no open handle in append mode
+    writer.write(3, "train", {"loss": 0.5})
+    assert [r["step"] for r in tr.read_metrics(str(tmp_path))] == [1, 2, 3]
+    writer.write(4, "eval", {"loss": 0.25})
+    writer.close()
+    records = tr.read_metrics(str(tmp_path))
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 1.0), (3, 0.5), (4, 0.25)]

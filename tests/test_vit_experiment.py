@@ -1,6 +1,7 @@
 """ViT classification: the Task, the script's train / predict / attention-map paths, errors."""
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -12,14 +13,15 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import tfx_jax as tfx
-from experiment_scripts import ROOT, default_config, load_script
+from scripts import experiment_config as default_config, load_script
 from tfx_jax import train as tr
 from tfx_jax.attention_maps import cls_attention_maps, save_attention_maps, unscan_params
 from tfx_jax.classification import classification_task, load_classifier, vit_config
 from tfx_jax.data.image_datasets import load_image_dataset
 from tfx_jax.data.image_preprocess import normalize_images
 
-vit_script = load_script("vit")
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+vit_script = load_script(str(ROOT / "experiments" / "vit.py"), "vit_experiment")
 TINY_MODEL = dict(patch_size=2, d_model=16, num_heads=2, num_layers=2, d_ff=32)
 
 

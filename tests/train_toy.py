@@ -44,13 +44,18 @@ def _examples(seed: int = 0) -> list[dict]:
 
 
 def make_train_iter(batch_size: int, *, seed: int = 0, nan_at_step: int | None = None,
-                    seconds_per_batch: float = 0.0):
+                    seconds_per_batch: float = 0.0, process_index: int | None = None,
+                    process_count: int | None = None):
     """An infinite, checkpointable Grain iterator of process-local batches.
 
     ``nan_at_step=k`` makes batch k (1-based: the batch of train step k) carry
-    ``scale = NaN``, which the toy loss multiplies in.
+    ``scale = NaN``, which the toy loss multiplies in. Each process reads the
+    examples ``process_index::process_count`` (default: this process's place
+    in the JAX runtime); passing them lets one process build another's shard.
     """
-    local = batch_size // jax.process_count()
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    local = batch_size // process_count
 
     def poison_and_pace(index, batch):
         if seconds_per_batch:
@@ -60,16 +65,23 @@ def make_train_iter(batch_size: int, *, seed: int = 0, nan_at_step: int | None =
         return batch
 
     dataset = (grain.MapDataset.source(_examples())
-               .slice(slice(jax.process_index(), None, jax.process_count()))
+               .slice(slice(process_index, None, process_count))
                .shuffle(seed=seed).repeat().batch(local, drop_remainder=True)
                .map_with_index(poison_and_pace))
     return iter(dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)))
 
 
-def make_eval_batches(batch_size: int) -> grain.MapDataset:
-    """One finite pass per ``iter()`` (re-iterable), as the data layer's eval sets are."""
-    return grain.MapDataset.source(_examples(seed=1)).batch(batch_size, drop_remainder=True)
+def make_eval_batches(batch_size: int, *, process_index: int = 0,
+                      process_count: int = 1) -> grain.MapDataset:
+    """One finite pass per ``iter()`` (re-iterable), as the data layer's eval sets are.
+
+    ``batch_size`` is the global batch; process ``i`` of ``n`` gets the examples
+    ``i::n`` in batches of ``batch_size // n``.
+    """
+    return (grain.MapDataset.source(_examples(seed=1))
+            .slice(slice(process_index, None, process_count))
+            .batch(batch_size // process_count, drop_remainder=True))
 
 
 def make_task(length_scale: int = 1) -> tr.Task:

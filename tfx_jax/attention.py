@@ -14,7 +14,9 @@ Layout follows ``jax.nn.dot_product_attention``: ``query`` is
 to ``[batch, num_heads, q_length, kv_length]``, and ``True`` means "may attend".
 
 The price the seed names is visible here: the "dense" implementation builds the
-full ``q_length x kv_length`` score matrix per head.
+full ``q_length x kv_length`` score matrix per head. "chunked"
+(``attention_chunked.py``) computes the same numbers tile by tile with memory
+linear in the lengths; "cudnn" (``attention_cudnn.py``) is NVIDIA's fused kernel.
 """
 from __future__ import annotations
 
@@ -23,7 +25,14 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from tfx_jax.attention_chunked import DEFAULT_BLOCK_KV, DEFAULT_BLOCK_Q, chunked_attention
+from tfx_jax.attention_cudnn import cudnn_attention, cudnn_unsupported_reason
+
 IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn")
+# "auto" switches from dense to chunked at this length. CPU measurements
+# (docs/attention_memory.md): from T = 512 on chunked was faster in both passes and
+# its gradient needed half the memory; below, one tile covers the whole sequence.
+CHUNKED_MIN_LENGTH = 512
 
 
 def _check_inputs(query, key, value, mask):
@@ -124,16 +133,70 @@ def _dense_attention(query, key, value, mask, causal, dropout_rate, dropout_rng)
     return out.astype(value.dtype)
 
 
-def select_implementation(query, key, mask, causal, dropout_rate) -> str:
-    """What "auto" resolves to for these inputs on the default backend."""
-    del query, key, mask, causal, dropout_rate
+def lengths_mask(q_length: int, kv_length: int, q_lengths: Optional[jax.Array] = None,
+                 kv_lengths: Optional[jax.Array] = None) -> Optional[jax.Array]:
+    """Padding as a boolean [B, 1, T, S]-broadcastable mask (None if no lengths).
+
+    Query i of sequence b is real iff i < q_lengths[b]; key j iff j < kv_lengths[b].
+    """
+    mask = None
+    if kv_lengths is not None:
+        mask = (jnp.arange(kv_length)[None, :] < jnp.asarray(kv_lengths)[:, None])[:, None, None, :]
+    if q_lengths is not None:
+        q_mask = (jnp.arange(q_length)[None, :] < jnp.asarray(q_lengths)[:, None])[:, None, :, None]
+        mask = combine_masks(mask, q_mask)
+    return mask
+
+
+def _check_lengths(query, q_lengths, kv_lengths):
+    for name, lengths in (("q_lengths", q_lengths), ("kv_lengths", kv_lengths)):
+        if lengths is None:
+            continue
+        lengths = jnp.asarray(lengths)
+        if lengths.shape != (query.shape[0],):
+            raise ValueError(f"{name} must have shape [batch] = ({query.shape[0]},), "
+                             f"got {tuple(lengths.shape)}")
+        if not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise TypeError(f"{name} must be integers, got dtype {lengths.dtype}")
+
+
+def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0, *,
+                          platform: Optional[str] = None,
+                          compute_capability: Optional[str] = None,
+                          value_head_dim: Optional[int] = None) -> str:
+    """What "auto" resolves to for these inputs.
+
+    1. dropout on the weights -> "dense" (the only one that implements it);
+    2. an NVIDIA GPU (sm80+), float16/bfloat16, a cuDNN head_dim and no mask array
+       (causal and lengths are fine) -> "cudnn";
+    3. max(q_length, kv_length) >= CHUNKED_MIN_LENGTH -> "chunked";
+    4. otherwise "dense" (short sequences: one tile would cover them anyway).
+
+    ``platform`` ("cpu"/"gpu"/"tpu") and ``compute_capability`` (e.g. "9.0")
+    default to the first local device; pass them to ask about another machine.
+    ``value_head_dim``: the value's head size when it differs from the query's.
+    """
+    if dropout_rate > 0.0:
+        return "dense"
+    reason = cudnn_unsupported_reason(
+        query.dtype, query.shape[-1], has_mask=mask is not None, dropout_rate=dropout_rate,
+        causal=causal, q_length=query.shape[1], kv_length=key.shape[1],
+        value_head_dim=value_head_dim, platform=platform, compute_capability=compute_capability)
+    if reason is None:
+        return "cudnn"
+    if max(query.shape[1], key.shape[1]) >= CHUNKED_MIN_LENGTH:
+        return "chunked"
     return "dense"
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                           mask: Optional[jax.Array] = None, *, causal: bool = False,
                           dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
-                          implementation: str = "auto") -> jax.Array:
+                          implementation: str = "auto",
+                          q_lengths: Optional[jax.Array] = None,
+                          kv_lengths: Optional[jax.Array] = None,
+                          block_q: int = DEFAULT_BLOCK_Q,
+                          block_kv: int = DEFAULT_BLOCK_KV) -> jax.Array:
     """softmax(Q K^T / sqrt(d_k)) V for every head; returns [B, T, N, H] in value's dtype.
 
     Args:
@@ -143,15 +206,35 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
       mask: optional boolean array broadcastable to [batch, num_heads, q_length,
         kv_length]; True = may attend. Queries with no key to attend return zeros.
       causal: also forbid query i to attend key j > i (decoder self-attention).
-      dropout_rate, dropout_rng: dropout on the attention weights (training only).
-      implementation: "dense" materialises the scores; "chunked" and "cudnn" avoid
-        it; "auto" picks the best available for the platform and inputs.
+      dropout_rate, dropout_rng: dropout on the attention weights (training only;
+        "dense" only).
+      implementation: "dense" materialises the scores; "chunked" (any backend) and
+        "cudnn" (NVIDIA GPU) avoid it; "auto" picks with `select_implementation`.
+      q_lengths, kv_lengths: optional [batch] ints: padding given as lengths, the
+        memory-lean alternative to a padding mask. Query i of sequence b is real
+        iff i < q_lengths[b] (other queries return zeros); key j iff j < kv_lengths[b].
+      block_q, block_kv: tile sizes of "chunked" (ignored by the others).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     _check_inputs(query, key, value, mask)
+    _check_lengths(query, q_lengths, kv_lengths)
     if implementation == "auto":
-        implementation = select_implementation(query, key, mask, causal, dropout_rate)
+        implementation = select_implementation(query, key, mask, causal, dropout_rate,
+                                               value_head_dim=value.shape[-1])
     if implementation == "dense":
+        mask = combine_masks(mask, lengths_mask(query.shape[1], key.shape[1], q_lengths, kv_lengths))
         return _dense_attention(query, key, value, mask, causal, dropout_rate, dropout_rng)
-    raise NotImplementedError(f"attention implementation {implementation!r} is not available yet")
+    if implementation == "chunked":
+        if dropout_rate > 0.0:
+            raise ValueError("implementation='chunked' has no attention dropout "
+                             f"(dropout_rate={dropout_rate}); use 'dense' or 'auto'")
+        return chunked_attention(query, key, value, mask, causal=causal, q_lengths=q_lengths,
+                                 kv_lengths=kv_lengths, block_q=block_q, block_kv=block_kv)
+    reason = cudnn_unsupported_reason(
+        query.dtype, query.shape[-1], has_mask=mask is not None, dropout_rate=dropout_rate,
+        value_head_dim=value.shape[-1])
+    if reason is not None:
+        raise ValueError(f"implementation='cudnn' cannot run here: {reason}")
+    return cudnn_attention(query, key, value, causal=causal, q_lengths=q_lengths,
+                           kv_lengths=kv_lengths)

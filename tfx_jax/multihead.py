@@ -19,6 +19,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 
 from tfx_jax.attention import (attention_weights, causal_mask, combine_masks,
                                dot_product_attention)
@@ -137,6 +138,14 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"decode step of shape {tuple(key.shape[:2])} does not fit the "
                              f"cache of shape [batch={batch}, max_length={max_length}]")
         index = cache_index.value[0]
+        overflow = (f"decode cache overflow: the cache holds max_length={max_length} "
+                    f"positions, {{}} are filled and this call adds {length}; initialise the "
+                    f"cache with a [batch, max_length] sequence as long as the prompt plus "
+                    f"the generated tokens")
+        if not isinstance(index, jax.core.Tracer) and int(index) + length > max_length:
+            raise ValueError(overflow.format(int(index)))
+        # Under jit the index is traced: wrap the step in checkify.checkify to catch it.
+        checkify.debug_check(index + length <= max_length, overflow, index)
         cached_key.value = jax.lax.dynamic_update_slice_in_dim(cached_key.value, key, index, 1)
         cached_value.value = jax.lax.dynamic_update_slice_in_dim(cached_value.value, value,
                                                                  index, 1)

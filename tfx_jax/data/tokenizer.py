@@ -38,7 +38,12 @@ class SentencePieceTokenizer:
     self.model_path = os.fspath(model_path)
     if not os.path.isfile(self.model_path):
       raise FileNotFoundError(f"SentencePiece model not found: {self.model_path}")
-    self._processor = spm.SentencePieceProcessor(model_file=self.model_path)
+    try:
+      self._processor = spm.SentencePieceProcessor(model_file=self.model_path)
+    except RuntimeError as e:  # sentencepiece's only error type for unreadable models
+      raise ValueError(f"{self.model_path}: not a SentencePiece model file ({e}); delete "
+                       f"it to train a new one, or point to the .model file that "
+                       f"train_sentencepiece wrote") from e
     reserved = (self._processor.pad_id(), self._processor.eos_id(),
                 self._processor.bos_id(), self._processor.unk_id())
     if reserved != (PAD_ID, EOS_ID, BOS_ID, UNK_ID):

@@ -11,7 +11,13 @@ Restoring uses an abstract target that carries the *current* mesh's
 shardings, so a checkpoint written on 8 devices restores onto 1 and vice
 versa. Before reading any array the stored shapes are compared with the
 model's; a mismatch raises ValueError naming the parameter paths and the
-workdir, and nothing is deleted.
+workdir, and nothing is deleted. A checkpoint that cannot be read (damaged
+files, an iterator state of another pipeline) raises ValueError naming its
+directory; nothing is deleted either.
+
+Saves are atomic: Orbax writes ``<step>.orbax-checkpoint-tmp`` and renames it
+to ``<step>`` when complete, so a process killed mid-save leaves only a
+temporary directory, which is never restored (the training loop deletes it).
 
 For inference (prediction, decoding, evaluation) :func:`restore_params` reads
 only the model parameters of a workdir's latest checkpoint: no optimizer
@@ -29,6 +35,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from tfx_jax.train.mesh import make_data_mesh, replicated_sharding
+from tfx_jax.train.metrics import is_url
 from tfx_jax.train.state import TrainState
 
 STATE_ITEM = "state"
@@ -93,9 +100,19 @@ def _mismatches(stored: dict, expected: dict) -> list[str]:
 class Checkpointer:
     """Saves and restores (TrainState, data iterator) pairs under ``<workdir>/checkpoints``."""
 
-    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True,
+                 remove_unfinished: bool = False):
+        """``remove_unfinished=True`` deletes what saves cut short left behind.
+
+        A save goes to ``<step>.orbax-checkpoint-tmp`` and is renamed to
+        ``<step>`` only once complete, so a process killed mid-save leaves a
+        temporary directory that is never restored. Only the run that owns the
+        workdir (the training loop) should delete them: anyone else, e.g. an
+        evaluation job reading checkpoints, would delete a save in progress.
+        """
         self.workdir = os.fspath(workdir)
-        self.directory = os.path.join(os.path.abspath(self.workdir), "checkpoints")
+        root = self.workdir if is_url(self.workdir) else os.path.abspath(self.workdir)
+        self.directory = os.path.join(root, "checkpoints")  # gs://... stays a URL
         iterator_file = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         iterator_handler = ocp.handlers.JsonCheckpointHandler(
             filename=iterator_file,
@@ -109,7 +126,8 @@ class Checkpointer:
             self.directory, handler_registry=registry,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, create=True,
-                enable_async_checkpointing=async_save))
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=remove_unfinished))
 
     def latest_step(self) -> Optional[int]:
         return self._manager.latest_step()
@@ -149,7 +167,11 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        self._check_shapes(step, abstract_state)
+        try:
+            metadata = self._manager.item_metadata(step)[STATE_ITEM]
+        except Exception as e:  # Orbax/TensorStore raise many types for unreadable files
+            raise self._unreadable(step, e) from e
+        self._check_shapes(step, metadata, abstract_state)
         items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items[ITERATOR_ITEM] = ocp.args.JsonRestore()
@@ -160,12 +182,17 @@ class Checkpointer:
                 f"checkpoint at step {step} in {self.directory} has no data iterator state "
                 f"for process {jax.process_index()} of {jax.process_count()} (was it written "
                 f"with a different number of processes?): {e}") from e
-        except (ValueError, TypeError, KeyError) as e:
-            raise ValueError(
-                f"cannot restore the checkpoint at step {step} in {self.directory} into the "
-                f"current model and optimizer (workdir {self.workdir}): {e}") from e
+        except Exception as e:
+            raise self._unreadable(step, e) from e
         if data_iterator is not None:
-            data_iterator.set_state(decode_iterator_state(restored[ITERATOR_ITEM]))
+            try:
+                data_iterator.set_state(decode_iterator_state(restored[ITERATOR_ITEM]))
+            except Exception as e:
+                raise ValueError(
+                    f"the data iterator state in the checkpoint at step {step} in "
+                    f"{self.directory} does not fit this data pipeline "
+                    f"({type(data_iterator).__name__}.set_state raised {e!r}); was it written "
+                    f"with another dataset or pipeline? Nothing was deleted.") from e
         return restored[STATE_ITEM]
 
     def restore_params(self, abstract_params: Any, step: Optional[int] = None) -> Any:
@@ -179,17 +206,36 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        self._check_shapes(step, {"params": abstract_params}, only_prefix="params/")
         target = {"params": abstract_params}
-        path = os.path.join(self.directory, str(step), STATE_ITEM)
-        with ocp.PyTreeCheckpointer() as reader:
-            restored = reader.restore(path, args=ocp.args.PyTreeRestore(
-                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                partial_restore=True))
+        try:
+            metadata = self._manager.item_metadata(step)[STATE_ITEM]
+        except Exception as e:  # Orbax/TensorStore raise many types for unreadable files
+            raise self._unreadable(step, e) from e
+        self._check_shapes(step, metadata, target, only_prefix="params/")
+        try:
+            with ocp.PyTreeCheckpointer() as reader:
+                restored = reader.restore(
+                    os.path.join(self.directory, str(step), STATE_ITEM),
+                    args=ocp.args.PyTreeRestore(
+                        item=target, partial_restore=True,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+        except Exception as e:
+            raise self._unreadable(step, e) from e
         return restored["params"]
 
-    def _check_shapes(self, step: int, abstract_state: Any, only_prefix: str = "") -> None:
-        metadata = self._manager.item_metadata(step)[STATE_ITEM]
+    def _unreadable(self, step: int, error: Exception) -> ValueError:
+        step_dir = os.path.join(self.directory, str(step))
+        return ValueError(
+            f"cannot read the checkpoint at step {step} in {step_dir} (workdir "
+            f"{self.workdir}): {type(error).__name__}: {str(error)[:500]}\nThe directory is "
+            f"corrupt or incomplete, or was written by another model or optimizer. Nothing "
+            f"was deleted: move {step_dir} aside to resume from the checkpoint before it, or "
+            f"use a new --workdir.")
+
+    def _check_shapes(self, step: int, metadata, abstract_state: Any,
+                      only_prefix: str = "") -> None:
+        """ValueError naming each path whose stored shape differs (paths under
+        ``only_prefix`` when a part of the state is restored)."""
         tree = getattr(metadata, "tree", metadata)
         if tree is None:
             return
@@ -233,7 +279,7 @@ def restore_params(workdir: str, init_params: Callable[[jax.Array], Any], *,
     Raises:
       FileNotFoundError: the workdir has no checkpoint (names the directory).
       ValueError: the checkpoint's parameters do not fit ``init_params``'s model
-        (names each mismatching parameter).
+        (names each mismatching parameter), or it cannot be read.
     """
     directory = epath.Path(workdir) / "checkpoints"
     if not directory.exists() or not any(p.name.isdigit() for p in directory.iterdir()):

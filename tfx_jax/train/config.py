@@ -42,10 +42,10 @@ the model that wrote the checkpoints with :func:`load_config`.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import ml_collections
+from etils import epath
 
 CONFIG_FILE = "config.json"
 
@@ -135,14 +135,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes ``config`` as ``<workdir>/config.json`` (process 0 only)."""
+    """Writes ``config`` as ``<workdir>/config.json`` (process 0 only; gs:// works)."""
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, CONFIG_FILE)
-    with open(path + ".tmp", "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    os.replace(path + ".tmp", path)
+    directory = epath.Path(workdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(
+        config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -150,9 +149,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
     JSON has no tuples: sequence values come back as lists.
     """
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = epath.Path(workdir) / CONFIG_FILE
+    if not path.exists():
         raise FileNotFoundError(
             f"no {CONFIG_FILE} in workdir {workdir!r}: is it a training run's --workdir?")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(path.read_text()))

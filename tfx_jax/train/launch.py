@@ -66,7 +66,7 @@ def run(main: Callable, default_config: str) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         f = flags.FLAGS
-        if not f["verbosity"].present:  # Orbax logs every save at INFO; --verbosity=0 shows it
+        if not f["verbosity"].present:  # keep Orbax's per-save INFO lines out of the way
             logging.set_verbosity(logging.WARNING)
         initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
                                auto_detect=f.multihost)

@@ -15,6 +15,7 @@ line ``{"step": 100, ...}`` describes steps 91..100 (with log_every_steps =
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 import time
 from typing import Callable, Iterable, Iterator, Optional, Union
@@ -22,6 +23,7 @@ from typing import Callable, Iterable, Iterator, Optional, Union
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from tfx_jax.train.checkpoint import Checkpointer, check_iterator_checkpointable
@@ -85,8 +87,28 @@ def _check_eval_batches(eval_batches) -> None:
             f"iterable; got {type(eval_batches).__name__}, which a first pass would exhaust")
 
 
-def _eval_pass(eval_batches) -> Iterable[Batch]:
-    return eval_batches() if callable(eval_batches) else eval_batches
+def _eval_pass(eval_batches) -> Iterator[Batch]:
+    """One pass over the eval batches; with several processes, in step with the others.
+
+    Every eval step is a collective over all hosts, so a host that runs out of
+    batches early would leave the others waiting in it (a hang, or on CPU an
+    abort). With several processes the hosts therefore agree before each batch
+    that all of them have one, and raise the same ValueError if not.
+    """
+    batches = iter(eval_batches() if callable(eval_batches) else eval_batches)
+    for index in itertools.count():
+        batch = next(batches, None)
+        if jax.process_count() > 1:
+            has_batch = multihost_utils.process_allgather(np.asarray(batch is not None))
+            if has_batch.any() and not has_batch.all():
+                raise ValueError(
+                    f"eval_batches: process(es) {np.flatnonzero(~has_batch).tolist()} have "
+                    f"{index} batches but process(es) {np.flatnonzero(has_batch).tolist()} "
+                    f"have more; every process must yield the same number of eval batches "
+                    f"(pad the last batches, as tfx_jax.data's eval pipelines do)")
+        if batch is None:
+            return
+        yield batch
 
 
 def _say(message: str) -> None:
@@ -152,7 +174,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
     optimizer, schedule = create_optimizer(config)
 
     checkpointer = Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep,
-                                async_save=config.async_checkpointing)
+                                async_save=config.async_checkpointing, remove_unfinished=True)
     writer = bar = None
     try:
         if checkpointer.latest_step() is not None:

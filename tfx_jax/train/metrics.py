@@ -11,6 +11,11 @@ On resume from a checkpoint at step ``s`` the writer first drops lines with
 ``step > s`` (written after that checkpoint by the interrupted run, and about
 to be written again) and TensorBoard purges the same steps, so the files read
 like one uninterrupted run.
+
+A workdir may be a URL such as ``gs://bucket/run`` (shared by all hosts of a
+multi-host run); files are then reached through ``etils.epath`` (needs gcsfs
+for GCS). Object stores cannot append, so there the file is rewritten whole
+at each write (one small write per log line).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 from tfx_jax.train.task import WEIGHT_KEY
 
@@ -54,36 +60,36 @@ def average_metrics(per_batch: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
+def is_url(path: str) -> bool:
+    """True for ``gs://...`` and other object-store paths (no local directories, no append)."""
+    return "://" in os.fspath(path)
+
+
 def read_metrics(workdir: str, split: Optional[str] = None) -> list[dict]:
     """The records of ``<workdir>/metrics.jsonl`` (optionally of one split), in file order."""
-    path = os.path.join(workdir, METRICS_FILE)
+    path = epath.Path(workdir) / METRICS_FILE
     records = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                if split is None or record.get("split") == split:
-                    records.append(record)
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if split is None or record.get("split") == split:
+                records.append(record)
     return records
 
 
-def _drop_records_after(path: str, step: int) -> None:
-    """Rewrites ``path`` without records of steps after ``step`` (and any torn last line)."""
-    if not os.path.exists(path):
-        return
+def _lines_up_to(path: epath.Path, step: int) -> list[str]:
+    """The lines of ``path`` with records of steps up to ``step`` (a torn last line is dropped)."""
+    if not path.exists():
+        return []
     kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short when the previous run was killed
-            if record.get("step", 0) <= step:
-                kept.append(json.dumps(record) + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short when the previous run was killed
+        if record.get("step", 0) <= step:
+            kept.append(json.dumps(record) + "\n")
+    return kept
 
 
 class MetricsWriter:
@@ -94,12 +100,22 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.path = os.path.join(workdir, METRICS_FILE)
         self._file = None
+        self._lines = None  # all lines, for object stores (rewritten at each write)
         self._tensorboard = None
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        _drop_records_after(self.path, start_step)
-        self._file = open(self.path, "a")
+        path = epath.Path(self.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = _lines_up_to(path, start_step)
+        if is_url(workdir):
+            self._lines = lines
+            path.write_text("".join(lines))
+        else:
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(lines)
+            os.replace(tmp, self.path)
+            self._file = open(self.path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
             self._tensorboard = SummaryWriter(
@@ -110,13 +126,16 @@ class MetricsWriter:
         """Writes ``{"step": step, "split": split, **metrics}``; returns the record."""
         record = {"step": int(step), "split": split}
         record.update({name: _to_python(value) for name, value in metrics.items()})
-        if self.enabled:
+        if self._lines is not None:
+            self._lines.append(json.dumps(record) + "\n")
+            epath.Path(self.path).write_text("".join(self._lines))
+        elif self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
-            if self._tensorboard is not None:
-                for name, value in record.items():
-                    if name not in ("step", "split") and isinstance(value, (int, float)):
-                        self._tensorboard.add_scalar(f"{split}/{name}", value, step)
+        if self._tensorboard is not None:
+            for name, value in record.items():
+                if name not in ("step", "split") and isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(f"{split}/{name}", value, step)
         return record
 
     def close(self) -> None:

@@ -1,0 +1,523 @@
+r"""How attention's memory and time scale with sequence length, per implementation.
+
+The seed's warning, measured: "dense" attention stores a T x T score matrix,
+"chunked" and "cudnn" should not. For every implementation, sequence length
+and pass (forward; forward+backward) this script records
+
+* memory: the compiled program's temporary buffers
+  (``jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes``) and, on
+  GPU/TPU, the device's ``peak_bytes_in_use``; next to them the physical floor,
+  the bytes of Q, K, V and the output;
+* time: median wall time of ``--repeats`` runs after ``--warmup`` runs, and the
+  achieved TFLOP/s;
+* out-of-memory, compile failures and configurations skipped because their
+  compiled size exceeds the memory limit, as a status instead of a crash.
+
+FLOP convention: forward = 4 * B * N * H * (number of attended (query, key)
+pairs), i.e. two matmuls of 2 FLOPs per multiply-add; the pairs are T * S, or
+the lower triangle for ``--causal``. Backward = 2.5 x forward (five matmuls
+instead of two), so forward+backward = 3.5 x forward. Recomputation inside
+"chunked"/"cudnn" is not counted: TFLOP/s are useful work per second.
+
+Each configuration runs in its own subprocess (``--isolate``, the default): a
+device's peak memory never resets inside a process, and an OOM kill then takes
+down one configuration, not the benchmark. On CPU each configuration gets two
+subprocesses: one compiles with XLA's YNN fusion disabled
+(``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=``), whose temp-size report
+is honest (with YNN, a forward pass that materialises the scores can report 0
+bytes), and one times the program with default flags.
+
+Usage:
+  python experiments/attention_memory.py --lengths=256,512,1024 \
+      --implementations=dense,chunked --causal=false --repeats=5
+  # add to an earlier result file (same machine) instead of starting a new one:
+  python experiments/attention_memory.py --lengths=65536 --implementations=chunked \
+      --out_name=attention_memory_cpu_... --append
+Writes <out_dir>/<name>.json, .csv and .png (log-log plots) and prints the table.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import os
+import platform as platform_lib
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, _REPO_ROOT)
+
+DEFAULT_LENGTHS = [256 * 2 ** i for i in range(9)]  # 256 ... 65,536
+PASSES = ("forward", "forward_backward")
+CPU_HONEST_MEMORY_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+RESULT_PREFIX = "ATTENTION_MEMORY_RESULT "
+MIB = 2 ** 20
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("lengths", [str(n) for n in DEFAULT_LENGTHS],
+                  "Sequence lengths T (= S, self-attention).")
+flags.DEFINE_list("implementations", ["dense", "chunked", "cudnn"],
+                  "Implementations of tfx_jax.dot_product_attention to measure.")
+flags.DEFINE_list("passes", list(PASSES), "forward and/or forward_backward.")
+flags.DEFINE_integer("batch", 1, "Batch size B.")
+flags.DEFINE_integer("heads", 4, "Number of heads N.")
+flags.DEFINE_integer("head_dim", 64, "Head size H.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Input dtype.")
+flags.DEFINE_bool("causal", False, "Causal (decoder) masking.")
+flags.DEFINE_integer("block_q", None, "Chunked query tile (default: the library's).")
+flags.DEFINE_integer("block_kv", None, "Chunked key tile (default: the library's).")
+flags.DEFINE_integer("warmup", 1, "Untimed runs before timing (compilation is separate).")
+flags.DEFINE_integer("repeats", 5, "Timed runs (fewer if --time_budget_s runs out).")
+flags.DEFINE_float("time_budget_s", 60.0,
+                   "Per configuration: stop repeating once the timed runs took this long.")
+flags.DEFINE_float("memory_limit_gib", 0.0,
+                   "Skip a configuration whose compiled temp + inputs/outputs exceed this. "
+                   "0: 60% of available host memory on CPU, the device's bytes_limit on GPU/TPU.")
+flags.DEFINE_integer("config_timeout_s", 1800, "Kill a configuration's subprocess after this.")
+flags.DEFINE_bool("isolate", True, "One subprocess per configuration (see module doc).")
+flags.DEFINE_string("out_dir", os.path.join(_REPO_ROOT, "benchmarks", "results"),
+                    "Where the JSON/CSV/PNG go.")
+flags.DEFINE_string("out_name", None,
+                    "File name stem (default: attention_memory_<platform>_<device>_<cpus>cpu_"
+                    "<dtype>[_causal]_<date>).")
+flags.DEFINE_bool("append", False, "Merge into an existing <out_name>.json (same settings).")
+flags.DEFINE_bool("replot", False,
+                  "Measure nothing: rewrite table, CSV and PNG from <out_dir>/<out_name>.json.")
+flags.DEFINE_string("worker_config", None, "Internal: measure one configuration (JSON).")
+flags.DEFINE_bool("worker_info", False, "Internal: print the machine description (JSON).")
+
+
+# ----------------------------------------------------------------------------- measuring
+def count_flops(batch, heads, head_dim, q_length, kv_length, causal, pass_name) -> float:
+    """Useful FLOPs, convention in the module docstring."""
+    if causal:  # query i attends keys 0..min(i, S-1)
+        full_rows = max(0, q_length - kv_length)
+        tri = min(q_length, kv_length)
+        pairs = tri * (tri + 1) // 2 + full_rows * kv_length
+    else:
+        pairs = q_length * kv_length
+    forward = 4.0 * batch * heads * head_dim * pairs
+    return forward if pass_name == "forward" else 3.5 * forward
+
+
+def machine_info() -> dict:
+    import jax
+    import jaxlib
+    device = jax.devices()[0]
+    return {
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "compute_capability": getattr(device, "compute_capability", None),
+        "cpu_count": os.cpu_count(),
+        "processor": platform_lib.processor() or platform_lib.machine(),
+        "python": platform_lib.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def unavailable_reason(implementation: str, dtype: str, head_dim: int, machine: dict):
+    """Why an implementation cannot run on `machine` (None if it can); starts no backend."""
+    import jax.numpy as jnp
+    from tfx_jax.attention_cudnn import cudnn_unsupported_reason
+    if implementation == "cudnn":
+        return cudnn_unsupported_reason(
+            jnp.dtype(dtype), head_dim,
+            has_mask=False, dropout_rate=0.0, platform=machine["platform"],
+            compute_capability=machine["compute_capability"])
+    return None
+
+
+def _host_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _is_oom(error: BaseException) -> bool:
+    text = f"{type(error).__name__} {error}"
+    return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory",
+                                   "MemoryError", "OOM"))
+
+
+def measure(cfg: dict, *, time_it: bool, memory_limit_bytes: float) -> dict:
+    """Compiles (and, if time_it, runs) one configuration in this process."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import tfx_jax
+
+    b, n, h, t = cfg["batch"], cfg["heads"], cfg["head_dim"], cfg["length"]
+    dtype = jnp.dtype(cfg["dtype"])
+    rec = {"status": "ok"}
+    blocks = {k: cfg[k] for k in ("block_q", "block_kv") if cfg.get(k)}
+
+    def attention(q, k, v):
+        return tfx_jax.dot_product_attention(q, k, v, causal=cfg["causal"],
+                                             implementation=cfg["implementation"], **blocks)
+
+    def forward_backward(q, k, v, cotangent):
+        _, vjp = jax.vjp(attention, q, k, v)
+        return vjp(cotangent)
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    shape = (b, t, n, h)
+    args = [jax.random.normal(key, shape, dtype) for key in keys]
+    fn = attention if cfg["pass"] == "forward" else forward_backward
+    if cfg["pass"] == "forward":
+        args = args[:3]
+    rec["floor_bytes"] = 4 * int(np.prod(shape)) * dtype.itemsize  # Q, K, V, output
+    if cfg["implementation"] == "auto":
+        rec["auto_picked"] = tfx_jax.attention.select_implementation(
+            args[0], args[1], causal=cfg["causal"])
+    try:
+        compiled = jax.jit(fn).lower(*args).compile()
+    except Exception as e:  # noqa: BLE001 - recorded, not raised
+        rec["status"] = "oom (compile)" if _is_oom(e) else f"compile error: {_short(e)}"
+        return rec
+    analysis = compiled.memory_analysis()
+    rec["temp_bytes"] = int(analysis.temp_size_in_bytes)
+    rec["argument_bytes"] = int(analysis.argument_size_in_bytes)
+    rec["output_bytes"] = int(analysis.output_size_in_bytes)
+    if not time_it:
+        return rec
+    needed = max(rec["temp_bytes"], cfg.get("known_temp_bytes") or 0)
+    needed += rec["argument_bytes"] + rec["output_bytes"]
+    device = jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not memory_limit_bytes and stats and stats.get("bytes_limit"):
+        memory_limit_bytes = stats["bytes_limit"]
+    if memory_limit_bytes and needed > memory_limit_bytes:
+        rec["status"] = (f"skipped: needs {needed / 2**30:.1f} GiB > limit "
+                         f"{memory_limit_bytes / 2**30:.1f} GiB")
+        return rec
+    try:
+        for _ in range(cfg["warmup"]):
+            jax.block_until_ready(compiled(*args))
+        times = []
+        spent = 0.0
+        while len(times) < max(1, cfg["repeats"]) and (not times or spent < cfg["time_budget_s"]):
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            times.append(time.perf_counter() - start)
+            spent += times[-1]
+    except Exception as e:  # noqa: BLE001 - recorded, not raised
+        rec["status"] = "oom" if _is_oom(e) else f"run error: {_short(e)}"
+        return rec
+    rec["times_s"] = times
+    rec["median_s"] = statistics.median(times)
+    rec["tflops"] = count_flops(b, n, h, t, t, cfg["causal"], cfg["pass"]) / rec["median_s"] / 1e12
+    if stats is not None and device.platform != "cpu":
+        rec["peak_bytes"] = int(device.memory_stats()["peak_bytes_in_use"])
+    return rec
+
+
+def _short(error: BaseException) -> str:
+    return re.sub(r"\s+", " ", f"{type(error).__name__}: {error}")[:200]
+
+
+# ----------------------------------------------------------------------------- subprocesses
+def _spawn(argv: list[str], extra_env: dict, timeout: float) -> tuple[int, str, str]:
+    env = dict(os.environ, **extra_env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, os.path.abspath(__file__)] + argv
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -1, "", "timeout"
+    return done.returncode, done.stdout, done.stderr
+
+
+def _parse_result(stdout: str):
+    for line in stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    return None
+
+
+def _env_for(platform: str, honest_cpu_memory: bool) -> dict:
+    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    if platform == "cpu" and honest_cpu_memory:
+        flags_now = os.environ.get("XLA_FLAGS", "")
+        env["XLA_FLAGS"] = f"{flags_now} {CPU_HONEST_MEMORY_FLAG}".strip()
+    return env
+
+
+def measure_isolated(cfg: dict, platform: str, memory_limit_bytes: float) -> dict:
+    """Runs `measure` in subprocesses; a crash or kill becomes a status."""
+    def run(mode_cfg, honest, time_it):
+        payload = dict(mode_cfg, time_it=time_it, memory_limit_bytes=memory_limit_bytes)
+        rc, out, err = _spawn([f"--worker_config={json.dumps(payload)}"],
+                              _env_for(platform, honest), FLAGS.config_timeout_s)
+        rec = _parse_result(out)
+        if rec is not None:
+            return rec
+        if rc == -1:
+            return {"status": f"timeout after {FLAGS.config_timeout_s} s"}
+        if rc in (-9, 137) or _is_oom(Exception(err)):
+            return {"status": f"oom (process killed, rc={rc})"}
+        return {"status": f"crashed rc={rc}: {err.strip().splitlines()[-1] if err.strip() else ''}"}
+
+    if platform != "cpu":
+        return run(cfg, honest=False, time_it=True)
+    memory = run(cfg, honest=True, time_it=False)
+    if memory["status"] != "ok":
+        return memory
+    timed = run(dict(cfg, known_temp_bytes=memory["temp_bytes"]), honest=False, time_it=True)
+    timed["temp_bytes"] = memory["temp_bytes"]  # the honest (YNN-off) figure
+    timed["floor_bytes"] = memory["floor_bytes"]
+    return timed
+
+
+# ----------------------------------------------------------------------------- output
+COLUMNS = ["implementation", "pass", "length", "status", "temp_mib", "peak_mib", "floor_mib",
+           "median_ms", "tflops"]
+
+
+def _row(rec: dict) -> dict:
+    def mib(key):
+        return round(rec[key] / MIB, 2) if rec.get(key) is not None else None
+    return {
+        "implementation": rec["implementation"], "pass": rec["pass"], "length": rec["length"],
+        "status": rec["status"], "temp_mib": mib("temp_bytes"), "peak_mib": mib("peak_bytes"),
+        "floor_mib": mib("floor_bytes"),
+        "median_ms": round(rec["median_s"] * 1e3, 3) if rec.get("median_s") else None,
+        "tflops": round(rec["tflops"], 5) if rec.get("tflops") else None,
+    }
+
+
+def _progress_line(rec: dict) -> str:
+    row = _row(rec)
+    return "  ".join(f"{c}={row[c]}" for c in COLUMNS if row[c] is not None)
+
+
+def format_table(records: list[dict], status_width: int = 60) -> str:
+    """Fixed-width text table (long statuses cut to status_width; JSON has them whole)."""
+    rows = [_row(r) for r in records]
+    for r in rows:
+        r["status"] = r["status"][:status_width]
+    cells = [COLUMNS] + [["" if r[c] is None else str(r[c]) for c in COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_csv(path: str, records: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(_row(r) for r in records)
+
+
+def plot(path: str, records: list[dict], meta: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(13, 5.2))
+    memory_key = "peak_bytes" if meta["machine"]["platform"] != "cpu" else "temp_bytes"
+    series = sorted({(r["implementation"], r["pass"]) for r in records})
+    implementations = sorted({impl for impl, _ in series})
+    colors = {impl: f"C{i}" for i, impl in enumerate(implementations)}
+    markers = {"forward": "o", "forward_backward": "s"}
+    for impl, pass_name in series:
+        recs = sorted((r for r in records if (r["implementation"], r["pass"]) == (impl, pass_name)),
+                      key=lambda r: r["length"])
+        label = f"{impl} {pass_name.replace('_', '+')}"
+        failed = [r for r in recs if r["status"] != "ok"]
+        if failed:
+            label += f" ({failed[0]['status'].split(':')[0].split(' (')[0]} from T={failed[0]['length']})"
+        style = dict(marker=markers.get(pass_name, "^"), color=colors[impl],
+                     linestyle="-" if pass_name == "forward_backward" else "--")
+        ran = [r for r in recs if r["status"] == "ok"]
+        mem = [(r["length"], r[memory_key] / MIB) for r in ran if r.get(memory_key)]
+        tim = [(r["length"], r["median_s"]) for r in ran]
+        if mem:
+            ax_mem.plot(*zip(*mem), label=label, **style)
+        if tim:
+            ax_time.plot(*zip(*tim), label=label, **style)
+        # Not run (too big), but the compiler said how much it would need: hollow markers.
+        would_need = [(r["length"], r["temp_bytes"] / MIB) for r in failed if r.get("temp_bytes")]
+        if would_need:
+            ax_mem.plot(*zip(*would_need), linestyle="none", marker=style["marker"],
+                        markerfacecolor="none", color=colors[impl])
+    if any(r["status"] != "ok" and r.get("temp_bytes") for r in records):
+        ax_mem.plot([], [], linestyle="none", marker="s", markerfacecolor="none", color="k",
+                    label="hollow: not run, compiled size")
+    lengths = sorted({r["length"] for r in records})
+    floors = sorted({(r["length"], r["floor_bytes"] / MIB) for r in records if r.get("floor_bytes")})
+    if floors:
+        ax_mem.plot(*zip(*floors), color="grey", linewidth=3, alpha=0.4,
+                    label="floor: Q, K, V, output")
+    for ax in (ax_mem, ax_time):
+        _reference_slopes(ax, lengths)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T (= S)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    ax_mem.set_ylabel("compiled temp memory (MiB)" if memory_key == "temp_bytes"
+                      else "peak device memory (MiB)")
+    ax_time.set_ylabel("median time (s)")
+    m, s = meta["machine"], meta["settings"]
+    fig.suptitle(f"attention memory/time vs length — {m['platform']} {m['device_kind']}, "
+                 f"{m['cpu_count']} CPUs, jax {m['jax']}, {m['date'][:10]}; B={s['batch']}, "
+                 f"N={s['heads']}, H={s['head_dim']}, {s['dtype']}"
+                 f"{', causal' if s['causal'] else ''}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _reference_slopes(ax, lengths):
+    """Dotted T and T^2 guide lines starting just below the data at the shortest length."""
+    x0, x1 = lengths[0], lengths[-1]
+    ys = [y for line in ax.get_lines() for x, y in zip(line.get_xdata(), line.get_ydata())
+          if x == x0 and y > 0]
+    if x1 == x0 or not ys:
+        return
+    y0 = min(ys) / 2
+    ax.plot([x0, x1], [y0, y0 * (x1 / x0)], "k:", linewidth=1, label="slope 1 (linear)")
+    ax.plot([x0, x1], [y0, y0 * (x1 / x0) ** 2], "k-.", linewidth=1,
+            label="slope 2 (quadratic)")
+
+
+def default_name(machine: dict, settings: dict) -> str:
+    device = re.sub(r"[^A-Za-z0-9]+", "-", machine["device_kind"]).strip("-").lower()
+    causal = "_causal" if settings["causal"] else ""
+    return (f"attention_memory_{machine['platform']}_{device}_{machine['cpu_count']}cpu_"
+            f"{settings['dtype']}{causal}_{machine['date'][:10]}")
+
+
+def write_outputs(out_dir: str, name: str, records: list[dict], meta: dict) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "csv", "png", "txt")}
+    table = format_table(records)
+    with open(paths["json"], "w") as f:
+        json.dump({"meta": meta, "records": records}, f, indent=1)
+    write_csv(paths["csv"], records)
+    with open(paths["txt"], "w") as f:
+        f.write(table + "\n")
+    plot(paths["png"], records, meta)
+    return paths
+
+
+# ----------------------------------------------------------------------------- main
+def _settings() -> dict:
+    return {"batch": FLAGS.batch, "heads": FLAGS.heads, "head_dim": FLAGS.head_dim,
+            "dtype": FLAGS.dtype, "causal": FLAGS.causal, "block_q": FLAGS.block_q,
+            "block_kv": FLAGS.block_kv, "warmup": FLAGS.warmup, "repeats": FLAGS.repeats,
+            "time_budget_s": FLAGS.time_budget_s}
+
+
+def _validate_flags() -> tuple[list[int], list[str]]:
+    try:
+        lengths = [int(x) for x in FLAGS.lengths]
+    except ValueError:
+        raise app.UsageError(f"--lengths must be integers, got {FLAGS.lengths}") from None
+    if not lengths or min(lengths) < 1:
+        raise app.UsageError(f"--lengths must be positive, got {lengths}")
+    from tfx_jax.attention import IMPLEMENTATIONS
+    for impl in FLAGS.implementations:
+        if impl not in IMPLEMENTATIONS:
+            raise app.UsageError(f"--implementations: {impl!r} is not one of {IMPLEMENTATIONS}")
+    for p in FLAGS.passes:
+        if p not in PASSES:
+            raise app.UsageError(f"--passes: {p!r} is not one of {PASSES}")
+    return lengths, list(FLAGS.passes)
+
+
+def run_benchmark() -> dict:
+    lengths, passes = _validate_flags()
+    settings = _settings()
+    if FLAGS.isolate:
+        rc, out, err = _spawn(["--worker_info"], _env_for("", False), 600)
+        machine = _parse_result(out)
+        if machine is None:
+            raise RuntimeError(f"could not start JAX in a subprocess (rc={rc}): {err[-2000:]}")
+    else:
+        machine = machine_info()
+    name = FLAGS.out_name or default_name(machine, settings)
+    records: list[dict] = []
+    commands: list[str] = []
+    json_path = os.path.join(FLAGS.out_dir, f"{name}.json")
+    if FLAGS.append and os.path.exists(json_path):
+        with open(json_path) as f:
+            previous = json.load(f)
+        if previous["meta"]["settings"]["dtype"] != settings["dtype"] or (
+                previous["meta"]["settings"]["causal"] != settings["causal"]):
+            raise app.UsageError(f"--append: {json_path} was measured with other settings "
+                                 f"{previous['meta']['settings']}")
+        records = previous["records"]
+        commands = previous["meta"].get("commands", [])
+    limit = FLAGS.memory_limit_gib * 2 ** 30
+    if not limit and machine["platform"] == "cpu":
+        limit = 0.6 * _host_available_bytes()
+    for impl in FLAGS.implementations:
+        reason = unavailable_reason(impl, FLAGS.dtype, FLAGS.head_dim, machine)
+        for length in lengths:
+            for pass_name in passes:
+                cfg = dict(settings, implementation=impl, length=length, **{"pass": pass_name})
+                if reason is not None:
+                    rec = {"status": f"unavailable: {reason}"}
+                elif FLAGS.isolate:
+                    rec = measure_isolated(cfg, machine["platform"], limit)
+                else:
+                    rec = measure(cfg, time_it=True, memory_limit_bytes=limit)
+                rec = dict(cfg, **rec)
+                records = [r for r in records if (r["implementation"], r["pass"], r["length"])
+                           != (impl, pass_name, length)] + [rec]
+                print(_progress_line(rec), flush=True)
+    records.sort(key=lambda r: (r["implementation"], r["pass"], r["length"]))
+    meta = {"machine": machine, "settings": settings,
+            "flops_convention": "forward 4*B*N*H*attended_pairs; backward 2.5x forward",
+            "memory": ("temp_bytes: compiled temp size (CPU: YNN fusion disabled); "
+                       "peak_bytes: device peak_bytes_in_use (GPU/TPU); "
+                       "floor_bytes: Q, K, V and output"),
+            "commands": commands + [" ".join(sys.argv)]}
+    paths = write_outputs(FLAGS.out_dir, name, records, meta)
+    print(format_table(records))
+    print("wrote", ", ".join(paths.values()))
+    return paths
+
+
+def main(argv):
+    del argv
+    if FLAGS.worker_info:
+        print(RESULT_PREFIX + json.dumps(machine_info()), flush=True)
+        return
+    if FLAGS.worker_config:
+        cfg = json.loads(FLAGS.worker_config)
+        rec = measure(cfg, time_it=cfg.pop("time_it"),
+                      memory_limit_bytes=cfg.pop("memory_limit_bytes"))
+        print(RESULT_PREFIX + json.dumps(rec), flush=True)
+        return
+    if FLAGS.replot:
+        if not FLAGS.out_name:
+            raise app.UsageError("--replot needs --out_name (the JSON file's stem)")
+        with open(os.path.join(FLAGS.out_dir, f"{FLAGS.out_name}.json")) as f:
+            result = json.load(f)
+        write_outputs(FLAGS.out_dir, FLAGS.out_name, result["records"], result["meta"])
+        print(format_table(result["records"]))
+        return
+    run_benchmark()
+
+
+if __name__ == "__main__":
+    app.run(main)

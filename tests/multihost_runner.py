@@ -1,0 +1,65 @@
+"""One process of a multi-process run of the toy task, started the way users start scripts.
+
+    python tests/multihost_runner.py --workdir=DIR --coordinator_address=127.0.0.1:PORT \
+        --num_processes=2 --process_id=I [--config.num_train_steps=12] [--cache_dir=DIR]
+
+It goes through ``tfx_jax.train.launch.run`` (flags, ``jax.distributed.initialize``,
+exit code 143 on preemption) and ``tfx_jax.train.train``; each process reads only its
+shard of the toy data (``examples[process_index::process_count]``). On CPU, JAX's
+cross-process collectives are Gloo (``jax_cpu_collectives_implementation``); each
+process gets ``--devices_per_process`` CPU devices. This file is also its own config
+file (``get_config``), so ``--config.KEY=VALUE`` works as in the experiments.
+"""
+import os
+import sys
+
+
+def get_config():
+    import train_toy as toy  # pylint: disable=import-outside-toplevel
+    return toy.toy_config()
+
+
+def main():
+    from absl import flags  # pylint: disable=import-outside-toplevel
+
+    flags.DEFINE_integer("devices_per_process", 4, "CPU devices in each process.")
+    flags.DEFINE_string("cache_dir", None, "JAX persistent compilation cache.")
+    flags.DEFINE_float("seconds_per_batch", 0.0, "Slow the data down (preemption tests).")
+    flags.DEFINE_bool("uneven_eval", False, "Give the last process one eval batch more "
+                      "than the others (a broken eval set).")
+    # The backend must not start before the device count is known: read the flag by hand.
+    devices = next((a.split("=", 1)[1] for a in sys.argv
+                    if a.startswith("--devices_per_process=")), "4")
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+    import train_toy as toy  # pylint: disable=import-outside-toplevel
+    from tfx_jax import train as tr  # pylint: disable=import-outside-toplevel
+
+    def run(config, workdir):
+        f = flags.FLAGS
+        if f.cache_dir:
+            toy.use_compilation_cache(f.cache_dir)
+        print(f"process {jax.process_index()} of {jax.process_count()}: "
+              f"{jax.local_device_count()} of {jax.device_count()} devices", flush=True)
+        def eval_batches():
+            batches = list(toy.make_eval_batches(config.batch_size,
+                                                 process_index=jax.process_index(),
+                                                 process_count=jax.process_count()))
+            if f.uneven_eval and jax.process_index() == jax.process_count() - 1:
+                batches += batches[:1]
+            return batches
+
+        tr.train(config, workdir, toy.make_task(),
+                 toy.make_train_iter(config.batch_size,
+                                     seconds_per_batch=f.seconds_per_batch),
+                 eval_batches=eval_batches)
+
+    tr.launch.run(run, default_config=os.path.abspath(__file__))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    main()

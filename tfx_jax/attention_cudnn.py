@@ -1,0 +1,103 @@
+"""cuDNN flash attention on NVIDIA GPUs, through ``jax.nn.dot_product_attention``.
+
+cuDNN's fused kernel (the FlashAttention algorithm, Dao et al. 2022) never
+writes the ``T x S`` scores to GPU memory. It only stays memory-lean when the
+mask reaches it as structure, not as an array: causal masking as
+``is_causal`` and padding as per-sequence lengths. A general boolean mask
+would be turned into a dense ``T x S`` bias, so this path refuses one.
+
+What cuDNN supports (jax 0.10 checks the same): CUDA GPUs of compute
+capability 8.0 (Ampere) or newer, float16/bfloat16 inputs, head_dim a multiple
+of 8 and at most 128 (256 from Hopper, sm90), no dropout here.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
+MIN_COMPUTE_CAPABILITY = (8, 0)
+
+
+def _parse_capability(capability) -> Optional[tuple[int, int]]:
+    if capability is None:
+        return None
+    major, minor = str(capability).split(".")[:2]
+    return int(major), int(minor)
+
+
+def default_platform_and_capability() -> tuple[str, Optional[str]]:
+    """('gpu', '9.0') on an H100, ('cpu', None) here, ('tpu', None) on a TPU.
+
+    ``compute_capability`` is an attribute of CUDA devices only (ROCm GPUs have
+    none, so cuDNN is never chosen for them).
+    """
+    device = jax.devices()[0]
+    return device.platform, getattr(device, "compute_capability", None)
+
+
+def cudnn_unsupported_reason(dtype, head_dim: int, *, has_mask: bool, dropout_rate: float,
+                             causal: bool = False, q_length: int = 0, kv_length: int = 0,
+                             value_head_dim: Optional[int] = None,
+                             platform: Optional[str] = None,
+                             compute_capability: Optional[str] = None) -> Optional[str]:
+    """None if cuDNN attention can run these inputs, else a sentence saying why not.
+
+    ``platform`` / ``compute_capability`` default to the first local device, so
+    the rule can be tested for any machine by passing them explicitly.
+    """
+    if platform is None:
+        platform, compute_capability = default_platform_and_capability()
+    capability = _parse_capability(compute_capability)
+    if platform != "gpu" or capability is None:
+        return (f"cuDNN attention needs an NVIDIA GPU, but the platform is {platform!r}"
+                f"{'' if platform != 'gpu' else ' without a CUDA compute capability'}")
+    if capability < MIN_COMPUTE_CAPABILITY:
+        return (f"cuDNN flash attention needs compute capability >= 8.0 (Ampere), "
+                f"this GPU has {compute_capability}")
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in CUDNN_DTYPES]:
+        return f"cuDNN attention needs float16 or bfloat16 inputs, got {jnp.dtype(dtype).name}"
+    max_head_dim = 256 if capability >= (9, 0) else 128
+    if head_dim % 8 or head_dim > max_head_dim:
+        return (f"cuDNN attention needs head_dim a multiple of 8 and <= {max_head_dim} on "
+                f"compute capability {compute_capability}, got {head_dim}")
+    if value_head_dim is not None and value_head_dim != head_dim:
+        return (f"value head_dim {value_head_dim} != query head_dim {head_dim} is not routed "
+                f"to cuDNN (it needs cuDNN >= 9.10 on Hopper)")
+    if has_mask:
+        return ("cuDNN attention takes masks only as causal=True and q_lengths/kv_lengths; "
+                "a boolean mask array would become a dense T x S bias. Pass lengths, or use "
+                "implementation='chunked' or 'dense'")
+    if dropout_rate > 0.0:
+        return "cuDNN attention here has no attention dropout; use implementation='dense'"
+    if causal and q_length != kv_length:
+        return (f"causal cross-attention (q_length {q_length} != kv_length {kv_length}) is not "
+                f"routed to cuDNN: its diagonal alignment for T != S is untested here")
+    return None
+
+
+def cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, causal: bool,
+                    q_lengths: Optional[jax.Array], kv_lengths: Optional[jax.Array]) -> jax.Array:
+    """jax.nn.dot_product_attention(implementation="cudnn"), with our zero-row contract.
+
+    Queries that have nothing to attend (past ``q_lengths``, or a sequence with
+    ``kv_lengths == 0``) are set to zero, as the other implementations return.
+    """
+    if q_lengths is not None:
+        q_lengths = jnp.asarray(q_lengths, jnp.int32)
+    if kv_lengths is not None:
+        kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        query, key, value, is_causal=causal, query_seq_lengths=q_lengths,
+        key_value_seq_lengths=kv_lengths, implementation="cudnn")
+    if q_lengths is None and kv_lengths is None:
+        return out
+    batch, q_length = query.shape[:2]
+    attends = jnp.ones((batch, q_length), bool)
+    if q_lengths is not None:
+        attends &= jnp.arange(q_length)[None, :] < q_lengths[:, None]
+    if kv_lengths is not None:
+        attends &= (kv_lengths > 0)[:, None]
+    return jnp.where(attends[:, :, None, None], out, jnp.zeros_like(out))
