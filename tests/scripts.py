@@ -6,6 +6,7 @@ process, so loading a script first removes the flags of the script loaded
 before it; the module is re-imported whenever another script was loaded since.
 """
 import importlib.util
+import os
 import sys
 
 from absl import flags
@@ -27,3 +28,12 @@ def load_script(path: str, module_name: str):
     spec.loader.exec_module(module)
     _active.update(path=path, module=module, flags=tuple(set(flags.FLAGS) - before))
     return module
+
+
+def experiment_config(name: str):
+    """``get_config()`` of experiments/configs/<name>.py (a config file defines no flags)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()

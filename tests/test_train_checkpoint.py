@@ -116,3 +116,34 @@ def test_iterator_state_encoding(tmp_path):
     with pytest.raises(TypeError, match="must have get_state"):
         checkpointer.save(make_state(tr.make_data_mesh()), iter([1]))
     checkpointer.close()
+
+
+def test_restore_params_reads_only_the_parameters_and_names_problems(tmp_path):
+    workdir = str(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="no trained model in workdir"):
+        tr.restore_params(workdir, init_params)
+    saved = make_state(tr.make_data_mesh(), step=5)
+    checkpointer = tr.Checkpointer(workdir, async_save=False)
+    checkpointer.save(saved, dataset_iterator())
+    checkpointer.close()
+    mesh1 = tr.make_data_mesh(jax.devices()[:1])
+    params = tr.restore_params(workdir, init_params, mesh=mesh1)  # no optimizer needed
+    assert set(params) == {"w", "b"} and params["w"].sharding.mesh.devices.size == 1
+    np.testing.assert_array_equal(np.asarray(params["w"]), np.asarray(saved.params["w"]))
+
+    def wider(rng):
+        return {"w": jax.random.normal(rng, (4, 5)), "b": jnp.zeros(3)}
+    with pytest.raises(ValueError, match=r"params/w: checkpoint has shape \(4, 3\), model "
+                                         r"expects \(4, 5\)"):
+        tr.restore_params(workdir, wider)
+
+
+def test_config_round_trips_through_the_workdir(tmp_path):
+    config = tr.default_config()
+    config.model = {"d_model": 8, "shape": (8, 8, 1)}
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        tr.load_config(str(tmp_path))
+    tr.save_config(config, str(tmp_path))
+    loaded = tr.load_config(str(tmp_path))
+    assert loaded.batch_size == config.batch_size and loaded.model.d_model == 8
+    assert list(loaded.model.shape) == [8, 8, 1]

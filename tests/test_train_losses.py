@@ -96,3 +96,22 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="label_smoothing"):
         tr.classification_cross_entropy(jnp.ones((2, 4)), jnp.ones((2,), jnp.int32),
                                         label_smoothing=1.0)
+
+
+def test_classification_losses_with_weights_ignore_padding_rows():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(5, 4)).astype(np.float32)
+    labels = np.array([0, 1, 2, 3, 0], np.int32)
+    valid = np.array([True, True, False, True, False])
+    garbage = logits.copy()
+    garbage[~valid] = 1e4  # padding rows must not matter
+    loss = tr.classification_cross_entropy(jnp.asarray(garbage), jnp.asarray(labels),
+                                           label_smoothing=0.1, weights=jnp.asarray(valid))
+    np.testing.assert_allclose(float(loss), np_smoothed_ce(logits, labels, 0.1)[valid].mean(),
+                               rtol=1e-5)
+    acc = tr.classification_accuracy(jnp.asarray(garbage), jnp.asarray(labels),
+                                     weights=jnp.asarray(valid))
+    np.testing.assert_allclose(float(acc), (logits.argmax(-1) == labels)[valid].mean())
+    with pytest.raises(ValueError, match="weights"):
+        tr.classification_accuracy(jnp.asarray(logits), jnp.asarray(labels),
+                                   weights=jnp.ones((4,)))

@@ -4,9 +4,9 @@ An experiment supplies a :class:`Task` (``init_params``, ``loss_fn``, optional
 ``evaluate``), a config extending :func:`default_config` and a checkpointable
 data iterator, and calls :func:`train`. See docs/training.md.
 """
-from tfx_jax.train.checkpoint import Checkpointer
+from tfx_jax.train.checkpoint import Checkpointer, restore_params
 from tfx_jax.train import launch
-from tfx_jax.train.config import default_config, validate_config
+from tfx_jax.train.config import default_config, load_config, save_config, validate_config
 from tfx_jax.train.losses import (classification_accuracy, classification_cross_entropy,
                                   token_accuracy, token_cross_entropy)
 from tfx_jax.train.loop import NonFiniteError, TrainResult, train
@@ -27,7 +27,8 @@ __all__ = [
     "average_metrics",
     "batch_sharding", "check_batch_size", "classification_accuracy",
     "classification_cross_entropy", "create_learning_rate_schedule", "create_optimizer",
-    "create_train_state", "default_config", "initialize_distributed", "make_data_mesh",
-    "make_eval_step", "make_train_step", "read_metrics", "replicated_sharding", "shard_batch",
+    "create_train_state", "default_config", "initialize_distributed", "load_config",
+    "make_data_mesh", "make_eval_step", "make_train_step", "read_metrics", "replicated_sharding",
+    "restore_params", "save_config", "shard_batch",
     "token_accuracy", "token_cross_entropy", "train", "transformer_schedule", "validate_config",
 ]

@@ -18,16 +18,23 @@ directory; nothing is deleted either.
 Saves are atomic: Orbax writes ``<step>.orbax-checkpoint-tmp`` and renames it
 to ``<step>`` when complete, so a process killed mid-save leaves only a
 temporary directory, which is never restored (the training loop deletes it).
+
+For inference (prediction, decoding, evaluation) :func:`restore_params` reads
+only the model parameters of a workdir's latest checkpoint: no optimizer
+state (so no optimizer config is needed) and no data iterator.
 """
 from __future__ import annotations
 
 import base64
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.sharding import Mesh
 
+from tfx_jax.train.mesh import make_data_mesh, replicated_sharding
 from tfx_jax.train.metrics import is_url
 from tfx_jax.train.state import TrainState
 
@@ -188,6 +195,34 @@ class Checkpointer:
                     f"with another dataset or pipeline? Nothing was deleted.") from e
         return restored[STATE_ITEM]
 
+    def restore_params(self, abstract_params: Any, step: Optional[int] = None) -> Any:
+        """Only ``state.params`` of the checkpoint at ``step`` (default: latest).
+
+        ``abstract_params`` is the model's params pytree of ``jax.ShapeDtypeStruct``
+        (with the shardings to restore onto). The optimizer state and the data
+        iterator are not read (Orbax partial restore), so inference needs
+        neither the optimizer config nor the pipeline.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        target = {"params": abstract_params}
+        try:
+            metadata = self._manager.item_metadata(step)[STATE_ITEM]
+        except Exception as e:  # Orbax/TensorStore raise many types for unreadable files
+            raise self._unreadable(step, e) from e
+        self._check_shapes(step, metadata, target, only_prefix="params/")
+        try:
+            with ocp.PyTreeCheckpointer() as reader:
+                restored = reader.restore(
+                    os.path.join(self.directory, str(step), STATE_ITEM),
+                    args=ocp.args.PyTreeRestore(
+                        item=target, partial_restore=True,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+        except Exception as e:
+            raise self._unreadable(step, e) from e
+        return restored["params"]
+
     def _unreadable(self, step: int, error: Exception) -> ValueError:
         step_dir = os.path.join(self.directory, str(step))
         return ValueError(
@@ -197,11 +232,16 @@ class Checkpointer:
             f"was deleted: move {step_dir} aside to resume from the checkpoint before it, or "
             f"use a new --workdir.")
 
-    def _check_shapes(self, step: int, metadata, abstract_state: TrainState) -> None:
+    def _check_shapes(self, step: int, metadata, abstract_state: Any,
+                      only_prefix: str = "") -> None:
+        """ValueError naming each path whose stored shape differs (paths under
+        ``only_prefix`` when a part of the state is restored)."""
         tree = getattr(metadata, "tree", metadata)
         if tree is None:
             return
-        stored = _shapes_by_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+        stored = {path: shape for path, shape in
+                  _shapes_by_path(tree, is_leaf=lambda x: hasattr(x, "shape")).items()
+                  if path.startswith(only_prefix)}
         problems = _mismatches(stored, _shapes_by_path(abstract_state))
         if problems:
             listed = "\n  ".join(problems[:10])
@@ -223,3 +263,35 @@ class Checkpointer:
         """Waits for pending saves and releases the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def restore_params(workdir: str, init_params: Callable[[jax.Array], Any], *,
+                   step: Optional[int] = None, mesh: Optional[Mesh] = None) -> Any:
+    """The trained parameters in ``workdir`` (latest checkpoint, or ``step``), for inference.
+
+    Args:
+      workdir: a run directory written by :func:`tfx_jax.train.train`.
+      init_params: the Task's ``init_params(rng) -> params``; only traced
+        (``jax.eval_shape``) for the expected shapes and dtypes.
+      step: which checkpoint; default the latest.
+      mesh: the parameters are replicated over it (default: all devices).
+
+    Raises:
+      FileNotFoundError: the workdir has no checkpoint (names the directory).
+      ValueError: the checkpoint's parameters do not fit ``init_params``'s model
+        (names each mismatching parameter), or it cannot be read.
+    """
+    directory = epath.Path(workdir) / "checkpoints"
+    if not directory.exists() or not any(p.name.isdigit() for p in directory.iterdir()):
+        raise FileNotFoundError(
+            f"no trained model in workdir {workdir!r}: {directory} holds no checkpoint; "
+            f"train one into this --workdir first")
+    sharding = replicated_sharding(make_data_mesh() if mesh is None else mesh)
+    shapes = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            shapes)
+    checkpointer = Checkpointer(workdir, async_save=False)
+    try:
+        return checkpointer.restore_params(abstract, step)
+    finally:
+        checkpointer.close()

@@ -34,10 +34,20 @@ With ``grad_accum_steps = k`` one *step* is still one batch of ``batch_size``
 examples; the optimizer updates every ``k`` steps (effective batch
 ``k * batch_size``) and schedules count optimizer updates, so
 ``num_train_steps`` must be a multiple of ``k``.
+
+:func:`train` keeps the run's whole config (experiment keys too) as
+``<workdir>/config.json`` (:func:`save_config`), so inference commands rebuild
+the model that wrote the checkpoints with :func:`load_config`.
 """
 from __future__ import annotations
 
+import json
+
+import jax
 import ml_collections
+from etils import epath
+
+CONFIG_FILE = "config.json"
 
 SCHEDULES = ("transformer", "warmup_cosine", "constant")
 OPTIMIZERS = ("adam", "adamw")
@@ -122,3 +132,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.schedule == "transformer":
         _require(config, "warmup_steps", config.warmup_steps > 0,
                  "positive for the 'transformer' schedule")
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes ``config`` as ``<workdir>/config.json`` (process 0 only; gs:// works)."""
+    if jax.process_index() != 0:
+        return
+    directory = epath.Path(workdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(
+        config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run in ``workdir`` was trained with (see :func:`save_config`).
+
+    JSON has no tuples: sequence values come back as lists.
+    """
+    path = epath.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no {CONFIG_FILE} in workdir {workdir!r}: is it a training run's --workdir?")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))

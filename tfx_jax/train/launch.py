@@ -14,12 +14,15 @@ works the same for all scripts (the Flax-examples convention), and:
   ``--multihost`` lets JAX detect the cluster (Cloud TPU VMs, SLURM, ...);
   explicit coordinator flags or ``JAX_COORDINATOR_ADDRESS`` configure it by hand;
 * preemption (SIGTERM) exits with code 143 after the checkpoint is saved, and a
-  non-finite loss exits with code 3, each with a message on stderr.
+  non-finite loss exits with code 3, each with a message on stderr;
+* inside ``with launch.user_errors():`` (prediction, generation, ...) a missing
+  file or a bad value exits with code 2 and one ``error: ...`` line.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -29,6 +32,18 @@ from tfx_jax.train.mesh import initialize_distributed
 from tfx_jax.train.preemption import Preempted
 
 NONFINITE_EXIT_CODE = 3
+USER_ERROR_EXIT_CODE = 2
+
+
+@contextlib.contextmanager
+def user_errors(*types: type) -> Iterator[None]:
+    """Turns ``types`` (default FileNotFoundError, ValueError) into ``error: <message>`` on
+    stderr and exit code 2: for commands whose errors name what to fix, no traceback needed."""
+    try:
+        yield
+    except (types or (FileNotFoundError, ValueError)) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)
 
 
 def _define_flags(default_config: str) -> None:

@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from tfx_jax.train.checkpoint import Checkpointer, check_iterator_checkpointable
-from tfx_jax.train.config import validate_config
+from tfx_jax.train.config import save_config, validate_config
 from tfx_jax.train.mesh import check_batch_size, make_data_mesh, replicated_sharding, shard_batch
 from tfx_jax.train.metrics import MetricsWriter, average_metrics
 from tfx_jax.train.optimizers import create_optimizer
@@ -148,8 +148,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
 
     Args:
       config: a ConfigDict extending :func:`tfx_jax.train.default_config`.
-      workdir: run directory; gets ``checkpoints/``, ``metrics.jsonl`` and
-        ``tensorboard/``. A workdir with checkpoints is resumed from the latest.
+      workdir: run directory; gets ``checkpoints/``, ``metrics.jsonl``,
+        ``tensorboard/`` and ``config.json``. A workdir with checkpoints is
+        resumed from the latest.
       task: the experiment's :class:`Task` (init_params, loss_fn, evaluate).
       train_iter: infinite iterator of process-local batches (dicts of NumPy
         arrays with leading dim ``batch_size // process_count``) with
@@ -190,6 +191,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
             _say(f"Nothing to do: the checkpoint is at step {start_step} and "
                  f"config.num_train_steps = {config.num_train_steps}")
         writer = MetricsWriter(workdir, start_step=start_step)
+        save_config(config, workdir)
         bar = make_progress_bar(config.num_train_steps, start_step, enabled=config.progress_bar)
         run = _Run(config, task, mesh, train_iter, eval_batches, checkpointer, writer, bar,
                    make_train_step(task.loss_fn, optimizer, schedule, mesh,

@@ -62,11 +62,27 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, *,
     return (losses * weights).sum() / jnp.maximum(num_tokens, 1.0), num_tokens
 
 
+def _example_mean(values: jax.Array, weights) -> jax.Array:
+    """Mean of per-example ``values``, weighted by ``weights`` [batch] when given (0 if all 0)."""
+    if weights is None:
+        return values.mean()
+    if weights.shape != values.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} must have the labels' shape "
+                         f"{tuple(values.shape)}")
+    weights = weights.astype(jnp.float32)
+    return (values * weights).sum() / jnp.maximum(weights.sum(), 1e-9)
+
+
 def classification_cross_entropy(logits: jax.Array, labels: jax.Array, *,
-                                 label_smoothing: float = 0.0) -> jax.Array:
-    """Mean (label-smoothed) cross-entropy of ``logits [batch, classes]`` vs ``labels [batch]``."""
+                                 label_smoothing: float = 0.0,
+                                 weights: jax.Array | None = None) -> jax.Array:
+    """Mean (label-smoothed) cross-entropy of ``logits [batch, classes]`` vs ``labels [batch]``.
+
+    ``weights`` [batch] (e.g. the pipelines' ``"valid"`` mask, which is False on
+    the padding of the last eval batch) turns the mean into a weighted mean.
+    """
     _check_logits_and_labels(logits, labels, "labels")
-    return _smoothed_cross_entropy(logits, labels, label_smoothing).mean()
+    return _example_mean(_smoothed_cross_entropy(logits, labels, label_smoothing), weights)
 
 
 def token_accuracy(logits: jax.Array, targets: jax.Array, *,
@@ -79,7 +95,12 @@ def token_accuracy(logits: jax.Array, targets: jax.Array, *,
     return (correct * weights).sum() / jnp.maximum(num_tokens, 1.0), num_tokens
 
 
-def classification_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Fraction of examples whose argmax over ``logits [batch, classes]`` is the label."""
+def classification_accuracy(logits: jax.Array, labels: jax.Array, *,
+                            weights: jax.Array | None = None) -> jax.Array:
+    """Fraction of examples whose argmax over ``logits [batch, classes]`` is the label.
+
+    With ``weights`` [batch] (e.g. ``"valid"``) the fraction counts weighted examples.
+    """
     _check_logits_and_labels(logits, labels, "labels")
-    return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32).mean()
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return _example_mean(correct, weights)
