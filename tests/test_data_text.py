@@ -271,8 +271,9 @@ def _train(pairs=PAIRS, **kwargs):
 
 def test_train_batch_format_eos_and_padding():
     batch = next(_train())
-    assert set(batch) == {"inputs", "targets"}
-    for key in batch:
+    assert set(batch) == {"inputs", "targets", "valid"}
+    assert batch["valid"].dtype == np.bool_ and batch["valid"].all()
+    for key in ("inputs", "targets"):
         assert batch[key].shape == (8, 8) and batch[key].dtype == np.int32
     by_source = dict(PAIRS)
     for inputs, targets in zip(batch["inputs"], batch["targets"]):
@@ -333,7 +334,7 @@ def test_train_process_shards_are_disjoint_and_cover_the_data():
 
 
 def test_batch_size_must_divide_over_processes():
-    with pytest.raises(ValueError, match="not divisible by the process count 3"):
+    with pytest.raises(ValueError, match="multiple of the number of processes \\(3\\)"):
         _train(process_count=3)
     with pytest.raises(ValueError, match="max_source_length must be >= 2"):
         _train(max_source_length=1)
@@ -381,7 +382,14 @@ def test_eval_process_shards_rebuild_the_global_order():
         for b in (local0, local1):
             global_order += [_decode_chars(r) for r, ok in
                              zip(b["targets"], b["valid"]) if ok]
-    assert global_order == _eval().references
+    two_process = _eval(process_index=0, process_count=2)
+    assert global_order == two_process.references
+    by_target = {t: s for s, t in PAIRS}
+    assert two_process.sources == [by_target[t] for t in global_order]
+    # Each global batch holds the same 4 examples as with one process.
+    single = _eval().references
+    for start in range(0, 13, 4):
+        assert sorted(global_order[start:start + 4]) == sorted(single[start:start + 4])
 
 
 def test_number_words_end_to_end_with_sentencepiece(spm_tokenizer, data_dir):
