@@ -23,7 +23,7 @@ import sys
 import grain
 import ml_collections
 import tensorflow_datasets as tfds
-from absl import flags
+from absl import flags, logging
 
 from tfx_jax import train as tr
 from tfx_jax.data.number_words_dataset import number_words_config
@@ -58,8 +58,9 @@ def open_split(config, split_key: str, data_key: str):
                        target_language=config.target_language)
     if _is_number_words(spec):
         config_name = spec.partition("/")[2] or "en_de"
-        options["number_words_config"] = number_words_config(
-            config_name.split("_")[-1], **config.number_words.to_dict())
+        sizes = number_words_config(config_name.split("_")[-1], **config.number_words.to_dict())
+        if sizes.name != config_name:  # not a registered config: generate these sizes
+            options["number_words_config"] = sizes
     return open_text_pairs(spec, config[split_key], **options)
 
 
@@ -217,6 +218,8 @@ def translate_command(config, workdir: str, sentences: list[str]) -> None:
 
 
 def main(config, workdir: str) -> None:
+    if not FLAGS["verbosity"].present:  # libraries' INFO logs only with --verbosity=0
+        logging.set_verbosity(logging.WARNING)
     try:
         if FLAGS.translate:
             translate_command(config, workdir, FLAGS.translate)
