@@ -19,6 +19,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+
+STARTED = time.monotonic()
 
 import grain
 import ml_collections
@@ -97,6 +100,11 @@ def make_task(config, model, evaluate=None) -> tr.Task:
 
 # ------------------------------------------------------------------------- training
 
+def _minutes() -> float:
+    """Minutes since the script started (data preparation and compilation included)."""
+    return (time.monotonic() - STARTED) / 60
+
+
 def save_config(config, workdir: str) -> None:
     """Keeps the run's config as <workdir>/config.json for --translate (process 0)."""
     import jax  # pylint: disable=import-outside-toplevel
@@ -126,7 +134,8 @@ def train_and_test(config, workdir: str, data) -> dict:
     """
     train_pairs, eval_pairs, test_pairs = data
     tokenizer = load_or_train_tokenizer(train_pairs, workdir, vocab_size=config.vocab_size,
-                                        model_type=config.tokenizer_type, seed=config.seed)
+                                        model_type=config.tokenizer_type,
+                                        split_digits=config.split_digits, seed=config.seed)
     if not (config.max_source_length and config.max_target_length):
         source, target = longest_pair(train_pairs, tokenizer, seed=config.seed)
         config.max_source_length = config.max_source_length or source
@@ -141,8 +150,13 @@ def train_and_test(config, workdir: str, data) -> dict:
     eval_data = eval_batches(eval_pairs, tokenizer, global_batch_size=config.eval_batch_size,
                              **lengths)
     decoding = dict(max_length=config.max_target_length, alpha=config.alpha)
-    evaluate = make_evaluate(model, eval_data, tokenizer, beam_size=config.eval_beam_size,
-                             bleu_tokenize=bleu_tokenize(config), **decoding)
+    translation_metrics = make_evaluate(model, eval_data, tokenizer,
+                                        beam_size=config.eval_beam_size,
+                                        bleu_tokenize=bleu_tokenize(config), **decoding)
+
+    def evaluate(params, step, mesh):  # + minutes since start, for learning curves in time
+        return {**translation_metrics(params, step, mesh), "wall_minutes": _minutes()}
+
     print(f"data: {len(train_pairs)} train / {len(eval_pairs)} eval / {len(test_pairs)} test "
           f"pairs, vocabulary {tokenizer.vocab_size}, rows of {config.max_source_length} / "
           f"{config.max_target_length} tokens; {config.num_train_steps} steps of "
@@ -162,7 +176,8 @@ def train_and_test(config, workdir: str, data) -> dict:
     writer = tr.MetricsWriter(workdir, start_step=step)
     try:
         test_record = writer.write(step, "test", {**scores, "beam_size": config.beam_size,
-                                                   "num_examples": test_data.num_examples})
+                                                   "num_examples": test_data.num_examples,
+                                                   "wall_minutes": _minutes()})
     finally:
         writer.close()
     print_examples(test_data.sources, test_data.references, hypotheses,
@@ -193,8 +208,8 @@ def load_translator(workdir: str):
     try:
         if checkpointer.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}; train first")
-        tokenizer = SentencePieceTokenizer(tokenizer_path(workdir, config.vocab_size,
-                                                          config.tokenizer_type))
+        tokenizer = SentencePieceTokenizer(tokenizer_path(
+            workdir, config.vocab_size, config.tokenizer_type, config.split_digits))
         model = model_config(config, tokenizer)
         optimizer, _ = tr.create_optimizer(config)
         target = tr.abstract_train_state(make_task(config, model).init_params, optimizer,

@@ -256,6 +256,20 @@ def test_tokenizer_errors(tmp_path):
         tok.train_sentencepiece(["a"], tmp_path / "x.model", vocab_size=4)
 
 
+def test_tokenizer_split_digits_spells_numbers_digit_by_digit(tmp_path):
+    pairs = [(f"{year}-05-0{day}", f"the {day} of May {year}")
+             for year in range(1990, 2030) for day in range(1, 8)]
+    merged = tok.load_or_train_tokenizer(pairs, tmp_path, vocab_size=300)
+    split = tok.load_or_train_tokenizer(pairs, tmp_path, vocab_size=300, split_digits=True)
+    assert split.model_path == tok.tokenizer_path(tmp_path, 300, split_digits=True)
+    assert split.model_path != merged.model_path  # separate cache files
+    pieces = [split._processor.id_to_piece(i) for i in split.encode("2024-05-03")]
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == list("2024" "05" "03")
+    assert split.decode(split.encode("the 3 of May 2024")) == "the 3 of May 2024"
+    assert any(len(merged._processor.id_to_piece(i).strip("\u2581")) > 1
+               for i in merged.encode("2024")), "without split_digits years merge"
+
+
 # -------------------------------------------------------------------- pipeline
 
 PAIRS = [(f"s{i}" + "a" * (i % 5), f"t{i}" + "b" * (i % 3)) for i in range(40)]

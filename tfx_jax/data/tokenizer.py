@@ -72,11 +72,14 @@ def train_sentencepiece(
     vocab_size: int,
     model_type: str = "bpe",
     character_coverage: float = 1.0,
+    split_digits: bool = False,
 ) -> SentencePieceTokenizer:
     """Trains a model on ``texts`` and writes it to ``model_path`` atomically.
 
     ``vocab_size`` is an upper bound (``hard_vocab_limit=False``): a tiny corpus
-    gets the vocabulary it can support instead of an error.
+    gets the vocabulary it can support instead of an error. ``split_digits``
+    makes every digit its own piece (as PaLM and LLaMA do), so numbers are
+    spelled digit by digit instead of as whole memorised tokens like ``2024``.
     """
     if vocab_size < 5:
         raise ValueError(f"vocab_size must be >= 5 (4 reserved ids), got {vocab_size}")
@@ -88,6 +91,7 @@ def train_sentencepiece(
         hard_vocab_limit=False,
         model_type=model_type,
         character_coverage=character_coverage,
+        split_digits=split_digits,
         pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
@@ -117,10 +121,11 @@ def _training_texts(pairs: Sequence[tuple[str, str]], max_pairs: int,
 
 
 def tokenizer_path(model_dir: str | os.PathLike, vocab_size: int,
-                   model_type: str = "bpe") -> str:
+                   model_type: str = "bpe", split_digits: bool = False) -> str:
     """Where :func:`load_or_train_tokenizer` caches its model."""
+    digits = "_split_digits" if split_digits else ""
     return os.path.join(os.fspath(model_dir),
-                        f"sentencepiece_{model_type}_{vocab_size}.model")
+                        f"sentencepiece_{model_type}_{vocab_size}{digits}.model")
 
 
 def load_or_train_tokenizer(
@@ -129,6 +134,7 @@ def load_or_train_tokenizer(
     *,
     vocab_size: int = 1000,
     model_type: str = "bpe",
+    split_digits: bool = False,
     max_training_pairs: int = 1_000_000,
     seed: int = 0,
 ) -> SentencePieceTokenizer:
@@ -138,16 +144,17 @@ def load_or_train_tokenizer(
       pairs: training ``(source_text, target_text)`` pairs; both sides feed one
         vocabulary. Not read when the model file already exists.
       model_dir: cache directory, usually the workdir; the file is
-        ``tokenizer_path(model_dir, vocab_size, model_type)``.
+        ``tokenizer_path(model_dir, vocab_size, model_type, split_digits)``.
       vocab_size: requested size, an upper bound for tiny corpora.
       model_type: ``"bpe"`` (the paper) or ``"unigram"``.
+      split_digits: one piece per digit (see :func:`train_sentencepiece`).
       max_training_pairs: train on a seeded random sample of at most this many
         pairs (large corpora such as WMT need not be read in full).
       seed: seed of that sample.
     """
-    path = tokenizer_path(model_dir, vocab_size, model_type)
+    path = tokenizer_path(model_dir, vocab_size, model_type, split_digits)
     if os.path.exists(path):
         return SentencePieceTokenizer(path)
     texts = _training_texts(pairs, max_training_pairs, seed)
     return train_sentencepiece(texts, path, vocab_size=vocab_size,
-                               model_type=model_type)
+                               model_type=model_type, split_digits=split_digits)
