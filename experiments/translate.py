@@ -24,6 +24,7 @@ import time
 STARTED = time.monotonic()
 
 import grain
+import jax
 import ml_collections
 import tensorflow_datasets as tfds
 from absl import flags, logging
@@ -107,18 +108,23 @@ def _minutes() -> float:
 
 def save_config(config, workdir: str) -> None:
     """Keeps the run's config as <workdir>/config.json for --translate (process 0)."""
-    import jax  # pylint: disable=import-outside-toplevel
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
-def print_examples(sources, references, hypotheses, count: int) -> None:
-    """The first ``count`` test translations, then the first ``count`` mistakes."""
+def _decoding_name(beam_size: int) -> str:
+    return "greedy" if beam_size == 1 else f"beam search {beam_size}"
+
+
+def print_examples(sources, references, hypotheses, count: int, decoding: str) -> None:
+    """The first ``count`` test translations, then the first ``count`` mistakes (process 0)."""
+    if jax.process_index() != 0:
+        return
     rows = list(zip(sources, references, hypotheses))
     wrong = [row for row in rows if row[1] != row[2]]
-    for title, chosen in (("Example translations (test split, beam search)", rows[:count]),
+    for title, chosen in ((f"Example translations (test split, {decoding})", rows[:count]),
                           (f"Mistakes ({len(wrong)} of {len(rows)})", wrong[:count])):
         if chosen:
             print(f"\n{title}:")
@@ -149,27 +155,33 @@ def train_and_test(config, workdir: str, data) -> dict:
                                **lengths)
     eval_data = eval_batches(eval_pairs, tokenizer, global_batch_size=config.eval_batch_size,
                              **lengths)
-    decoding = dict(max_length=config.max_target_length, alpha=config.alpha)
-    translation_metrics = make_evaluate(model, eval_data, tokenizer,
-                                        beam_size=config.eval_beam_size,
-                                        bleu_tokenize=bleu_tokenize(config), **decoding)
+    translation_metrics = make_evaluate(
+        model, eval_data, tokenizer, max_length=config.max_target_length,
+        beam_size=config.eval_beam_size, alpha=config.alpha, bleu_tokenize=bleu_tokenize(config))
 
     def evaluate(params, step, mesh):  # + minutes since start, for learning curves in time
         return {**translation_metrics(params, step, mesh), "wall_minutes": _minutes()}
 
-    print(f"data: {len(train_pairs)} train / {len(eval_pairs)} eval / {len(test_pairs)} test "
-          f"pairs, vocabulary {tokenizer.vocab_size}, rows of {config.max_source_length} / "
-          f"{config.max_target_length} tokens; {config.num_train_steps} steps of "
-          f"{config.batch_size}", file=sys.stderr)
+    if jax.process_index() == 0:
+        print(f"data: {len(train_pairs)} train / {len(eval_pairs)} eval / {len(test_pairs)} "
+              f"test pairs, vocabulary {tokenizer.vocab_size}, rows of "
+              f"{config.max_source_length} / {config.max_target_length} tokens; "
+              f"{config.num_train_steps} steps of {config.batch_size}", file=sys.stderr)
     save_config(config, workdir)
     mesh = tr.make_data_mesh()
     result = tr.train(config, workdir, make_task(config, model, evaluate), train_iter,
                       eval_batches=eval_data, mesh=mesh)
-
     test_data = eval_batches(test_pairs, tokenizer, global_batch_size=config.eval_batch_size,
                              **lengths)
+    return final_test(config, workdir, result, model, tokenizer, test_data, mesh)
+
+
+def final_test(config, workdir: str, result: tr.TrainResult, model, tokenizer, test_data,
+               mesh) -> dict:
+    """Beam search on the test split: a "test" line in metrics.jsonl, examples, summary."""
     hypotheses = translate_eval_data(result.state.params, model, test_data, tokenizer, mesh,
-                                     beam_size=config.beam_size, **decoding)
+                                     max_length=config.max_target_length,
+                                     beam_size=config.beam_size, alpha=config.alpha)
     scores = translation_scores(hypotheses, test_data.references,
                                 bleu_tokenize=bleu_tokenize(config))
     step = int(result.state.step)
@@ -181,14 +193,13 @@ def train_and_test(config, workdir: str, data) -> dict:
     finally:
         writer.close()
     print_examples(test_data.sources, test_data.references, hypotheses,
-                   config.num_examples_to_print)
+                   config.num_examples_to_print, _decoding_name(config.beam_size))
     rows = {split: {k: v for k, v in record.items() if k != "split"}
             for split, record in (("train", result.train_metrics), ("eval", result.eval_metrics),
                                   ("test", test_record)) if record}
-    print()
-    print_summary(f"Translation, {step} steps (workdir {workdir}); test: beam search "
-                  f"{config.beam_size}, eval: {'greedy' if config.eval_beam_size == 1 else 'beam'}",
-                  rows)
+    print_summary(f"\nTranslation, {step} steps (workdir {workdir}); test: "
+                  f"{_decoding_name(config.beam_size)}, eval: "
+                  f"{_decoding_name(config.eval_beam_size)}", rows)
     return dict(scores=scores, sources=test_data.sources, hypotheses=hypotheses)
 
 
@@ -221,9 +232,9 @@ def load_translator(workdir: str):
 
 
 def translate_command(config, workdir: str, sentences: list[str]) -> None:
-    if "-" in sentences:
-        sentences = [s for s in sentences if s != "-"] + [
-            line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if "-" in sentences:  # stdin's lines take the place of "-"
+        stdin = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        sentences = [line for s in sentences for line in (stdin if s == "-" else [s])]
     trained, model, params, tokenizer = load_translator(workdir)
     outputs = translate_texts(params, model, tokenizer, sentences,
                               max_source_length=trained.max_source_length,

@@ -18,7 +18,8 @@ from tfx_jax.data.tsv_pairs import TsvPairs
 tfds.disable_progress_bar()
 
 TINY = nwd.number_words_config("de", max_number=2999, train_size=300,
-                               validation_size=23, test_size=37, split_seed=5)
+                               validation_size=23, test_size=37, split_seed=5,
+                               train_all_below=100, small_number_repeats=2)
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +55,22 @@ def _decode_chars(row):
 def test_number_words_splits_are_disjoint_with_configured_sizes(data_dir):
     builder = nwd.prepare_number_words(TINY, data_dir=data_dir)
     numbers = {}
-    for split, size in (("train", 300), ("validation", 23), ("test", 37)):
+    # train: 300 distinct numbers, those below 100 twice (small_number_repeats=2)
+    for split, size, length in (("train", 300, 400), ("validation", 23, 23), ("test", 37, 37)):
         records = builder.as_data_source(split=split)
-        assert len(records) == size
-        numbers[split] = {int(records[i]["number"]) for i in range(size)}
+        assert len(records) == length
+        listed = [int(records[i]["number"]) for i in range(length)]
+        numbers[split] = set(listed)
         assert len(numbers[split]) == size
+        assert all(listed.count(n) == (2 if split == "train" and n < 100 else 1)
+                   for n in numbers[split])
         assert all(0 <= n <= 2999 for n in numbers[split])
         record = records[0]
         n = int(record["number"])
         assert record["en"].decode() == nw.english_number_words(n)
         assert record["de"].decode() == nw.german_number_words(n)
+    assert set(range(100)) <= numbers["train"]  # train_all_below
+    assert min(numbers["test"] | numbers["validation"]) >= 100
     assert not numbers["train"] & numbers["validation"]
     assert not numbers["train"] & numbers["test"]
     assert not numbers["validation"] & numbers["test"]
@@ -71,9 +78,9 @@ def test_number_words_splits_are_disjoint_with_configured_sizes(data_dir):
 
 def test_number_words_test_split_does_not_move_when_train_grows():
     small = nwd.number_words_config("de", max_number=999, train_size=10,
-                                    validation_size=5, test_size=20)
+                                    validation_size=5, test_size=20, train_all_below=10)
     large = nwd.number_words_config("de", max_number=999, train_size=900,
-                                    validation_size=5, test_size=20)
+                                    validation_size=5, test_size=20, train_all_below=10)
     np.testing.assert_array_equal(small.split_numbers()["test"],
                                   large.split_numbers()["test"])
     assert small.name != large.name
@@ -98,7 +105,7 @@ def test_number_words_pairs_direction(data_dir):
 
 def test_number_words_korean_config(tmp_path):
     config = nwd.number_words_config("ko", max_number=99_999, train_size=20,
-                                     validation_size=5, test_size=5)
+                                     validation_size=5, test_size=5, train_all_below=0)
     pairs = open_text_pairs("number_words", "validation", data_dir=str(tmp_path),
                             number_words_config=config)
     assert len(pairs) == 5
@@ -115,6 +122,8 @@ def test_number_words_config_errors():
         nwd.number_words_config("fr")
     with pytest.raises(ValueError, match="test_size must be >= 1"):
         nwd.number_words_config(test_size=0)
+    with pytest.raises(ValueError, match="train_all_below=1000 puts more numbers"):
+        nwd.number_words_config(max_number=9999, train_size=500)
 
 
 # ------------------------------------------------------------------------- TSV
@@ -345,6 +354,15 @@ def test_train_process_shards_are_disjoint_and_cover_the_data():
     assert len(seen[0]) == len(seen[1]) == 20
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == {s for s, _ in PAIRS}
+
+
+def test_longest_pair_fits_every_pair_with_eos():
+    pairs = [("ab", "xyz"), ("abcdef", "x"), ("a", "xy")]
+    assert text_pipeline.longest_pair(pairs, CharTokenizer()) == (7, 4)
+    sampled = text_pipeline.longest_pair(pairs * 10, CharTokenizer(), max_pairs=5)
+    assert sampled[0] <= 7 and sampled[1] <= 4
+    with pytest.raises(ValueError, match="empty corpus"):
+        text_pipeline.longest_pair([], CharTokenizer())
 
 
 def test_batch_size_must_divide_over_processes():

@@ -41,10 +41,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.target_language = config_dict.placeholder(str)
     config.data_in_memory = True  # read dataset splits into RAM (fast; off for huge corpora)
     # number_words only: which numbers, how many per split (each choice is its own
-    # TFDS config, generated on first use under data_dir).
+    # TFDS config, generated on first use under data_dir); numbers below
+    # train_all_below are all in train, small_number_repeats times each.
     config.number_words = ml_collections.ConfigDict(dict(
         max_number=999_999, train_size=50_000, validation_size=1_000, test_size=2_000,
-        split_seed=0))
+        split_seed=0, train_all_below=1_000, small_number_repeats=5))
 
     # Tokenizer: one SentencePiece vocabulary for both languages, cached in the workdir.
     config.vocab_size = 1000  # an upper bound: a small corpus gets what it supports

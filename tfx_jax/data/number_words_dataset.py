@@ -9,12 +9,17 @@ fuses the number into one compound word, so output tokens depend on input
 words that are far apart and in another order. The ``en_ko`` config instead
 regroups digits by ten thousand (Sino-Korean 만).
 
-The numbers ``0..max_number`` are put in a fixed random order (a permutation
-seeded by ``split_seed``); the first ``test_size`` go to ``test``, the next
-``validation_size`` to ``validation`` and the next ``train_size`` to ``train``.
-The splits are therefore disjoint: a model is scored on numbers it never saw.
-Because test comes first, growing ``train_size`` never moves a number out of
-the test split.
+The numbers below ``train_all_below`` (1,000) are all in ``train``, each
+``small_number_repeats`` (5) times: they are the words every larger number is
+built from, a learner's lexicon, and hold the irregular forms ("eins",
+"sechzehn", "siebzig", "null"); in a uniform draw from 0..999,999 short
+inputs such as "twenty one" would be 0.1% of the data and a model would fail
+on them. The other numbers up to ``max_number`` are put in a fixed random
+order (a permutation seeded by ``split_seed``); the first ``test_size`` go to
+``test``, the next ``validation_size`` to ``validation`` and the next ones
+fill ``train`` up to ``train_size`` distinct numbers. The splits are therefore
+disjoint: a model is scored on numbers it never saw. Because test comes first,
+growing ``train_size`` never moves a number out of the test split.
 
 The data are generated locally (nothing is downloaded) and written as
 ArrayRecord files, which ``tfds.data_source`` and Grain read with random
@@ -45,6 +50,8 @@ class NumberWordsConfig(tfds.core.BuilderConfig):
     validation_size: int = 1_000
     test_size: int = 2_000
     split_seed: int = 0
+    train_all_below: int = 1_000
+    small_number_repeats: int = 5
 
     def __post_init__(self):
         if self.target_language not in number_words.LANGUAGES or (
@@ -66,17 +73,33 @@ class NumberWordsConfig(tfds.core.BuilderConfig):
             raise ValueError(
                 f"train_size + validation_size + test_size = {sum(sizes.values())} "
                 f"exceeds the {self.max_number + 1} numbers in 0..{self.max_number}")
+        if self.train_all_below < 0 or (
+                min(self.train_all_below, self.max_number + 1) > self.train_size):
+            raise ValueError(
+                f"train_all_below={self.train_all_below} puts more numbers in train than "
+                f"train_size={self.train_size}; lower it (0: none)")
+        if self.small_number_repeats < 1:
+            raise ValueError(f"small_number_repeats must be >= 1, got "
+                             f"{self.small_number_repeats}")
 
     def split_numbers(self) -> dict[str, np.ndarray]:
-        """The numbers of each split, disjoint, from a seeded permutation."""
+        """The numbers of each split, disjoint, from a seeded permutation.
+
+        Train lists each number below ``train_all_below`` ``small_number_repeats``
+        times, so it has ``train_size`` distinct numbers and more examples.
+        """
         order = np.random.default_rng(self.split_seed).permutation(
             self.max_number + 1)
+        lexicon = order[order < self.train_all_below]
+        order = order[order >= self.train_all_below]
         test_end = self.test_size
         validation_end = test_end + self.validation_size
+        train_end = validation_end + self.train_size - len(lexicon)
         return {
             "test": order[:test_end],
             "validation": order[test_end:validation_end],
-            "train": order[validation_end:validation_end + self.train_size],
+            "train": np.concatenate([np.repeat(lexicon, self.small_number_repeats),
+                                     order[validation_end:train_end]]),
         }
 
 
@@ -91,19 +114,23 @@ def number_words_config(
     validation_size: int = _DEFAULTS.validation_size,
     test_size: int = _DEFAULTS.test_size,
     split_seed: int = _DEFAULTS.split_seed,
+    train_all_below: int = _DEFAULTS.train_all_below,
+    small_number_repeats: int = _DEFAULTS.small_number_repeats,
 ) -> NumberWordsConfig:
     """A config named after its values, so different sizes never share files.
 
     With all defaults the name is ``"en_de"`` / ``"en_ko"`` (the registered
-    configs); otherwise e.g. ``"en_de-max9999-train500-validation50-test50-seed0"``.
+    configs); otherwise e.g. ``"en_de-max9999-train500-validation50-test50-seed0-below100x5"``.
     """
     name = f"{SOURCE_LANGUAGE}_{target_language}"
     values = dict(max_number=max_number, train_size=train_size,
                   validation_size=validation_size, test_size=test_size,
-                  split_seed=split_seed)
+                  split_seed=split_seed, train_all_below=train_all_below,
+                  small_number_repeats=small_number_repeats)
     if any(getattr(_DEFAULTS, k) != v for k, v in values.items()):
         name += (f"-max{max_number}-train{train_size}-validation{validation_size}"
-                 f"-test{test_size}-seed{split_seed}")
+                 f"-test{test_size}-seed{split_seed}-below{train_all_below}"
+                 f"x{small_number_repeats}")
     return NumberWordsConfig(name=name, target_language=target_language,
                              description=f"English -> {target_language} number "
                              f"words, 0..{max_number}", **values)
@@ -112,8 +139,10 @@ def number_words_config(
 class NumberWords(tfds.core.GeneratorBasedBuilder):
     """English number words paired with German (``en_de``) or Korean (``en_ko``)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "All numbers below train_all_below (1,000) are in train, "
+                              "small_number_repeats (5) times each."}
     BUILDER_CONFIGS = [number_words_config("de"), number_words_config("ko")]
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -136,9 +165,9 @@ class NumberWords(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, numbers):
         target = self.builder_config.target_language
-        for n in numbers:
+        for key, n in enumerate(numbers):  # a small number can occur several times
             n = int(n)
-            yield n, {
+            yield key, {
                 "number": n,
                 SOURCE_LANGUAGE: number_words.number_words(n, SOURCE_LANGUAGE),
                 target: number_words.number_words(n, target),
