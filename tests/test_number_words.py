@@ -46,11 +46,11 @@ KNOWN = [
 
 @pytest.mark.parametrize("n,english,german,korean", KNOWN)
 def test_known_spellings(n, english, german, korean):
-  assert nw.english_number_words(n) == english
-  assert nw.german_number_words(n) == german
-  assert nw.korean_number_words(n) == korean
-  assert [nw.number_words(n, lang) for lang in ("en", "de", "ko")] == [
-      english, german, korean]
+    assert nw.english_number_words(n) == english
+    assert nw.german_number_words(n) == german
+    assert nw.korean_number_words(n) == korean
+    assert [nw.number_words(n, lang) for lang in ("en", "de", "ko")] == [
+        english, german, korean]
 
 
 @pytest.mark.parametrize("n,german", [
@@ -58,30 +58,30 @@ def test_known_spellings(n, english, german, korean):
     (1100, "tausendhundert"), (1001, "tausendeins"), (2100, "zweitausendhundert"),
     (101000, "hunderteintausend"), (201, "zweihunderteins")])
 def test_german_without_explicit_one(n, german):
-  assert nw.german_number_words(n, explicit_one=False) == german
+    assert nw.german_number_words(n, explicit_one=False) == german
 
 
 def test_spellings_are_unique_over_a_range():
-  # A transduction task needs a one-to-one mapping; check a dense sample.
-  numbers = list(range(0, 3000)) + list(range(0, nw.MAX_NUMBER + 1, 997))
-  for spell in (nw.english_number_words, nw.german_number_words,
-                nw.korean_number_words):
-    spelled = {spell(n) for n in set(numbers)}
-    assert len(spelled) == len(set(numbers))
+    # A transduction task needs a one-to-one mapping; check a dense sample.
+    numbers = list(range(0, 3000)) + list(range(0, nw.MAX_NUMBER + 1, 997))
+    for spell in (nw.english_number_words, nw.german_number_words,
+                  nw.korean_number_words):
+        spelled = {spell(n) for n in set(numbers)}
+        assert len(spelled) == len(set(numbers))
 
 
 @pytest.mark.parametrize("bad", [-1, nw.MAX_NUMBER + 1])
 def test_out_of_range_is_value_error(bad):
-  with pytest.raises(ValueError, match="0..999999"):
-    nw.english_number_words(bad)
+    with pytest.raises(ValueError, match="0..999999"):
+        nw.english_number_words(bad)
 
 
 @pytest.mark.parametrize("bad", [1.5, "12", True])
 def test_non_int_is_type_error(bad):
-  with pytest.raises(TypeError, match="must be an int"):
-    nw.german_number_words(bad)
+    with pytest.raises(TypeError, match="must be an int"):
+        nw.german_number_words(bad)
 
 
 def test_unknown_language():
-  with pytest.raises(ValueError, match="language must be one of"):
-    nw.number_words(3, "fr")
+    with pytest.raises(ValueError, match="language must be one of"):
+        nw.number_words(3, "fr")

@@ -9,7 +9,14 @@
 * Evaluation: one pass in source order, padded with zero examples to a multiple
   of the global batch so every process runs the same number of steps; a bool
   ``"valid"`` [b] marks real examples (training batches carry it too, all True,
-  so one masked loss serves both).
+  so one masked loss serves both). Global batch ``k`` holds source examples
+  ``k*B .. k*B+B-1``, process ``p`` those at offsets ``p, p+n, ...`` within it;
+  :func:`evaluation_order` lists the source positions of the valid rows of all
+  global batches in order (source order itself when ``n = 1``).
+* A training transform may leave an example out by returning None when the
+  pipeline is built with ``drop_nones=True``; the batch is then filled from
+  the following examples of the stream (the step-k slice property no longer
+  holds exactly, since each process skips its own examples).
 
 Both return a Grain ``DatasetIterator``: ``get_state()`` / ``set_state(state)``
 restore it so that the next batches are exactly those an uninterrupted run sees.
@@ -48,8 +55,18 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
+# Grain raises if every element of a window of 1000 is left out, instead of
+# looping forever on a dataset whose examples are all dropped.
+_RAISE_IF_ALL_DROPPED = grain.experimental.DatasetOptions(filter_raise_threshold_ratio=1.0)
+
+
 def _training_example(example, rng, *, transform):
-    return {**transform(example, rng), "valid": np.bool_(True)}
+    example = transform(example, rng)
+    return None if example is None else {**example, "valid": np.bool_(True)}
+
+
+def _is_kept(example) -> bool:
+    return example is not None
 
 
 def training_batches(
@@ -61,6 +78,7 @@ def training_batches(
     process_index: int | None = None,
     process_count: int | None = None,
     read_options: grain.ReadOptions | None = None,
+    drop_nones: bool = False,
 ) -> grain.DatasetIterator:
     """Infinite, shuffled, per-process training batches (see module docstring).
 
@@ -72,6 +90,7 @@ def training_batches(
         randomness from ``rng``.
       process_index, process_count: default to JAX's; pass them to simulate hosts.
       read_options: Grain threading/prefetch options (Grain's default if None).
+      drop_nones: ``transform`` may return None to leave an example out.
     """
     index, count = process_shard(process_index, process_count)
     batch_size = local_batch_size(global_batch_size, count)
@@ -84,8 +103,13 @@ def training_batches(
         .repeat()
         .random_map(functools.partial(_training_example, transform=transform))
     )
-    dataset = dataset[index::count].batch(batch_size, drop_remainder=True)
-    return iter(dataset.to_iter_dataset(read_options))
+    dataset = dataset[index::count]
+    if not drop_nones:
+        return iter(dataset.batch(batch_size, drop_remainder=True).to_iter_dataset(read_options))
+    dataset = (dataset.to_iter_dataset(read_options, allow_nones=True)
+               .filter(_is_kept)
+               .batch(batch_size, drop_remainder=True))
+    return iter(grain.experimental.WithOptionsIterDataset(dataset, _RAISE_IF_ALL_DROPPED))
 
 
 def _evaluation_example(position, *, source, transform, padding):
@@ -109,6 +133,25 @@ def evaluation_batches(
     all processes the ``valid`` examples are each source example exactly once.
     Padding examples are zeros shaped like ``transform(source[0])``.
     """
+    dataset = evaluation_dataset(source, global_batch_size=global_batch_size,
+                                 transform=transform, process_index=process_index,
+                                 process_count=process_count)
+    return iter(dataset.to_iter_dataset(read_options))
+
+
+def evaluation_dataset(
+    source,
+    *,
+    global_batch_size: int,
+    transform: Callable[[Any], Example],
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.MapDataset:
+    """The batches of :func:`evaluation_batches` as a ``grain.MapDataset``.
+
+    Re-iterable: each ``iter()`` is a fresh pass, so one object serves every
+    evaluation of a run.
+    """
     index, count = process_shard(process_index, process_count)
     batch_size = local_batch_size(global_batch_size, count)
     num_examples = len(source)
@@ -120,5 +163,22 @@ def evaluation_batches(
     dataset = grain.MapDataset.range(num_padded).map(
         functools.partial(_evaluation_example, source=source, transform=transform, padding=padding)
     )
-    dataset = dataset[index::count].batch(batch_size)
-    return iter(dataset.to_iter_dataset(read_options))
+    return dataset[index::count].batch(batch_size)
+
+
+def evaluation_order(num_examples: int, global_batch_size: int,
+                     process_count: int | None = None) -> np.ndarray:
+    """Source positions of the valid evaluation rows in global order.
+
+    The global order is that of the assembled global batches: batch by batch,
+    process-local rows concatenated in process order. Its ``i``-th valid row
+    is source example ``evaluation_order(...)[i]``.
+    """
+    _, count = process_shard(0, process_count)
+    batch_size = local_batch_size(global_batch_size, count)
+    num_padded = -(-num_examples // global_batch_size) * global_batch_size
+    row = np.arange(num_padded)
+    batch, within = np.divmod(row, global_batch_size)
+    process, local_row = np.divmod(within, batch_size)
+    position = batch * global_batch_size + process + local_row * count
+    return position[position < num_examples]

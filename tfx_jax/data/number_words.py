@@ -57,121 +57,121 @@ _KOREAN_PLACES = ((1000, "천"), (100, "백"), (10, "십"))
 
 
 def _check_number(n) -> int:
-  if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-    raise TypeError(f"number must be an int, got {type(n).__name__}: {n!r}")
-  n = int(n)
-  if not 0 <= n <= MAX_NUMBER:
-    raise ValueError(f"number must be in 0..{MAX_NUMBER}, got {n}")
-  return n
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"number must be an int, got {type(n).__name__}: {n!r}")
+    n = int(n)
+    if not 0 <= n <= MAX_NUMBER:
+        raise ValueError(f"number must be in 0..{MAX_NUMBER}, got {n}")
+    return n
 
 
 def _english_below_1000(n: int) -> list[str]:
-  words = []
-  hundreds, rest = divmod(n, 100)
-  if hundreds:
-    words += [_ENGLISH_BELOW_20[hundreds], "hundred"]
-  if rest >= 20:
-    tens, units = divmod(rest, 10)
-    words.append(_ENGLISH_TENS[tens])
-    if units:
-      words.append(_ENGLISH_BELOW_20[units])
-  elif rest:
-    words.append(_ENGLISH_BELOW_20[rest])
-  return words
+    words = []
+    hundreds, rest = divmod(n, 100)
+    if hundreds:
+        words += [_ENGLISH_BELOW_20[hundreds], "hundred"]
+    if rest >= 20:
+        tens, units = divmod(rest, 10)
+        words.append(_ENGLISH_TENS[tens])
+        if units:
+            words.append(_ENGLISH_BELOW_20[units])
+    elif rest:
+        words.append(_ENGLISH_BELOW_20[rest])
+    return words
 
 
 def english_number_words(n: int) -> str:
-  """American English words for ``n``: ``345 -> "three hundred forty five"``."""
-  n = _check_number(n)
-  if n == 0:
-    return "zero"
-  thousands, rest = divmod(n, 1000)
-  words = []
-  if thousands:
-    words += _english_below_1000(thousands) + ["thousand"]
-  words += _english_below_1000(rest)
-  return " ".join(words)
+    """American English words for ``n``: ``345 -> "three hundred forty five"``."""
+    n = _check_number(n)
+    if n == 0:
+        return "zero"
+    thousands, rest = divmod(n, 1000)
+    words = []
+    if thousands:
+        words += _english_below_1000(thousands) + ["thousand"]
+    words += _english_below_1000(rest)
+    return " ".join(words)
 
 
 def _german_below_100(n: int) -> str:
-  """Compound form of 1..99, with "ein" (not "eins") for a trailing one."""
-  if n < 10:
-    return _GERMAN_UNITS[n]
-  if n < 20:
-    return _GERMAN_10_TO_19[n - 10]
-  tens, units = divmod(n, 10)
-  if units == 0:
-    return _GERMAN_TENS[tens]
-  return _GERMAN_UNITS[units] + "und" + _GERMAN_TENS[tens]
+    """Compound form of 1..99, with "ein" (not "eins") for a trailing one."""
+    if n < 10:
+        return _GERMAN_UNITS[n]
+    if n < 20:
+        return _GERMAN_10_TO_19[n - 10]
+    tens, units = divmod(n, 10)
+    if units == 0:
+        return _GERMAN_TENS[tens]
+    return _GERMAN_UNITS[units] + "und" + _GERMAN_TENS[tens]
 
 
 def _german_below_1000(n: int, explicit_one: bool) -> str:
-  hundreds, rest = divmod(n, 100)
-  word = ""
-  if hundreds:
-    word = ("" if hundreds == 1 and not explicit_one
-            else _GERMAN_UNITS[hundreds]) + "hundert"
-  if rest:
-    word += _german_below_100(rest)
-  return word
+    hundreds, rest = divmod(n, 100)
+    word = ""
+    if hundreds:
+        word = ("" if hundreds == 1 and not explicit_one
+                else _GERMAN_UNITS[hundreds]) + "hundert"
+    if rest:
+        word += _german_below_100(rest)
+    return word
 
 
 def german_number_words(n: int, *, explicit_one: bool = True) -> str:
-  """German words for ``n``: ``345 -> "dreihundertfünfundvierzig"``.
+    """German words for ``n``: ``345 -> "dreihundertfünfundvierzig"``.
 
-  Args:
-    n: integer in ``0..MAX_NUMBER``.
-    explicit_one: write ``"einhundert"``/``"eintausend"`` (True) or
-      ``"hundert"``/``"tausend"`` (False) for a leading one hundred/thousand.
-  """
-  n = _check_number(n)
-  if n == 0:
-    return "null"
-  thousands, rest = divmod(n, 1000)
-  word = ""
-  if thousands:
-    word = ("" if thousands == 1 and not explicit_one
-            else _german_below_1000(thousands, explicit_one)) + "tausend"
-  if rest:
-    word += _german_below_1000(rest, explicit_one)
-  # A one that ends the number is "eins" ("hunderteins"), but not when it is
-  # part of "einundzwanzig"-like words, which never end in "ein".
-  if word.endswith("ein"):
-    word += "s"
-  return word
+    Args:
+      n: integer in ``0..MAX_NUMBER``.
+      explicit_one: write ``"einhundert"``/``"eintausend"`` (True) or
+        ``"hundert"``/``"tausend"`` (False) for a leading one hundred/thousand.
+    """
+    n = _check_number(n)
+    if n == 0:
+        return "null"
+    thousands, rest = divmod(n, 1000)
+    word = ""
+    if thousands:
+        word = ("" if thousands == 1 and not explicit_one
+                else _german_below_1000(thousands, explicit_one)) + "tausend"
+    if rest:
+        word += _german_below_1000(rest, explicit_one)
+    # A one that ends the number is "eins" ("hunderteins"), but not when it is
+    # part of "einundzwanzig"-like words, which never end in "ein".
+    if word.endswith("ein"):
+        word += "s"
+    return word
 
 
 def _korean_below_10000(n: int) -> str:
-  word = ""
-  for value, place in _KOREAN_PLACES:
-    digit, n = divmod(n, value)
-    if digit:
-      word += ("" if digit == 1 else _KOREAN_DIGITS[digit]) + place
-  if n:
-    word += _KOREAN_DIGITS[n]
-  return word
+    word = ""
+    for value, place in _KOREAN_PLACES:
+        digit, n = divmod(n, value)
+        if digit:
+            word += ("" if digit == 1 else _KOREAN_DIGITS[digit]) + place
+    if n:
+        word += _KOREAN_DIGITS[n]
+    return word
 
 
 def korean_number_words(n: int) -> str:
-  """Sino-Korean words for ``n``: ``23400 -> "이만 삼천사백"``."""
-  n = _check_number(n)
-  if n == 0:
-    return "영"
-  myriads, rest = divmod(n, 10_000)
-  groups = []
-  if myriads:
-    groups.append(("" if myriads == 1 else _korean_below_10000(myriads)) + "만")
-  if rest:
-    groups.append(_korean_below_10000(rest))
-  return " ".join(groups)
+    """Sino-Korean words for ``n``: ``23400 -> "이만 삼천사백"``."""
+    n = _check_number(n)
+    if n == 0:
+        return "영"
+    myriads, rest = divmod(n, 10_000)
+    groups = []
+    if myriads:
+        groups.append(("" if myriads == 1 else _korean_below_10000(myriads)) + "만")
+    if rest:
+        groups.append(_korean_below_10000(rest))
+    return " ".join(groups)
 
 
 def number_words(n: int, language: str) -> str:
-  """Spells ``n`` in ``language`` (one of ``LANGUAGES``: "en", "de", "ko")."""
-  if language == "en":
-    return english_number_words(n)
-  if language == "de":
-    return german_number_words(n)
-  if language == "ko":
-    return korean_number_words(n)
-  raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}")
+    """Spells ``n`` in ``language`` (one of ``LANGUAGES``: "en", "de", "ko")."""
+    if language == "en":
+        return english_number_words(n)
+    if language == "de":
+        return german_number_words(n)
+    if language == "ko":
+        return korean_number_words(n)
+    raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}")

@@ -37,43 +37,43 @@ def open_text_pairs(
     number_words_config: NumberWordsConfig | None = None,
     in_memory: bool = False,
 ) -> TextPairs:
-  """Returns the ``(source_text, target_text)`` pairs that ``spec`` names.
+    """Returns the ``(source_text, target_text)`` pairs that ``spec`` names.
 
-  Args:
-    spec: ``"number_words[/en_de|/en_ko]"``, ``"path/to/file.tsv"`` or a TFDS
-      name like ``"wmt14_translate/de-en"``.
-    split: ``"train"``, ``"validation"``, ``"test"`` or a TFDS split expression;
-      ignored for a TSV file.
-    data_dir: TFDS data directory (number_words is generated there).
-    source_language / target_language: translation direction for datasets
-      keyed by language (number_words, TFDS); default: the dataset's
-      supervised keys (English -> German for number_words).
-    number_words_config: sizes and range for number_words (see
-      ``number_words_config()``); overrides the config named in ``spec``.
-    in_memory: read the whole split into a list now (TFDS-backed sources).
-      Worth it for corpora that fit in RAM, such as number_words: reading
-      ArrayRecord one example at a time costs far more than tokenizing it.
+    Args:
+      spec: ``"number_words[/en_de|/en_ko]"``, ``"path/to/file.tsv"`` or a TFDS
+        name like ``"wmt14_translate/de-en"``.
+      split: ``"train"``, ``"validation"``, ``"test"`` or a TFDS split expression;
+        ignored for a TSV file.
+      data_dir: TFDS data directory (number_words is generated there).
+      source_language / target_language: translation direction for datasets
+        keyed by language (number_words, TFDS); default: the dataset's
+        supervised keys (English -> German for number_words).
+      number_words_config: sizes and range for number_words (see
+        ``number_words_config()``); overrides the config named in ``spec``.
+      in_memory: read the whole split into a list now (TFDS-backed sources).
+        Worth it for corpora that fit in RAM, such as number_words: reading
+        ArrayRecord one example at a time costs far more than tokenizing it.
 
-  Raises:
-    TypeError / ValueError: ``spec`` is not a non-empty string or names no
-      dataset; FileNotFoundError: a missing TSV file or unprepared TFDS data.
-  """
-  if not isinstance(spec, str) or not spec.strip():
-    raise ValueError(f"data spec must be a non-empty string ('number_words', a "
-                     f".tsv path or a TFDS name), got {spec!r}")
-  if spec.endswith(".tsv"):
-    if source_language or target_language:
-      raise ValueError(f"{spec}: a TSV file has a fixed direction (source<TAB>"
-                       "target); source_language/target_language do not apply")
-    return TsvPairs(spec)
-  name, _, config_name = spec.partition("/")
-  if name == NUMBER_WORDS:
-    config = number_words_config or config_name or "en_de"
-    pairs = number_words_pairs(split, data_dir=data_dir, config=config,
-                               source_language=source_language,
-                               target_language=target_language)
-  else:
-    pairs = tfds_translation_pairs(spec, split, data_dir=data_dir,
+    Raises:
+      TypeError / ValueError: ``spec`` is not a non-empty string or names no
+        dataset; FileNotFoundError: a missing TSV file or unprepared TFDS data.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"data spec must be a non-empty string ('number_words', a "
+                         f".tsv path or a TFDS name), got {spec!r}")
+    if spec.endswith(".tsv"):
+        if source_language or target_language:
+            raise ValueError(f"{spec}: a TSV file has a fixed direction (source<TAB>"
+                             "target); source_language/target_language do not apply")
+        return TsvPairs(spec)
+    name, _, config_name = spec.partition("/")
+    if name == NUMBER_WORDS:
+        config = number_words_config or config_name or "en_de"
+        pairs = number_words_pairs(split, data_dir=data_dir, config=config,
                                    source_language=source_language,
                                    target_language=target_language)
-  return pairs.to_list() if in_memory else pairs
+    else:
+        pairs = tfds_translation_pairs(spec, split, data_dir=data_dir,
+                                       source_language=source_language,
+                                       target_language=target_language)
+    return pairs.to_list() if in_memory else pairs

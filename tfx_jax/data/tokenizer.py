@@ -32,42 +32,42 @@ UNK_ID = 3
 
 
 class SentencePieceTokenizer:
-  """Text <-> token ids with a trained SentencePiece model file."""
+    """Text <-> token ids with a trained SentencePiece model file."""
 
-  def __init__(self, model_path: str | os.PathLike):
-    self.model_path = os.fspath(model_path)
-    if not os.path.isfile(self.model_path):
-      raise FileNotFoundError(f"SentencePiece model not found: {self.model_path}")
-    try:
-      self._processor = spm.SentencePieceProcessor(model_file=self.model_path)
-    except RuntimeError as e:  # sentencepiece's only error type for unreadable models
-      raise ValueError(f"{self.model_path}: not a SentencePiece model file ({e}); delete "
-                       f"it to train a new one, or point to the .model file that "
-                       f"train_sentencepiece wrote") from e
-    reserved = (self._processor.pad_id(), self._processor.eos_id(),
-                self._processor.bos_id(), self._processor.unk_id())
-    if reserved != (PAD_ID, EOS_ID, BOS_ID, UNK_ID):
-      raise ValueError(f"{self.model_path}: reserved ids (pad, eos, bos, unk) "
-                       f"are {reserved}, expected {(PAD_ID, EOS_ID, BOS_ID, UNK_ID)}")
+    def __init__(self, model_path: str | os.PathLike):
+        self.model_path = os.fspath(model_path)
+        if not os.path.isfile(self.model_path):
+            raise FileNotFoundError(f"SentencePiece model not found: {self.model_path}")
+        try:
+            self._processor = spm.SentencePieceProcessor(model_file=self.model_path)
+        except RuntimeError as e:  # sentencepiece's only error type for unreadable models
+            raise ValueError(f"{self.model_path}: not a SentencePiece model file ({e}); delete "
+                             f"it to train a new one, or point to the .model file that "
+                             f"train_sentencepiece wrote") from e
+        reserved = (self._processor.pad_id(), self._processor.eos_id(),
+                    self._processor.bos_id(), self._processor.unk_id())
+        if reserved != (PAD_ID, EOS_ID, BOS_ID, UNK_ID):
+            raise ValueError(f"{self.model_path}: reserved ids (pad, eos, bos, unk) "
+                             f"are {reserved}, expected {(PAD_ID, EOS_ID, BOS_ID, UNK_ID)}")
 
-  @property
-  def vocab_size(self) -> int:
-    """Number of ids, reserved ones included (embedding table size)."""
-    return self._processor.get_piece_size()
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, reserved ones included (embedding table size)."""
+        return self._processor.get_piece_size()
 
-  def encode(self, text: str) -> list[int]:
-    """Token ids of ``text``, without EOS (the input pipeline appends it)."""
-    return self._processor.encode(text)
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without EOS (the input pipeline appends it)."""
+        return self._processor.encode(text)
 
-  def decode(self, ids: Iterable[int]) -> str:
-    """Text of ``ids`` up to the first EOS; padding and BOS are dropped."""
-    kept = []
-    for token in np.asarray(ids, dtype=np.int64).reshape(-1).tolist():
-      if token == EOS_ID:
-        break
-      if token not in (PAD_ID, BOS_ID):
-        kept.append(token)
-    return self._processor.decode(kept)
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids`` up to the first EOS; padding and BOS are dropped."""
+        kept = []
+        for token in np.asarray(ids, dtype=np.int64).reshape(-1).tolist():
+            if token == EOS_ID:
+                break
+            if token not in (PAD_ID, BOS_ID):
+                kept.append(token)
+        return self._processor.decode(kept)
 
 
 def train_sentencepiece(
@@ -77,55 +77,60 @@ def train_sentencepiece(
     vocab_size: int,
     model_type: str = "bpe",
     character_coverage: float = 1.0,
+    split_digits: bool = False,
 ) -> SentencePieceTokenizer:
-  """Trains a model on ``texts`` and writes it to ``model_path`` atomically.
+    """Trains a model on ``texts`` and writes it to ``model_path`` atomically.
 
-  ``vocab_size`` is an upper bound (``hard_vocab_limit=False``): a tiny corpus
-  gets the vocabulary it can support instead of an error.
-  """
-  if vocab_size < 5:
-    raise ValueError(f"vocab_size must be >= 5 (4 reserved ids), got {vocab_size}")
-  model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(texts),
-      model_writer=model,
-      vocab_size=vocab_size,
-      hard_vocab_limit=False,
-      model_type=model_type,
-      character_coverage=character_coverage,
-      pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
-      num_threads=os.cpu_count() or 1,
-      minloglevel=2,
-  )
-  model_path = os.fspath(model_path)
-  directory = os.path.dirname(model_path) or "."
-  os.makedirs(directory, exist_ok=True)
-  # Write then rename, so a reader never sees a half-written model.
-  with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp",
-                                   delete=False) as f:
-    f.write(model.getvalue())
-  os.replace(f.name, model_path)
-  return SentencePieceTokenizer(model_path)
+    ``vocab_size`` is an upper bound (``hard_vocab_limit=False``): a tiny corpus
+    gets the vocabulary it can support instead of an error. ``split_digits``
+    makes every digit its own piece (as PaLM and LLaMA do), so numbers are
+    spelled digit by digit instead of as whole memorised tokens like ``2024``.
+    """
+    if vocab_size < 5:
+        raise ValueError(f"vocab_size must be >= 5 (4 reserved ids), got {vocab_size}")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        split_digits=split_digits,
+        pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
+    model_path = os.fspath(model_path)
+    directory = os.path.dirname(model_path) or "."
+    os.makedirs(directory, exist_ok=True)
+    # Write then rename, so a reader never sees a half-written model.
+    with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp",
+                                     delete=False) as f:
+        f.write(model.getvalue())
+    os.replace(f.name, model_path)
+    return SentencePieceTokenizer(model_path)
 
 
 def _training_texts(pairs: Sequence[tuple[str, str]], max_pairs: int,
                     seed: int) -> Iterator[str]:
-  """Source and target of every pair, or of ``max_pairs`` sampled pairs."""
-  indices = np.arange(len(pairs))
-  if len(pairs) > max_pairs:
-    indices = np.sort(np.random.default_rng(seed).choice(
-        len(pairs), size=max_pairs, replace=False))
-  for i in indices:
-    source, target = pairs[int(i)]
-    yield source
-    yield target
+    """Source and target of every pair, or of ``max_pairs`` sampled pairs."""
+    indices = np.arange(len(pairs))
+    if len(pairs) > max_pairs:
+        indices = np.sort(np.random.default_rng(seed).choice(
+            len(pairs), size=max_pairs, replace=False))
+    for i in indices:
+        source, target = pairs[int(i)]
+        yield source
+        yield target
 
 
 def tokenizer_path(model_dir: str | os.PathLike, vocab_size: int,
-                   model_type: str = "bpe") -> str:
-  """Where :func:`load_or_train_tokenizer` caches its model."""
-  return os.path.join(os.fspath(model_dir),
-                      f"sentencepiece_{model_type}_{vocab_size}.model")
+                   model_type: str = "bpe", split_digits: bool = False) -> str:
+    """Where :func:`load_or_train_tokenizer` caches its model."""
+    digits = "_split_digits" if split_digits else ""
+    return os.path.join(os.fspath(model_dir),
+                        f"sentencepiece_{model_type}_{vocab_size}{digits}.model")
 
 
 def load_or_train_tokenizer(
@@ -134,25 +139,27 @@ def load_or_train_tokenizer(
     *,
     vocab_size: int = 1000,
     model_type: str = "bpe",
+    split_digits: bool = False,
     max_training_pairs: int = 1_000_000,
     seed: int = 0,
 ) -> SentencePieceTokenizer:
-  """Loads the cached shared vocabulary from ``model_dir`` or trains it.
+    """Loads the cached shared vocabulary from ``model_dir`` or trains it.
 
-  Args:
-    pairs: training ``(source_text, target_text)`` pairs; both sides feed one
-      vocabulary. Not read when the model file already exists.
-    model_dir: cache directory, usually the workdir; the file is
-      ``tokenizer_path(model_dir, vocab_size, model_type)``.
-    vocab_size: requested size, an upper bound for tiny corpora.
-    model_type: ``"bpe"`` (the paper) or ``"unigram"``.
-    max_training_pairs: train on a seeded random sample of at most this many
-      pairs (large corpora such as WMT need not be read in full).
-    seed: seed of that sample.
-  """
-  path = tokenizer_path(model_dir, vocab_size, model_type)
-  if os.path.exists(path):
-    return SentencePieceTokenizer(path)
-  texts = _training_texts(pairs, max_training_pairs, seed)
-  return train_sentencepiece(texts, path, vocab_size=vocab_size,
-                             model_type=model_type)
+    Args:
+      pairs: training ``(source_text, target_text)`` pairs; both sides feed one
+        vocabulary. Not read when the model file already exists.
+      model_dir: cache directory, usually the workdir; the file is
+        ``tokenizer_path(model_dir, vocab_size, model_type, split_digits)``.
+      vocab_size: requested size, an upper bound for tiny corpora.
+      model_type: ``"bpe"`` (the paper) or ``"unigram"``.
+      split_digits: one piece per digit (see :func:`train_sentencepiece`).
+      max_training_pairs: train on a seeded random sample of at most this many
+        pairs (large corpora such as WMT need not be read in full).
+      seed: seed of that sample.
+    """
+    path = tokenizer_path(model_dir, vocab_size, model_type, split_digits)
+    if os.path.exists(path):
+        return SentencePieceTokenizer(path)
+    texts = _training_texts(pairs, max_training_pairs, seed)
+    return train_sentencepiece(texts, path, vocab_size=vocab_size,
+                               model_type=model_type, split_digits=split_digits)
