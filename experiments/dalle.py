@@ -65,7 +65,8 @@ def evaluation_data(config) -> dict:
     return dict(train_images=train_images, test_images=test_images, test_labels=test_labels)
 
 
-def train(config, workdir: str) -> tr.TrainResult:
+def train(config, workdir: str, mesh=None) -> tr.TrainResult:
+    """Trains into ``workdir``; ``mesh`` defaults to every device of every host."""
     data = dict(data_dir=config.data_dir)
     train_data = load_image_dataset(config.dataset, config.train_split, **data)
     eval_data = load_image_dataset(config.dataset, config.eval_split, **data)
@@ -87,7 +88,7 @@ def train(config, workdir: str) -> tr.TrainResult:
     print(f"{config.dataset}: {len(train_data)} train images as {layout.image_length} "
           f"{config.image_tokenizer} tokens ({layout.image_vocab_size} codes); sequences of "
           f"{layout.sequence_length} tokens, vocabulary {layout.vocab_size}", file=sys.stderr)
-    return tr.train(config, workdir, task, train_iter, eval_batches=eval_batches)
+    return tr.train(config, workdir, task, train_iter, eval_batches=eval_batches, mesh=mesh)
 
 
 def generate(config, workdir: str, texts: list[str], output: str | None) -> None:

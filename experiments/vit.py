@@ -55,7 +55,8 @@ def resolve_data_keys(config, train_data) -> None:
         config.eval_every_steps = config.eval_every_epochs * steps_per_epoch
 
 
-def train(config, workdir: str) -> tr.TrainResult:
+def train(config, workdir: str, mesh=None) -> tr.TrainResult:
+    """Trains into ``workdir``; ``mesh`` defaults to every device of every host."""
     data = dict(data_dir=config.data_dir)
     train_data = load_image_dataset(config.dataset, config.train_split, **data)
     eval_data = load_image_dataset(config.dataset, config.eval_split, **data)
@@ -71,7 +72,7 @@ def train(config, workdir: str) -> tr.TrainResult:
           f"images {tuple(config.image_shape)}, {config.num_classes} classes; "
           f"{config.num_train_steps} steps, evaluation every {config.eval_every_steps}",
           file=sys.stderr)
-    return tr.train(config, workdir, task, train_iter, eval_batches=eval_batches)
+    return tr.train(config, workdir, task, train_iter, eval_batches=eval_batches, mesh=mesh)
 
 
 def predict(workdir: str, paths: list[str], invert: bool) -> None:
@@ -94,7 +95,7 @@ def draw_attention_maps(workdir: str, paths: list[str], invert: bool) -> None:
         out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
         panels = save_attention_maps(out, denormalize_images(image), image_maps, title=title)
         layers, heads = image_maps.shape[:2]
-        print(f"{title} -> {out} ({panels} panels: the input + {layers} layers x {heads} heads)")
+        print(f"{title} -> {out} ({panels} panels: the input, {layers} layer(s) x {heads} head(s))")
 
 
 def main(config, workdir: str) -> None:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import tfx_jax as tfx
-from scripts import experiment_config as default_config, load_script
+from tests.scripts import experiment_config as default_config, load_script
 from tfx_jax import train as tr
 from tfx_jax.dalle import DigitPrompts, GrayLevelTokenizer, JointLayout, PatchVQTokenizer
 from tfx_jax.dalle.evaluate import (evaluation_prompts, mean_pairwise_distance,
@@ -194,7 +194,7 @@ def test_script_trains_generates_and_errors_clearly(tmp_path, data_dir, capsys):
     config.update(dict(data_dir=data_dir, batch_size=16, num_train_steps=2, warmup_steps=1,
                        eval_every_steps=0, checkpoint_every_steps=0, log_every_steps=1,
                        num_gray_levels=4, progress_bar=False, samples_per_prompt=2))
-    result = dalle_script.train(config, workdir)
+    result = dalle_script.train(config, workdir, mesh=tr.make_data_mesh(jax.devices()[:1]))
     assert int(result.state.step) == 2
     (line,) = tr.read_metrics(workdir, split="eval")
     assert line["weight"] == 355 and np.isfinite(line["image_nll"])

@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import tfx_jax as tfx
-from scripts import experiment_config as default_config, load_script
+from tests.scripts import experiment_config as default_config, load_script
 from tfx_jax import train as tr
 from tfx_jax.attention_maps import cls_attention_maps, save_attention_maps, unscan_params
 from tfx_jax.classification import classification_task, load_classifier, vit_config
@@ -22,7 +22,7 @@ from tfx_jax.data.image_preprocess import normalize_images
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 vit_script = load_script(str(ROOT / "experiments" / "vit.py"), "vit_experiment")
-TINY_MODEL = dict(patch_size=2, d_model=16, num_heads=2, num_layers=2, d_ff=32)
+TINY_MODEL = dict(patch_size=2, d_model=16, num_heads=2, num_layers=1, d_ff=32)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_vit_config_reads_the_model_and_data_keys_and_names_bad_ones():
 
 
 def test_classification_loss_is_smoothed_cross_entropy_over_valid_examples():
-    model = tiny_vit()
+    model = tiny_vit(num_layers=1)
     task = classification_task(model, label_smoothing=0.1)
     params = jax.jit(task.init_params)(jax.random.key(0))
     params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape),
@@ -162,7 +162,7 @@ def test_script_trains_predicts_files_and_draws_attention(tmp_path, data_dir, ca
         assert line == f"{path}: {classifier.class_names[p.argmax()]} (p={p.max():.3f})"
 
     vit_script.draw_attention_maps(workdir, paths[:1], invert=False)
-    assert "(5 panels: the input + 2 layers x 2 heads)" in capsys.readouterr().out
+    assert "(3 panels: the input, 1 layer(s) x 2 head(s))" in capsys.readouterr().out
     assert os.path.getsize(os.path.join(workdir, "attention", "digit0.png")) > 0
 
 
@@ -185,9 +185,10 @@ def test_inference_without_a_trained_model_is_a_clear_error(tmp_path, data_dir):
 def test_script_trains_on_a_tfds_dataset_by_name_with_mock_data(tmp_path, data_dir):
     workdir = str(tmp_path / "mnist")
     config = tiny_config(data_dir, dataset="mnist")
-    config.model.patch_size = 7
+    config.model.patch_size = 14
+    one_device = tr.make_data_mesh(jax.devices()[:1])  # 8 are tested above; saves are cheaper
     with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=24):
-        vit_script.train(config, workdir)
+        vit_script.train(config, workdir, mesh=one_device)
     assert tuple(config.image_shape) == (28, 28, 1) and config.num_classes == 10
     (line,) = _eval_lines(workdir)
     assert line["weight"] == 24 and 0.0 <= line["accuracy"] <= 1.0

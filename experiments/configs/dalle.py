@@ -27,11 +27,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Model: any CausalLMConfig field; vocabulary and context length come from the tokens.
     config.model = ml_collections.ConfigDict(dict(
-        num_layers=4, d_model=128, num_heads=4, d_ff=512, dropout_rate=0.1,
+        num_layers=4, d_model=64, num_heads=4, d_ff=256, dropout_rate=0.1,
         position="learned", tie_embeddings=True, dtype="float32"))
 
     # Training (teacher forcing), AdamW with warm-up and cosine decay.
-    config.num_train_steps = 3000
+    config.num_train_steps = 2000
     config.batch_size = 64
     config.optimizer = "adamw"
     config.learning_rate = 1e-3

@@ -91,7 +91,9 @@ def save_image_grid(path: str, images: np.ndarray, row_titles: Sequence[str], *,
     rows, columns = images.shape[:2]
     if len(row_titles) != rows:
         raise ValueError(f"{len(row_titles)} row titles for {rows} rows")
-    figure = Figure(figsize=(0.8 * columns + 0.4, 0.95 * rows + 0.2), layout="constrained")
+    height = 1.0 * rows + 0.1
+    figure = Figure(figsize=(0.8 * columns + 0.2, height), layout="constrained")
+    figure.get_layout_engine().set(rect=(0, 0, 1, 1 - 0.2 / height))  # room for the first title
     axes = figure.subplots(rows, columns, squeeze=False)
     for row in range(rows):
         for column in range(columns):
@@ -101,5 +103,6 @@ def save_image_grid(path: str, images: np.ndarray, row_titles: Sequence[str], *,
                       vmin=0, vmax=255, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[row, 0].set_title(row_titles[row], fontsize=9, loc="left")
+        axes[row, 0].text(0.0, 1.04, row_titles[row], fontsize=9, ha="left", va="bottom",
+                          transform=axes[row, 0].transAxes, in_layout=False)
     figure.savefig(path, dpi=dpi)

@@ -22,6 +22,7 @@ import dataclasses
 import os
 from typing import Any, Optional
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -61,8 +62,9 @@ def image_tokenizer_from_config(config: ml_collections.ConfigDict, workdir: str,
                                 f"codebook is fitted when training starts")
     tokenizer = PatchVQTokenizer.fit(train_images, codebook_size=config.codebook_size,
                                      patch_size=config.vq_patch_size, seed=config.seed)
-    os.makedirs(workdir, exist_ok=True)
-    tokenizer.save(path)
+    if jax.process_index() == 0:  # every host fits the same codebook (seeded); one writes it
+        os.makedirs(workdir, exist_ok=True)
+        tokenizer.save(path)
     return tokenizer
 
 
