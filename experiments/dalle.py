@@ -26,13 +26,13 @@ import sys
 from absl import flags
 
 from tfx_jax import train as tr
-from tfx_jax.classification import load_classifier
-from tfx_jax.dalle import DigitPrompts, JointLayout
-from tfx_jax.dalle.evaluate import (dataset_arrays, evaluate_generator, generation_evaluate_fn,
+from tfx_jax.apps.classification import load_classifier
+from tfx_jax.apps.dalle import DigitPrompts, JointLayout
+from tfx_jax.apps.dalle.evaluate import (dataset_arrays, evaluate_generator, generation_evaluate_fn,
                                     scalar_metrics, write_report)
-from tfx_jax.dalle.generate import generate_images, save_image_grid
-from tfx_jax.dalle.input_pipeline import eval_generator_batches, train_generator_batches
-from tfx_jax.dalle.task import (generator_config, generator_task, image_tokenizer_from_config,
+from tfx_jax.apps.dalle.generate import generate_images, save_image_grid
+from tfx_jax.apps.dalle.input_pipeline import eval_generator_batches, train_generator_batches
+from tfx_jax.apps.dalle.task import (generator_config, generator_task, image_tokenizer_from_config,
                                 load_generator)
 from tfx_jax.data.image_datasets import load_image_dataset
 from tfx_jax.lm import CausalLM

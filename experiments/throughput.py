@@ -97,7 +97,7 @@ import numpy as np  # noqa: E402
 
 import tfx_jax as tfx  # noqa: E402
 from tfx_jax import train as tr  # noqa: E402
-from tfx_jax.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES  # noqa: E402
+from tfx_jax.model_config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES  # noqa: E402
 
 MODELS = ("transformer", "vit", "gpt")
 

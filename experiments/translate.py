@@ -31,11 +31,11 @@ from absl import flags, logging
 
 from tfx_jax import train as tr
 from tfx_jax.data.number_words_dataset import number_words_config
-from tfx_jax.data.text_pairs import NUMBER_WORDS, open_text_pairs
+from tfx_jax.data.pair_sources import NUMBER_WORDS, open_text_pairs
 from tfx_jax.data.text_pipeline import eval_batches, longest_pair, train_batches
 from tfx_jax.data.tokenizer import SentencePieceTokenizer, load_or_train_tokenizer, tokenizer_path
 from tfx_jax.train.progress import print_summary
-from tfx_jax.translation import (make_evaluate, transformer_config, translate_eval_data,
+from tfx_jax.apps.translation import (make_evaluate, transformer_config, translate_eval_data,
                                  translate_texts, translation_scores, translation_task)
 
 flags.DEFINE_multi_string("translate", None, "Sentences to translate with the model in "

@@ -20,8 +20,8 @@ import sys
 from absl import flags
 
 from tfx_jax import train as tr
-from tfx_jax.attention_maps import cls_attention_maps, save_attention_maps
-from tfx_jax.classification import (classification_task, format_predictions, load_classifier,
+from tfx_jax.apps.attention_maps import cls_attention_maps, save_attention_maps
+from tfx_jax.apps.classification import (classification_task, format_predictions, load_classifier,
                                     vit_config)
 from tfx_jax.data.image_datasets import load_image_dataset
 from tfx_jax.data.image_files import load_image_files

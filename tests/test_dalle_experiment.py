@@ -11,12 +11,12 @@ from PIL import Image
 import tfx_jax as tfx
 from tests.scripts import experiment_config as default_config, load_script
 from tfx_jax import train as tr
-from tfx_jax.dalle import DigitPrompts, GrayLevelTokenizer, JointLayout, PatchVQTokenizer
-from tfx_jax.dalle.evaluate import (evaluation_prompts, mean_pairwise_distance,
+from tfx_jax.apps.dalle import DigitPrompts, GrayLevelTokenizer, JointLayout, PatchVQTokenizer
+from tfx_jax.apps.dalle.evaluate import (evaluation_prompts, mean_pairwise_distance,
                                     score_generated_images)
-from tfx_jax.dalle.generate import generate_images, sample_sequences, save_image_grid
-from tfx_jax.dalle.input_pipeline import train_generator_batches
-from tfx_jax.dalle.task import generator_config, generator_task, image_tokenizer_from_config
+from tfx_jax.apps.dalle.generate import generate_images, sample_sequences, save_image_grid
+from tfx_jax.apps.dalle.input_pipeline import train_generator_batches
+from tfx_jax.apps.dalle.task import generator_config, generator_task, image_tokenizer_from_config
 from tfx_jax.data.image_datasets import load_image_dataset
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -210,7 +210,7 @@ def test_script_trains_generates_and_errors_clearly(tmp_path, data_dir, capsys):
 
 
 def test_evaluate_generator_scores_samples_for_ten_prompts(tiny_lm, digits):
-    from tfx_jax.dalle.evaluate import evaluate_generator, scalar_metrics
+    from tfx_jax.apps.dalle.evaluate import evaluate_generator, scalar_metrics
     model, params = tiny_lm
     images = np.stack([digits[i]["image"] for i in range(100)])
     labels = np.asarray([digits[i]["label"] for i in range(100)])

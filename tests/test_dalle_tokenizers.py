@@ -5,7 +5,7 @@ import grain
 import numpy as np
 import pytest
 
-from tfx_jax.dalle import (
+from tfx_jax.apps.dalle import (
     BOI_ID,
     BOS_ID,
     PAD_ID,
@@ -17,7 +17,7 @@ from tfx_jax.dalle import (
     eval_generator_batches,
     train_generator_batches,
 )
-from tfx_jax.dalle.patch_vq import image_patches, kmeans, patches_to_images
+from tfx_jax.apps.dalle.patch_vq import image_patches, kmeans, patches_to_images
 from tfx_jax.data.image_datasets import load_image_dataset
 
 FAST = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)

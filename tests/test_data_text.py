@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from tfx_jax.data import number_words as nw
+from tfx_jax.data import number_words_grammar as nw
 from tfx_jax.data import number_words_dataset as nwd
 from tfx_jax.data import text_pipeline, tokenizer as tok
-from tfx_jax.data.text_pairs import open_text_pairs
+from tfx_jax.data.pair_sources import open_text_pairs
 from tfx_jax.data.tfds_translation import TranslationPairs, tfds_translation_pairs
 from tfx_jax.data.tsv_pairs import TsvPairs
 

@@ -8,7 +8,7 @@ import tfx_jax as tfx
 from tfx_jax import train as tr
 from tfx_jax.data import text_pipeline
 from tfx_jax.data.tokenizer import BOS_ID, EOS_ID
-from tfx_jax.translation import (make_loss_fn, shift_right, transformer_config, translate,
+from tfx_jax.apps.translation import (make_loss_fn, shift_right, transformer_config, translate,
                                  translate_eval_data, translate_texts, translation_scores)
 
 VOCAB = 24

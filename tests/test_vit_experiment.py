@@ -15,8 +15,8 @@ from PIL import Image
 import tfx_jax as tfx
 from tests.scripts import experiment_config as default_config, load_script
 from tfx_jax import train as tr
-from tfx_jax.attention_maps import cls_attention_maps, save_attention_maps, unscan_params
-from tfx_jax.classification import classification_task, load_classifier, vit_config
+from tfx_jax.apps.attention_maps import cls_attention_maps, save_attention_maps, unscan_params
+from tfx_jax.apps.classification import classification_task, load_classifier, vit_config
 from tfx_jax.data.image_datasets import load_image_dataset
 from tfx_jax.data.image_preprocess import normalize_images
 

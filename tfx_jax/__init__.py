@@ -13,7 +13,7 @@ The chapters of the story, one file each:
 from tfx_jax import decoding
 from tfx_jax.attention import attention_weights, causal_mask, dot_product_attention
 from tfx_jax.blocks import BlockStack, FeedForward, TransformerBlock, key_padding_mask
-from tfx_jax.config import StackConfig
+from tfx_jax.model_config import StackConfig
 from tfx_jax.lm import CausalLM, CausalLMConfig
 from tfx_jax.multihead import MultiHeadAttention
 from tfx_jax.position import AddPositionEncoding, sinusoidal_position_encoding

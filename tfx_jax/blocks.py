@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tfx_jax.config import StackConfig
+from tfx_jax.model_config import StackConfig
 from tfx_jax.multihead import MultiHeadAttention
 
 _ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu}

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from tfx_jax.blocks import BlockStack
-from tfx_jax.config import POSITION_KINDS, StackConfig, _one_of, _positive
+from tfx_jax.model_config import POSITION_KINDS, StackConfig, _one_of, _positive
 from tfx_jax.position import AddPositionEncoding
 from tfx_jax.transformer import check_tokens
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from tfx_jax.blocks import BlockStack, key_padding_mask
-from tfx_jax.config import POSITION_KINDS, StackConfig, _one_of, _positive
+from tfx_jax.model_config import POSITION_KINDS, StackConfig, _one_of, _positive
 from tfx_jax.position import AddPositionEncoding
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from tfx_jax.blocks import BlockStack
-from tfx_jax.config import StackConfig, _one_of, _positive
+from tfx_jax.model_config import StackConfig, _one_of, _positive
 from tfx_jax.position import AddPositionEncoding
 
 POOLINGS = ("cls", "gap")

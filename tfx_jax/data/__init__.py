@@ -2,7 +2,7 @@
 
 Text (docs/data_text.md): `number_words` / `number_words_dataset` (the built-in
 English -> German/Korean number-word builder), `tsv_pairs`, `tfds_translation`,
-`text_pairs` (config value -> pairs), `tokenizer` (SentencePiece), `text_pipeline`.
+`pair_sources` (config value -> pairs), `tsv_pairs` (a TSV file), `tokenizer` (SentencePiece), `text_pipeline`.
 
 Vision (docs/data_vision.md): `digits` (the built-in scikit-learn digits
 builder), `image_datasets` (config value -> dataset), `image_pipeline`

@@ -2,7 +2,7 @@
 
 Each example is one whole number spelled in English and in a target language,
 ``{"number": 345, "en": "three hundred forty five",
-"de": "dreihundertfünfundvierzig"}`` (grammar in ``number_words.py``).
+"de": "dreihundertfünfundvierzig"}`` (grammar in ``number_words_grammar.py``).
 Translating English to German number words needs what a Transformer's
 attention provides: German reorders units before tens ("einundzwanzig") and
 fuses the number into one compound word, so output tokens depend on input
@@ -33,7 +33,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tfx_jax.data import number_words
+from tfx_jax.data import number_words_grammar as number_words
 from tfx_jax.data.tfds_translation import TranslationPairs, translation_direction
 
 SOURCE_LANGUAGE = "en"

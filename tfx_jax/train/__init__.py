@@ -6,7 +6,7 @@ data iterator, and calls :func:`train`. See docs/training.md.
 """
 from tfx_jax.train.checkpoint import Checkpointer, restore_params
 from tfx_jax.train import launch
-from tfx_jax.train.config import default_config, load_config, save_config, validate_config
+from tfx_jax.train.run_config import default_config, load_config, save_config, validate_config
 from tfx_jax.train.losses import (classification_accuracy, classification_cross_entropy,
                                   token_accuracy, token_cross_entropy)
 from tfx_jax.train.loop import NonFiniteError, TrainResult, train

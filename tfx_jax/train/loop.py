@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from tfx_jax.train.checkpoint import Checkpointer, check_iterator_checkpointable
-from tfx_jax.train.config import save_config, validate_config
+from tfx_jax.train.run_config import save_config, validate_config
 from tfx_jax.train.mesh import check_batch_size, make_data_mesh, replicated_sharding, shard_batch
 from tfx_jax.train.metrics import MetricsWriter, average_metrics
 from tfx_jax.train.optimizers import create_optimizer

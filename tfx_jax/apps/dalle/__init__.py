@@ -7,16 +7,16 @@ by grey-level quantisation (`GrayLevelTokenizer`) or a k-means patch codebook
 (`DigitPrompts`); `JointLayout` joins both into one id space; and
 `train_generator_batches` / `eval_generator_batches` feed the LM.
 """
-from tfx_jax.dalle.gray_levels import GrayLevelTokenizer
-from tfx_jax.dalle.image_tokenizer import ImageTokenizer
-from tfx_jax.dalle.input_pipeline import (
+from tfx_jax.apps.dalle.gray_levels import GrayLevelTokenizer
+from tfx_jax.apps.dalle.image_tokenizer import ImageTokenizer
+from tfx_jax.apps.dalle.input_pipeline import (
     DALLE_TEXT_LOSS_WEIGHT,
     eval_generator_batches,
     train_generator_batches,
 )
-from tfx_jax.dalle.joint_sequence import BOI_ID, BOS_ID, PAD_ID, JointLayout
-from tfx_jax.dalle.patch_vq import PatchVQTokenizer
-from tfx_jax.dalle.prompts import PROMPT_TEMPLATES, DigitPrompts
+from tfx_jax.apps.dalle.joint_sequence import BOI_ID, BOS_ID, PAD_ID, JointLayout
+from tfx_jax.apps.dalle.patch_vq import PatchVQTokenizer
+from tfx_jax.apps.dalle.prompts import PROMPT_TEMPLATES, DigitPrompts
 
 __all__ = [
     "BOI_ID",

@@ -26,10 +26,10 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from tfx_jax.classification import Classifier
-from tfx_jax.dalle.generate import generate_images
-from tfx_jax.dalle.image_tokenizer import ImageTokenizer
-from tfx_jax.dalle.prompts import DigitPrompts
+from tfx_jax.apps.classification import Classifier
+from tfx_jax.apps.dalle.generate import generate_images
+from tfx_jax.apps.dalle.image_tokenizer import ImageTokenizer
+from tfx_jax.apps.dalle.prompts import DigitPrompts
 from tfx_jax.data.image_datasets import ImageDataset
 from tfx_jax.data.image_preprocess import normalize_images
 from tfx_jax.lm import CausalLM

@@ -10,9 +10,9 @@ the data layer and the training loop.
 ``experiments/translate.py`` is the script that trains, evaluates and
 translates with them (docs/translate.md).
 """
-from tfx_jax.translation.evaluation import make_evaluate, translate_eval_data, translation_scores
-from tfx_jax.translation.inference import translate, translate_texts
-from tfx_jax.translation.task import (make_init_params, make_loss_fn, shift_right,
+from tfx_jax.apps.translation.evaluation import make_evaluate, translate_eval_data, translation_scores
+from tfx_jax.apps.translation.inference import translate, translate_texts
+from tfx_jax.apps.translation.task import (make_init_params, make_loss_fn, shift_right,
                                       transformer_config, translation_task)
 
 __all__ = [

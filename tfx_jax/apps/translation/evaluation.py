@@ -21,7 +21,7 @@ import sacrebleu
 from jax.experimental import multihost_utils
 
 from tfx_jax.train import shard_batch
-from tfx_jax.translation.inference import translate
+from tfx_jax.apps.translation.inference import translate
 from tfx_jax.transformer import TransformerConfig
 
 

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tfx_jax import decoding
-from tfx_jax.dalle.image_tokenizer import ImageTokenizer
-from tfx_jax.dalle.joint_sequence import JointLayout
-from tfx_jax.dalle.prompts import DigitPrompts
+from tfx_jax.apps.dalle.image_tokenizer import ImageTokenizer
+from tfx_jax.apps.dalle.joint_sequence import JointLayout
+from tfx_jax.apps.dalle.prompts import DigitPrompts
 from tfx_jax.lm import CausalLM
 
 

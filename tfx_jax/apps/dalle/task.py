@@ -29,11 +29,11 @@ import numpy as np
 import optax
 
 from tfx_jax import train as tr
-from tfx_jax.dalle.gray_levels import GrayLevelTokenizer
-from tfx_jax.dalle.image_tokenizer import ImageTokenizer
-from tfx_jax.dalle.joint_sequence import JointLayout
-from tfx_jax.dalle.patch_vq import PatchVQTokenizer
-from tfx_jax.dalle.prompts import DigitPrompts
+from tfx_jax.apps.dalle.gray_levels import GrayLevelTokenizer
+from tfx_jax.apps.dalle.image_tokenizer import ImageTokenizer
+from tfx_jax.apps.dalle.joint_sequence import JointLayout
+from tfx_jax.apps.dalle.patch_vq import PatchVQTokenizer
+from tfx_jax.apps.dalle.prompts import DigitPrompts
 from tfx_jax.lm import CausalLM, CausalLMConfig
 
 IMAGE_TOKENIZERS = ("gray_levels", "patch_vq")

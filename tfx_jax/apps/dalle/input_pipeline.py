@@ -23,9 +23,9 @@ import functools
 import grain
 import numpy as np
 
-from tfx_jax.dalle.image_tokenizer import ImageTokenizer
-from tfx_jax.dalle.joint_sequence import JointLayout
-from tfx_jax.dalle.prompts import DigitPrompts
+from tfx_jax.apps.dalle.image_tokenizer import ImageTokenizer
+from tfx_jax.apps.dalle.joint_sequence import JointLayout
+from tfx_jax.apps.dalle.prompts import DigitPrompts
 from tfx_jax.data import grain_batches
 from tfx_jax.data.image_datasets import ImageDataset
 

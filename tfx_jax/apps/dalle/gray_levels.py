@@ -15,7 +15,7 @@ import dataclasses
 
 import numpy as np
 
-from tfx_jax.dalle.image_tokenizer import check_images, check_tokens
+from tfx_jax.apps.dalle.image_tokenizer import check_images, check_tokens
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from tfx_jax.dalle.image_tokenizer import check_images, check_tokens
+from tfx_jax.apps.dalle.image_tokenizer import check_images, check_tokens
 
 
 def image_patches(images: np.ndarray, patch_size: int) -> np.ndarray:
