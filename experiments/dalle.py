@@ -18,7 +18,6 @@ the command line. See docs/vision.md.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import sys
@@ -75,12 +74,14 @@ def train(config, workdir: str, mesh=None) -> tr.TrainResult:
     image_tokenizer = image_tokenizer_from_config(config, workdir, train_images)
     prompts = DigitPrompts()
     layout = JointLayout.for_tokenizers(prompts, image_tokenizer)
-    model = CausalLM(generator_config(config, layout))
-    task = generator_task(model, layout)
+    model_config = generator_config(config, layout)
+    evaluate = None
     if config.classifier_workdir:
-        task = dataclasses.replace(task, evaluate=generation_evaluate_fn(
-            model, prompts, image_tokenizer, load_classifier(config.classifier_workdir),
-            workdir=workdir, **evaluation_data(config), **sampling_kwargs(config)))
+        evaluate = generation_evaluate_fn(
+            CausalLM(model_config), prompts, image_tokenizer,
+            load_classifier(config.classifier_workdir), workdir=workdir,
+            **evaluation_data(config), **sampling_kwargs(config))
+    task = generator_task(model_config, layout=layout, evaluate=evaluate)
     tokens = dict(prompts=prompts, image_tokenizer=image_tokenizer,
                   global_batch_size=config.batch_size, text_loss_weight=config.text_loss_weight)
     train_iter = train_generator_batches(train_data, seed=config.seed, **tokens)

@@ -28,7 +28,6 @@ from tfx_jax.data.image_files import load_image_files
 from tfx_jax.data.image_pipeline import (eval_image_batches, image_input_shape,
                                          train_image_batches)
 from tfx_jax.data.image_preprocess import denormalize_images
-from tfx_jax.vit import ViT
 
 FLAGS = flags.FLAGS
 
@@ -61,8 +60,7 @@ def train(config, workdir: str, mesh=None) -> tr.TrainResult:
     train_data = load_image_dataset(config.dataset, config.train_split, **data)
     eval_data = load_image_dataset(config.dataset, config.eval_split, **data)
     resolve_data_keys(config, train_data)
-    model = ViT(vit_config(config))
-    task = classification_task(model, label_smoothing=config.label_smoothing)
+    task = classification_task(vit_config(config), label_smoothing=config.label_smoothing)
     train_iter = train_image_batches(train_data, global_batch_size=config.batch_size,
                                      seed=config.seed, image_size=config.image_size,
                                      augment=config.augment, max_shift=config.max_shift)

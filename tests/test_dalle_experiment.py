@@ -42,7 +42,7 @@ def tiny_lm():
     config = default_config("dalle")
     config.model.update(TINY_MODEL)
     model = tfx.CausalLM(generator_config(config, LAYOUT))
-    params = jax.jit(generator_task(model, LAYOUT).init_params)(jax.random.key(0))
+    params = jax.jit(generator_task(model.config, layout=LAYOUT).init_params)(jax.random.key(0))
     params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(1), x.shape),
                           params)  # sharper, input-dependent logits than at init
     return model, params
@@ -60,7 +60,8 @@ def test_generator_loss_is_the_weighted_next_token_nll(tiny_lm, digits):
                                          global_batch_size=4, seed=0))
     batch["valid"][-1] = False  # an eval padding row: zero weights, no image metrics
     batch["weights"][-1] = 0.0
-    loss, metrics = jax.jit(generator_task(model, LAYOUT).loss_fn, static_argnums=3)(
+    task = generator_task(model.config, layout=LAYOUT)
+    loss, metrics = jax.jit(task.loss_fn, static_argnums=3)(
         params, batch, jax.random.key(0), False)
     tokens = batch["tokens"]
     logits = jax.jit(model.apply)({"params": params}, tokens[:, :-1])

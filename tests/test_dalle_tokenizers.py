@@ -7,8 +7,6 @@ import pytest
 
 from tfx_jax.apps.dalle import (
     BOI_ID,
-    BOS_ID,
-    PAD_ID,
     PROMPT_TEMPLATES,
     DigitPrompts,
     GrayLevelTokenizer,
@@ -17,6 +15,8 @@ from tfx_jax.apps.dalle import (
     eval_generator_batches,
     train_generator_batches,
 )
+from tfx_jax.data import tokenizer as tok
+from tfx_jax.data.tokenizer import BOS_ID, PAD_ID
 from tfx_jax.apps.dalle.patch_vq import image_patches, kmeans, patches_to_images
 from tfx_jax.data.image_datasets import load_image_dataset
 
@@ -170,7 +170,10 @@ def test_prompt_errors_list_vocabulary_or_grammar():
 
 def test_joint_sequence_layout_split_inverts_join():
     layout = JointLayout(text_vocab_size=32, image_vocab_size=8, max_text_length=6, image_length=64)
-    assert (layout.vocab_size, layout.sequence_length, layout.image_position) == (43, 72, 8)
+    # the project's reserved ids (0..3) + BOI (4) + 32 words + 8 codes
+    assert (layout.vocab_size, layout.sequence_length, layout.image_position) == (45, 72, 8)
+    assert (PAD_ID, BOS_ID) == (tok.PAD_ID, tok.BOS_ID)  # one set of special ids
+    assert BOI_ID not in (tok.PAD_ID, tok.EOS_ID, tok.BOS_ID, tok.UNK_ID)
     text_range = set(range(layout.text_offset, layout.text_offset + 32))
     image_range = set(range(layout.image_offset, layout.image_offset + 8))
     assert not text_range & image_range

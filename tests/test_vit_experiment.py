@@ -65,7 +65,7 @@ def test_vit_config_reads_the_model_and_data_keys_and_names_bad_ones():
 
 def test_classification_loss_is_smoothed_cross_entropy_over_valid_examples():
     model = tiny_vit(num_layers=1)
-    task = classification_task(model, label_smoothing=0.1)
+    task = classification_task(model.config, label_smoothing=0.1)
     params = jax.jit(task.init_params)(jax.random.key(0))
     params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape),
                           params)  # the head starts at zero: make the logits non-trivial

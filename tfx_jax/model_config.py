@@ -8,7 +8,8 @@ the field when the config is created, not deep inside a traced function.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Optional, TypeVar
 
 import jax.numpy as jnp
 
@@ -17,6 +18,10 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn")
 POSITION_KINDS = ("sinusoidal", "learned")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Set by the code that decodes (inference), never by a training config's ``model`` section.
+RUNTIME_FIELDS = ("decode",)
+
+ConfigT = TypeVar("ConfigT", bound="StackConfig")
 
 
 def _positive(config, *names):
@@ -106,3 +111,42 @@ class StackConfig:
     def replace(self, **changes):
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def from_config_dict(cls: type[ConfigT], config_dict: Optional[Mapping[str, Any]],
+                     /, **derived: Any) -> ConfigT:
+    """``cls(**config_dict, **derived)``: the one way an app builds its model from ``config.model``.
+
+    ``config_dict`` is an experiment config's ``model`` section (an
+    ``ml_collections.ConfigDict`` or a plain mapping; ``None`` means all
+    defaults); ``derived`` holds the fields the run fixes from its data
+    (``vocab_size`` from the tokenizer, ``image_size`` from the dataset, ...).
+    Every problem is one ValueError naming the key: a derived field also set in
+    ``config.model``, a runtime field (``decode``), a key that ``cls`` does not
+    have (the known ones are listed), or a bad value (the config's own check).
+    """
+    if config_dict is None:
+        config_dict = {}
+    if hasattr(config_dict, "to_dict"):
+        config_dict = config_dict.to_dict()
+    if not isinstance(config_dict, Mapping):
+        raise TypeError(f"config.model must be a mapping of {cls.__name__} fields, "
+                        f"got {type(config_dict).__name__}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    derived_keys = sorted(set(config_dict) & set(derived))
+    if derived_keys:
+        name = derived_keys[0]
+        raise ValueError(f"config.model.{name} is derived by the run ({name}={derived[name]!r} "
+                         f"from the data or tokenizer); remove it from config.model")
+    runtime_keys = sorted(set(config_dict) & set(RUNTIME_FIELDS))
+    if runtime_keys:
+        raise ValueError(f"config.model.{runtime_keys[0]} is set by the code that uses the "
+                         f"model (inference), not by a config; remove it from config.model")
+    unknown = sorted(set(config_dict) - fields)
+    if unknown:
+        raise ValueError(f"config.model has keys {unknown} that {cls.__name__} does not know; "
+                         f"known: {sorted(fields - set(derived) - set(RUNTIME_FIELDS))}")
+    try:
+        return cls(**config_dict, **derived)
+    except TypeError as e:  # e.g. a string where a number belongs, caught by a comparison
+        raise ValueError(f"config.model: bad value for {cls.__name__} ({e})") from e

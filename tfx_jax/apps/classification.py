@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,8 @@ import ml_collections
 import numpy as np
 
 from tfx_jax import train as tr
+from tfx_jax.model_config import from_config_dict
+from tfx_jax.train.task import EvaluateFn
 from tfx_jax.vit import ViT, ViTConfig
 
 
@@ -45,24 +47,20 @@ def vit_config(config: ml_collections.ConfigDict) -> ViTConfig:
     if height != width:
         raise ValueError(f"ViT needs square images, config.image_shape = "
                          f"{tuple(config.image_shape)}; set config.image_size to resize")
-    fields = {f.name for f in dataclasses.fields(ViTConfig)}
-    unknown = sorted(set(config.model) - fields)
-    if unknown:
-        raise ValueError(f"config.model has keys {unknown} that ViTConfig does not know; "
-                         f"known: {sorted(fields)}")
-    return ViTConfig(image_size=height, num_channels=channels,
-                     num_classes=int(config.num_classes), **config.model.to_dict())
+    return from_config_dict(ViTConfig, config.model, image_size=height, num_channels=channels,
+                            num_classes=int(config.num_classes))
 
 
-def classification_task(model: ViT, *, label_smoothing: float = 0.0) -> tr.Task:
-    """The training Task of an image classifier on ``{"image", "label", "valid"}`` batches.
+def classification_task(config: ViTConfig, *, label_smoothing: float = 0.0,
+                        evaluate: Optional[EvaluateFn] = None) -> tr.Task:
+    """The training Task of a ViT classifier on ``{"image", "label", "valid"}`` batches.
 
     The loss is the (label-smoothed) cross-entropy averaged over the valid
     examples (padding rows of the last eval batch count 0); metrics are
     ``accuracy`` and ``weight`` (the number of valid examples).
     """
-    cfg = model.config
-    image_shape = (cfg.image_size, cfg.image_size, cfg.num_channels)
+    model = ViT(config)
+    image_shape = (config.image_size, config.image_size, config.num_channels)
 
     def init_params(rng):
         return model.init({"params": rng}, jnp.zeros((1, *image_shape), jnp.float32))["params"]
@@ -76,7 +74,7 @@ def classification_task(model: ViT, *, label_smoothing: float = 0.0) -> tr.Task:
         accuracy = tr.classification_accuracy(logits, batch["label"], weights=valid)
         return loss, {"accuracy": accuracy, "weight": valid.sum().astype(jnp.float32)}
 
-    return tr.Task(init_params=init_params, loss_fn=loss_fn)
+    return tr.Task(init_params=init_params, loss_fn=loss_fn, evaluate=evaluate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,10 +128,11 @@ def load_classifier(workdir: str, *, step: int | None = None) -> Classifier:
       ValueError: the checkpoint does not fit the stored config.
     """
     config = tr.load_config(workdir)
-    model = ViT(vit_config(config))
-    task = classification_task(model)
+    model_config = vit_config(config)
+    task = classification_task(model_config)
     params = tr.restore_params(workdir, task.init_params, step=step)
-    return Classifier(model=model, params=params, class_names=class_names_of(config))
+    return Classifier(model=ViT(model_config), params=params,
+                      class_names=class_names_of(config))
 
 
 def format_predictions(paths: Sequence[str], labels: np.ndarray, probabilities: np.ndarray,

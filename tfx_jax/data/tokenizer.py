@@ -6,9 +6,12 @@ We train one SentencePiece model (BPE by default) on source and target text
 together, so both sides use the same ids and the model may share its
 embedding matrices.
 
-Reserved ids, fixed for the whole project: ``PAD_ID = 0`` (padding; the models
-treat 0 as padding), ``EOS_ID = 1`` (end of sequence), ``BOS_ID = 2``,
-``UNK_ID = 3``.
+Reserved ids, the one set for the whole project (translation, language
+modelling and the DALL-E joint stream all use these): ``PAD_ID = 0`` (padding;
+the models treat 0 as padding), ``EOS_ID = 1`` (end of sequence), ``BOS_ID = 2``
+(start of sequence, the decoder's first input), ``UNK_ID = 3``. Ids from
+``NUM_RESERVED_IDS = 4`` on are free: vocabularies start there, and an app that
+needs more special tokens (DALL-E's begin-of-image) takes the next ids.
 
 The trained model is cached as a file in a directory the caller chooses (the
 run's workdir): :func:`load_or_train_tokenizer` loads it if present, so a
@@ -29,6 +32,7 @@ PAD_ID = 0
 EOS_ID = 1
 BOS_ID = 2
 UNK_ID = 3
+NUM_RESERVED_IDS = 4
 
 
 class SentencePieceTokenizer:

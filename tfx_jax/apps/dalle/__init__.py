@@ -5,7 +5,9 @@ tokens with one decoder-only Transformer. Here: images of digits become tokens
 by grey-level quantisation (`GrayLevelTokenizer`) or a k-means patch codebook
 (`PatchVQTokenizer`); prompts from a small grammar become word tokens
 (`DigitPrompts`); `JointLayout` joins both into one id space; and
-`train_generator_batches` / `eval_generator_batches` feed the LM.
+`train_generator_batches` / `eval_generator_batches` feed the LM. PAD and BOS
+are the project's ids (:mod:`tfx_jax.data.tokenizer`); ``BOI_ID`` is the one
+special id of DALL-E's own.
 """
 from tfx_jax.apps.dalle.gray_levels import GrayLevelTokenizer
 from tfx_jax.apps.dalle.image_tokenizer import ImageTokenizer
@@ -14,19 +16,17 @@ from tfx_jax.apps.dalle.input_pipeline import (
     eval_generator_batches,
     train_generator_batches,
 )
-from tfx_jax.apps.dalle.joint_sequence import BOI_ID, BOS_ID, PAD_ID, JointLayout
+from tfx_jax.apps.dalle.joint_sequence import BOI_ID, JointLayout
 from tfx_jax.apps.dalle.patch_vq import PatchVQTokenizer
 from tfx_jax.apps.dalle.prompts import PROMPT_TEMPLATES, DigitPrompts
 
 __all__ = [
     "BOI_ID",
-    "BOS_ID",
     "DALLE_TEXT_LOSS_WEIGHT",
     "DigitPrompts",
     "GrayLevelTokenizer",
     "ImageTokenizer",
     "JointLayout",
-    "PAD_ID",
     "PROMPT_TEMPLATES",
     "PatchVQTokenizer",
     "eval_generator_batches",

@@ -3,13 +3,15 @@
 DALL-E concatenates up to 256 text tokens and 1024 image tokens and trains a
 Transformer to model the joint stream autoregressively; captions are padded to
 a fixed length so the image always starts at the same position. We do the
-same at toy scale, with one shared id space:
+same at toy scale, with one shared id space whose special ids are the
+project's (:mod:`tfx_jax.data.tokenizer`) plus one of DALL-E's own:
 
-    id 0                        PAD (also the text padding)
-    id 1                        BOS, first token of every sequence
-    id 2                        BOI, begin-of-image separator
-    ids 3 .. 3+T-1              text words  (prompt tokenizer id + 3)
-    ids 3+T .. 3+T+K-1          image codes (image tokenizer id + 3 + T)
+    id 0 (PAD_ID)               padding (also the text padding)
+    id 2 (BOS_ID)               first token of every sequence
+    ids 1, 3 (EOS, UNK)         reserved by the project, unused here
+    id 4 (BOI_ID)               begin-of-image separator: the first free id
+    ids 5 .. 5+T-1              text words  (prompt tokenizer id + 5)
+    ids 5+T .. 5+T+K-1          image codes (image tokenizer id + 5 + T)
 
     position  0     1 .. max_text_length    max_text_length+1   then
               BOS   words, then PAD          BOI                 image_length image ids
@@ -25,10 +27,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-PAD_ID = 0
-BOS_ID = 1
-BOI_ID = 2
-NUM_SPECIAL_TOKENS = 3
+from tfx_jax.data.tokenizer import BOS_ID, NUM_RESERVED_IDS, PAD_ID
+
+BOI_ID = NUM_RESERVED_IDS  # DALL-E's own special token: the first id the project leaves free
+NUM_SPECIAL_TOKENS = BOI_ID + 1
 
 
 @dataclasses.dataclass(frozen=True)

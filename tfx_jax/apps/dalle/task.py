@@ -35,6 +35,8 @@ from tfx_jax.apps.dalle.joint_sequence import JointLayout
 from tfx_jax.apps.dalle.patch_vq import PatchVQTokenizer
 from tfx_jax.apps.dalle.prompts import DigitPrompts
 from tfx_jax.lm import CausalLM, CausalLMConfig
+from tfx_jax.model_config import from_config_dict
+from tfx_jax.train.task import EvaluateFn
 
 IMAGE_TOKENIZERS = ("gray_levels", "patch_vq")
 PATCH_VQ_FILE = "patch_vq.npz"
@@ -72,28 +74,24 @@ def generator_config(config: ml_collections.ConfigDict, layout: JointLayout) -> 
     """The LM of an experiment config: ``config.model`` fields, vocabulary and length from
     the layout (the context is one token shorter than a sequence: the last token is
     only ever a target)."""
-    fields = {f.name for f in dataclasses.fields(CausalLMConfig)}
-    unknown = sorted(set(config.model) - fields)
-    if unknown:
-        raise ValueError(f"config.model has keys {unknown} that CausalLMConfig does not know; "
-                         f"known: {sorted(fields)}")
-    return CausalLMConfig(vocab_size=layout.vocab_size, max_len=layout.sequence_length - 1,
-                          **config.model.to_dict())
+    return from_config_dict(CausalLMConfig, config.model, vocab_size=layout.vocab_size,
+                            max_len=layout.sequence_length - 1)
 
 
-def generator_task(model: CausalLM, layout: JointLayout) -> tr.Task:
+def generator_task(config: CausalLMConfig, *, layout: JointLayout,
+                   evaluate: Optional[EvaluateFn] = None) -> tr.Task:
     """The Task of the text-to-image LM on ``train_generator_batches`` batches.
 
     Metrics besides the weighted loss: ``image_nll`` (mean NLL per image token
     in nats), ``image_token_accuracy`` (teacher-forced argmax = target on image
     positions), and ``weight`` (the number of real sequences).
     """
-    cfg = model.config
-    if cfg.vocab_size != layout.vocab_size:
-        raise ValueError(f"the model's vocab_size {cfg.vocab_size} is not the layout's "
+    model = CausalLM(config)
+    if config.vocab_size != layout.vocab_size:
+        raise ValueError(f"the model's vocab_size {config.vocab_size} is not the layout's "
                          f"{layout.vocab_size}")
-    if cfg.max_len < layout.sequence_length - 1:
-        raise ValueError(f"the model's max_len {cfg.max_len} is shorter than the "
+    if config.max_len < layout.sequence_length - 1:
+        raise ValueError(f"the model's max_len {config.max_len} is shorter than the "
                          f"{layout.sequence_length - 1} input tokens of a joint sequence")
     is_image_target = jnp.arange(layout.sequence_length - 1) >= layout.image_position - 1
 
@@ -116,7 +114,7 @@ def generator_task(model: CausalLM, layout: JointLayout) -> tr.Task:
                       "image_token_accuracy": (correct & image).sum() / num_image,
                       "weight": total}
 
-    return tr.Task(init_params=init_params, loss_fn=loss_fn)
+    return tr.Task(init_params=init_params, loss_fn=loss_fn, evaluate=evaluate)
 
 
 
@@ -142,7 +140,8 @@ def load_generator(workdir: str, *, step: Optional[int] = None) -> Generator:
     prompts = DigitPrompts()
     image_tokenizer = image_tokenizer_from_config(config, workdir)
     layout = JointLayout.for_tokenizers(prompts, image_tokenizer)
-    model = CausalLM(generator_config(config, layout))
-    params = tr.restore_params(workdir, generator_task(model, layout).init_params, step=step)
-    return Generator(model=model, params=params, prompts=prompts,
+    model_config = generator_config(config, layout)
+    params = tr.restore_params(workdir, generator_task(model_config, layout=layout).init_params,
+                               step=step)
+    return Generator(model=CausalLM(model_config), params=params, prompts=prompts,
                      image_tokenizer=image_tokenizer)

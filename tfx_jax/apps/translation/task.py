@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from tfx_jax.data.tokenizer import BOS_ID
+from tfx_jax.model_config import from_config_dict
 from tfx_jax.train import Task, token_accuracy, token_cross_entropy
 from tfx_jax.train.task import EvaluateFn
 from tfx_jax.transformer import Transformer, TransformerConfig
@@ -44,15 +45,7 @@ def transformer_config(model: Mapping[str, Any], *, vocab_size: int,
     ``vocab_size`` comes from the trained tokenizer and ``max_len`` from the
     longest source or target row, so they are not part of that section.
     """
-    fields = dict(model.to_dict() if hasattr(model, "to_dict") else model)
-    for name in ("vocab_size", "max_len", "decode"):
-        if name in fields:
-            raise ValueError(f"config.model.{name} is derived (tokenizer, max lengths); "
-                             f"remove it from the model section")
-    try:
-        return TransformerConfig(vocab_size=vocab_size, max_len=max_len, **fields)
-    except TypeError as e:
-        raise ValueError(f"config.model has a key TransformerConfig does not know: {e}") from e
+    return from_config_dict(TransformerConfig, model, vocab_size=vocab_size, max_len=max_len)
 
 
 def make_loss_fn(config: TransformerConfig, *, label_smoothing: float = 0.1):
