@@ -23,6 +23,7 @@ import re
 import sys
 
 from absl import flags
+from etils import epath
 
 from tfx_jax import train as tr
 from tfx_jax.apps.classification import load_classifier
@@ -98,8 +99,7 @@ def generate(config, workdir: str, texts: list[str], output: str | None) -> None
                              generator.image_tokenizer, texts, **sampling_kwargs(config))
     if output is None:
         slug = re.sub(r"[^a-z0-9]+", "_", texts[0].lower()).strip("_")
-        output = os.path.join(workdir, "generated", f"{slug}.png")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        output = os.fspath(epath.Path(workdir) / "generated" / f"{slug}.png")
     save_image_grid(output, images, texts)
     print(f"{len(texts)} prompt(s) x {images.shape[1]} samples -> {output}")
 

@@ -18,6 +18,7 @@ import os
 import sys
 
 from absl import flags
+from etils import epath
 
 from tfx_jax import train as tr
 from tfx_jax.apps.attention_maps import cls_attention_maps, save_attention_maps
@@ -84,13 +85,12 @@ def draw_attention_maps(workdir: str, paths: list[str], invert: bool) -> None:
     classifier = load_classifier(workdir)
     images = load_image_files(paths, classifier.image_shape, invert=invert)
     labels, probs = classifier.predict(images)
-    titles = format_predictions([os.path.basename(p) for p in paths], labels, probs,
+    titles = format_predictions([epath.Path(p).name for p in paths], labels, probs,
                                 classifier.class_names)
     maps = cls_attention_maps(classifier.model, classifier.params, images)
-    out_dir = os.path.join(workdir, "attention")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = epath.Path(workdir) / "attention"
     for path, image, image_maps, title in zip(paths, images, maps, titles):
-        out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
+        out = out_dir / f"{epath.Path(path).stem}.png"
         panels = save_attention_maps(out, denormalize_images(image), image_maps, title=title)
         layers, heads = image_maps.shape[:2]
         print(f"{title} -> {out} ({panels} panels: the input, {layers} layer(s) x {heads} head(s))")

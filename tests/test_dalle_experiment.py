@@ -1,5 +1,5 @@
 """DALL-E-style generator: loss, KV-cache sampling, generation, evaluation, the script."""
-import os
+import json
 import pathlib
 
 import jax
@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import tfx_jax as tfx
+from tests.fake_gcs import local_bucket
 from tests.scripts import experiment_config as default_config, load_script
 from tfx_jax import train as tr
 from tfx_jax.apps.dalle import DigitPrompts, GrayLevelTokenizer, JointLayout, PatchVQTokenizer
@@ -188,26 +189,52 @@ def test_patch_vq_tokenizer_is_fitted_once_and_kept_in_the_workdir(tmp_path, dig
 
 
 @pytest.mark.slow
-def test_script_trains_generates_and_errors_clearly(tmp_path, data_dir, capsys):
-    workdir = str(tmp_path / "dalle")
+def test_script_trains_generates_and_evaluates_on_a_gs_workdir(tmp_path, data_dir, digits,
+                                                               capsys, monkeypatch):
+    """The whole script on a gs:// workdir (a fake bucket on local disk, tests/fake_gcs.py):
+    every file it writes and reads back goes through the path layer, none lands in ./gs:/."""
+    bucket, cwd = tmp_path / "bucket", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # anything written with os.* on the URL would appear here
+    workdir = "gs://tfx-test/dalle"
     config = default_config("dalle")
     config.model.update(TINY_MODEL)
     config.update(dict(data_dir=data_dir, batch_size=16, num_train_steps=2, warmup_steps=1,
                        eval_every_steps=0, checkpoint_every_steps=0, log_every_steps=1,
-                       num_gray_levels=4, progress_bar=False, samples_per_prompt=2))
-    result = dalle_script.train(config, workdir, mesh=tr.make_data_mesh(jax.devices()[:1]))
-    assert int(result.state.step) == 2
-    (line,) = tr.read_metrics(workdir, split="eval")
-    assert line["weight"] == 355 and np.isfinite(line["image_nll"])
+                       image_tokenizer="patch_vq", codebook_size=8, progress_bar=False,
+                       samples_per_prompt=2))
+    images = np.stack([digits[i]["image"] for i in range(300)])
+    labels = np.asarray([digits[i]["label"] for i in range(300)])
+    monkeypatch.setattr(dalle_script, "load_classifier",
+                        lambda _: NearestNeighbourClassifier(images, labels))
+    with local_bucket(bucket):
+        result = dalle_script.train(config, workdir, mesh=tr.make_data_mesh(jax.devices()[:1]))
+        assert int(result.state.step) == 2
+        (line,) = tr.read_metrics(workdir, split="eval")
+        assert line["weight"] == pytest.approx(355, rel=1e-5) and np.isfinite(line["image_nll"])
 
-    output = str(tmp_path / "grid.png")
-    dalle_script.generate(config, workdir, ["a handwritten seven", "the digit 3"], output)
-    assert "2 prompt(s) x 2 samples" in capsys.readouterr().out
-    assert os.path.getsize(output) > 0
-    with pytest.raises(ValueError, match="classifier_workdir"):
+        # generation reloads config.json, patch_vq.npz and the checkpoint from the bucket
+        dalle_script.generate(config, workdir, ["a handwritten seven", "the digit 3"], None)
+        assert "2 prompt(s) x 2 samples -> gs://tfx-test/dalle/generated/" in \
+            capsys.readouterr().out
+        with pytest.raises(ValueError, match="classifier_workdir"):
+            dalle_script.evaluate(config, workdir)
+        config.classifier_workdir = "gs://tfx-test/vit"  # the stand-in classifier above
         dalle_script.evaluate(config, workdir)
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        dalle_script.generate(config, str(tmp_path / "empty"), ["the digit 3"], output)
+        assert "report -> gs://tfx-test/dalle/generation_eval.json" in capsys.readouterr().out
+        assert [r["split"] for r in tr.read_metrics(workdir)][-1] == "eval"
+        with pytest.raises(FileNotFoundError, match="no config.json"):
+            dalle_script.generate(config, "gs://tfx-test/empty", ["the digit 3"], None)
+
+    local = bucket / "tfx-test" / "dalle"
+    assert json.loads((local / "config.json").read_text())["image_tokenizer"] == "patch_vq"
+    assert PatchVQTokenizer.load(str(local / "patch_vq.npz")).vocab_size <= 8
+    assert json.loads((local / "generation_eval.json").read_text())["step"] == 2
+    with Image.open(local / "generated" / "a_handwritten_seven.png") as png:
+        assert png.format == "PNG"
+    assert (local / "checkpoints" / "2").is_dir()
+    assert list((local / "tensorboard").iterdir())
+    assert not list(cwd.iterdir())  # no ./gs:/ folder: nothing bypassed the path layer
 
 
 def test_evaluate_generator_scores_samples_for_ten_prompts(tiny_lm, digits):

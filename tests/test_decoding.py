@@ -63,14 +63,26 @@ def test_beam_search_finds_brute_force_optimum(seed):
     assert np.all(np.diff(np.asarray(scores[0])) <= 1e-6)  # best first
 
 
+def sequence_score(table, seq, alpha):
+    """Length-normalised log-probability of ``seq`` (without BOS) under the Markov table."""
+    logp = sum(table[prev][tok] for prev, tok in zip((BOS, *seq), seq))
+    return logp / ((5 + len(seq)) / 6) ** alpha
+
+
 def test_beam_search_beats_greedy_on_trap():
+    """Greedy takes the likelier first token 3 into a flat distribution; beam search (beam 4,
+    alpha 0.6: the paper's) keeps the token-0 branch and returns "0 EOS", which scores higher."""
     table = greedy_trap_table(0)
     greedy = decoding.sample(markov_step(table), jnp.zeros(()), jnp.full((1, 1), BOS), 4,
                              temperature=0.0, eos_id=EOS)
-    assert int(greedy[0, 1]) == 3  # greedy walks into the trap
-    seqs, _ = decoding.beam_search(markov_step(table), jnp.zeros(()), batch_size=1, beam_size=4,
-                                   max_len=5, bos_id=BOS, eos_id=EOS)
-    assert int(seqs[0, 0, 0]) != 3
+    greedy_seq = [int(t) for t in greedy[0, 1:]]
+    assert greedy_seq[0] == 3  # greedy walks into the trap
+    greedy_seq = greedy_seq[:greedy_seq.index(EOS) + 1] if EOS in greedy_seq else greedy_seq
+    seqs, scores = decoding.beam_search(markov_step(table), jnp.zeros(()), batch_size=1,
+                                        beam_size=4, max_len=5, bos_id=BOS, eos_id=EOS)
+    assert [int(t) for t in seqs[0, 0]] == [0, EOS, 0, 0, 0]  # "0 EOS", then padding
+    assert float(scores[0, 0]) == pytest.approx(sequence_score(table, (0, EOS), 0.6), abs=1e-5)
+    assert float(scores[0, 0]) > sequence_score(table, greedy_seq, 0.6) + 0.5
 
 
 def test_gather_beams_reorders_batch_axis_and_leaves_scalars():

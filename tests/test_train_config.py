@@ -1,10 +1,12 @@
 """Config defaults and validation, mesh helpers, metric averaging and the metrics file."""
 import json
+import pathlib
 
 import jax
 import numpy as np
 import pytest
 
+from tests.scripts import experiment_config
 from tfx_jax import train as tr
 
 
@@ -45,11 +47,21 @@ def test_missing_training_keys_are_listed():
         tr.validate_config(config)
 
 
-def test_experiment_configs_extend_the_defaults():
-    config = tr.default_config()
-    config.label_smoothing = 0.1  # experiment keys are ignored by the loop
-    config.model = {"d_model": 64}
-    tr.validate_config(config)
+EXPERIMENT_CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent /
+                                            "experiments" / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENT_CONFIGS)
+def test_experiment_configs_extend_the_defaults(name):
+    defaults = tr.default_config()
+    config = experiment_config(name)
+    missing = sorted(set(defaults) - set(config))
+    assert not missing, f"experiments/configs/{name}.py drops training keys {missing}"
+    assert "model" in set(config) - set(defaults)  # plus the experiment's own keys
+    tr.validate_config(config)  # which the loop ignores
+    config.batch_size = 0  # while it still checks the training keys
+    with pytest.raises(ValueError, match="config.batch_size must be a positive integer"):
+        tr.validate_config(config)
 
 
 def test_check_batch_size_names_key_and_device_count():

@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import tfx_jax as tfx
+from tests.fake_gcs import local_bucket
 from tests.scripts import experiment_config as default_config, load_script
 from tfx_jax import train as tr
 from tfx_jax.apps.attention_maps import cls_attention_maps, save_attention_maps, unscan_params
@@ -138,32 +139,44 @@ def _eval_lines(workdir):
 
 
 @pytest.mark.slow
-def test_script_trains_predicts_files_and_draws_attention(tmp_path, data_dir, capsys):
-    workdir = str(tmp_path / "vit")
-    result = vit_script.train(tiny_config(data_dir), workdir)
-    assert int(result.state.step) == 2
-    (line,) = _eval_lines(workdir)
-    assert 0.0 <= line["accuracy"] <= 1.0 and line["weight"] == 355
-    stored = json.load(open(os.path.join(workdir, "config.json")))
-    assert stored["image_shape"] == [8, 8, 1] and stored["num_classes"] == 10
-
+def test_script_trains_predicts_files_and_draws_attention_on_a_gs_workdir(
+        tmp_path, data_dir, capsys, monkeypatch):
+    """Training, prediction and attention maps on a gs:// workdir (a fake bucket on local
+    disk, tests/fake_gcs.py) on 8 devices; nothing bypasses the path layer into ./gs:/."""
+    bucket, cwd = tmp_path / "bucket", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # anything written with os.* on the URL would appear here
+    workdir = "gs://tfx-test/vit"
     test = load_image_dataset("digits", "test", data_dir=data_dir)
     paths = []
     for i in (0, 1):
         paths.append(str(tmp_path / f"digit{i}.png"))
         Image.fromarray(test[i]["image"][..., 0]).save(paths[-1])
-    capsys.readouterr()
-    vit_script.predict(workdir, paths, invert=False)
-    printed = capsys.readouterr().out.strip().splitlines()
-    classifier = load_classifier(workdir)
-    probs = classifier.probabilities(normalize_images(np.stack([test[0]["image"],
-                                                                test[1]["image"]])))
-    for path, line, p in zip(paths, printed, probs):
-        assert line == f"{path}: {classifier.class_names[p.argmax()]} (p={p.max():.3f})"
+    with local_bucket(bucket):
+        result = vit_script.train(tiny_config(data_dir), workdir)
+        assert int(result.state.step) == 2
+        (line,) = _eval_lines(workdir)
+        assert 0.0 <= line["accuracy"] <= 1.0 and line["weight"] == 355
 
-    vit_script.draw_attention_maps(workdir, paths[:1], invert=False)
-    assert "(3 panels: the input, 1 layer(s) x 2 head(s))" in capsys.readouterr().out
-    assert os.path.getsize(os.path.join(workdir, "attention", "digit0.png")) > 0
+        capsys.readouterr()
+        vit_script.predict(workdir, paths, invert=False)
+        printed = capsys.readouterr().out.strip().splitlines()
+        classifier = load_classifier(workdir)
+        probs = classifier.probabilities(normalize_images(np.stack([test[0]["image"],
+                                                                    test[1]["image"]])))
+        for path, line, p in zip(paths, printed, probs):
+            assert line == f"{path}: {classifier.class_names[p.argmax()]} (p={p.max():.3f})"
+
+        vit_script.draw_attention_maps(workdir, paths[:1], invert=False)
+        assert ("-> gs://tfx-test/vit/attention/digit0.png (3 panels: the input, 1 layer(s) x "
+                "2 head(s))") in capsys.readouterr().out
+
+    local = bucket / "tfx-test" / "vit"
+    stored = json.loads((local / "config.json").read_text())
+    assert stored["image_shape"] == [8, 8, 1] and stored["num_classes"] == 10
+    with Image.open(local / "attention" / "digit0.png") as png:
+        assert png.format == "PNG"
+    assert not list(cwd.iterdir())  # no ./gs:/ folder: nothing bypassed the path layer
 
 
 def test_inference_without_a_trained_model_is_a_clear_error(tmp_path, data_dir):

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from tfx_jax.apps.figures import save_png
 from tfx_jax.vit import ViT
 
 
@@ -115,9 +116,10 @@ def plot_attention_maps(image: np.ndarray, maps: np.ndarray, *,
 
 def save_attention_maps(path: str, image: np.ndarray, maps: np.ndarray, *,
                         title: Optional[str] = None, dpi: int = 100) -> int:
-    """Writes :func:`plot_attention_maps` as a PNG; returns the number of panels
-    (``layers * heads + 1``: the input and one map per layer and head)."""
+    """Writes :func:`plot_attention_maps` as a PNG (``path`` may be a gs:// URL; its
+    directory is created); returns the number of panels (``layers * heads + 1``:
+    the input and one map per layer and head)."""
     figure = plot_attention_maps(image, maps, title=title)
-    figure.savefig(path, dpi=dpi)
+    save_png(figure, path, dpi=dpi)
     return len(figure.axes)
 

@@ -14,19 +14,21 @@ the models treat 0 as padding), ``EOS_ID = 1`` (end of sequence), ``BOS_ID = 2``
 needs more special tokens (DALL-E's begin-of-image) takes the next ids.
 
 The trained model is cached as a file in a directory the caller chooses (the
-run's workdir): :func:`load_or_train_tokenizer` loads it if present, so a
-resumed or evaluation run reuses the exact vocabulary of training.
+run's workdir, local or a gs:// URL: files go through ``etils.epath``):
+:func:`load_or_train_tokenizer` loads it if present, so a resumed or evaluation
+run reuses the exact vocabulary of training.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import tempfile
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 PAD_ID = 0
 EOS_ID = 1
@@ -40,13 +42,16 @@ class SentencePieceTokenizer:
 
     def __init__(self, model_path: str | os.PathLike):
         self.model_path = os.fspath(model_path)
-        if not os.path.isfile(self.model_path):
+        path = epath.Path(self.model_path)
+        if not path.is_file():
             raise FileNotFoundError(f"SentencePiece model not found: {self.model_path}")
+        model_proto = path.read_bytes()  # through epath: the file may be on gs://
         try:
-            self._processor = spm.SentencePieceProcessor(model_file=self.model_path)
+            self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
         except RuntimeError as e:  # sentencepiece's only error type for unreadable models
-            raise ValueError(f"{self.model_path}: not a SentencePiece model file ({e}); delete "
-                             f"it to train a new one, or point to the .model file that "
+            raise ValueError(f"{self.model_path}: not a SentencePiece model file (could not "
+                             f"parse ModelProto from its {len(model_proto)} bytes); delete it "
+                             f"to train a new one, or point to the .model file that "
                              f"train_sentencepiece wrote") from e
         reserved = (self._processor.pad_id(), self._processor.eos_id(),
                     self._processor.bos_id(), self._processor.unk_id())
@@ -105,15 +110,13 @@ def train_sentencepiece(
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
-    model_path = os.fspath(model_path)
-    directory = os.path.dirname(model_path) or "."
-    os.makedirs(directory, exist_ok=True)
+    path = epath.Path(model_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename, so a reader never sees a half-written model.
-    with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp",
-                                     delete=False) as f:
-        f.write(model.getvalue())
-    os.replace(f.name, model_path)
-    return SentencePieceTokenizer(model_path)
+    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    temporary.write_bytes(model.getvalue())
+    temporary.replace(path)
+    return SentencePieceTokenizer(path)
 
 
 def _training_texts(pairs: Sequence[tuple[str, str]], max_pairs: int,
@@ -133,8 +136,8 @@ def tokenizer_path(model_dir: str | os.PathLike, vocab_size: int,
                    model_type: str = "bpe", split_digits: bool = False) -> str:
     """Where :func:`load_or_train_tokenizer` caches its model."""
     digits = "_split_digits" if split_digits else ""
-    return os.path.join(os.fspath(model_dir),
-                        f"sentencepiece_{model_type}_{vocab_size}{digits}.model")
+    return os.fspath(epath.Path(model_dir) /
+                     f"sentencepiece_{model_type}_{vocab_size}{digits}.model")
 
 
 def load_or_train_tokenizer(
@@ -162,7 +165,7 @@ def load_or_train_tokenizer(
       seed: seed of that sample.
     """
     path = tokenizer_path(model_dir, vocab_size, model_type, split_digits)
-    if os.path.exists(path):
+    if epath.Path(path).exists():
         return SentencePieceTokenizer(path)
     texts = _training_texts(pairs, max_training_pairs, seed)
     return train_sentencepiece(texts, path, vocab_size=vocab_size,

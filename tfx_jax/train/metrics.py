@@ -118,6 +118,9 @@ class MetricsWriter:
             self._file = open(self.path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+            if is_url(workdir):
+                from tfx_jax.train import event_files  # pylint: disable=import-outside-toplevel
+                event_files.route_through_epath(workdir)
             self._tensorboard = SummaryWriter(
                 os.path.join(workdir, TENSORBOARD_DIR),
                 purge_step=start_step + 1 if start_step > 0 else None)

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 from tfx_jax.apps.classification import Classifier
 from tfx_jax.apps.dalle.generate import generate_images
@@ -173,13 +174,11 @@ REPORT_FILE = "generation_eval.json"
 
 def write_report(workdir: str, report: dict[str, Any], step: int) -> str:
     """Writes ``<workdir>/generation_eval.json`` (process 0 only); returns its path."""
-    path = os.path.join(workdir, REPORT_FILE)
+    path = epath.Path(workdir) / REPORT_FILE
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({"step": int(step), **report}, f, indent=2)
-            f.write("\n")
-    return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"step": int(step), **report}, indent=2) + "\n")
+    return os.fspath(path)
 
 
 def generation_evaluate_fn(model: CausalLM, prompts: DigitPrompts,

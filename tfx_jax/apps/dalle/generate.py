@@ -20,6 +20,7 @@ import numpy as np
 
 from tfx_jax import decoding
 from tfx_jax.apps.dalle.image_tokenizer import ImageTokenizer
+from tfx_jax.apps.figures import save_png
 from tfx_jax.apps.dalle.joint_sequence import JointLayout
 from tfx_jax.apps.dalle.prompts import DigitPrompts
 from tfx_jax.lm import CausalLM
@@ -80,7 +81,8 @@ def save_image_grid(path: str, images: np.ndarray, row_titles: Sequence[str], *,
                     dpi: int = 100) -> None:
     """A PNG grid (matplotlib): one row per prompt, one column per sample.
 
-    ``images`` is uint8 [rows, columns, H, W, C] (C = 1 or 3).
+    ``images`` is uint8 [rows, columns, H, W, C] (C = 1 or 3). ``path`` may be
+    a gs:// URL; its directory is created.
     """
     from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
@@ -105,4 +107,4 @@ def save_image_grid(path: str, images: np.ndarray, row_titles: Sequence[str], *,
             ax.set_yticks([])
         axes[row, 0].text(0.0, 1.04, row_titles[row], fontsize=9, ha="left", va="bottom",
                           transform=axes[row, 0].transAxes, in_layout=False)
-    figure.savefig(path, dpi=dpi)
+    save_png(figure, path, dpi=dpi)

@@ -13,9 +13,11 @@ after rounding) are merged, so ``vocab_size <= codebook_size``.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 
 import numpy as np
+from etils import epath
 
 from tfx_jax.apps.dalle.image_tokenizer import check_images, check_tokens
 
@@ -138,14 +140,16 @@ class PatchVQTokenizer:
         return patches_to_images(self.codebook[tokens], self.image_shape, self.patch_size)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes codebook, image shape and patch size to an .npz file."""
-        np.savez(path, codebook=self.codebook, image_shape=np.asarray(self.image_shape),
+        """Writes codebook, image shape and patch size to an .npz file (a gs:// URL too)."""
+        buffer = io.BytesIO()
+        np.savez(buffer, codebook=self.codebook, image_shape=np.asarray(self.image_shape),
                  patch_size=np.asarray(self.patch_size))
+        epath.Path(path).write_bytes(buffer.getvalue())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PatchVQTokenizer":
         """Reads a tokenizer written by `save`."""
-        with np.load(path) as data:
+        with np.load(io.BytesIO(epath.Path(path).read_bytes())) as data:
             image_shape = tuple(int(d) for d in data["image_shape"])
             return cls(codebook=data["codebook"], image_shape=image_shape,
                        patch_size=int(data["patch_size"]))

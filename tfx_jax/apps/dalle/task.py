@@ -19,7 +19,6 @@ the training Task, and :func:`load_generator` a trained generator from its workd
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Optional
 
 import jax
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 
 from tfx_jax import train as tr
 from tfx_jax.apps.dalle.gray_levels import GrayLevelTokenizer
@@ -56,8 +56,8 @@ def image_tokenizer_from_config(config: ml_collections.ConfigDict, workdir: str,
     if config.image_tokenizer != "patch_vq":
         raise ValueError(f"config.image_tokenizer must be one of {IMAGE_TOKENIZERS}, "
                          f"got {config.image_tokenizer!r}")
-    path = os.path.join(workdir, PATCH_VQ_FILE)
-    if os.path.isfile(path):
+    path = epath.Path(workdir) / PATCH_VQ_FILE
+    if path.exists():
         return PatchVQTokenizer.load(path)
     if train_images is None:
         raise FileNotFoundError(f"no {PATCH_VQ_FILE} in workdir {workdir!r}: the patch "
@@ -65,7 +65,7 @@ def image_tokenizer_from_config(config: ml_collections.ConfigDict, workdir: str,
     tokenizer = PatchVQTokenizer.fit(train_images, codebook_size=config.codebook_size,
                                      patch_size=config.vq_patch_size, seed=config.seed)
     if jax.process_index() == 0:  # every host fits the same codebook (seeded); one writes it
-        os.makedirs(workdir, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(path)
     return tokenizer
 
