@@ -217,7 +217,8 @@ def np_transformer(params, src, tgt, num_heads, eps=1e-6):
         return x * q["scale"] + q["bias"]
 
     def attention(q, x, kv, mask):  # mask [B or 1, T, S]: True = may attend
-        proj = lambda name, h: np.einsum("btd,dnh->btnh", h, q[name]["kernel"]) + q[name]["bias"]  # noqa: E731
+        def proj(name, h):
+            return np.einsum("btd,dnh->btnh", h, q[name]["kernel"]) + q[name]["bias"]
         scores = np.einsum("btnh,bsnh->bnts", proj("query", x), proj("key", kv))
         scores = np.where(mask[:, None], scores / np.sqrt(d // num_heads), -np.inf)
         weights = np.exp(scores - scores.max(-1, keepdims=True))

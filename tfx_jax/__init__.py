@@ -1,14 +1,37 @@
-"""tfx_jax: the Transformer family as pure Flax Linen modules.
+"""tfx_jax: the Transformer family as pure Flax Linen modules, and a library to train them.
 
-The chapters of the story, one file each:
-  attention.py    scaled dot-product attention (the T x S score matrix)
-  multihead.py    multi-head attention with W_o and a key/value cache
-  position.py     sinusoidal and learned positional encodings
-  blocks.py       the Transformer block (attention + FFN, residual, LayerNorm) and its stack
-  transformer.py  the encoder-decoder for sequence transduction
-  vit.py          the Vision Transformer: image patches as words
-  lm.py           the decoder-only causal LM behind DALL-E-style generation
-  decoding.py     autoregressive decoding: sampling, greedy and beam search
+Layers (each imports only those above it; models import neither data nor train):
+
+Models, the chapters of the story, one file each (``import tfx_jax as tfx``):
+  attention.py          scaled dot-product attention (the T x S score matrix), one function
+                        every module calls; it dispatches to the implementations below
+  attention_chunked.py  memory-efficient attention: linear extra memory, forward and backward
+  attention_cudnn.py    the GPU flash-attention path (cuDNN, via jax.nn.dot_product_attention)
+  multihead.py          multi-head attention with W_o and a key/value cache
+  position.py           sinusoidal and learned positional encodings
+  model_config.py       model options: StackConfig (shared by every model), validators and
+                        from_config_dict (an experiment's config.model -> a model config)
+  blocks.py             the Transformer block (attention + FFN, residual, LayerNorm) and its stack
+  transformer.py        the encoder-decoder for sequence transduction
+  vit.py                the Vision Transformer: image patches as words
+  lm.py                 the decoder-only causal LM behind DALL-E-style generation
+  decoding.py           autoregressive decoding: sampling, greedy and beam search
+  (modules other work adds, e.g. rotary position embeddings or a splash-attention path,
+  are listed here next to the chapter they extend)
+
+Library packages (import them explicitly):
+  data/        input data: TFDS datasets and builders read through Grain, tokenizers (the
+               project's one set of special token ids: data/tokenizer.py), text and image
+               pipelines; see tfx_jax/data/__init__.py
+  train/       task-agnostic training: run options (run_config.py), mesh, optimizer,
+               compiled step, Orbax checkpoints, metrics, preemption, the loop and the
+               script launcher; see tfx_jax/train/__init__.py
+  apps/        applications of models + data + train: classification, attention maps,
+               translation, DALL-E-style generation; see tfx_jax/apps/__init__.py
+  pretrained/  released weights (ViT .npz, Hugging Face safetensors), where present
+
+Scripts in experiments/ are thin: they parse flags and call an app. docs/ARCHITECTURE.md
+follows one training step from config file to checkpoint.
 """
 from tfx_jax import decoding
 from tfx_jax.attention import attention_weights, causal_mask, dot_product_attention

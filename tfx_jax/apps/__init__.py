@@ -1,7 +1,17 @@
-"""Applications built on the model chapters and the training library.
+"""Applications built on the model chapters, the data package and the training library.
 
-  classification.py   image classification task (ViT on digits / TFDS images)
+Each app holds what its script in experiments/ needs, so the script stays thin. An app
+builds its model config with ``tfx_jax.model_config.from_config_dict`` and its training
+Task with a factory of one shape, ``<app>_task(model_config, *, <sizes the data fixed>,
+<loss options>, evaluate=None) -> tfx_jax.train.Task`` (see tfx_jax/train/task.py).
+
+  classification.py   image classification task and inference (ViT on digits / TFDS images)
   attention_maps.py   [CLS] -> patch attention maps of a trained ViT
+  figures.py          matplotlib figures written as PNG through the path layer (gs:// too)
   translation/        the main job: sequence transduction with the encoder-decoder
-  dalle/              DALL-E-style text-to-image generation with a causal LM
+                      (task, inference: greedy and beam, evaluation: exact match and BLEU)
+  dalle/              DALL-E-style text-to-image generation with a causal LM (image
+                      tokenizers, prompts, the joint text+image stream, task, generation,
+                      evaluation)
+  (apps other work adds, e.g. language_model/, are listed here)
 """

@@ -2,7 +2,22 @@
 
 An experiment supplies a :class:`Task` (``init_params``, ``loss_fn``, optional
 ``evaluate``), a config extending :func:`default_config` and a checkpointable
-data iterator, and calls :func:`train`. See docs/training.md.
+data iterator, and calls :func:`train`. See docs/training.md and docs/ARCHITECTURE.md.
+
+  run_config.py   run options: default_config, validate_config, config.json save/load
+  task.py         the Task contract between an app and the loop
+  launch.py       one entry point for scripts: flags, multi-host start, exit codes
+  mesh.py         the device mesh and sharding of process-local batches
+  optimizers.py   Adam / AdamW with clipping and gradient accumulation
+  schedules.py    learning-rate schedules (the paper's eq. 3, warmup-cosine, constant)
+  losses.py       label-smoothed cross-entropies and accuracies
+  state.py        the train state pytree and its abstract (shape-only) twin
+  step.py         the jit-compiled train and eval steps
+  checkpoint.py   Orbax checkpoints of state + data iterator; restore_params for inference
+  metrics.py      metrics.jsonl and TensorBoard (event_files.py: event files on gs://)
+  preemption.py   SIGTERM -> checkpoint now and exit
+  progress.py     the progress bar and the final summary table
+  loop.py         train(): the loop that ties these together
 """
 from tfx_jax.train.checkpoint import Checkpointer, restore_params
 from tfx_jax.train import launch

@@ -25,6 +25,19 @@ on every host at evaluation time, for metrics that need more than the loss
 (BLEU, exact match, ...); use :func:`tfx_jax.train.shard_batch` with ``mesh``
 to feed it data. Return names from the project's vocabulary: ``exact_match``,
 ``bleu``, ``accuracy``.
+
+Every app builds its Task with a factory of one shape::
+
+    <app>_task(model_config, *, <sizes the data fixed>, <loss options>,
+               evaluate=None) -> Task
+
+the model config first (built from ``config.model`` by
+``tfx_jax.model_config.from_config_dict``), then keyword-only arguments:
+``translation_task(cfg, max_source_length=..., max_target_length=...,
+label_smoothing=0.1, evaluate=...)``, ``classification_task(cfg,
+label_smoothing=0.0, evaluate=...)``, ``generator_task(cfg, layout=...,
+evaluate=...)``. The factory builds the model from the config, so a script
+never needs the model object to train.
 """
 from __future__ import annotations
 
