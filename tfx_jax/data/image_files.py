@@ -11,10 +11,12 @@ trained on: for the 8x8 digits, a digit that fills the frame, centred.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
 import os
+from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 from PIL import Image, UnidentifiedImageError
 
 from tfx_jax.data.image_preprocess import normalize_images, resize_image
@@ -27,10 +29,11 @@ def read_image_file(path: str | os.PathLike, channels: int) -> np.ndarray:
     if channels not in _PIL_MODES:
         raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    file = epath.Path(path)  # a local path or a gs:// URL
+    if not file.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(file.read_bytes())) as image:
             image.load()
             if "A" in image.getbands() or "transparency" in image.info:
                 image = Image.alpha_composite(

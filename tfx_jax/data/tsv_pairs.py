@@ -12,6 +12,8 @@ from __future__ import annotations
 import collections.abc
 import os
 
+from etils import epath
+
 
 class TsvPairs(collections.abc.Sequence):
     """Random-access ``(source_text, target_text)`` pairs read from a TSV file.
@@ -24,10 +26,11 @@ class TsvPairs(collections.abc.Sequence):
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
+        file = epath.Path(self.path)  # a local path or a gs:// URL
+        if not file.is_file():
             raise FileNotFoundError(f"TSV parallel corpus not found: {self.path}")
         self._pairs: list[tuple[str, str]] = []
-        with open(self.path, "rb") as f:
+        with file.open("rb") as f:
             for line_number, raw_line in enumerate(f, start=1):
                 self._pairs.append(self._parse(raw_line, line_number))
         if not self._pairs:
