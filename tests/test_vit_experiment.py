@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -68,7 +67,9 @@ def test_classification_loss_is_smoothed_cross_entropy_over_valid_examples():
     model = tiny_vit(num_layers=1)
     task = classification_task(model.config, label_smoothing=0.1)
     params = jax.jit(task.init_params)(jax.random.key(0))
-    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape),
+    noise = np.random.default_rng(1)  # NumPy: no compiled program per parameter shape
+    params = jax.tree.map(lambda x: np.asarray(x) + 0.1 * noise.standard_normal(x.shape,
+                                                                            np.float32),
                           params)  # the head starts at zero: make the logits non-trivial
     rng = np.random.default_rng(0)
     batch = {"image": rng.uniform(-1, 1, (6, 8, 8, 1)).astype(np.float32),
@@ -142,7 +143,8 @@ def _eval_lines(workdir):
 def test_script_trains_predicts_files_and_draws_attention_on_a_gs_workdir(
         tmp_path, data_dir, capsys, monkeypatch):
     """Training, prediction and attention maps on a gs:// workdir (a fake bucket on local
-    disk, tests/fake_gcs.py) on 8 devices; nothing bypasses the path layer into ./gs:/."""
+    disk, tests/fake_gcs.py); nothing bypasses the path layer into ./gs:/. One device: 8 are
+    tests/test_train_loop.py's (1 device == 8 devices) and the translation tests'."""
     bucket, cwd = tmp_path / "bucket", tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)  # anything written with os.* on the URL would appear here
@@ -153,7 +155,8 @@ def test_script_trains_predicts_files_and_draws_attention_on_a_gs_workdir(
         paths.append(str(tmp_path / f"digit{i}.png"))
         Image.fromarray(test[i]["image"][..., 0]).save(paths[-1])
     with local_bucket(bucket):
-        result = vit_script.train(tiny_config(data_dir), workdir)
+        result = vit_script.train(tiny_config(data_dir), workdir,
+                                  mesh=tr.make_data_mesh(jax.devices()[:1]))
         assert int(result.state.step) == 2
         (line,) = _eval_lines(workdir)
         assert 0.0 <= line["accuracy"] <= 1.0 and line["weight"] == 355
@@ -199,7 +202,7 @@ def test_script_trains_on_a_tfds_dataset_by_name_with_mock_data(tmp_path, data_d
     workdir = str(tmp_path / "mnist")
     config = tiny_config(data_dir, dataset="mnist")
     config.model.patch_size = 14
-    one_device = tr.make_data_mesh(jax.devices()[:1])  # 8 are tested above; saves are cheaper
+    one_device = tr.make_data_mesh(jax.devices()[:1])  # as above
     with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=24):
         vit_script.train(config, workdir, mesh=one_device)
     assert tuple(config.image_shape) == (28, 28, 1) and config.num_classes == 10
