@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import tfx_jax as tfx
+import train_toy as toy
 from tests.fake_gcs import local_bucket
 from tests.scripts import experiment_config as default_config, load_script
 from tfx_jax import train as tr
@@ -28,6 +29,13 @@ TINY_MODEL = dict(patch_size=2, d_model=16, num_heads=2, num_layers=1, d_ff=32)
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The two script runs train the same tiny ViT on 8x8 batches: the second one reuses the
+    first one's compiled init, train and eval steps from JAX's persistent cache."""
+    toy.use_compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache")
 
 
 def tiny_config(data_dir, **overrides):
@@ -200,12 +208,13 @@ def test_inference_without_a_trained_model_is_a_clear_error(tmp_path, data_dir):
 @pytest.mark.slow
 def test_script_trains_on_a_tfds_dataset_by_name_with_mock_data(tmp_path, data_dir):
     workdir = str(tmp_path / "mnist")
-    config = tiny_config(data_dir, dataset="mnist")
-    config.model.patch_size = 14
+    # 28x28 MNIST resized to 8x8: the model and batches of the digits run above, so its
+    # compiled steps are reused (the resizing path is exercised on the way)
+    config = tiny_config(data_dir, dataset="mnist", image_size=8)
     one_device = tr.make_data_mesh(jax.devices()[:1])  # as above
     with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=24):
         vit_script.train(config, workdir, mesh=one_device)
-    assert tuple(config.image_shape) == (28, 28, 1) and config.num_classes == 10
+    assert tuple(config.image_shape) == (8, 8, 1) and config.num_classes == 10
     (line,) = _eval_lines(workdir)
     assert line["weight"] == 24 and 0.0 <= line["accuracy"] <= 1.0
 
