@@ -296,7 +296,7 @@ def corrupt_sentencepiece_model(tmp_path):
 
 FILE_CASES = [
     Case("workdir_is_a_file", workdir_is_a_file,
-         NotADirectoryError, r"Not a directory: '\S+/not_a_directory/checkpoints'"),
+         NotADirectoryError, r"workdir '\S+/not_a_directory' is a file, not a directory"),
     Case("gcs_workdir_without_gcsfs", gcs_workdir_without_gcsfs,
          ImportError, "install gcsfs"),
     Case("corrupt_sentencepiece_model", corrupt_sentencepiece_model,
