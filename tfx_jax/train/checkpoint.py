@@ -40,6 +40,7 @@ state (so no optimizer config is needed) and no data iterator.
 from __future__ import annotations
 
 import base64
+import logging
 import math
 import os
 import sys
@@ -62,11 +63,23 @@ CHECKSUM_ITEM = "checksums"
 CORRUPT_DIR = "checkpoints_corrupt"
 
 
+class _NoMissingMetricWarning(logging.Filter):
+    """Orbax warns at every save without eval metrics when it tracks the best; most
+    saves have none (evaluation is rarer than checkpointing), so that is not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoMissingMetricWarning())
+
+
 class CorruptCheckpointError(ValueError):
     """A checkpoint's arrays do not match the checksums written with them."""
 
     def __init__(self, step: int, step_dir: str, paths: list[str]):
         self.step = step
+        paths = sorted(paths, key=lambda p: (not p.startswith("params"), p))
         listed = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
         super().__init__(f"the checkpoint at step {step} ({step_dir}) is corrupt: the bytes of "
                          f"{listed} no longer match their checksums")
@@ -397,6 +410,31 @@ def _finite(value) -> bool:
 def _metric_getter(name: str, mode: str) -> Callable[[Mapping[str, float]], float]:
     worst = math.inf if mode == "min" else -math.inf
     return lambda metrics: float(metrics.get(name, worst))
+
+
+def check_checkpoint_fits(workdir: str, init_params: Callable[[jax.Array], Any]) -> None:
+    """ValueError if ``workdir`` has a checkpoint whose parameters do not fit ``init_params``.
+
+    Reads metadata only (no arrays) and writes nothing, so a script can check a
+    workdir before it writes anything into it (tokenizer, config.json).
+    """
+    directory = epath.Path(workdir) / "checkpoints"
+    if not directory.exists() or not any(p.name.isdigit() for p in directory.iterdir()):
+        return
+    shapes = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+    checkpointer = Checkpointer(workdir, async_save=False)
+    try:
+        step = checkpointer.latest_step()
+        if step is None:
+            return
+        try:
+            metadata = checkpointer._manager.item_metadata(step)[STATE_ITEM]  # pylint: disable=protected-access
+        except Exception as e:  # Orbax/TensorStore raise many types for unreadable files
+            raise checkpointer._unreadable(step, e) from e  # pylint: disable=protected-access
+        checkpointer._check_shapes(step, metadata, {"params": shapes},  # pylint: disable=protected-access
+                                   only_prefix="params/")
+    finally:
+        checkpointer.close()
 
 
 def restore_params(workdir: str, init_params: Callable[[jax.Array], Any], *,
