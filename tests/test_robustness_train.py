@@ -117,9 +117,12 @@ def test_a_run_refused_for_its_lock_leaves_no_new_directory(tmp_path):
 
 
 LOCK_HOLDER = textwrap.dedent("""
-    import sys, time
-    from tfx_jax.train.workdir_lock import workdir_lock
-    with workdir_lock(sys.argv[1]):
+    import importlib.util, sys, time
+    # The module alone (not the tfx_jax package, whose imports take seconds).
+    spec = importlib.util.spec_from_file_location("workdir_lock", sys.argv[2])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with module.workdir_lock(sys.argv[1]):
         print("locked", flush=True)
         time.sleep(600)
 """)
@@ -128,7 +131,8 @@ LOCK_HOLDER = textwrap.dedent("""
 def test_second_process_on_a_workdir_fails_then_takes_over_after_sigkill(tmp_path, capsys):
     workdir = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(TESTS_DIR.parent))
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(workdir)], env=env,
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(workdir),
+                               workdir_lock.__file__], env=env,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

@@ -83,8 +83,10 @@ def tree_checksums(tree: Any) -> dict[str, str]:
     """``{"params/dense/kernel": "0123abcd89ef4567", ...}`` for every array leaf of ``tree``."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     leaves = [leaf for _, leaf in flat]
-    values = jax.device_get(_checksums(leaves))
-    return {_path_name(path): "%08x%08x" % tuple(int(v) for v in np.asarray(value))
+    # Each result is replicated; with several processes it is not fully addressable, so
+    # read this host's copy.
+    values = [np.asarray(v.addressable_data(0)) for v in _checksums(leaves)]
+    return {_path_name(path): "%08x%08x" % tuple(int(v) for v in value)
             for (path, _), value in zip(flat, values)}
 
 
