@@ -140,6 +140,19 @@ def test_a_lone_file_splits_the_same_way_and_drops_header_and_bom(tmp_path, corp
     assert ("red red red", "red red red") in every  # the first pair after the header
 
 
+@pytest.mark.parametrize("first_line, header, skipped", [
+    ("source\ttarget", "auto", True), ("EN\tDE", "auto", True), ("src_text\ttgt_text", "auto", True),
+    ("en\tred", "auto", False), ("gold\tred", "auto", False), ("source\ttarget", "keep", False),
+    ("gold\tred", "skip", True)])
+def test_header_lines_are_detected_and_can_be_forced(tmp_path, first_line, header, skipped):
+    path = tmp_path / "corpus.tsv"
+    path.write_text(first_line + "\n" + "\n".join(pairs(40)) + "\n")
+    config = tiny_config(tmp_path, train_data=str(path), eval_data=str(path), tsv_header=header)
+    data = open_data(config)
+    assert len(data.train) == (40 if skipped else 41)
+    assert any("skipped the header line" in note for note in data.notes) == skipped
+
+
 @pytest.mark.parametrize("name", ["corpus.txt", "corpus.TSV", "corpus"])
 def test_files_are_recognised_by_existence_not_suffix(tmp_path, name):
     path = tmp_path / name

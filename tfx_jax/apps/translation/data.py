@@ -30,6 +30,7 @@ from tfx_jax.data.pair_sources import NUMBER_WORDS, is_file_spec, open_text_pair
 from tfx_jax.data.tsv_pairs import TsvPairs
 
 MAX_HOLDOUT = 1_000
+TSV_HEADER = {"auto": "auto", "skip": True, "keep": False}  # config.tsv_header -> TsvPairs
 MIN_HOLDOUT = 5
 
 
@@ -66,12 +67,12 @@ def open_split(config, spec: str, split: str, notes: list[str]):
     """The pairs ``spec`` names (a file, or ``split`` of a dataset)."""
     options = dict(data_dir=config.data_dir, in_memory=config.data_in_memory)
     if is_file_spec(spec):
-        pairs = TsvPairs(spec, header=config.get("tsv_header", "auto"))
+        pairs = TsvPairs(spec, header=TSV_HEADER[config.get("tsv_header", "auto")])
         if pairs.had_bom:
             notes.append(f"{spec}: removed the UTF-8 byte order mark before the first line")
         if pairs.header is not None:
             notes.append(f"{spec}: skipped the header line {pairs.header!r} (set "
-                         f"--config.tsv_header=False to train on it)")
+                         f"--config.tsv_header=keep to train on it)")
         return pairs
     options.update(source_language=config.source_language,
                    target_language=config.target_language)

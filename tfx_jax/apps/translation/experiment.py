@@ -40,7 +40,8 @@ import jax
 from etils import epath
 
 from tfx_jax import train as tr
-from tfx_jax.apps.translation.data import TranslationData, bleu_tokenize, open_data
+from tfx_jax.apps.translation.data import (TSV_HEADER, TranslationData, bleu_tokenize,
+                                           open_data)
 from tfx_jax.apps.translation.evaluation import (make_evaluate, translate_eval_data,
                                                  translation_scores)
 from tfx_jax.apps.translation.inference import translate_texts
@@ -118,8 +119,8 @@ def check_config(config, mesh) -> None:
              "length_percentile", config.length_percentile, "in (0, 100]")
     _require(_number(config.outlier_factor) and config.outlier_factor >= 1, "outlier_factor",
              config.outlier_factor, ">= 1")
-    _require(config.tsv_header in (True, False, "auto"), "tsv_header", config.tsv_header,
-             "True, False or 'auto'")
+    _require(config.tsv_header in TSV_HEADER, "tsv_header", config.tsv_header,
+             f"one of {tuple(TSV_HEADER)}")
     model_config(config, vocab_size=config.vocab_size)  # d_model % num_heads, unknown fields
     tr.check_batch_size(config.batch_size, mesh)
 
