@@ -46,10 +46,11 @@ def _show_traceback() -> bool:
 
 
 def _one_line(error: BaseException) -> str:
+    """The error's message on one line (a multi-line message's lines joined with spaces)."""
     text = str(error) or type(error).__name__
     if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
         text += f": {error.filename}"
-    return text
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 @contextlib.contextmanager
