@@ -298,3 +298,26 @@ def test_command_line_errors_are_one_line_exit_2_and_verbosity_shows_the_traceba
     result = _script(f"--workdir={tmp_path / 'c'}", "--config.batch_size=0", "--verbosity=1")
     assert result.returncode == 1 and "Traceback (most recent call last)" in result.stderr
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+class WordTokenizer:
+    """One token per word (lengths are then easy to state)."""
+
+    def encode(self, text):
+        return text.split()
+
+
+@pytest.mark.parametrize("source_words, cap, longer", [
+    ([3] * 99 + [1000], 4, 1),           # one outlier among 100: cut, counted
+    ([3] * 50 + [6] * 50, 7, 0),         # within 2x of the 99th percentile: all kept
+    ([3] * 298 + [2000, 1000], 4, 2),    # two outliers among 300
+    ([5], 6, 0),
+], ids=["one_outlier", "no_outlier", "two_outliers", "one_pair"])
+def test_length_caps_cut_outliers_only(source_words, cap, longer):
+    from tfx_jax.data.length_caps import length_caps
+    data = [(" ".join(["w"] * n), "t t") for n in source_words]
+    caps = length_caps(data, WordTokenizer())
+    assert (caps.max_source_length, caps.max_target_length, caps.num_longer) == (cap, 3, longer)
+    assert caps.longest_source == max(source_words) + 1
+    assert f"{longer} of {len(data)} pairs are longer" in caps.describe()
+    assert ("warning: outliers" in caps.describe()) == bool(longer)
