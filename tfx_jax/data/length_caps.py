@@ -14,6 +14,10 @@ most clean corpora and the built-in number_words) keeps every pair whole; the
 outliers are cut to the cap (or left out of training with ``drop_overlong``),
 and :class:`LengthCaps` counts them so the caller can say how many.
 
+The percentile uses NumPy's ``"lower"`` method: in a file of fewer than 100
+pairs the longest but one is the typical length, so a single outlier is still
+found there (several in a tiny file are not outliers by this rule).
+
 Lengths are measured on up to ``max_pairs`` pairs (a seeded sample of larger
 corpora); counts are then scaled to the whole corpus and marked as estimates.
 """
