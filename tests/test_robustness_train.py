@@ -254,6 +254,19 @@ def test_a_reader_skips_a_corrupt_step_without_moving_it(tmp_path, capsys):
         tr.restore_params(str(workdir), toy.make_task().init_params, step=8)
 
 
+def test_a_failing_evaluation_checkpoints_the_training_before_the_error(tmp_path, capsys):
+    def evaluate(params, step, mesh):
+        raise ValueError(f"decoding failed at step {step}")
+    task = tr.Task(init_params=toy.make_task().init_params, loss_fn=toy.make_task().loss_fn,
+                   evaluate=evaluate)
+    config = toy.toy_config(num_train_steps=8, eval_every_steps=3, checkpoint_every_steps=4)
+    with pytest.raises(ValueError, match="decoding failed at step 3"):
+        tr.train(config, str(tmp_path), task, toy.make_train_iter(16))
+    assert os.listdir(tmp_path / "checkpoints") == ["3"]
+    assert "The evaluation at step 3 failed; saved a checkpoint at step 3 first" in (
+        capsys.readouterr().err)
+
+
 # --- best checkpoint, early stopping --------------------------------------------------------------
 
 def test_best_checkpoint_is_kept_besides_the_latest(tmp_path):

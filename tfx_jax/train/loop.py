@@ -270,7 +270,7 @@ class _Run:
                     self.write_train_metrics(step)
                 if wants_eval and (final or (config.eval_every_steps
                                              and step % config.eval_every_steps == 0)):
-                    self.evaluate(state, step)
+                    self.evaluate_or_save(state, step)
                     if not final and self.early_stopping.update(step, self.last_eval):
                         self.save(state)
                         _say(self.early_stopping.message(step))
@@ -316,6 +316,19 @@ class _Run:
             _say(f"step {step}: " + ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                 for k, v in averaged.items()))
+
+    def evaluate_or_save(self, state: TrainState, step: int) -> None:
+        """Evaluates; if evaluation fails, the step's training is checkpointed before the error."""
+        try:
+            self.evaluate(state, step)
+        except NonFiniteError:
+            raise
+        except Exception:
+            if self.checkpointer.save(state, self.train_iter):
+                self.checkpointer.wait_until_finished()
+                _say(f"The evaluation at step {step} failed; saved a checkpoint at step {step} "
+                     f"first, so a rerun does not repeat the training")
+            raise
 
     def evaluate(self, state: TrainState, step: int) -> None:
         self._stop_if_nonfinite()
