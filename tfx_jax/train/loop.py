@@ -318,13 +318,17 @@ class _Run:
                 for k, v in averaged.items()))
 
     def evaluate_or_save(self, state: TrainState, step: int) -> None:
-        """Evaluates; if evaluation fails, the step's training is checkpointed before the error."""
+        """Evaluates; if evaluation fails, the step's training is checkpointed before the error.
+
+        One process only: with several, a host that failed alone would wait in the
+        (collective) save for hosts that did not.
+        """
         try:
             self.evaluate(state, step)
         except NonFiniteError:
             raise
         except Exception:
-            if self.checkpointer.save(state, self.train_iter):
+            if jax.process_count() == 1 and self.checkpointer.save(state, self.train_iter):
                 self.checkpointer.wait_until_finished()
                 _say(f"The evaluation at step {step} failed; saved a checkpoint at step {step} "
                      f"first, so a rerun does not repeat the training")
