@@ -221,9 +221,9 @@ def test_hosts_with_unequal_eval_batch_counts_fail_together_with_clear_error(tmp
     workdir = tmp_path / "run"
     job = Job(workdir, cache, "--config.num_train_steps=4", "--config.checkpoint_every_steps=2",
               "--config.eval_every_steps=4", "--uneven_eval")
-    assert job.wait(timeout=120) == [1, 1]
+    assert job.wait(timeout=120) == [2, 2]  # launch.run: one "error: ..." line, exit 2
     for i in range(NUM_PROCESSES):
-        assert ("ValueError: eval_batches: process(es) [0] have 4 batches but process(es) [1] "
+        assert ("error: eval_batches: process(es) [0] have 4 batches but process(es) [1] "
                 "have more; every process must yield the same number of eval batches"
                 in job.output(i))
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]  # earlier checkpoint intact

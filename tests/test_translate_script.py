@@ -1,6 +1,7 @@
 """experiments/translate.py end to end on tiny configs: each data source, the translate
-command, and clear errors for bad data and empty workdirs."""
-import importlib.util
+command, and clear errors for bad data and empty workdirs. The script is thin: the run
+is tfx_jax.apps.translation.experiment (failure cases: test_robustness.py)."""
+import io
 import json
 import os
 import subprocess
@@ -9,35 +10,30 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
+import scripts
 import train_toy
 from tfx_jax import train as tr
+from tfx_jax.apps.translation import experiment
+from tfx_jax.apps.translation.data import bleu_tokenize, open_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "translate.py")
 
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def script(tmp_path_factory):
-    """The script as a module (its absl flag is defined once per process).
+    """The script as a module.
 
     The tiny configs below give every data source the same shapes (vocabulary 40,
     rows of 12), so after the first run the others load their compiled programs
     from JAX's persistent cache.
     """
     train_toy.use_compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache")
-    return _load("translate_script", SCRIPT)
+    return scripts.load_script(SCRIPT, "translate_script")
 
 
 def tiny_config(data_dir, **overrides):
-    config = _load("translate_config",
-                   os.path.join(ROOT, "experiments", "configs", "translate.py")).get_config()
+    config = scripts.experiment_config("translate")
     config.model.update(d_model=16, num_heads=2, d_ff=32, num_encoder_layers=1,
                         num_decoder_layers=1)
     config.number_words.update(max_number=999, train_size=64, validation_size=8, test_size=8,
@@ -59,7 +55,7 @@ def _splits(workdir):
 def test_number_words_trains_tests_and_translates(script, tmp_path, capsys):
     config = tiny_config(tmp_path / "tfds", beam_size=2)
     workdir = str(tmp_path / "run")
-    result = script.train_and_test(config, workdir, script.open_data(config))
+    result = experiment.train_and_test(config, workdir, open_data(config))
     assert _splits(workdir) == ["train", "train", "eval", "test"]
     train, _, evaluation, test = tr.read_metrics(workdir)
     assert train["step"] == 1 and test["step"] == 2 and test["num_examples"] == 8
@@ -69,9 +65,9 @@ def test_number_words_trains_tests_and_translates(script, tmp_path, capsys):
     assert saved["model"]["d_model"] == 16 and saved["vocab_size"] == 40
     out = capsys.readouterr().out
     assert "Example translations" in out and "test" in out
-    # The translate command restores checkpoint + tokenizer and beam-decodes like the test.
+    # The translate command restores params + tokenizer and beam-decodes like the test.
     sources = result["sources"][:3]
-    script.translate_command(config, workdir, sources)
+    script.translate(config, workdir, sources)
     assert capsys.readouterr().out.splitlines() == result["hypotheses"][:3]
 
 
@@ -84,10 +80,10 @@ def test_tsv_corpus_trains_with_only_the_data_flags(script, tmp_path):
     config = tiny_config(tmp_path / "tfds", train_data=str(tmp_path / "train.tsv"),
                          eval_data=str(tmp_path / "eval.tsv"))
     workdir = str(tmp_path / "run")
-    script.train_and_test(config, workdir, script.open_data(config))
+    experiment.train_and_test(config, workdir, open_data(config))
     assert _splits(workdir)[-2:] == ["eval", "test"]
     assert tr.read_metrics(workdir, "test")[0]["num_examples"] == 12  # tested on eval.tsv
-    assert script.bleu_tokenize(config) == "13a"
+    assert bleu_tokenize(config) == "13a"
 
 
 @pytest.mark.slow
@@ -96,9 +92,9 @@ def test_tfds_translation_dataset_trains(script, tmp_path):
                          source_language="en", target_language="de",
                          data_in_memory=False)  # read lazily through tfds.data_source
     with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=16):
-        data = script.open_data(config)
-        assert len(data[0]) == 16
-        script.train_and_test(config, str(tmp_path / "run"), data)
+        data = open_data(config)
+        assert len(data.train) == 16
+        experiment.train_and_test(config, str(tmp_path / "run"), data)
     assert _splits(str(tmp_path / "run"))[-1] == "test"
 
 

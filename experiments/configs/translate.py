@@ -26,9 +26,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     # Data. `dataset` names the splits of a dataset: "number_words" (built in; or
     # "number_words/en_ko") or a TFDS translation dataset such as "wmt14_translate/de-en".
-    # `train_data` / `eval_data` / `test_data`, when set, replace a split by a .tsv file
-    # (or another dataset spec): a TSV corpus needs only train_data and eval_data, and
-    # its final test evaluation then runs on eval_data.
+    # `train_data` / `eval_data` / `test_data`, when set, replace a split by a TSV file
+    # (any name: .tsv, .txt, ...) or another dataset spec. A TSV corpus needs only
+    # train_data: without eval_data a seeded `eval_holdout` fraction of it (at most 1,000
+    # pairs) is held out for evaluation and the final test; with eval_data the final
+    # test runs on eval_data (or test_data if set).
     config.dataset = "number_words"
     config.train_data = ""
     config.eval_data = ""
@@ -36,6 +38,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train_split = "train"
     config.eval_split = "validation"
     config.test_split = "test"
+    config.eval_holdout = 0.05
+    config.tsv_header = "auto"  # skip a "source<TAB>target"-like first line; "skip" / "keep"
     config.data_dir = config_dict.placeholder(str)  # TFDS data_dir (None: TFDS's default)
     config.source_language = config_dict.placeholder(str)  # None: the dataset's direction
     config.target_language = config_dict.placeholder(str)
@@ -51,10 +55,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.vocab_size = 1000  # an upper bound: a small corpus gets what it supports
     config.tokenizer_type = "bpe"  # "bpe" (the paper) or "unigram"
     config.split_digits = True  # one piece per digit: numbers are copied, not memorised
-    # Tokens per row, EOS included; longer rows are cut. 0: the longest training pair's
-    # (measured on up to 10,000 pairs when training starts, kept in config.json).
+    # Tokens per row, EOS included; longer rows are cut. 0: from the data (measured on up
+    # to 10,000 pairs when training starts, kept in config.json): the longest pair that
+    # is at most `outlier_factor` x the `length_percentile` length (so one 10,000-token
+    # line cannot set the row length of every batch; the run prints how many it cuts).
     config.max_source_length = 0
     config.max_target_length = 0
+    config.length_percentile = 99.0
+    config.outlier_factor = 2.0
     config.drop_overlong = False  # True: leave too-long training pairs out instead
 
     # Model: any TransformerConfig field except vocab_size / max_len (from the data).
@@ -67,7 +75,15 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # Training: the paper's Adam (0.9, 0.98, 1e-9), label smoothing 0.1.
     config.label_smoothing = 0.1
     config.batch_size = 128
-    config.num_train_steps = 600
+    # Training length: num_train_steps, or num_epochs of the training pairs; with both 0
+    # the default: 600 steps for number_words (tuned, docs/translate.md), and for a user
+    # corpus `epochs` epochs within [min_steps, max_steps]. The run prints the epochs.
+    config.num_train_steps = 0
+    config.num_epochs = 0.0
+    config.auto_train_length = ml_collections.ConfigDict(dict(
+        number_words_steps=600, epochs=10.0, min_steps=1000, max_steps=100_000))
+    # config.early_stopping_patience = N stops after N evaluations without a better
+    # eval loss (config.best_metric); the best checkpoint is kept either way.
     config.schedule = "warmup_cosine"
     config.learning_rate = 1e-3
     config.warmup_steps = 100

@@ -5,8 +5,10 @@ A translation config names its data with one string (``train_data``,
 
 * ``"number_words"`` or ``"number_words/<config>"`` (``en_de``, ``en_ko``): the
   built-in dataset, generated under ``data_dir`` on first use;
-* a path ending in ``.tsv``: a user's parallel corpus (the file *is* the split,
-  so ``split`` is not used);
+* a file: a user's parallel corpus in TSV format (the file *is* the split,
+  so ``split`` is not used). An existing file is a file whatever its name
+  (``.txt``, ``.TSV``, no suffix); a missing path ending in ``.tsv`` / ``.txt``
+  (any case) is reported as a missing file, not as an unknown dataset;
 * anything else: a TFDS translation dataset such as ``"wmt14_translate/de-en"``,
   prepared in ArrayRecord format under ``data_dir``.
 
@@ -17,6 +19,7 @@ reads.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from tfx_jax.data.number_words_dataset import NumberWordsConfig, number_words_pairs
@@ -25,6 +28,12 @@ from tfx_jax.data.tsv_pairs import TsvPairs
 
 TextPairs = Sequence[tuple[str, str]]
 NUMBER_WORDS = "number_words"
+FILE_SUFFIXES = (".tsv", ".txt")
+
+
+def is_file_spec(spec: str) -> bool:
+    """True if ``spec`` names a TSV file: it exists as a file, or ends in .tsv/.txt (any case)."""
+    return os.path.isfile(spec) or spec.lower().endswith(FILE_SUFFIXES)
 
 
 def open_text_pairs(
@@ -61,7 +70,7 @@ def open_text_pairs(
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"data spec must be a non-empty string ('number_words', a "
                          f".tsv path or a TFDS name), got {spec!r}")
-    if spec.endswith(".tsv"):
+    if is_file_spec(spec):
         if source_language or target_language:
             raise ValueError(f"{spec}: a TSV file has a fixed direction (source<TAB>"
                              "target); source_language/target_language do not apply")

@@ -19,6 +19,20 @@ Saves are atomic: Orbax writes ``<step>.orbax-checkpoint-tmp`` and renames it
 to ``<step>`` when complete, so a process killed mid-save leaves only a
 temporary directory, which is never restored (the training loop deletes it).
 
+Every save also stores a checksum of each array of the state
+(``<step>/checksums``, :mod:`tfx_jax.train.checksums`). Restoring recomputes
+them; a step whose bytes changed since it was written (disk or copy errors,
+hand edits) raises :class:`CorruptCheckpointError` naming the step and the
+arrays. Restoring the *latest* step then falls back to the newest good one:
+the training loop (the workdir's owner) moves the corrupt step aside to
+``<workdir>/checkpoints_corrupt/<step>`` (nothing is deleted) and says so;
+readers only skip it.
+
+With ``best_metric`` set, the checkpoint with the best value of that eval
+metric is kept besides the latest ``max_to_keep`` (Orbax ``BestN`` +
+``LatestN`` preservation policies), so a run that later diverges keeps its
+best state; :meth:`Checkpointer.best_step` names it.
+
 For inference (prediction, decoding, evaluation) :func:`restore_params` reads
 only the model parameters of a workdir's latest checkpoint: no optimizer
 state (so no optimizer config is needed) and no data iterator.
@@ -26,20 +40,49 @@ state (so no optimizer config is needed) and no data iterator.
 from __future__ import annotations
 
 import base64
+import logging
+import math
 import os
-from typing import Any, Callable, Optional
+import sys
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from tfx_jax.train import checksums
 from tfx_jax.train.mesh import make_data_mesh, replicated_sharding
 from tfx_jax.train.metrics import is_url
 from tfx_jax.train.state import TrainState
 
 STATE_ITEM = "state"
 ITERATOR_ITEM = "data_iterator"
+CHECKSUM_ITEM = "checksums"
+CORRUPT_DIR = "checkpoints_corrupt"
+
+
+class _NoMissingMetricWarning(logging.Filter):
+    """Orbax warns at every save without eval metrics when it tracks the best; most
+    saves have none (evaluation is rarer than checkpointing), so that is not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoMissingMetricWarning())
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's arrays do not match the checksums written with them."""
+
+    def __init__(self, step: int, step_dir: str, paths: list[str]):
+        self.step = step
+        paths = sorted(paths, key=lambda p: (not p.startswith("params"), p))
+        listed = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+        super().__init__(f"the checkpoint at step {step} ({step_dir}) is corrupt: the bytes of "
+                         f"{listed} no longer match their checksums")
 
 
 def encode_iterator_state(state: Any) -> dict:
@@ -101,7 +144,8 @@ class Checkpointer:
     """Saves and restores (TrainState, data iterator) pairs under ``<workdir>/checkpoints``."""
 
     def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True,
-                 remove_unfinished: bool = False):
+                 remove_unfinished: bool = False, best_metric: str = "",
+                 best_mode: str = "min"):
         """``remove_unfinished=True`` deletes what saves cut short left behind.
 
         A save goes to ``<step>.orbax-checkpoint-tmp`` and is renamed to
@@ -109,6 +153,10 @@ class Checkpointer:
         temporary directory that is never restored. Only the run that owns the
         workdir (the training loop) should delete them: anyone else, e.g. an
         evaluation job reading checkpoints, would delete a save in progress.
+        The owner also moves corrupt checkpoints aside (see the module doc).
+
+        ``best_metric`` (e.g. ``"loss"``, with ``best_mode`` ``"min"``): also
+        keep the checkpoint whose ``metrics`` passed to :meth:`save` are best.
         """
         self.workdir = os.fspath(workdir)
         root = self.workdir if is_url(self.workdir) else os.path.abspath(self.workdir)
@@ -122,12 +170,27 @@ class Checkpointer:
         registry.add(STATE_ITEM, ocp.args.StandardRestore, ocp.handlers.StandardCheckpointHandler)
         registry.add(ITERATOR_ITEM, ocp.args.JsonSave, iterator_handler)
         registry.add(ITERATOR_ITEM, ocp.args.JsonRestore, iterator_handler)
+        checksum_handler = ocp.handlers.JsonCheckpointHandler(filename="checksums.json")
+        registry.add(CHECKSUM_ITEM, ocp.args.JsonSave, checksum_handler)
+        registry.add(CHECKSUM_ITEM, ocp.args.JsonRestore, checksum_handler)
+        self.owner = remove_unfinished
+        self.best_metric = best_metric
+        keep: dict = dict(max_to_keep=max_to_keep)
+        if best_metric:
+            if best_mode not in ("min", "max"):
+                raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+            best_fn = _metric_getter(best_metric, best_mode)
+            keep = dict(best_fn=best_fn, best_mode=best_mode,
+                        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy([
+                            ocp.checkpoint_managers.LatestN(n=max_to_keep),
+                            ocp.checkpoint_managers.BestN(
+                                get_metric_fn=best_fn, reverse=best_mode == "min", n=1,
+                                keep_checkpoints_without_metrics=False)]))
         self._manager = ocp.CheckpointManager(
             self.directory, handler_registry=registry,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, create=True,
-                enable_async_checkpointing=async_save,
-                cleanup_tmp_directories=remove_unfinished))
+                create=True, enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=remove_unfinished, **keep))
 
     def latest_step(self) -> Optional[int]:
         return self._manager.latest_step()
@@ -135,23 +198,39 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, state: TrainState, data_iterator) -> bool:
+    def best_step(self) -> Optional[int]:
+        """The kept step with the best ``best_metric`` (None without one or no metrics yet)."""
+        if not self.best_metric:
+            return None
+        best = self._manager.best_step()
+        with_metrics = [info.step for info in self._manager._checkpoints  # pylint: disable=protected-access
+                        if info.metrics is not None]
+        return best if best in with_metrics else None
+
+    def save(self, state: TrainState, data_iterator,
+             metrics: Optional[Mapping[str, float]] = None) -> bool:
         """Starts saving ``state`` and ``data_iterator.get_state()`` at ``state.step``.
 
-        Returns False (and writes nothing) if that step is already saved.
-        Asynchronous unless the Checkpointer was made with ``async_save=False``;
-        call :meth:`wait_until_finished` before relying on the files.
+        ``metrics``: the eval metrics of this step, for keeping the best
+        checkpoint (ignored without ``best_metric``). Returns False (and writes
+        nothing) if that step is already saved. Asynchronous unless the
+        Checkpointer was made with ``async_save=False``; call
+        :meth:`wait_until_finished` before relying on the files.
         """
         check_iterator_checkpointable(data_iterator)
         step = int(jax.device_get(state.step))
         if step in self._manager.all_steps():
             return False
         iterator_state = encode_iterator_state(data_iterator.get_state())
+        kept_metrics = None
+        if self.best_metric and metrics and _finite(metrics.get(self.best_metric)):
+            kept_metrics = {self.best_metric: float(metrics[self.best_metric])}
         return self._manager.save(
-            step, force=True,
+            step, force=True, metrics=kept_metrics,
             args=ocp.args.Composite(**{
                 STATE_ITEM: ocp.args.StandardSave(state),
-                ITERATOR_ITEM: ocp.args.JsonSave(iterator_state)}))
+                ITERATOR_ITEM: ocp.args.JsonSave(iterator_state),
+                CHECKSUM_ITEM: ocp.args.JsonSave(checksums.tree_checksums(state))}))
 
     def restore(self, abstract_state: TrainState, data_iterator=None,
                 step: Optional[int] = None) -> TrainState:
@@ -164,9 +243,43 @@ class Checkpointer:
         """
         if data_iterator is not None:
             check_iterator_checkpointable(data_iterator)
-        step = self.latest_step() if step is None else step
-        if step is None:
+        if step is not None:
+            return self._restore_step(abstract_state, data_iterator, step)
+        if self.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return self._fall_back(lambda s: self._restore_step(abstract_state, data_iterator, s))
+
+    def _fall_back(self, restore_step: Callable[[int], Any]) -> Any:
+        """``restore_step`` of the newest step that is not corrupt (see the module doc)."""
+        error = None
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                result = restore_step(step)
+            except CorruptCheckpointError as e:
+                error = error or e
+                aside = self._move_aside(step)
+                _say(f"warning: {e}; {aside}trying the checkpoint before it")
+                continue
+            if error is not None:
+                _say(f"Restored the checkpoint at step {step} instead")
+            return result
+        raise ValueError(f"{error}. No earlier checkpoint in {self.directory} is intact; "
+                         f"use a new --workdir") from error
+
+    def _move_aside(self, step: int) -> str:
+        """The owner moves a corrupt step to checkpoints_corrupt/ (so it is not saved over)."""
+        if not self.owner:
+            return ""
+        target = epath.Path(self.workdir) / CORRUPT_DIR / str(step)
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (epath.Path(self.directory) / str(step)).rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"tfx_jax_corrupt_checkpoint_{step}")
+        self._manager.reload()
+        return f"moved it to {target}; "
+
+    def _restore_step(self, abstract_state: TrainState, data_iterator, step: int) -> TrainState:
         try:
             metadata = self._manager.item_metadata(step)[STATE_ITEM]
         except Exception as e:  # Orbax/TensorStore raise many types for unreadable files
@@ -175,6 +288,8 @@ class Checkpointer:
         items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items[ITERATOR_ITEM] = ocp.args.JsonRestore()
+        if self._has_checksums(step):
+            items[CHECKSUM_ITEM] = ocp.args.JsonRestore()
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except FileNotFoundError as e:
@@ -184,6 +299,8 @@ class Checkpointer:
                 f"with a different number of processes?): {e}") from e
         except Exception as e:
             raise self._unreadable(step, e) from e
+        if CHECKSUM_ITEM in items:
+            self._verify(step, restored[CHECKSUM_ITEM], restored[STATE_ITEM])
         if data_iterator is not None:
             try:
                 data_iterator.set_state(decode_iterator_state(restored[ITERATOR_ITEM]))
@@ -203,9 +320,10 @@ class Checkpointer:
         iterator are not read (Orbax partial restore), so inference needs
         neither the optimizer config nor the pipeline.
         """
-        step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            if self.latest_step() is None:
+                raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            return self._fall_back(lambda s: self.restore_params(abstract_params, s))
         target = {"params": abstract_params}
         try:
             metadata = self._manager.item_metadata(step)[STATE_ITEM]
@@ -221,7 +339,22 @@ class Checkpointer:
                         restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
         except Exception as e:
             raise self._unreadable(step, e) from e
+        if self._has_checksums(step):
+            with ocp.Checkpointer(ocp.handlers.JsonCheckpointHandler(
+                    filename="checksums.json")) as reader:
+                stored = reader.restore(os.path.join(self.directory, str(step), CHECKSUM_ITEM),
+                                        args=ocp.args.JsonRestore())
+            stored = {k: v for k, v in stored.items() if k.startswith("params/")}
+            self._verify(step, stored, restored)
         return restored["params"]
+
+    def _has_checksums(self, step: int) -> bool:
+        return (epath.Path(self.directory) / str(step) / CHECKSUM_ITEM).exists()
+
+    def _verify(self, step: int, stored: Mapping[str, str], restored: Any) -> None:
+        bad = checksums.mismatching(dict(stored), checksums.tree_checksums(restored))
+        if bad:
+            raise CorruptCheckpointError(step, os.path.join(self.directory, str(step)), bad)
 
     def _unreadable(self, step: int, error: Exception) -> ValueError:
         step_dir = os.path.join(self.directory, str(step))
@@ -263,6 +396,45 @@ class Checkpointer:
         """Waits for pending saves and releases the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _say(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _metric_getter(name: str, mode: str) -> Callable[[Mapping[str, float]], float]:
+    worst = math.inf if mode == "min" else -math.inf
+    return lambda metrics: float(metrics.get(name, worst))
+
+
+def check_checkpoint_fits(workdir: str, init_params: Callable[[jax.Array], Any]) -> None:
+    """ValueError if ``workdir`` has a checkpoint whose parameters do not fit ``init_params``.
+
+    Reads metadata only (no arrays) and writes nothing, so a script can check a
+    workdir before it writes anything into it (tokenizer, config.json).
+    """
+    directory = epath.Path(workdir) / "checkpoints"
+    if not directory.exists() or not any(p.name.isdigit() for p in directory.iterdir()):
+        return
+    shapes = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+    checkpointer = Checkpointer(workdir, async_save=False)
+    try:
+        step = checkpointer.latest_step()
+        if step is None:
+            return
+        try:
+            metadata = checkpointer._manager.item_metadata(step)[STATE_ITEM]  # pylint: disable=protected-access
+        except Exception as e:  # Orbax/TensorStore raise many types for unreadable files
+            raise checkpointer._unreadable(step, e) from e  # pylint: disable=protected-access
+        checkpointer._check_shapes(step, metadata, {"params": shapes},  # pylint: disable=protected-access
+                                   only_prefix="params/")
+    finally:
+        checkpointer.close()
 
 
 def restore_params(workdir: str, init_params: Callable[[jax.Array], Any], *,

@@ -13,10 +13,13 @@ works the same for all scripts (the Flax-examples convention), and:
 * several processes start JAX's own runtime (``jax.distributed.initialize``):
   ``--multihost`` lets JAX detect the cluster (Cloud TPU VMs, SLURM, ...);
   explicit coordinator flags or ``JAX_COORDINATOR_ADDRESS`` configure it by hand;
-* preemption (SIGTERM) exits with code 143 after the checkpoint is saved, and a
-  non-finite loss exits with code 3, each with a message on stderr;
-* inside ``with launch.user_errors():`` (prediction, generation, ...) a missing
-  file or a bad value exits with code 2 and one ``error: ...`` line.
+* preemption (SIGTERM) exits with code 143 and Ctrl-C (SIGINT) with 130 after
+  the checkpoint is saved, and a non-finite loss exits with code 3, each with a
+  message on stderr; Ctrl-C before training started exits 130 with one line;
+* a bad config key or value, bad data, a workdir in use, unwritable or full, a
+  damaged checkpoint (ValueError, OSError, :class:`WorkdirLocked`) exits with
+  code 2 and one ``error: ...`` line; ``--verbosity=1`` shows the traceback
+  instead. ``with launch.user_errors():`` does the same inside a script.
 """
 from __future__ import annotations
 
@@ -29,28 +32,53 @@ from ml_collections import config_flags
 
 from tfx_jax.train.loop import NonFiniteError
 from tfx_jax.train.mesh import initialize_distributed
-from tfx_jax.train.preemption import Preempted
+from tfx_jax.train.preemption import INTERRUPT_EXIT_CODE, Preempted
+from tfx_jax.train.workdir_lock import WorkdirLocked
 
 NONFINITE_EXIT_CODE = 3
 USER_ERROR_EXIT_CODE = 2
+USER_ERRORS = (ValueError, OSError, WorkdirLocked)  # OSError: unwritable, full, missing files
+
+
+def _show_traceback() -> bool:
+    f = flags.FLAGS
+    return "verbosity" in f and f.is_parsed() and f["verbosity"].present and f.verbosity >= 1
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (a multi-line message's lines joined with spaces)."""
+    text = str(error) or type(error).__name__
+    if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
+        text += f": {error.filename}"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 @contextlib.contextmanager
 def user_errors(*types: type) -> Iterator[None]:
-    """Turns ``types`` (default FileNotFoundError, ValueError) into ``error: <message>`` on
-    stderr and exit code 2: for commands whose errors name what to fix, no traceback needed."""
+    """Turns ``types`` (default ValueError, OSError, WorkdirLocked) into ``error: <message>``
+    on stderr and exit code 2: errors that name what to fix need no traceback
+    (``--verbosity=1`` shows it anyway)."""
     try:
         yield
-    except (types or (FileNotFoundError, ValueError)) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (types or USER_ERRORS) as error:
+        if _show_traceback():
+            raise
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
 
 
 def _define_flags(default_config: str) -> None:
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.",
                         required=True)
-    config_flags.DEFINE_config_file("config", default_config, "Config file (ml_collections).",
-                                    lock_config=True)
+    try:  # --config.KEY=VALUE overrides are applied here, at definition time
+        config_flags.DEFINE_config_file("config", default_config,
+                                        "Config file (ml_collections).", lock_config=True)
+    except (AttributeError, KeyError) as e:  # a misspelt --config.KEY
+        message = str(e.args[0] if e.args else e).strip("'\"").replace("\\n", " ")
+        message = message.replace("\n", " ").replace("\\'", "'").replace("\'", "'")
+        print(f"error: unknown config key {message} (in a --config.KEY=VALUE flag)",
+              file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)
     flags.DEFINE_bool("multihost", False, "Let jax.distributed detect the cluster "
                       "(Cloud TPU VM / pod slice, SLURM, Open MPI).")
     flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (GPU clusters).")
@@ -71,12 +99,20 @@ def run(main: Callable, default_config: str) -> None:
         initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
                                auto_detect=f.multihost)
         try:
-            main(f.config, f.workdir)
+            with user_errors():
+                main(f.config, f.workdir)
         except Preempted as e:
             print(f"Stopped: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
         except NonFiniteError as e:
             print(f"Stopped: {e}", file=sys.stderr)
             sys.exit(NONFINITE_EXIT_CODE)
+        except KeyboardInterrupt:
+            if _show_traceback():
+                raise
+            print("Stopped: interrupted (SIGINT) outside training steps; nothing was saved "
+                  "by this interruption (checkpoints already written are kept)",
+                  file=sys.stderr)
+            sys.exit(INTERRUPT_EXIT_CODE)
 
     app.run(_main)

@@ -26,7 +26,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from tfx_jax.train.batch_sizes import check_eval_batches
 from tfx_jax.train.checkpoint import Checkpointer, check_iterator_checkpointable
+from tfx_jax.train.early_stopping import EarlyStopping
 from tfx_jax.train.run_config import save_config, validate_config
 from tfx_jax.train.mesh import check_batch_size, make_data_mesh, replicated_sharding, shard_batch
 from tfx_jax.train.metrics import MetricsWriter, average_metrics
@@ -36,6 +38,7 @@ from tfx_jax.train.progress import make_progress_bar, print_summary
 from tfx_jax.train.state import TrainState, abstract_train_state, create_train_state
 from tfx_jax.train.step import make_eval_step, make_train_step
 from tfx_jax.train.task import Batch, Task
+from tfx_jax.train.workdir_lock import hold_workdir_lock
 
 
 class NonFiniteError(FloatingPointError):
@@ -171,10 +174,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
     _check_eval_batches(eval_batches)
     mesh = make_data_mesh() if mesh is None else mesh
     check_batch_size(config.batch_size, mesh)
+    check_eval_batches(eval_batches, mesh)
     optimizer, schedule = create_optimizer(config)
 
-    checkpointer = Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep,
-                                async_save=config.async_checkpointing, remove_unfinished=True)
+    release_lock = hold_workdir_lock(workdir)  # one run per workdir (workdir_lock.py)
+    try:
+        checkpointer = Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep,
+                                    async_save=config.async_checkpointing,
+                                    remove_unfinished=True, best_metric=config.best_metric,
+                                    best_mode=config.best_metric_mode)
+    except BaseException:
+        release_lock()
+        raise
     writer = bar = None
     try:
         if checkpointer.latest_step() is not None:
@@ -199,6 +210,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
         state = run.loop(state, start_step)
         checkpointer.wait_until_finished()
         bar.close()
+        if checkpointer.best_step() is not None:
+            _say(f"Best checkpoint by eval {config.best_metric}: step {checkpointer.best_step()}")
         print_summary(f"Finished at step {int(jax.device_get(state.step))} (workdir {workdir})",
                       {split: {k: v for k, v in record.items() if k != "split"}
                        for split, record in (("train", run.last_train),
@@ -211,6 +224,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
         checkpointer.close()
         if writer is not None:
             writer.close()
+        release_lock()
 
 
 class _Run:
@@ -232,6 +246,9 @@ class _Run:
         self.window = _TrainWindow()
         self.last_train: dict = {}
         self.last_eval: dict = {}
+        self.early_stopping = EarlyStopping(config.best_metric, config.best_metric_mode,
+                                            config.early_stopping_patience,
+                                            config.early_stopping_min_delta)
 
     def loop(self, state: TrainState, start_step: int) -> TrainState:
         config = self.config
@@ -253,14 +270,18 @@ class _Run:
                     self.write_train_metrics(step)
                 if wants_eval and (final or (config.eval_every_steps
                                              and step % config.eval_every_steps == 0)):
-                    self.evaluate(state, step)
+                    self.evaluate_or_save(state, step)
+                    if not final and self.early_stopping.update(step, self.last_eval):
+                        self.save(state)
+                        _say(self.early_stopping.message(step))
+                        break
                 if final or (config.checkpoint_every_steps
                              and step % config.checkpoint_every_steps == 0):
                     self.save(state)
                 if not final and watcher.should_stop(step):
                     self.save(state)
                     self.checkpointer.wait_until_finished()
-                    preempted = Preempted(step, self.checkpointer.directory)
+                    preempted = Preempted(step, self.checkpointer.directory, watcher.signal_name)
                     _say(str(preempted))
                     raise preempted
         return state
@@ -296,6 +317,23 @@ class _Run:
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                 for k, v in averaged.items()))
 
+    def evaluate_or_save(self, state: TrainState, step: int) -> None:
+        """Evaluates; if evaluation fails, the step's training is checkpointed before the error.
+
+        One process only: with several, a host that failed alone would wait in the
+        (collective) save for hosts that did not.
+        """
+        try:
+            self.evaluate(state, step)
+        except NonFiniteError:
+            raise
+        except Exception:
+            if jax.process_count() == 1 and self.checkpointer.save(state, self.train_iter):
+                self.checkpointer.wait_until_finished()
+                _say(f"The evaluation at step {step} failed; saved a checkpoint at step {step} "
+                     f"first, so a rerun does not repeat the training")
+            raise
+
     def evaluate(self, state: TrainState, step: int) -> None:
         self._stop_if_nonfinite()
         started = time.perf_counter()
@@ -315,5 +353,7 @@ class _Run:
     def save(self, state: TrainState) -> None:
         self._stop_if_nonfinite()
         started = time.perf_counter()
-        self.checkpointer.save(state, self.train_iter)
+        step = int(jax.device_get(state.step))
+        metrics = self.last_eval if self.last_eval.get("step") == step else None
+        self.checkpointer.save(state, self.train_iter, metrics=metrics)
         self.window.paused_seconds += time.perf_counter() - started

@@ -28,7 +28,16 @@ max_checkpoints_to_keep    3              older checkpoints are deleted
 async_checkpointing        True           write checkpoints in the background
 skip_nonfinite_updates     False          skip non-finite steps instead of stopping
 progress_bar               True           tqdm bar (only on process 0 and a TTY)
+best_metric                "loss"         eval metric that ranks checkpoints: the best
+                                          one is kept besides the latest N ("" = off)
+best_metric_mode           "min"          "min" (loss) or "max" (accuracy, bleu, ...)
+early_stopping_patience    0              stop after N evals without a new best
+                                          best_metric (0 = off)
+early_stopping_min_delta   0.0            smaller improvements do not count
 =========================  =============  ============================================
+
+Training holds ``<workdir>/.lock`` (:mod:`tfx_jax.train.workdir_lock`), so a
+second run on the same workdir stops at once naming the first.
 
 With ``grad_accum_steps = k`` one *step* is still one batch of ``batch_size``
 examples; the optimizer updates every ``k`` steps (effective batch
@@ -78,6 +87,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.async_checkpointing = True
     config.skip_nonfinite_updates = False
     config.progress_bar = True
+    config.best_metric = "loss"
+    config.best_metric_mode = "min"
+    config.early_stopping_patience = 0
+    config.early_stopping_min_delta = 0.0
     return config
 
 
@@ -105,7 +118,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 "schedule_d_model"):
         _require(config, key, _is_int(config[key]) and config[key] > 0, "a positive integer")
     for key in ("warmup_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-                "seed"):
+                "seed", "early_stopping_patience"):
         _require(config, key, _is_int(config[key]) and config[key] >= 0,
                  "a non-negative integer")
     _require(config, "log_every_steps", config.log_every_steps > 0, "a positive integer")
@@ -113,7 +126,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _require(config, "optimizer", config.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}")
     for key in ("learning_rate", "eps"):
         _require(config, key, _is_number(config[key]) and config[key] > 0, "a positive number")
-    for key in ("end_learning_rate", "weight_decay", "grad_clip_norm"):
+    _require(config, "best_metric", isinstance(config.best_metric, str),
+             "an eval metric name or '' (off)")
+    _require(config, "best_metric_mode", config.best_metric_mode in ("min", "max"),
+             "'min' or 'max'")
+    if config.early_stopping_patience and not config.best_metric:
+        raise ValueError(f"config.early_stopping_patience = {config.early_stopping_patience} "
+                         f"needs config.best_metric (the eval metric to watch), got ''")
+    for key in ("end_learning_rate", "weight_decay", "grad_clip_norm", "early_stopping_min_delta"):
         _require(config, key, _is_number(config[key]) and config[key] >= 0,
                  "a non-negative number (0 = off)")
     for key in ("b1", "b2"):

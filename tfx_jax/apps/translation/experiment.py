@@ -1,0 +1,379 @@
+"""The translation experiment: check, prepare, train, test; and translate with a trained workdir.
+
+:func:`train_and_test` is what ``experiments/translate.py`` runs. Its order is
+the point: everything that can be refused is refused before anything is
+written, so a refused run leaves the workdir as it was.
+
+1. :func:`check_config`: training keys, model section (``d_model`` divisible by
+   ``num_heads``, known fields), every batch size against the mesh, decoding
+   and data keys. No data is read yet.
+2. The workdir lock (one run per workdir; a file or read-only workdir fails
+   here, before data preparation).
+3. Data (:mod:`.data`), the tokenizer (trained into a temporary directory,
+   or read from the workdir), row lengths from the data
+   (:mod:`tfx_jax.data.length_caps`) and the training length (steps, or
+   epochs of the corpus).
+4. :func:`tfx_jax.train.check_checkpoint_fits`: a resumed workdir's
+   checkpoint must fit the model.
+5. Only then the tokenizer is written into the workdir, and
+   :func:`tfx_jax.train.train` writes config.json (once) and checkpoints.
+
+Every workdir file goes through ``etils.epath``, so a ``gs://`` workdir
+stays a URL. :func:`load_translator` restores only the parameters
+(:func:`tfx_jax.train.restore_params`) with the config.json and tokenizer the
+run left; :func:`translate_lines` keeps one output line per input line.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Optional
+
+import grain
+import jax
+from etils import epath
+
+from tfx_jax import train as tr
+from tfx_jax.apps.translation.data import (TSV_HEADER, TranslationData, bleu_tokenize,
+                                           open_data)
+from tfx_jax.apps.translation.evaluation import (make_evaluate, translate_eval_data,
+                                                 translation_scores)
+from tfx_jax.apps.translation.inference import translate_texts
+from tfx_jax.apps.translation.task import transformer_config, translation_task
+from tfx_jax.data.length_caps import length_caps
+from tfx_jax.data.text_pipeline import eval_batches, train_batches
+from tfx_jax.data.tokenizer import (SentencePieceTokenizer, load_or_train_tokenizer,
+                                    tokenizer_path)
+from tfx_jax.train.batch_sizes import padded_batch_size
+from tfx_jax.train.checkpoint import check_checkpoint_fits
+from tfx_jax.train.progress import print_summary
+from tfx_jax.train.run_config import CONFIG_FILE
+from tfx_jax.train.workdir_lock import workdir_lock
+
+STARTED = time.monotonic()
+
+
+def say(message: str) -> None:
+    """A line on stderr from process 0."""
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _minutes() -> float:
+    """Minutes since the program started (data preparation and compilation included)."""
+    return (time.monotonic() - STARTED) / 60
+
+
+def _require(ok: bool, key: str, value, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"config.{key} must be {expected}, got {value!r}")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def model_config(config, vocab_size: int):
+    return transformer_config(config.model, vocab_size=vocab_size,
+                              max_len=max(config.max_source_length, config.max_target_length, 2))
+
+
+def check_config(config, mesh) -> None:
+    """One ValueError naming the first bad key; reads no data, writes nothing."""
+    for key in ("num_train_steps", "max_source_length", "max_target_length"):
+        value = config[key]
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, key,
+                 value, "a non-negative integer (0 = from the data)")
+    _require(_number(config.num_epochs) and config.num_epochs >= 0, "num_epochs",
+             config.num_epochs, "a non-negative number (0 = use num_train_steps)")
+    if config.num_epochs > 0 and config.num_train_steps > 0:
+        raise ValueError(f"set one of config.num_epochs ({config.num_epochs}) and "
+                         f"config.num_train_steps ({config.num_train_steps}), not both")
+    probe = config.copy_and_resolve_references()
+    if not config.num_train_steps:  # decided by the data; check the other keys now
+        probe.num_train_steps = config.grad_accum_steps * (config.warmup_steps + 1)
+    tr.validate_config(probe)
+    for key in ("eval_batch_size", "beam_size", "eval_beam_size", "vocab_size"):
+        _require(_positive_int(config[key]), key, config[key], "a positive integer")
+    _require(config.vocab_size >= 5, "vocab_size", config.vocab_size, ">= 5 (4 reserved ids)")
+    for key, value in (("max_source_length", config.max_source_length),
+                       ("max_target_length", config.max_target_length)):
+        _require(value == 0 or value >= 2, key, value, "0 (from the data) or >= 2")
+    _require(_number(config.alpha) and config.alpha >= 0, "alpha", config.alpha,
+             "a non-negative number")
+    _require(_number(config.label_smoothing) and 0 <= config.label_smoothing < 1,
+             "label_smoothing", config.label_smoothing, "in [0, 1)")
+    _require(_number(config.eval_holdout) and 0 < config.eval_holdout <= 0.5, "eval_holdout",
+             config.eval_holdout, "in (0, 0.5]")
+    _require(_number(config.length_percentile) and 0 < config.length_percentile <= 100,
+             "length_percentile", config.length_percentile, "in (0, 100]")
+    _require(_number(config.outlier_factor) and config.outlier_factor >= 1, "outlier_factor",
+             config.outlier_factor, ">= 1")
+    _require(config.tsv_header in TSV_HEADER, "tsv_header", config.tsv_header,
+             f"one of {tuple(TSV_HEADER)}")
+    model_config(config, vocab_size=config.vocab_size)  # d_model % num_heads, unknown fields
+    tr.check_batch_size(config.batch_size, mesh)
+
+
+def resolve_train_length(config, num_pairs: int, user_corpus: bool) -> str:
+    """Sets ``config.num_train_steps`` (steps, epochs or the default); returns a line saying so."""
+    steps_per_epoch = num_pairs / config.batch_size
+    auto = config.auto_train_length
+    if config.num_epochs > 0:
+        steps = math.ceil(config.num_epochs * steps_per_epoch)
+        how = f"config.num_epochs = {config.num_epochs:g}"
+    elif config.num_train_steps > 0:
+        steps, how = config.num_train_steps, "config.num_train_steps"
+    elif user_corpus:
+        steps = min(auto.max_steps, max(auto.min_steps,
+                                        math.ceil(auto.epochs * steps_per_epoch)))
+        how = (f"default for a user corpus: {auto.epochs:g} epochs, at least "
+               f"{auto.min_steps} and at most {auto.max_steps} steps; set config.num_epochs "
+               f"or config.num_train_steps to choose")
+    else:
+        steps, how = auto.number_words_steps, "default for number_words"
+    accum = config.grad_accum_steps
+    config.num_train_steps = max(accum, math.ceil(steps / accum) * accum)
+    epochs = config.num_train_steps / steps_per_epoch
+    return (f"training length: {config.num_train_steps} steps of {config.batch_size} = "
+            f"{epochs:.2f} epochs of {num_pairs} pairs ({how})")
+
+
+# ------------------------------------------------------------------------ the tokenizer
+
+def _local_copy_dir() -> str:
+    directory = tempfile.mkdtemp(prefix="tfx_jax_tokenizer_")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory
+
+
+def _tokenizer_name(config) -> str:
+    return os.path.basename(tokenizer_path("", config.vocab_size, config.tokenizer_type,
+                                           config.split_digits))
+
+
+def read_workdir_tokenizer(config, workdir: str) -> SentencePieceTokenizer:
+    """The tokenizer a run left in ``workdir`` (any epath filesystem)."""
+    source = epath.Path(workdir) / _tokenizer_name(config)
+    if not source.exists():
+        raise FileNotFoundError(f"no tokenizer {source} in workdir {workdir!r}")
+    local = os.path.join(_local_copy_dir(), source.name)
+    with open(local, "wb") as f:
+        f.write(source.read_bytes())
+    return SentencePieceTokenizer(local)
+
+
+def workdir_tokenizer(config, workdir: str, train_pairs):
+    """(tokenizer, bytes to write into the workdir later or None if it is there already)."""
+    if (epath.Path(workdir) / _tokenizer_name(config)).exists():
+        return read_workdir_tokenizer(config, workdir), None
+    tokenizer = load_or_train_tokenizer(train_pairs, _local_copy_dir(),
+                                        vocab_size=config.vocab_size,
+                                        model_type=config.tokenizer_type,
+                                        split_digits=config.split_digits, seed=config.seed)
+    with open(tokenizer.model_path, "rb") as f:
+        return tokenizer, f.read()
+
+
+def write_workdir_file(workdir: str, name: str, content: bytes) -> None:
+    """Writes ``<workdir>/<name>`` through epath (process 0), via a temporary name when local."""
+    if jax.process_index() != 0:
+        return
+    directory = epath.Path(workdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / name
+    if "://" in os.fspath(workdir):
+        target.write_bytes(content)
+        return
+    partial = directory / f"{name}.tmp"
+    partial.write_bytes(content)
+    partial.rename(target)
+
+
+# -------------------------------------------------------------------------- training
+
+@dataclasses.dataclass
+class Prepared:
+    """What :func:`prepare` decided: data, tokenizer, model and the evaluation batches."""
+    data: TranslationData
+    tokenizer: SentencePieceTokenizer
+    tokenizer_bytes: Optional[bytes]
+    model: object
+    eval_batch_size: int
+
+
+def make_task(config, model, evaluate=None) -> tr.Task:
+    return translation_task(model, max_source_length=config.max_source_length,
+                            max_target_length=config.max_target_length,
+                            label_smoothing=config.label_smoothing, evaluate=evaluate)
+
+
+def prepare(config, workdir: str, mesh, data: Optional[TranslationData] = None) -> Prepared:
+    """Steps 3-4 of the module docstring: reads data, writes nothing."""
+    data = open_data(config) if data is None else data
+    for note in data.notes:
+        say(note)
+    tokenizer, tokenizer_bytes = workdir_tokenizer(config, workdir, data.train)
+    if not (config.max_source_length and config.max_target_length):
+        caps = length_caps(data.train, tokenizer, percentile=config.length_percentile,
+                           outlier_factor=config.outlier_factor, seed=config.seed)
+        config.max_source_length = config.max_source_length or caps.max_source_length
+        config.max_target_length = config.max_target_length or caps.max_target_length
+        say(caps.describe(config.drop_overlong))
+    say(resolve_train_length(config, len(data.train), data.user_corpus))
+    model = model_config(config, tokenizer.vocab_size)
+    tr.validate_config(config)
+    eval_batch_size = padded_batch_size(config.eval_batch_size, mesh)
+    if eval_batch_size != config.eval_batch_size:
+        say(f"eval/test batches of {eval_batch_size} (config.eval_batch_size = "
+            f"{config.eval_batch_size} padded to a multiple of the {mesh.devices.size} "
+            f"devices; padding rows are not scored)")
+    check_checkpoint_fits(workdir, make_task(config, model).init_params)
+    return Prepared(data=data, tokenizer=tokenizer, tokenizer_bytes=tokenizer_bytes,
+                    model=model, eval_batch_size=eval_batch_size)
+
+
+def train_and_test(config, workdir: str, data: Optional[TranslationData] = None,
+                   mesh=None) -> dict:
+    """Checks, trains on the train pairs, then beam-decodes and scores the test pairs.
+
+    Returns the test scores, sources and hypotheses.
+    """
+    mesh = tr.make_data_mesh() if mesh is None else mesh
+    check_config(config, mesh)
+    with workdir_lock(workdir):
+        ready = prepare(config, workdir, mesh, data)
+        if ready.tokenizer_bytes is not None:
+            write_workdir_file(workdir, _tokenizer_name(config), ready.tokenizer_bytes)
+        lengths = dict(max_source_length=config.max_source_length,
+                       max_target_length=config.max_target_length)
+        train_iter = train_batches(ready.data.train, ready.tokenizer,
+                                   global_batch_size=config.batch_size, seed=config.seed,
+                                   drop_overlong=config.drop_overlong,
+                                   read_options=grain.ReadOptions(num_threads=config.data_threads),
+                                   **lengths)
+        eval_data = eval_batches(ready.data.eval, ready.tokenizer,
+                                 global_batch_size=ready.eval_batch_size, **lengths)
+        translation_metrics = make_evaluate(
+            ready.model, eval_data, ready.tokenizer, max_length=config.max_target_length,
+            beam_size=config.eval_beam_size, alpha=config.alpha,
+            bleu_tokenize=bleu_tokenize(config))
+
+        def evaluate(params, step, mesh):  # + minutes since start, for learning curves in time
+            return {**translation_metrics(params, step, mesh), "wall_minutes": _minutes()}
+
+        data = ready.data
+        say(f"data: {len(data.train)} train / {len(data.eval)} eval / {len(data.test)} test "
+            f"pairs, vocabulary {ready.tokenizer.vocab_size}, rows of "
+            f"{config.max_source_length} / {config.max_target_length} tokens; "
+            f"{config.num_train_steps} steps of {config.batch_size}")
+        result = tr.train(config, workdir, make_task(config, ready.model, evaluate), train_iter,
+                          eval_batches=eval_data, mesh=mesh)
+        test_data = eval_batches(data.test, ready.tokenizer,
+                                 global_batch_size=ready.eval_batch_size, **lengths)
+        return final_test(config, workdir, result, ready.model, ready.tokenizer, test_data, mesh)
+
+
+def decoding_name(beam_size: int) -> str:
+    return "greedy" if beam_size == 1 else f"beam search {beam_size}"
+
+
+def print_examples(sources, references, hypotheses, count: int, decoding: str) -> None:
+    """The first ``count`` test translations, then the first ``count`` mistakes (process 0)."""
+    if jax.process_index() != 0:
+        return
+    rows = list(zip(sources, references, hypotheses))
+    wrong = [row for row in rows if row[1] != row[2]]
+    for title, chosen in ((f"Example translations (test split, {decoding})", rows[:count]),
+                          (f"Mistakes ({len(wrong)} of {len(rows)})", wrong[:count])):
+        if chosen:
+            print(f"\n{title}:")
+            for source, reference, hypothesis in chosen:
+                mark = "ok" if hypothesis == reference else f"expected: {reference}"
+                print(f"  {source}\n    -> {hypothesis}   [{mark}]")
+
+
+def final_test(config, workdir: str, result: tr.TrainResult, model, tokenizer, test_data,
+               mesh) -> dict:
+    """Beam search on the test split: a "test" line in metrics.jsonl, examples, summary."""
+    hypotheses = translate_eval_data(result.state.params, model, test_data, tokenizer, mesh,
+                                     max_length=config.max_target_length,
+                                     beam_size=config.beam_size, alpha=config.alpha)
+    scores = translation_scores(hypotheses, test_data.references,
+                                bleu_tokenize=bleu_tokenize(config))
+    step = int(result.state.step)
+    writer = tr.MetricsWriter(workdir, start_step=step)
+    try:
+        test_record = writer.write(step, "test", {**scores, "beam_size": config.beam_size,
+                                                   "num_examples": test_data.num_examples,
+                                                   "wall_minutes": _minutes()})
+    finally:
+        writer.close()
+    print_examples(test_data.sources, test_data.references, hypotheses,
+                   config.num_examples_to_print, decoding_name(config.beam_size))
+    rows = {split: {k: v for k, v in record.items() if k != "split"}
+            for split, record in (("train", result.train_metrics), ("eval", result.eval_metrics),
+                                  ("test", test_record)) if record}
+    print_summary(f"\nTranslation, {step} steps (workdir {workdir}); test: "
+                  f"{decoding_name(config.beam_size)}, eval: "
+                  f"{decoding_name(config.eval_beam_size)}", rows)
+    return dict(scores=scores, sources=test_data.sources, hypotheses=hypotheses)
+
+
+# ----------------------------------------------------------------------- translation
+
+@dataclasses.dataclass
+class Translator:
+    config: object  # the training run's config (config.json)
+    model: object
+    params: object
+    tokenizer: SentencePieceTokenizer
+
+
+def load_translator(workdir: str, *, step: Optional[int] = None) -> Translator:
+    """The model trained in ``workdir``: its config.json, tokenizer and parameters only."""
+    if not (epath.Path(workdir) / CONFIG_FILE).exists():
+        raise FileNotFoundError(f"no trained model in workdir {workdir!r} (no "
+                                f"{CONFIG_FILE}); train one first with "
+                                f"`python experiments/translate.py --workdir={workdir}`")
+    config = tr.load_config(workdir)
+    tokenizer = read_workdir_tokenizer(config, workdir)
+    model = model_config(config, tokenizer.vocab_size)
+    params = tr.restore_params(workdir, make_task(config, model).init_params, step=step)
+    return Translator(config=config, model=model, params=params, tokenizer=tokenizer)
+
+
+def translate_lines(translator: Translator, lines: list[str], *, beam_size: int,
+                    alpha: float) -> list[str]:
+    """One output line per input line: blank in, blank out; warns about inputs it must cut."""
+    config = translator.config
+    limit = config.max_source_length
+    for number, line in enumerate(lines, start=1):
+        length = len(translator.tokenizer.encode(line)) + 1 if line.strip() else 0
+        if length > limit:
+            say(f"warning: input {number} has {length} tokens (EOS included); the model was "
+                f"trained on rows of {limit}: only its first {limit - 1} tokens are translated")
+    texts = [line for line in lines if line.strip()]
+    translated = iter(translate_texts(
+        translator.params, translator.model, translator.tokenizer, texts,
+        max_source_length=limit, max_length=config.max_target_length, beam_size=beam_size,
+        alpha=alpha) if texts else [])
+    return [next(translated) if line.strip() else "" for line in lines]
+
+
+def expand_stdin(sentences: list[str], stdin) -> list[str]:
+    """``"-"`` is replaced by every line of ``stdin``, blank lines included."""
+    if "-" not in sentences:
+        return list(sentences)
+    lines = [line.rstrip("\n").rstrip("\r") for line in stdin]
+    return [line for s in sentences for line in (lines if s == "-" else [s])]
