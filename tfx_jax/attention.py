@@ -30,6 +30,7 @@ import numpy as np
 
 from tfx_jax.attention_chunked import DEFAULT_BLOCK_KV, DEFAULT_BLOCK_Q, chunked_attention
 from tfx_jax.attention_cudnn import cudnn_attention, cudnn_unsupported_reason
+from tfx_jax.attention_dropout import dense_keep_multiplier, dropout_seeds
 
 IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn")
 # "auto" switches from dense to chunked at this length. CPU measurements
@@ -272,8 +273,9 @@ def _dense_attention(query, key, value, mask, bias, scale, dropout_rate, dropout
     if dropout_rate > 0.0:
         if dropout_rng is None:
             raise ValueError(f"attention dropout_rate={dropout_rate} > 0 needs a dropout_rng")
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+        # The same bits as "chunked" for the same rng (attention_dropout.py).
+        weights = weights * dense_keep_multiplier(dropout_seeds(dropout_rng), dropout_rate,
+                                                  weights.shape)
     b, n, t, s = weights.shape
     num_kv_heads = value.shape[2]
     grouped = weights.reshape(b, num_kv_heads, n // num_kv_heads, t, s)
@@ -332,11 +334,12 @@ def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0,
     """What "auto" resolves to for these inputs (the same arguments as
     `dot_product_attention`; only their shapes, dtypes and presence matter).
 
-    1. an additive ``bias`` or dropout on the weights -> "dense" (the only
-       implementation that takes a bias / has dropout);
-    2. an NVIDIA GPU (sm80+), float16/bfloat16, a cuDNN head_dim, no mask array and
-       no segment ids (causal, lengths, GQA and a left window are fine) -> "cudnn";
-    3. max(q_length, kv_length) >= CHUNKED_MIN_LENGTH -> "chunked";
+    1. an additive ``bias`` -> "dense" (the only implementation that takes one);
+    2. an NVIDIA GPU (sm80+), float16/bfloat16, a cuDNN head_dim, no mask array, no
+       segment ids and no dropout (causal, lengths, GQA and a left window are
+       fine) -> "cudnn";
+    3. max(q_length, kv_length) >= CHUNKED_MIN_LENGTH -> "chunked" (with or without
+       attention dropout);
     4. otherwise "dense" (short sequences: one tile would cover them anyway).
 
     ``platform`` ("cpu"/"gpu"/"tpu") and ``compute_capability`` (e.g. "9.0")
@@ -345,7 +348,7 @@ def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0,
     """
     del kv_segment_ids, scale, q_lengths, kv_lengths  # every implementation takes them
     local_window = _check_window(local_window)
-    if bias is not None or dropout_rate > 0.0:
+    if bias is not None:
         return "dense"
     common = dict(mask=mask, bias=bias, causal=causal, dropout_rate=dropout_rate,
                   q_segment_ids=q_segment_ids, local_window=local_window,
