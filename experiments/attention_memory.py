@@ -299,7 +299,8 @@ def measure(cfg: dict, *, time_it: bool, memory_limit_bytes: float) -> dict:
     rec["median_s"] = statistics.median(times)
     rec["tflops"] = count_flops(b, n, h, t, t, cfg["causal"], cfg["pass"],
                                 window=window) / rec["median_s"] / 1e12
-    if stats is not None and device.platform != "cpu":
+    if stats is not None and device.platform != "cpu" and cfg.get("isolated", True):
+        # In-process (--isolate=false) the peak never resets: not this config's.
         rec["peak_bytes"] = int(device.memory_stats()["peak_bytes_in_use"])
     return rec
 
@@ -509,7 +510,16 @@ def default_name(machine: dict, settings: dict) -> str:
     device = re.sub(r"[^A-Za-z0-9]+", "-", machine["device_kind"]).strip("-").lower()
     causal = "_causal" if settings["causal"] else ""
     return (f"attention_memory_{machine['platform']}_{device}_{machine['cpu_count']}cpu_"
-            f"{settings['dtype']}{causal}_{machine['date'][:10]}")
+            f"{settings['dtype']}{causal}_jax{machine['jax']}_{machine['date'][:10]}")
+
+
+def _save_partial(out_dir, name, records, machine, settings, commands) -> None:
+    """JSON after every configuration, so a run killed by a time limit keeps its rows."""
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"machine": machine, "settings": settings, "partial": True,
+            "commands": commands + [" ".join(sys.argv)]}
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump({"meta": meta, "records": records}, f, indent=1)
 
 
 def write_outputs(out_dir: str, name: str, records: list[dict], meta: dict) -> dict:
@@ -598,12 +608,14 @@ def run_benchmark() -> dict:
                 elif FLAGS.isolate:
                     rec = measure_isolated(cfg, machine["platform"], limit)
                 else:
-                    rec = measure(cfg, time_it=True, memory_limit_bytes=limit)
+                    rec = measure(dict(cfg, isolated=False), time_it=True,
+                                  memory_limit_bytes=limit)
                 rec = dict(cfg, **rec)
                 records = [r for r in records if (r["implementation"], r.get("variant", "mha"),
                                                   r["pass"], r["length"])
                            != (impl, variant, pass_name, length)] + [rec]
                 print(_progress_line(rec), flush=True)
+                _save_partial(FLAGS.out_dir, name, records, machine, settings, commands)
     records.sort(key=lambda r: (r.get("variant", "mha"), r["implementation"], r["pass"],
                                 r["length"]))
     meta = {"machine": machine, "settings": settings,
