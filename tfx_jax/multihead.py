@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 
 from tfx_jax.attention import (attention_weights, causal_mask, combine_masks,
-                               dot_product_attention, lengths_mask)
+                               dot_product_attention)
 from tfx_jax.rotary import apply_rotary
 
 
@@ -158,26 +158,21 @@ class MultiHeadAttention(nn.Module):
             query = apply_rotary(query, positions, self.rope_base)
             key = apply_rotary(key, positions, self.rope_base)
 
+        structure = {k: v for k, v in dict(q_segment_ids=q_segment_ids,
+                                           kv_segment_ids=kv_segment_ids, q_lengths=q_lengths,
+                                           kv_lengths=kv_lengths).items() if v is not None}
         if self.is_mutable_collection("intermediates"):
             # Inspection only (apply(..., mutable=["intermediates"])): the [B, N, T, S]
             # probabilities, computed densely on request and never otherwise.
-            groups = self.num_heads // num_kv_heads
-            full = combine_masks(
-                mask, segment_mask(q_segment_ids, kv_segment_ids),
-                lengths_mask(query.shape[1], key.shape[1], q_lengths, kv_lengths))
             self.sow("intermediates", "attention_weights",
-                     attention_weights(query, jnp.repeat(key, groups, axis=2), full,
-                                       causal=causal))
+                     attention_weights(query, key, mask, causal=causal, **structure))
         dropout_rng = None
         dropout_rate = 0.0 if deterministic else self.dropout_rate
         if dropout_rate > 0.0:
             dropout_rng = self.make_rng("dropout")
-        structure = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                         q_lengths=q_lengths, kv_lengths=kv_lengths)
         out = dot_product_attention(query, key, value, mask, causal=causal,
                                     dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                                    implementation=self.implementation,
-                                    **{k: v for k, v in structure.items() if v is not None})
+                                    implementation=self.implementation, **structure)
         out_features = self.out_features or inputs_q.shape[-1]
         return self._dense(out_features, "out", axis=(-2, -1))(out)  # W_o over all heads
 
@@ -227,7 +222,9 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(overflow.format(int(index)))
         # Under jit the index is traced: the decoding utilities check lengths before
         # decoding; wrap a hand-written step in checkify.checkify to catch it here.
+        # Unchecked, an overflowing step returns NaN rather than silently wrong values.
         checkify.debug_check(index + length <= max_length, overflow, index)
+        query = jnp.where(index + length <= max_length, query, jnp.nan).astype(query.dtype)
         cached_key.value = jax.lax.dynamic_update_slice_in_dim(cached_key.value, key, index, 1)
         cached_value.value = jax.lax.dynamic_update_slice_in_dim(cached_value.value, value,
                                                                  index, 1)
