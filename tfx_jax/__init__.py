@@ -7,8 +7,10 @@ Models, the chapters of the story, one file each (``import tfx_jax as tfx``):
                         every module calls; it dispatches to the implementations below
   attention_chunked.py  memory-efficient attention: linear extra memory, forward and backward
   attention_cudnn.py    the GPU flash-attention path (cuDNN, via jax.nn.dot_product_attention)
+  attention_splash.py   the TPU path: Pallas splash attention with mask objects
   multihead.py          multi-head attention with W_o and a key/value cache
-  position.py           sinusoidal and learned positional encodings
+  position.py           sinusoidal and learned positional encodings, per-token positions
+  rotary.py             rotary position embeddings (RoPE) applied to queries and keys
   model_config.py       model options: StackConfig (shared by every model), validators and
                         from_config_dict (an experiment's config.model -> a model config)
   blocks.py             the Transformer block (attention + FFN, residual, LayerNorm) and its stack
@@ -16,8 +18,6 @@ Models, the chapters of the story, one file each (``import tfx_jax as tfx``):
   vit.py                the Vision Transformer: image patches as words
   lm.py                 the decoder-only causal LM behind DALL-E-style generation
   decoding.py           autoregressive decoding: sampling, greedy and beam search
-  (modules other work adds, e.g. rotary position embeddings or a splash-attention path,
-  are listed here next to the chapter they extend)
 
 Library packages (import them explicitly):
   data/        input data: TFDS datasets and builders read through Grain, tokenizers (the
@@ -35,11 +35,14 @@ follows one training step from config file to checkpoint.
 """
 from tfx_jax import decoding
 from tfx_jax.attention import attention_weights, causal_mask, dot_product_attention
-from tfx_jax.blocks import BlockStack, FeedForward, TransformerBlock, key_padding_mask
+from tfx_jax.blocks import (BlockStack, FeedForward, TransformerBlock, key_padding_mask,
+                            padding_lengths)
 from tfx_jax.model_config import StackConfig
 from tfx_jax.lm import CausalLM, CausalLMConfig
 from tfx_jax.multihead import MultiHeadAttention
-from tfx_jax.position import AddPositionEncoding, sinusoidal_position_encoding
+from tfx_jax.position import (AddPositionEncoding, SequenceLayout, positions_from_segment_ids,
+                              sinusoidal_position_encoding)
+from tfx_jax.rotary import apply_rotary
 from tfx_jax.transformer import Decoder, Encoder, Transformer, TransformerConfig
 from tfx_jax.vit import ViT, ViTConfig
 
@@ -50,4 +53,5 @@ __all__ = [
     "FeedForward", "MultiHeadAttention", "StackConfig", "Transformer", "TransformerBlock",
     "TransformerConfig", "ViT", "ViTConfig", "attention_weights", "causal_mask",
     "decoding", "dot_product_attention", "key_padding_mask", "sinusoidal_position_encoding",
+    "SequenceLayout", "apply_rotary", "padding_lengths", "positions_from_segment_ids",
 ]
