@@ -36,6 +36,7 @@ from tfx_jax.train.progress import make_progress_bar, print_summary
 from tfx_jax.train.state import TrainState, abstract_train_state, create_train_state
 from tfx_jax.train.step import make_eval_step, make_train_step
 from tfx_jax.train.task import Batch, Task
+from tfx_jax.train.trainable import mask_optimizer
 
 
 class NonFiniteError(FloatingPointError):
@@ -172,6 +173,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
     mesh = make_data_mesh() if mesh is None else mesh
     check_batch_size(config.batch_size, mesh)
     optimizer, schedule = create_optimizer(config)
+    if task.trainable is not None:  # fine-tuning: frozen parameters get zero updates
+        optimizer = mask_optimizer(optimizer, task.trainable)
 
     checkpointer = Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep,
                                 async_save=config.async_checkpointing, remove_unfinished=True)

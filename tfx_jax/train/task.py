@@ -25,6 +25,10 @@ on every host at evaluation time, for metrics that need more than the loss
 (BLEU, exact match, ...); use :func:`tfx_jax.train.shard_batch` with ``mesh``
 to feed it data. Return names from the project's vocabulary: ``exact_match``,
 ``bleu``, ``accuracy``.
+
+``trainable(params) -> pytree of bools`` (optional) marks the parameters the
+optimizer updates; the others stay exactly as initialised (fine-tuning with a
+frozen backbone or LoRA, :mod:`tfx_jax.train.finetune`).
 """
 from __future__ import annotations
 
@@ -48,8 +52,11 @@ class Task:
     init_params: Callable[[jax.Array], Params]
     loss_fn: LossFn
     evaluate: Optional[EvaluateFn] = None
+    trainable: Optional[Callable[[Params], Any]] = None
 
     def __post_init__(self):
+        if self.trainable is not None and not callable(self.trainable):
+            raise TypeError(f"Task.trainable must be callable or None, got {self.trainable!r}")
         for name in ("init_params", "loss_fn"):
             if not callable(getattr(self, name)):
                 raise TypeError(f"Task.{name} must be callable, got {getattr(self, name)!r}")
