@@ -316,3 +316,42 @@ def test_gelu_exact_is_the_erf_gelu():
     expected = (0.5 * h * (1 + erf(h / np.sqrt(2)))) @ np.asarray(params["wo"]["kernel"],
                                                                   np.float64)
     np.testing.assert_allclose(ffn.apply({"params": params}, x), expected, rtol=1e-5, atol=1e-6)
+
+
+# --- the documented snippets run -------------------------------------------------------------
+
+ROOT = FIXTURES.parent.parent.parent
+
+
+def python_blocks(text):
+    import re
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+@pytest.mark.slow
+def test_readme_and_docs_snippets_run_and_cached_sampling_matches_full_forward(monkeypatch,
+                                                                            tmp_path):
+    monkeypatch.chdir(ROOT)
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Pretrained weights"):]
+    section = section[:section.index("\n## ", 3)]
+    blocks = python_blocks(section) + python_blocks((ROOT / "docs" / "pretrained.md").read_text())
+    blocks = [b.replace("/tmp/tfx_gpt2", str(tmp_path / "gpt2")) for b in blocks
+              if "path, *," not in b]  # the API summary is a signature, not code
+    assert len(blocks) >= 6
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "<snippet>", "exec"), namespace)
+    assert (tmp_path / "gpt2" / "model.safetensors").is_file()
+    tokens, prompt = np.asarray(namespace["tokens"]), np.asarray(namespace["prompt"])
+    assert tokens.shape == (2, 11) and (tokens[:, :3] == prompt).all()
+    # greedy decoding through the cache == argmax of full forward passes (causal: pad freely)
+    decoding, cfg, params = namespace["decoding"], namespace["cfg"], namespace["params"]
+    greedy = np.asarray(decoding.sample(namespace["step_fn"], namespace["cache"], prompt,
+                                        num_steps=8, temperature=0.0))
+    forward = jax.jit(lambda t: tfx.CausalLM(cfg).apply({"params": params}, t))
+    expected = np.ones((2, cfg.max_len), np.int32)
+    expected[:, :3] = prompt
+    for t in range(3, 11):
+        expected[:, t] = np.asarray(forward(expected))[:, t - 1].argmax(-1)
+    np.testing.assert_array_equal(greedy, expected[:, :11])
