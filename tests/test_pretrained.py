@@ -260,6 +260,21 @@ def test_npz_of_another_model_is_refused(tmp_path):
         pretrained.load_vit_npz(str(FIXTURES / "vit_big_vision.npz"), num_classes=0)
 
 
+def test_npz_in_bfloat16_or_without_head(tmp_path):
+    import ml_dtypes
+    as_bf16 = lambda a: a.update({k: v.astype(ml_dtypes.bfloat16) for k, v in a.items()})  # noqa
+    cfg, params = pretrained.load_vit_npz(edited_npz(tmp_path, "vit_big_vision.npz", as_bf16))
+    stored = np.load(FIXTURES / "vit_big_vision.npz")["params/embedding/kernel"]
+    np.testing.assert_array_equal(params["patch_embedding"]["kernel"],
+                                  stored.astype(ml_dtypes.bfloat16).astype(np.float32))
+    headless = edited_npz(tmp_path, "vit_big_vision.npz",
+                          lambda a: [a.pop(f"params/head/{n}") for n in ("kernel", "bias")])
+    with pytest.raises(ValueError, match="'head/kernel' is missing"):
+        pretrained.load_vit_npz(headless)
+    cfg, params = pretrained.load_vit_npz(headless, num_classes=4)
+    assert params["head"]["kernel"].shape == (32, 4) and cfg.num_classes == 4
+
+
 def copied_hf(tmp_path, name, edit_tensors=None, edit_config=None):
     directory = tmp_path / name
     shutil.copytree(FIXTURES / name, directory)

@@ -104,7 +104,7 @@ def test_vit_script_finetunes_a_checkpoint_with_lora_on_digits(tmp_path, capsys)
     script = load_script(str(ROOT / "experiments" / "vit.py"), "vit_experiment")
     config = experiment_config("vit")
     config.update(dict(init_from=NPZ, finetune="lora", lora_rank=2, data_dir=str(tmp_path / "d"),
-                       batch_size=16, num_epochs=0, num_train_steps=1, warmup_steps=1,
+                       batch_size=16, num_epochs=0, num_train_steps=2, warmup_steps=1,
                        eval_every_epochs=0, eval_every_steps=0, checkpoint_every_steps=0,
                        log_every_steps=1, progress_bar=False, augment=False))
     workdir = str(tmp_path / "run")

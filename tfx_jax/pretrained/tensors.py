@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
 
 
@@ -50,7 +51,9 @@ class TensorReader:
         if value.shape != shape:
             raise ValueError(f"{self.source}: tensor {name!r} has shape {value.shape}, "
                              f"expected {shape}")
-        if not np.issubdtype(value.dtype, np.floating):
+        if value.dtype.kind == "V" and value.dtype.itemsize == 2:
+            value = value.view(ml_dtypes.bfloat16)  # .npz stores bfloat16 as raw 2-byte voids
+        if not (np.issubdtype(value.dtype, np.floating) or value.dtype == ml_dtypes.bfloat16):
             raise ValueError(f"{self.source}: tensor {name!r} has dtype {value.dtype}, "
                              f"expected a floating-point array")
         self.used.add(name)

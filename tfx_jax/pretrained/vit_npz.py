@@ -96,7 +96,7 @@ def load_vit_npz(path: str, *, num_classes: Optional[int] = None,
         if any(name.startswith(marker) or f"/{marker}" in name for name in reader.tensors):
             raise ValueError(f"{path}: the checkpoint has {what} (tensors {marker}...), which "
                              f"tfx_jax.ViT does not implement")
-    cfg, names = _infer_config(reader)
+    cfg, names = _infer_config(reader, num_classes)
     flat = _read_params(reader, cfg, names)
     reader.check_all_used("ViT .npz checkpoint")
 
@@ -104,7 +104,7 @@ def load_vit_npz(path: str, *, num_classes: Optional[int] = None,
     return cfg, unflatten(flat)
 
 
-def _infer_config(reader: TensorReader) -> tuple[ViTConfig, dict]:
+def _infer_config(reader: TensorReader, new_classes: Optional[int]) -> tuple[ViTConfig, dict]:
     """Reads the architecture off the shapes; returns the config and the names it found."""
     kh, kw, channels, d_model = reader.shape("embedding/kernel")
     if kh != kw:
@@ -147,7 +147,8 @@ def _infer_config(reader: TensorReader) -> tuple[ViTConfig, dict]:
     representation = reader.shape("pre_logits/kernel")[1] if "pre_logits/kernel" in reader \
         else None
     head_in = representation or d_model
-    num_classes = reader.shape("head/kernel")[1]
+    names["head"] = "head/kernel" in reader or new_classes is None
+    num_classes = reader.shape("head/kernel")[1] if names["head"] else new_classes
     cfg = ViTConfig(image_size=grid * kh, patch_size=kh, num_channels=channels,
                     num_classes=num_classes, num_layers=num_layers, pool=pool,
                     representation_size=representation, d_model=d_model, num_heads=num_heads,
@@ -197,6 +198,7 @@ def _read_params(reader: TensorReader, cfg: ViTConfig, names: dict) -> dict[str,
         r = cfg.representation_size
         flat["pre_logits/kernel"] = reader.get("pre_logits/kernel", (d, r))
         flat["pre_logits/bias"] = reader.get("pre_logits/bias", (r,))
-    flat["head/kernel"] = reader.get("head/kernel", (names["head_in"], cfg.num_classes))
-    flat["head/bias"] = reader.get("head/bias", (cfg.num_classes,))
+    if names["head"]:  # a checkpoint without head needs num_classes (a new head)
+        flat["head/kernel"] = reader.get("head/kernel", (names["head_in"], cfg.num_classes))
+        flat["head/bias"] = reader.get("head/bias", (cfg.num_classes,))
     return flat
