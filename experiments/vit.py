@@ -3,6 +3,10 @@
     # train (built-in digits by default; any TFDS image dataset with --config.dataset)
     python experiments/vit.py --workdir=/tmp/vit [--config=experiments/configs/vit.py]
         [--config.dataset=mnist --config.data_dir=DIR] [--config.KEY=VALUE ...]
+    # fine-tune released weights (.npz or Hugging Face directory) with a new head;
+    # --config.finetune=full|frozen|lora (docs/pretrained.md)
+    python experiments/vit.py --workdir=/tmp/ft --config.init_from=ViT-B_16.npz \
+        --config.finetune=lora --config.lora_rank=8
     # classify PNG/JPEG files with the trained model (dark ink on white: --invert)
     python experiments/vit.py --workdir=/tmp/vit --predict=a.png,b.png [--invert]
     # [CLS]-to-patch attention per layer and head, one PNG per file in <workdir>/attention/
@@ -23,12 +27,13 @@ from etils import epath
 from tfx_jax import train as tr
 from tfx_jax.apps.attention_maps import cls_attention_maps, save_attention_maps
 from tfx_jax.apps.classification import (classification_task, format_predictions, load_classifier,
-                                    vit_config)
+                                         setup_finetuning, vit_config)
 from tfx_jax.data.image_datasets import load_image_dataset
 from tfx_jax.data.image_files import load_image_files
 from tfx_jax.data.image_pipeline import (eval_image_batches, image_input_shape,
                                          train_image_batches)
 from tfx_jax.data.image_preprocess import denormalize_images
+from tfx_jax.train.trainable import parameter_counts
 
 FLAGS = flags.FLAGS
 
@@ -60,8 +65,15 @@ def train(config, workdir: str, mesh=None) -> tr.TrainResult:
     data = dict(data_dir=config.data_dir)
     train_data = load_image_dataset(config.dataset, config.train_split, **data)
     eval_data = load_image_dataset(config.dataset, config.eval_split, **data)
+    finetuning, params = setup_finetuning(config, train_data.num_classes,
+                                          train_data.image_shape[-1])
     resolve_data_keys(config, train_data)
-    task = classification_task(vit_config(config), label_smoothing=config.label_smoothing)
+    task = classification_task(vit_config(config), label_smoothing=config.label_smoothing,
+                               finetuning=finetuning, pretrained_params=params)
+    trained, total = parameter_counts(task)
+    print(f"parameters: {trained:,} trainable of {total:,}"
+          + (f" (from {config.init_from}, finetune={config.finetune})" if finetuning else ""),
+          file=sys.stderr)
     train_iter = train_image_batches(train_data, global_batch_size=config.batch_size,
                                      seed=config.seed, image_size=config.image_size,
                                      augment=config.augment, max_shift=config.max_shift)

@@ -8,6 +8,7 @@ Models, the chapters of the story, one file each (``import tfx_jax as tfx``):
   attention_chunked.py  memory-efficient attention: linear extra memory, forward and backward
   attention_cudnn.py    the GPU flash-attention path (cuDNN, via jax.nn.dot_product_attention)
   attention_splash.py   the TPU path: Pallas splash attention with mask objects
+  attention_dropout.py  attention dropout as a counter-based mask, regenerated per tile
   multihead.py          multi-head attention with W_o and a key/value cache
   position.py           sinusoidal and learned positional encodings, per-token positions
   rotary.py             rotary position embeddings (RoPE) applied to queries and keys
@@ -28,7 +29,7 @@ Library packages (import them explicitly):
                script launcher; see tfx_jax/train/__init__.py
   apps/        applications of models + data + train: classification, attention maps,
                translation, DALL-E-style generation; see tfx_jax/apps/__init__.py
-  pretrained/  released weights (ViT .npz, Hugging Face safetensors), where present
+  pretrained/  released weights in and out (ViT .npz, Hugging Face safetensors)
 
 Scripts in experiments/ are thin: they parse flags and call an app. docs/ARCHITECTURE.md
 follows one training step from config file to checkpoint.

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from tfx_jax.model_config import StackConfig
 from tfx_jax.multihead import MultiHeadAttention
 
-_ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu}
+_ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "gelu_exact": lambda x: nn.gelu(x, False)}
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer
     "dots": jax.checkpoint_policies.checkpoint_dots,

@@ -13,7 +13,7 @@ from typing import Any, Optional, TypeVar
 
 import jax.numpy as jnp
 
-ACTIVATIONS = ("relu", "gelu")
+ACTIVATIONS = ("relu", "gelu", "gelu_exact")  # gelu: tanh approximation; gelu_exact: erf
 ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn", "splash")
 POSITION_KINDS = ("sinusoidal", "learned", "rope")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -73,7 +73,8 @@ class StackConfig:
       attention_dropout_rate: dropout on attention weights (the paper has none).
       pre_norm: LayerNorm before each sub-layer (pre-LN, stabler for deep stacks)
         instead of after the residual sum (post-LN, the paper).
-      activation: "relu" (paper) or "gelu" (ViT, GPT).
+      activation: "relu" (paper), "gelu" (tanh approximation: GPT-2, JAX ViT) or
+        "gelu_exact" (erf GELU: Hugging Face / PyTorch ViT).
       layer_norm_epsilon: LayerNorm epsilon.
       use_bias: biases in the attention and feed-forward projections.
       fused_qkv: one matmul for Q, K and V in self-attention.

@@ -10,6 +10,7 @@ final [CLS] vector (or the mean of the patch vectors: global average pooling).
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -33,6 +34,9 @@ class ViTConfig(StackConfig):
       num_classes: size of the classification head.
       num_layers: encoder depth.
       pool: "cls" (read the [CLS] token, the paper) or "gap" (average the patches).
+      representation_size: if set, a "pre_logits" layer Dense(representation_size) + tanh
+        between the pooled vector and the head (the paper's pre-training head, kept by
+        the ImageNet-21k checkpoints of google-research/vision_transformer); None: none.
     """
     image_size: int = 224
     patch_size: int = 16
@@ -40,6 +44,7 @@ class ViTConfig(StackConfig):
     num_classes: int = 1000
     num_layers: int = 12
     pool: str = "cls"
+    representation_size: Optional[int] = None
     d_model: int = 768
     num_heads: int = 12
     d_ff: int = 3072
@@ -54,6 +59,8 @@ class ViTConfig(StackConfig):
             raise ValueError(f"ViTConfig.patch_size={self.patch_size} does not divide "
                              f"image_size={self.image_size}")
         _one_of(self, "pool", POOLINGS)
+        if self.representation_size is not None:
+            _positive(self, "representation_size")
 
     @property
     def num_patches(self) -> int:
@@ -88,6 +95,9 @@ class ViT(nn.Module):
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = BlockStack(cfg, cfg.num_layers, deterministic=deterministic, name="encoder")(x)
         x = x[:, 0] if cfg.pool == "cls" else x.mean(axis=1)
+        if cfg.representation_size is not None:
+            x = jnp.tanh(nn.Dense(cfg.representation_size, dtype=cfg.dtype,
+                                  param_dtype=cfg.param_dtype, name="pre_logits")(x))
         logits = nn.Dense(cfg.num_classes, kernel_init=nn.initializers.zeros, dtype=cfg.dtype,
                           param_dtype=cfg.param_dtype, name="head")(x)
         return logits.astype(jnp.float32)

@@ -32,6 +32,15 @@ def get_config() -> ml_collections.ConfigDict:
         patch_size=2, d_model=64, num_heads=4, num_layers=4, d_ff=128,
         dropout_rate=0.0, pool="cls", dtype="float32"))
 
+    # Fine-tuning from released weights (docs/pretrained.md): a ViT .npz checkpoint
+    # (google-research/vision_transformer, big_vision) or a Hugging Face ViT directory.
+    # The checkpoint fixes the architecture (config.model keeps only dropout, dtype, scan,
+    # ...), a new zero head is attached, and image_size defaults to the checkpoint's.
+    config.init_from = config_dict.placeholder(str)
+    config.finetune = "full"  # "full", "frozen" (train the new head only) or "lora"
+    config.lora_rank = 8
+    config.lora_alpha = 16.0
+
     # Training: AdamW, linear warm-up then cosine decay (optax, via the train library).
     config.num_epochs = 120  # > 0: sets num_train_steps from the train split's size
     config.batch_size = 64

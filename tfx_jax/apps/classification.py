@@ -12,12 +12,17 @@ trained classifier what digit a generated image shows:
 * :func:`classification_task` is the :class:`tfx_jax.train.Task`;
 * :func:`load_classifier` rebuilds a trained model from its workdir
   (``config.json`` + the latest checkpoint's parameters);
+* :func:`load_pretrained_vit` / :func:`setup_finetuning` start a run from
+  released weights (``config.init_from``: a ViT .npz or a Hugging Face
+  directory) with a new head, in one of the :class:`FineTuning` modes
+  (``config.finetune``: "full", "frozen" backbone, "lora");
 * :meth:`Classifier.probabilities` / :meth:`Classifier.predict` classify images.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Optional, Sequence
 
 import jax
@@ -25,10 +30,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from tfx_jax import pretrained
 from tfx_jax import train as tr
 from tfx_jax.model_config import from_config_dict
+from tfx_jax.pretrained.tree import flatten, unflatten
+from tfx_jax.pretrained.vit_adapt import adapt_vit
+from tfx_jax.train.finetune import MODES, FineTuning
 from tfx_jax.train.task import EvaluateFn
 from tfx_jax.vit import ViT, ViTConfig
+
+# ViTConfig fields a checkpoint fixes (written into config.model by setup_finetuning).
+ARCHITECTURE_FIELDS = ("patch_size", "d_model", "num_heads", "num_layers", "d_ff", "pool",
+                       "representation_size", "activation", "layer_norm_epsilon", "pre_norm",
+                       "use_bias")
 
 
 def vit_config(config: ml_collections.ConfigDict) -> ViTConfig:
@@ -52,12 +66,18 @@ def vit_config(config: ml_collections.ConfigDict) -> ViTConfig:
 
 
 def classification_task(config: ViTConfig, *, label_smoothing: float = 0.0,
+                        finetuning: Optional[FineTuning] = None,
+                        pretrained_params: Any = None,
                         evaluate: Optional[EvaluateFn] = None) -> tr.Task:
     """The training Task of a ViT classifier on ``{"image", "label", "valid"}`` batches.
 
     The loss is the (label-smoothed) cross-entropy averaged over the valid
     examples (padding rows of the last eval batch count 0); metrics are
     ``accuracy`` and ``weight`` (the number of valid examples).
+
+    With ``finetuning``, training starts from ``pretrained_params`` (or, when
+    None, from parameters of the same structure, e.g. to restore a checkpoint)
+    and only the parameters its mode marks trainable are updated.
     """
     model = ViT(config)
     image_shape = (config.image_size, config.image_size, config.num_channels)
@@ -65,16 +85,23 @@ def classification_task(config: ViTConfig, *, label_smoothing: float = 0.0,
     def init_params(rng):
         return model.init({"params": rng}, jnp.zeros((1, *image_shape), jnp.float32))["params"]
 
+    model_params = lambda params: params  # noqa: E731
+    trainable = None
+    if finetuning is not None:
+        init_params = finetuning.init_params(init_params, pretrained_params)
+        model_params, trainable = finetuning.model_params, finetuning.trainable
+
     def loss_fn(params, batch, rng, train):
-        logits = model.apply({"params": params}, batch["image"], deterministic=not train,
-                             rngs={"dropout": rng})
+        logits = model.apply({"params": model_params(params)}, batch["image"],
+                             deterministic=not train, rngs={"dropout": rng})
         valid = batch["valid"]
         loss = tr.classification_cross_entropy(logits, batch["label"],
                                                label_smoothing=label_smoothing, weights=valid)
         accuracy = tr.classification_accuracy(logits, batch["label"], weights=valid)
         return loss, {"accuracy": accuracy, "weight": valid.sum().astype(jnp.float32)}
 
-    return tr.Task(init_params=init_params, loss_fn=loss_fn, evaluate=evaluate)
+    return tr.Task(init_params=init_params, loss_fn=loss_fn, evaluate=evaluate,
+                   trainable=trainable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,10 +156,82 @@ def load_classifier(workdir: str, *, step: int | None = None) -> Classifier:
     """
     config = tr.load_config(workdir)
     model_config = vit_config(config)
-    task = classification_task(model_config)
+    finetuning = finetuning_of(config)
+    task = classification_task(model_config, finetuning=finetuning)
     params = tr.restore_params(workdir, task.init_params, step=step)
+    if finetuning is not None:
+        params = finetuning.model_params(params)
     return Classifier(model=ViT(model_config), params=params,
                       class_names=class_names_of(config))
+
+
+def finetuning_of(config: ml_collections.ConfigDict) -> Optional[FineTuning]:
+    """The :class:`FineTuning` of a run that starts from ``config.init_from``, else None."""
+    if not config.get("init_from"):
+        return None
+    mode = config.get("finetune", "full")
+    if mode not in MODES:
+        raise ValueError(f"config.finetune must be one of {MODES}, got {mode!r}")
+    return FineTuning(mode=mode, lora_rank=int(config.get("lora_rank", 8)),
+                      lora_alpha=float(config.get("lora_alpha", 16.0)))
+
+
+def load_pretrained_vit(path: str, *, num_classes: Optional[int] = None,
+                        image_size: Optional[int] = None,
+                        num_channels: Optional[int] = None) -> tuple[ViTConfig, Any]:
+    """A released ViT (.npz file or Hugging Face directory) made ready for a new task.
+
+    ``num_classes`` attaches a new zero head, ``image_size`` resizes the
+    position embeddings (see :mod:`tfx_jax.pretrained`). ``num_channels=1``
+    fine-tunes an RGB checkpoint on grayscale images: the patch kernel is
+    summed over its input channels, which is exactly feeding the gray image
+    repeated in the three channels.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        cfg, params = pretrained.load_hf(path)
+    elif os.path.isfile(path) and path.endswith(".npz"):
+        cfg, params = pretrained.load_vit_npz(path)
+    else:
+        raise FileNotFoundError(f"init_from={path!r} is neither a .npz ViT checkpoint nor a "
+                                f"Hugging Face model directory")
+    if not isinstance(cfg, ViTConfig):
+        raise ValueError(f"init_from={path!r} holds a {type(cfg).__name__}, not a ViT")
+    cfg, flat = adapt_vit(cfg, flatten(params), num_classes=num_classes, image_size=image_size)
+    if num_channels is not None and num_channels != cfg.num_channels:
+        if num_channels != 1:
+            raise ValueError(f"the checkpoint takes {cfg.num_channels}-channel images; images "
+                             f"with {num_channels} channels cannot be fed to it")
+        flat["patch_embedding/kernel"] = flat["patch_embedding/kernel"].sum(axis=2,
+                                                                            keepdims=True)
+        cfg = cfg.replace(num_channels=1)
+    return cfg, unflatten(flat)
+
+
+def setup_finetuning(config: ml_collections.ConfigDict, num_classes: int,
+                     num_channels: int) -> tuple[Optional[FineTuning], Any]:
+    """Reads ``config.init_from`` (if set): ``(FineTuning, parameters)``, else ``(None, None)``.
+
+    Also writes what the checkpoint decides into the config (kept in the
+    run's config.json, so :func:`load_classifier` rebuilds the model):
+    ``config.model``'s architecture fields and, when unset,
+    ``config.image_size`` (the checkpoint's resolution; a set one resizes the
+    position embeddings instead).
+    """
+    finetuning = finetuning_of(config)
+    if finetuning is None:
+        return None, None
+    cfg, params = load_pretrained_vit(config.init_from, num_classes=num_classes,
+                                      image_size=config.get("image_size"),
+                                      num_channels=num_channels)
+    with config.unlocked():
+        if config.get("image_size") is None:
+            config.image_size = cfg.image_size
+        for field in ARCHITECTURE_FIELDS:
+            config.model[field] = getattr(cfg, field)
+    if config.model.get("scan_layers"):
+        params = pretrained.to_scan(params, "encoder", cfg.num_layers)
+    return finetuning, params
 
 
 def format_predictions(paths: Sequence[str], labels: np.ndarray, probabilities: np.ndarray,

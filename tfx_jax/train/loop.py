@@ -39,6 +39,7 @@ from tfx_jax.train.state import TrainState, abstract_train_state, create_train_s
 from tfx_jax.train.step import make_eval_step, make_train_step
 from tfx_jax.train.task import Batch, Task
 from tfx_jax.train.workdir_lock import hold_workdir_lock
+from tfx_jax.train.trainable import mask_optimizer
 
 
 class NonFiniteError(FloatingPointError):
@@ -176,6 +177,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
     check_batch_size(config.batch_size, mesh)
     check_eval_batches(eval_batches, mesh)
     optimizer, schedule = create_optimizer(config)
+    if task.trainable is not None:  # fine-tuning: frozen parameters get zero updates
+        optimizer = mask_optimizer(optimizer, task.trainable)
 
     release_lock = hold_workdir_lock(workdir)  # one run per workdir (workdir_lock.py)
     try:

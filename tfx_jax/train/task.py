@@ -38,6 +38,10 @@ label_smoothing=0.1, evaluate=...)``, ``classification_task(cfg,
 label_smoothing=0.0, evaluate=...)``, ``generator_task(cfg, layout=...,
 evaluate=...)``. The factory builds the model from the config, so a script
 never needs the model object to train.
+
+``trainable(params) -> pytree of bools`` (optional) marks the parameters the
+optimizer updates; the others stay exactly as initialised (fine-tuning with a
+frozen backbone or LoRA, :mod:`tfx_jax.train.finetune`).
 """
 from __future__ import annotations
 
@@ -61,8 +65,11 @@ class Task:
     init_params: Callable[[jax.Array], Params]
     loss_fn: LossFn
     evaluate: Optional[EvaluateFn] = None
+    trainable: Optional[Callable[[Params], Any]] = None
 
     def __post_init__(self):
+        if self.trainable is not None and not callable(self.trainable):
+            raise TypeError(f"Task.trainable must be callable or None, got {self.trainable!r}")
         for name in ("init_params", "loss_fn"):
             if not callable(getattr(self, name)):
                 raise TypeError(f"Task.{name} must be callable, got {getattr(self, name)!r}")

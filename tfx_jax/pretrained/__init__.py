@@ -1,0 +1,30 @@
+"""Released weights in and out: ViT .npz checkpoints and Hugging Face directories.
+
+    from tfx_jax import pretrained
+    cfg, params = pretrained.load_vit_npz(path, num_classes=None, image_size=None)
+    cfg, params = pretrained.load_hf(directory)        # config.json + model.safetensors
+    pretrained.save_hf(cfg, params, directory)         # loadable by transformers
+
+The returned ``cfg`` is a :class:`tfx_jax.ViTConfig` or
+:class:`tfx_jax.CausalLMConfig`; ``params`` go straight into
+``model.apply({"params": params}, ...)``. See docs/pretrained.md for the
+checkpoint families each loader accepts.
+
+  tensors.py    checked access to a checkpoint's named tensors (one error per problem)
+  layers.py     per-layer <-> nn.scan-stacked parameter layouts
+  tree.py       flat "a/b/c" names of our parameter trees
+  posemb.py     2-D interpolation of ViT position embeddings
+  vit_adapt.py  a new zero head / another resolution for fine-tuning
+  vit_npz.py    google-research/vision_transformer and big_vision .npz files
+  hf_files.py   config.json + safetensors on disk
+  hf_gpt2.py    GPT2LMHeadModel <-> CausalLM tensor map
+  hf_vit.py     ViTModel / ViTForImageClassification <-> ViT tensor map
+  hf.py         load_hf / save_hf
+"""
+from tfx_jax.pretrained.hf import load_hf, save_hf
+from tfx_jax.pretrained.layers import from_scan, to_scan
+from tfx_jax.pretrained.posemb import resize_position_embedding
+from tfx_jax.pretrained.vit_npz import load_vit_npz
+
+__all__ = ["from_scan", "load_hf", "load_vit_npz", "resize_position_embedding", "save_hf",
+           "to_scan"]
