@@ -28,6 +28,10 @@ max_checkpoints_to_keep    3              older checkpoints are deleted
 async_checkpointing        True           write checkpoints in the background
 skip_nonfinite_updates     False          skip non-finite steps instead of stopping
 progress_bar               True           tqdm bar (only on process 0 and a TTY)
+peak_tflops                0.0            peak TFLOP/s per device for ``mfu``; 0 = by
+                                          device kind (``train.flops``; CPU: no mfu)
+profile_steps              ""             jax.profiler trace into <workdir>/profile:
+                                          "FIRST,LAST" steps or a count; "" = off
 =========================  =============  ============================================
 
 With ``grad_accum_steps = k`` one *step* is still one batch of ``batch_size``
@@ -78,6 +82,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.async_checkpointing = True
     config.skip_nonfinite_updates = False
     config.progress_bar = True
+    config.peak_tflops = 0.0
+    config.profile_steps = ""
     return config
 
 
@@ -113,7 +119,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _require(config, "optimizer", config.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}")
     for key in ("learning_rate", "eps"):
         _require(config, key, _is_number(config[key]) and config[key] > 0, "a positive number")
-    for key in ("end_learning_rate", "weight_decay", "grad_clip_norm"):
+    for key in ("end_learning_rate", "weight_decay", "grad_clip_norm", "peak_tflops"):
         _require(config, key, _is_number(config[key]) and config[key] >= 0,
                  "a non-negative number (0 = off)")
     for key in ("b1", "b2"):

@@ -25,6 +25,12 @@ on every host at evaluation time, for metrics that need more than the loss
 (BLEU, exact match, ...); use :func:`tfx_jax.train.shard_batch` with ``mesh``
 to feed it data. Return names from the project's vocabulary: ``exact_match``,
 ``bleu``, ``accuracy``.
+
+Two optional hooks feed the loop's speed metrics (``tokens_per_sec``,
+``examples_per_sec``, ``mfu``; see :mod:`tfx_jax.train.throughput`):
+``flops_per_example`` is the analytic training FLOPs (forward + backward,
+:mod:`tfx_jax.train.flops`) of one row of a batch, and ``count_tokens(batch)``
+the number of real (non-padding) tokens in a process-local NumPy batch.
 """
 from __future__ import annotations
 
@@ -48,10 +54,17 @@ class Task:
     init_params: Callable[[jax.Array], Params]
     loss_fn: LossFn
     evaluate: Optional[EvaluateFn] = None
+    flops_per_example: Optional[float] = None
+    count_tokens: Optional[Callable[[Batch], int]] = None
 
     def __post_init__(self):
         for name in ("init_params", "loss_fn"):
             if not callable(getattr(self, name)):
                 raise TypeError(f"Task.{name} must be callable, got {getattr(self, name)!r}")
-        if self.evaluate is not None and not callable(self.evaluate):
-            raise TypeError(f"Task.evaluate must be callable or None, got {self.evaluate!r}")
+        for name in ("evaluate", "count_tokens"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise TypeError(f"Task.{name} must be callable or None, got "
+                                f"{getattr(self, name)!r}")
+        if self.flops_per_example is not None and not self.flops_per_example > 0:
+            raise ValueError(f"Task.flops_per_example must be a positive number or None, got "
+                             f"{self.flops_per_example!r}")
