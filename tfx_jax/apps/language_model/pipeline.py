@@ -18,9 +18,10 @@ its tokens is predicted exactly once; one row per window, padded, in a
 deterministic pass (:func:`tfx_jax.data.grain_batches.evaluation_dataset`).
 
 The tokenizer is SentencePiece (BPE), trained on a seeded sample of at most
-``max_chars`` characters of training text and cached in the workdir. For code
-it keeps whitespace as is (identity normalisation, newline a piece of its own,
-pieces of spaces for indentation), so decoded text is the original.
+``max_chars`` characters of training text and cached in the workdir. It keeps
+whitespace as is (identity normalisation, newline a piece of its own, pieces of
+spaces for indentation) and spells characters it has no piece for as UTF-8
+bytes (``byte_fallback``, 256 of the ids), so any text decodes back to itself.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from tfx_jax.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, SentencePieceTokeniz
 
 # Keep text byte-exact through SentencePiece: no NFKC, no whitespace folding.
 VERBATIM_OPTIONS = dict(normalization_rule_name="identity", remove_extra_whitespaces=False,
-                        add_dummy_prefix=False,
+                        add_dummy_prefix=False, byte_fallback=True,
                         allow_whitespace_only_pieces=True, split_by_whitespace=False,
                         user_defined_symbols=["\n"], max_sentence_length=1 << 16)
 LENGTHS_KEYS = ("inputs", "targets")
