@@ -131,11 +131,8 @@ def test_kv_lengths_skip_key_blocks_past_the_longest_sequence():
     assert np.all(np.isfinite(out))
 
 
-def test_chunked_rejects_dropout_and_bad_blocks():
+def test_chunked_rejects_bad_blocks_and_lengths():
     q, k, v, _ = _inputs(8, 8)
-    with pytest.raises(ValueError, match="dropout"):
-        dot_product_attention(q, k, v, implementation="chunked", dropout_rate=0.1,
-                              dropout_rng=jax.random.key(0))
     with pytest.raises(ValueError, match="block_q"):
         dot_product_attention(q, k, v, implementation="chunked", block_q=0)
     with pytest.raises(ValueError, match=r"kv_lengths must have shape \[batch\]"):

@@ -20,10 +20,13 @@ linear in the lengths; "cudnn" (``attention_cudnn.py``) is NVIDIA's fused kernel
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tfx_jax.attention_chunked import DEFAULT_BLOCK_KV, DEFAULT_BLOCK_Q, chunked_attention
 from tfx_jax.attention_cudnn import cudnn_attention, cudnn_unsupported_reason
@@ -35,9 +38,21 @@ IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn")
 CHUNKED_MIN_LENGTH = 512
 
 
-def _check_inputs(query, key, value, mask):
+def _as_array(x, name):
+    """Arrays (and tracers) pass; Python lists/tuples/scalars become arrays."""
+    if x is None or hasattr(x, "dtype"):
+        return x
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}: {e}") from None
+
+
+def _check_inputs(query, key, value, mask, bias=None):
     """Raises ValueError/TypeError naming the offending argument and its shape."""
     for name, x in (("query", query), ("key", key), ("value", value)):
+        if not hasattr(x, "ndim"):
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}")
         if x.ndim != 4:
             raise ValueError(
                 f"{name} must have shape [batch, length, num_heads, head_dim], "
@@ -47,27 +62,87 @@ def _check_inputs(query, key, value, mask):
     b, _, n, h = query.shape
     if key.shape[:3] != value.shape[:3]:
         raise ValueError(
-            f"key and value must agree in [batch, kv_length, num_heads], "
+            f"key and value must agree in [batch, kv_length, num_kv_heads], "
             f"got key {tuple(key.shape)} and value {tuple(value.shape)}")
-    if key.shape[0] != b or key.shape[2] != n:
+    if key.shape[0] != b:
         raise ValueError(
-            f"query {tuple(query.shape)} and key {tuple(key.shape)} must agree in batch "
-            f"and num_heads")
+            f"query {tuple(query.shape)} and key {tuple(key.shape)} must agree in batch")
+    num_kv_heads = key.shape[2]
+    if num_kv_heads == 0 or n % num_kv_heads:
+        raise ValueError(
+            f"query num_heads ({n}) must be a multiple of key/value num_kv_heads "
+            f"({num_kv_heads}); got query {tuple(query.shape)} and key {tuple(key.shape)}")
     if key.shape[3] != h:
         raise ValueError(
             f"query and key must have the same head_dim, got {h} and {key.shape[3]}")
-    if mask is not None:
-        if mask.dtype != jnp.bool_:
-            raise TypeError(f"mask must be boolean (True = may attend), got dtype {mask.dtype}")
-        if mask.ndim > 4:
-            raise ValueError(f"mask must be broadcastable to [B,N,T,S], got {tuple(mask.shape)}")
-        target = (b, n, query.shape[1], key.shape[1])
+    if h == 0 or value.shape[3] == 0:
+        raise ValueError(f"head_dim must be >= 1, got query/key head_dim {h} and value "
+                         f"head_dim {value.shape[3]}")
+    target = (b, n, query.shape[1], key.shape[1])
+    for name, x in (("mask", mask), ("bias", bias)):
+        if x is None:
+            continue
+        if name == "mask" and x.dtype != jnp.bool_:
+            raise TypeError(f"mask must be boolean (True = may attend), got dtype {x.dtype}")
+        if name == "bias" and not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"bias must be a floating-point array, got dtype {x.dtype}")
+        if x.ndim > 4:
+            raise ValueError(f"{name} must be broadcastable to [B,N,T,S], got {tuple(x.shape)}")
         try:
-            jnp.broadcast_shapes(mask.shape, target)
+            jnp.broadcast_shapes(x.shape, target)
         except ValueError:
             raise ValueError(
-                f"mask of shape {tuple(mask.shape)} is not broadcastable to "
+                f"{name} of shape {tuple(x.shape)} is not broadcastable to "
                 f"[batch, num_heads, q_length, kv_length] = {target}") from None
+
+
+def _check_segment_ids(query, key, q_segment_ids, kv_segment_ids):
+    """Validates segment ids; kv_segment_ids defaults to q_segment_ids when T == S."""
+    if q_segment_ids is None and kv_segment_ids is None:
+        return None, None
+    if q_segment_ids is None:
+        raise ValueError("kv_segment_ids was given without q_segment_ids; pass both")
+    if kv_segment_ids is None:
+        if query.shape[1] != key.shape[1]:
+            raise ValueError(
+                f"kv_segment_ids is needed when q_length ({query.shape[1]}) != kv_length "
+                f"({key.shape[1]}); q_segment_ids alone is used for both only in self-attention")
+        kv_segment_ids = q_segment_ids
+    for name, ids, length in (("q_segment_ids", q_segment_ids, query.shape[1]),
+                              ("kv_segment_ids", kv_segment_ids, key.shape[1])):
+        if ids.shape != (query.shape[0], length):
+            raise ValueError(f"{name} must have shape [batch, length] = "
+                             f"{(query.shape[0], length)}, got {tuple(ids.shape)}")
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise TypeError(f"{name} must be integers (0 = padding), got dtype {ids.dtype}")
+    return q_segment_ids, kv_segment_ids
+
+
+def _check_window(local_window):
+    """None, an int w (= (w, w)) or (left, right) of ints >= 0 or None (unbounded)."""
+    if local_window is None:
+        return None
+    if isinstance(local_window, numbers.Integral) and not isinstance(local_window, bool):
+        local_window = (int(local_window), int(local_window))
+    ok = isinstance(local_window, (tuple, list)) and len(local_window) == 2 and all(
+        w is None or (isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 0)
+        for w in local_window)
+    if not ok:
+        raise ValueError(f"local_window must be (left, right) with ints >= 0 or None, or one "
+                         f"int >= 0, got {local_window!r}")
+    left, right = local_window
+    if left is None and right is None:
+        return None
+    return (None if left is None else int(left), None if right is None else int(right))
+
+
+def _check_scalars(dropout_rate, scale):
+    if not isinstance(dropout_rate, numbers.Real) or not 0.0 <= float(dropout_rate) < 1.0:
+        raise ValueError(f"dropout_rate must be a float in [0, 1), got {dropout_rate!r}")
+    if scale is not None and (not isinstance(scale, numbers.Real) or
+                              not math.isfinite(float(scale))):
+        raise ValueError(f"scale must be a finite float (None = 1/sqrt(head_dim)), "
+                         f"got {scale!r}")
 
 
 def causal_mask(q_length: int, kv_length: int, q_offset: int | jax.Array = 0) -> jax.Array:
@@ -81,6 +156,29 @@ def causal_mask(q_length: int, kv_length: int, q_offset: int | jax.Array = 0) ->
     return k_pos <= q_pos
 
 
+def window_mask(q_length: int, kv_length: int, local_window) -> jax.Array:
+    """Boolean [q_length, kv_length]: query i may attend key j iff i-left <= j <= i+right.
+
+    ``local_window = (left, right)``; None on a side means unbounded
+    (sliding-window attention, Beltagy et al. 2020; Mistral uses (w, 0) with causal).
+    """
+    left, right = local_window
+    offset = jnp.arange(kv_length)[None, :] - jnp.arange(q_length)[:, None]  # j - i
+    allowed = jnp.ones((q_length, kv_length), bool)
+    if left is not None:
+        allowed &= offset >= -left
+    if right is not None:
+        allowed &= offset <= right
+    return allowed
+
+
+def segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
+    """Boolean [B, 1, T, S]: same segment id and not padding (id 0)."""
+    q_ids = jnp.asarray(q_segment_ids)[:, None, :, None]
+    kv_ids = jnp.asarray(kv_segment_ids)[:, None, None, :]
+    return (q_ids == kv_ids) & (q_ids != 0)
+
+
 def combine_masks(*masks: Optional[jax.Array]) -> Optional[jax.Array]:
     """Logical AND of the masks that are not None (None if all are None)."""
     present = [m for m in masks if m is not None]
@@ -90,47 +188,6 @@ def combine_masks(*masks: Optional[jax.Array]) -> Optional[jax.Array]:
     for m in present[1:]:
         out = jnp.logical_and(out, m)
     return out
-
-
-def _full_mask(query, key, mask, causal):
-    """The boolean mask actually applied, shaped to broadcast against [B,N,T,S]."""
-    if causal:
-        mask = combine_masks(mask, causal_mask(query.shape[1], key.shape[1]))
-    return mask
-
-
-def attention_weights(query: jax.Array, key: jax.Array, mask: Optional[jax.Array] = None,
-                      *, causal: bool = False) -> jax.Array:
-    """The attention probabilities softmax(Q K^T / sqrt(d_k)), shape [B, N, T, S].
-
-    Computed in float32 whatever the input dtype. A query whose keys are all
-    masked gets an all-zero row (it attends to nothing) instead of NaN.
-    """
-    _check_inputs(query, key, key, mask)
-    mask = _full_mask(query, key, mask, causal)
-    depth = query.shape[-1]
-    scores = jnp.einsum("btnh,bsnh->bnts", query, key,
-                        preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(depth))
-    if mask is None:
-        return jax.nn.softmax(scores, axis=-1)
-    big_negative = jnp.finfo(jnp.float32).min
-    scores = jnp.where(mask, scores, big_negative)
-    weights = jax.nn.softmax(scores, axis=-1)
-    # Fully masked rows: softmax of a constant row is uniform; make them zero instead.
-    return jnp.where(mask, weights, 0.0)
-
-
-def _dense_attention(query, key, value, mask, causal, dropout_rate, dropout_rng):
-    """Materialises the [B, N, T, S] weights, then takes the weighted sum of values."""
-    weights = attention_weights(query, key, mask, causal=causal)
-    if dropout_rate > 0.0:
-        if dropout_rng is None:
-            raise ValueError("attention dropout_rate > 0 needs a dropout_rng")
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum("bnts,bsnh->btnh", weights.astype(value.dtype), value,
-                     preferred_element_type=jnp.float32)
-    return out.astype(value.dtype)
 
 
 def lengths_mask(q_length: int, kv_length: int, q_lengths: Optional[jax.Array] = None,
@@ -148,6 +205,83 @@ def lengths_mask(q_length: int, kv_length: int, q_lengths: Optional[jax.Array] =
     return mask
 
 
+def _full_mask(query, key, mask, causal, q_segment_ids=None, kv_segment_ids=None,
+               local_window=None, q_lengths=None, kv_lengths=None):
+    """The boolean mask actually applied, shaped to broadcast against [B,N,T,S]."""
+    t, s = query.shape[1], key.shape[1]
+    return combine_masks(
+        mask,
+        causal_mask(t, s) if causal else None,
+        window_mask(t, s, local_window) if local_window is not None else None,
+        segment_mask(q_segment_ids, kv_segment_ids) if q_segment_ids is not None else None,
+        lengths_mask(t, s, q_lengths, kv_lengths))
+
+
+def _dense_weights(query, key, mask, bias, scale):
+    """softmax(scale * Q K^T + bias) in float32 over the allowed keys, [B, N, T, S].
+
+    Grouped-query: query [B,T,K*G,H] against key [B,S,K,H] is one einsum over the
+    shared key head (no repeated K). A query whose keys are all masked gets an
+    all-zero row (it attends to nothing) instead of NaN.
+    """
+    b, t, n, h = query.shape
+    s, num_kv_heads = key.shape[1], key.shape[2]
+    scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
+    grouped = query.reshape(b, t, num_kv_heads, n // num_kv_heads, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", grouped, key,
+                        preferred_element_type=jnp.float32).reshape(b, n, t, s) * scale
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32)
+    if mask is None:
+        return jax.nn.softmax(scores, axis=-1)
+    big_negative = jnp.finfo(jnp.float32).min
+    scores = jnp.where(mask, scores, big_negative)
+    weights = jax.nn.softmax(scores, axis=-1)
+    # Fully masked rows: softmax of a constant row is uniform; make them zero instead.
+    return jnp.where(mask, weights, 0.0)
+
+
+def attention_weights(query: jax.Array, key: jax.Array, mask: Optional[jax.Array] = None,
+                      *, causal: bool = False, q_segment_ids: Optional[jax.Array] = None,
+                      kv_segment_ids: Optional[jax.Array] = None, local_window=None,
+                      bias: Optional[jax.Array] = None, scale: Optional[float] = None,
+                      q_lengths: Optional[jax.Array] = None,
+                      kv_lengths: Optional[jax.Array] = None) -> jax.Array:
+    """The attention probabilities softmax(scale * Q K^T + bias), shape [B, N, T, S].
+
+    Same masking arguments as `dot_product_attention` (key may have fewer heads
+    than query). Computed in float32 whatever the input dtype. A query whose keys
+    are all masked gets an all-zero row (it attends to nothing) instead of NaN.
+    """
+    mask, bias = _as_array(mask, "mask"), _as_array(bias, "bias")
+    q_segment_ids = _as_array(q_segment_ids, "q_segment_ids")
+    kv_segment_ids = _as_array(kv_segment_ids, "kv_segment_ids")
+    _check_inputs(query, key, key, mask, bias)
+    _check_scalars(0.0, scale)
+    q_segment_ids, kv_segment_ids = _check_segment_ids(query, key, q_segment_ids, kv_segment_ids)
+    _check_lengths(query, q_lengths, kv_lengths)
+    local_window = _check_window(local_window)
+    mask = _full_mask(query, key, mask, causal, q_segment_ids, kv_segment_ids, local_window,
+                      *_clamped_lengths(query, key, q_lengths, kv_lengths))
+    return _dense_weights(query, key, mask, bias, scale)
+
+
+def _dense_attention(query, key, value, mask, bias, scale, dropout_rate, dropout_rng):
+    """Materialises the [B, N, T, S] weights, then takes the weighted sum of values."""
+    weights = _dense_weights(query, key, mask, bias, scale)
+    if dropout_rate > 0.0:
+        if dropout_rng is None:
+            raise ValueError(f"attention dropout_rate={dropout_rate} > 0 needs a dropout_rng")
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    b, n, t, s = weights.shape
+    num_kv_heads = value.shape[2]
+    grouped = weights.reshape(b, num_kv_heads, n // num_kv_heads, t, s)
+    out = jnp.einsum("bkgts,bskh->btkgh", grouped.astype(value.dtype), value,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, value.shape[-1]).astype(value.dtype)
+
+
 def _check_lengths(query, q_lengths, kv_lengths):
     for name, lengths in (("q_lengths", q_lengths), ("kv_lengths", kv_lengths)):
         if lengths is None:
@@ -160,15 +294,48 @@ def _check_lengths(query, q_lengths, kv_lengths):
             raise TypeError(f"{name} must be integers, got dtype {lengths.dtype}")
 
 
+def _clamped_lengths(query, key, q_lengths, kv_lengths):
+    """Lengths clipped to [0, q_length] / [0, kv_length] (a length past the end means
+    'all of it'), as int32."""
+    if q_lengths is not None:
+        q_lengths = jnp.clip(jnp.asarray(q_lengths, jnp.int32), 0, query.shape[1])
+    if kv_lengths is not None:
+        kv_lengths = jnp.clip(jnp.asarray(kv_lengths, jnp.int32), 0, key.shape[1])
+    return q_lengths, kv_lengths
+
+
+def _unsupported_reason(implementation, query, key, *, mask, bias, causal, dropout_rate,
+                        q_segment_ids, local_window, value_head_dim, platform=None,
+                        compute_capability=None) -> Optional[str]:
+    """None if `implementation` runs these inputs, else a sentence naming why not."""
+    if implementation == "dense":
+        return None
+    if bias is not None:
+        return (f"implementation={implementation!r} takes no additive bias (only 'dense' "
+                f"materialises the scores it is added to); use implementation='dense'")
+    if implementation == "chunked":
+        return None
+    return cudnn_unsupported_reason(
+        query.dtype, query.shape[-1], has_mask=mask is not None, dropout_rate=dropout_rate,
+        causal=causal, q_length=query.shape[1], kv_length=key.shape[1],
+        value_head_dim=value_head_dim, platform=platform,
+        compute_capability=compute_capability,
+        has_segment_ids=q_segment_ids is not None, local_window=local_window)
+
+
 def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0, *,
                           platform: Optional[str] = None,
                           compute_capability: Optional[str] = None,
-                          value_head_dim: Optional[int] = None) -> str:
-    """What "auto" resolves to for these inputs.
+                          value_head_dim: Optional[int] = None,
+                          q_segment_ids=None, kv_segment_ids=None, local_window=None,
+                          bias=None, scale=None, q_lengths=None, kv_lengths=None) -> str:
+    """What "auto" resolves to for these inputs (the same arguments as
+    `dot_product_attention`; only their shapes, dtypes and presence matter).
 
-    1. dropout on the weights -> "dense" (the only one that implements it);
-    2. an NVIDIA GPU (sm80+), float16/bfloat16, a cuDNN head_dim and no mask array
-       (causal and lengths are fine) -> "cudnn";
+    1. an additive ``bias`` or dropout on the weights -> "dense" (the only
+       implementation that takes a bias / has dropout);
+    2. an NVIDIA GPU (sm80+), float16/bfloat16, a cuDNN head_dim, no mask array and
+       no segment ids (causal, lengths, GQA and a left window are fine) -> "cudnn";
     3. max(q_length, kv_length) >= CHUNKED_MIN_LENGTH -> "chunked";
     4. otherwise "dense" (short sequences: one tile would cover them anyway).
 
@@ -176,13 +343,15 @@ def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0,
     default to the first local device; pass them to ask about another machine.
     ``value_head_dim``: the value's head size when it differs from the query's.
     """
-    if dropout_rate > 0.0:
+    del kv_segment_ids, scale, q_lengths, kv_lengths  # every implementation takes them
+    local_window = _check_window(local_window)
+    if bias is not None or dropout_rate > 0.0:
         return "dense"
-    reason = cudnn_unsupported_reason(
-        query.dtype, query.shape[-1], has_mask=mask is not None, dropout_rate=dropout_rate,
-        causal=causal, q_length=query.shape[1], kv_length=key.shape[1],
-        value_head_dim=value_head_dim, platform=platform, compute_capability=compute_capability)
-    if reason is None:
+    common = dict(mask=mask, bias=bias, causal=causal, dropout_rate=dropout_rate,
+                  q_segment_ids=q_segment_ids, local_window=local_window,
+                  value_head_dim=value_head_dim, platform=platform,
+                  compute_capability=compute_capability)
+    if _unsupported_reason("cudnn", query, key, **common) is None:
         return "cudnn"
     if max(query.shape[1], key.shape[1]) >= CHUNKED_MIN_LENGTH:
         return "chunked"
@@ -191,50 +360,83 @@ def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0,
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                           mask: Optional[jax.Array] = None, *, causal: bool = False,
+                          q_segment_ids: Optional[jax.Array] = None,
+                          kv_segment_ids: Optional[jax.Array] = None,
+                          local_window=None,
+                          bias: Optional[jax.Array] = None,
+                          scale: Optional[float] = None,
                           dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
                           implementation: str = "auto",
                           q_lengths: Optional[jax.Array] = None,
                           kv_lengths: Optional[jax.Array] = None,
                           block_q: int = DEFAULT_BLOCK_Q,
                           block_kv: int = DEFAULT_BLOCK_KV) -> jax.Array:
-    """softmax(Q K^T / sqrt(d_k)) V for every head; returns [B, T, N, H] in value's dtype.
+    """softmax(scale * Q K^T + bias) V for every head; returns [B, T, N, H] in value's dtype.
 
     Args:
       query: [batch, q_length, num_heads, head_dim].
-      key, value: [batch, kv_length, num_heads, head_dim]; kv_length may differ from
-        q_length (cross-attention).
+      key, value: [batch, kv_length, num_kv_heads, head_dim]; kv_length may differ
+        from q_length (cross-attention); num_heads must be a multiple of
+        num_kv_heads: grouped-query attention (query head n uses key/value head
+        n // (num_heads / num_kv_heads); 1 kv head = multi-query attention). K/V
+        are not repeated in memory.
       mask: optional boolean array broadcastable to [batch, num_heads, q_length,
         kv_length]; True = may attend. Queries with no key to attend return zeros.
       causal: also forbid query i to attend key j > i (decoder self-attention).
+      q_segment_ids, kv_segment_ids: optional [batch, q_length] / [batch,
+        kv_length] ints: query i attends key j only if their ids are equal and
+        non-zero. Packed sequences get ids 1, 2, ...; padding is 0 (a padding
+        query returns zeros). kv_segment_ids defaults to q_segment_ids in
+        self-attention.
+      local_window: optional (left, right): query i attends keys i-left ... i+right
+        (sliding-window attention; None on a side = unbounded; an int w = (w, w)).
+      bias: optional float array broadcastable to [batch, num_heads, q_length,
+        kv_length], added to the scaled scores ("dense" only).
+      scale: multiplies Q K^T; default 1/sqrt(head_dim).
       dropout_rate, dropout_rng: dropout on the attention weights (training only;
-        "dense" only).
+        "dense" and "chunked"); the rate must be in [0, 1).
       implementation: "dense" materialises the scores; "chunked" (any backend) and
         "cudnn" (NVIDIA GPU) avoid it; "auto" picks with `select_implementation`.
       q_lengths, kv_lengths: optional [batch] ints: padding given as lengths, the
         memory-lean alternative to a padding mask. Query i of sequence b is real
         iff i < q_lengths[b] (other queries return zeros); key j iff j < kv_lengths[b].
+        Values are clamped to [0, length].
       block_q, block_kv: tile sizes of "chunked" (ignored by the others).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    _check_inputs(query, key, value, mask)
+    mask, bias = _as_array(mask, "mask"), _as_array(bias, "bias")
+    q_segment_ids = _as_array(q_segment_ids, "q_segment_ids")
+    kv_segment_ids = _as_array(kv_segment_ids, "kv_segment_ids")
+    _check_inputs(query, key, value, mask, bias)
     _check_lengths(query, q_lengths, kv_lengths)
+    _check_scalars(dropout_rate, scale)
+    q_segment_ids, kv_segment_ids = _check_segment_ids(query, key, q_segment_ids, kv_segment_ids)
+    local_window = _check_window(local_window)
+    if dropout_rate > 0.0 and dropout_rng is None:
+        raise ValueError(f"attention dropout_rate={dropout_rate} > 0 needs a dropout_rng")
     if implementation == "auto":
-        implementation = select_implementation(query, key, mask, causal, dropout_rate,
-                                               value_head_dim=value.shape[-1])
-    if implementation == "dense":
-        mask = combine_masks(mask, lengths_mask(query.shape[1], key.shape[1], q_lengths, kv_lengths))
-        return _dense_attention(query, key, value, mask, causal, dropout_rate, dropout_rng)
-    if implementation == "chunked":
-        if dropout_rate > 0.0:
-            raise ValueError("implementation='chunked' has no attention dropout "
-                             f"(dropout_rate={dropout_rate}); use 'dense' or 'auto'")
-        return chunked_attention(query, key, value, mask, causal=causal, q_lengths=q_lengths,
-                                 kv_lengths=kv_lengths, block_q=block_q, block_kv=block_kv)
-    reason = cudnn_unsupported_reason(
-        query.dtype, query.shape[-1], has_mask=mask is not None, dropout_rate=dropout_rate,
+        implementation = select_implementation(
+            query, key, mask, causal, dropout_rate, value_head_dim=value.shape[-1],
+            q_segment_ids=q_segment_ids, local_window=local_window, bias=bias)
+    reason = _unsupported_reason(
+        implementation, query, key, mask=mask, bias=bias, causal=causal,
+        dropout_rate=dropout_rate, q_segment_ids=q_segment_ids, local_window=local_window,
         value_head_dim=value.shape[-1])
     if reason is not None:
-        raise ValueError(f"implementation='cudnn' cannot run here: {reason}")
+        raise ValueError(f"implementation={implementation!r} cannot run here: {reason}")
+    q_lengths, kv_lengths = _clamped_lengths(query, key, q_lengths, kv_lengths)
+    if query.shape[0] == 0:  # an empty batch: an empty result
+        return jnp.zeros(query.shape[:3] + value.shape[3:], value.dtype)
+    if implementation == "dense":
+        mask = _full_mask(query, key, mask, causal, q_segment_ids, kv_segment_ids,
+                          local_window, q_lengths, kv_lengths)
+        return _dense_attention(query, key, value, mask, bias, scale, dropout_rate, dropout_rng)
+    if implementation == "chunked":
+        return chunked_attention(query, key, value, mask, causal=causal, q_lengths=q_lengths,
+                                 kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
+                                 kv_segment_ids=kv_segment_ids, local_window=local_window,
+                                 scale=scale, dropout_rate=dropout_rate,
+                                 dropout_rng=dropout_rng, block_q=block_q, block_kv=block_kv)
     return cudnn_attention(query, key, value, causal=causal, q_lengths=q_lengths,
-                           kv_lengths=kv_lengths)
+                           kv_lengths=kv_lengths, local_window=local_window, scale=scale)

@@ -27,12 +27,24 @@ Q, K, V, the output and ``lse`` and recomputes each block's weights
 Extra memory is therefore O(T + S) per head plus one ``block_q x block_kv``
 tile, in the forward and in the backward pass.
 
-Layout inside this module: blocks on the leading axis, ``[num_blocks, B, N,
-block, H]``, so that ``lax.scan`` walks over them. Lengths that are not a
-multiple of the block size are padded; padded keys are masked out and padded
-queries are dropped. With ``causal=True`` the loops visit only the key blocks
-at or below the diagonal (about half of them), and with ``q_lengths`` /
-``kv_lengths`` only blocks that hold real tokens.
+Layout inside this module: blocks on the leading axis, queries as ``[num_blocks,
+B, K, G, block, H]`` and keys/values as ``[num_blocks, B, K, block, H]``, so that
+``lax.scan`` walks over them. The query heads are split into K key/value heads
+times G groups: grouped-query attention (Ainslie et al. 2023; K = 1 is Shazeer's
+multi-query attention) is an einsum over the shared key head, with no copy of
+K/V. Lengths that are not a multiple of the block size are padded; padded keys
+are masked out and padded queries are dropped.
+
+Skipped work. The causal mask and a sliding window ``local_window=(left,
+right)`` (Beltagy et al. 2020) are one band ``-left <= j - i <= right``; the
+loops visit only key blocks that meet the band (with ``causal=True`` about half
+of them, with a window of width w about ``w / block_kv + 1`` per query block),
+and with ``q_lengths`` / ``kv_lengths`` only blocks that hold real tokens.
+
+Dropout on the weights uses a counter-based mask: the bits of tile (i, j) come
+from ``fold_in(fold_in(rng, i), j)``, so the backward pass regenerates them
+instead of storing a ``T x S`` mask. The normaliser ``l`` sums the undropped
+weights, as dense dropout after the softmax does.
 """
 from __future__ import annotations
 
@@ -52,40 +64,82 @@ DEFAULT_BLOCK_KV = 256
 
 
 class _Blocking(NamedTuple):
-    """Static description of the tiling (hashable: a custom_vjp nondiff argument)."""
+    """Static description of the tiling (hashable: a custom_vjp nondiff argument).
+
+    The band ``k_pos - q_pos in [-left, right]`` (None = unbounded) holds both
+    the causal mask (right = 0) and a sliding window.
+    """
     q_length: int      # T before padding
     kv_length: int     # S before padding
     block_q: int
     block_kv: int
-    causal: bool
+    left: Optional[int]
+    right: Optional[int]
+    scale: float
+    dropout_rate: float
 
 
-def _to_blocks(x: jax.Array, block: int) -> jax.Array:
-    """[B, L, N, H] -> [L_pad / block, B, N, block, H], zero-padding L."""
+def _q_to_blocks(x: jax.Array, block: int, num_kv_heads: int) -> jax.Array:
+    """[B, T, N, H] -> [T_pad / block, B, K, G, block, H] (N = K * G), zero-padding T."""
     b, length, n, h = x.shape
     num_blocks = -(-length // block)
     x = jnp.pad(x, ((0, 0), (0, num_blocks * block - length), (0, 0), (0, 0)))
-    return x.reshape(b, num_blocks, block, n, h).transpose(1, 0, 3, 2, 4)
+    x = x.reshape(b, num_blocks, block, num_kv_heads, n // num_kv_heads, h)
+    return x.transpose(1, 0, 3, 4, 2, 5)
 
 
-def _from_blocks(x: jax.Array, length: int) -> jax.Array:
-    """[num_blocks, B, N, block, H] -> [B, length, N, H] (drops the padding)."""
-    num_blocks, b, n, block, h = x.shape
-    return x.transpose(1, 0, 3, 2, 4).reshape(b, num_blocks * block, n, h)[:, :length]
+def _kv_to_blocks(x: jax.Array, block: int) -> jax.Array:
+    """[B, S, K, H] -> [S_pad / block, B, K, block, H], zero-padding S."""
+    b, length, k, h = x.shape
+    num_blocks = -(-length // block)
+    x = jnp.pad(x, ((0, 0), (0, num_blocks * block - length), (0, 0), (0, 0)))
+    return x.reshape(b, num_blocks, block, k, h).transpose(1, 0, 3, 2, 4)
 
 
-def _pad_mask(mask: Optional[jax.Array], q_padded: int, kv_padded: int):
-    """Mask as 4-D [Bm, Nm, Tm, Sm] with each of Tm, Sm either 1 or padded length."""
+def _q_from_blocks(x: jax.Array, length: int) -> jax.Array:
+    """[num_blocks, B, K, G, block, H] -> [B, length, K * G, H] (drops the padding)."""
+    num_blocks, b, k, g, block, h = x.shape
+    return x.transpose(1, 0, 4, 2, 3, 5).reshape(b, num_blocks * block, k * g, h)[:, :length]
+
+
+def _ids_to_blocks(ids: Optional[jax.Array], block: int) -> Optional[jax.Array]:
+    """Segment ids [B, L] -> [L_pad / block, B, block]; padded positions get id 0."""
+    if ids is None:
+        return None
+    b, length = ids.shape
+    num_blocks = -(-length // block)
+    ids = jnp.pad(jnp.asarray(ids, jnp.int32), ((0, 0), (0, num_blocks * block - length)))
+    return ids.reshape(b, num_blocks, block).transpose(1, 0, 2)
+
+
+def _pad_mask(mask: Optional[jax.Array], num_kv_heads: int, q_padded: int, kv_padded: int):
+    """Mask as 5-D [Bm, Km, Gm, Tm, Sm] (heads split like the query), with each of
+    Tm, Sm either 1 or the padded length."""
     if mask is None:
         return None
     mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    pad_t = q_padded - mask.shape[2] if mask.shape[2] != 1 else 0
-    pad_s = kv_padded - mask.shape[3] if mask.shape[3] != 1 else 0
-    return jnp.pad(mask, ((0, 0), (0, 0), (0, pad_t), (0, pad_s)), constant_values=False)
+    bm, nm, tm, sm = mask.shape
+    if nm == 1:
+        mask = mask.reshape(bm, 1, 1, tm, sm)
+    else:
+        mask = mask.reshape(bm, num_kv_heads, nm // num_kv_heads, tm, sm)
+    pad_t = q_padded - tm if tm != 1 else 0
+    pad_s = kv_padded - sm if sm != 1 else 0
+    return jnp.pad(mask, ((0, 0),) * 3 + ((0, pad_t), (0, pad_s)), constant_values=False)
 
 
-def _block_mask(blocking: _Blocking, i, j, mask, q_lengths, kv_lengths):
-    """Boolean tile (broadcastable to [B, N, block_q, block_kv]) for query block i
+class _Extras(NamedTuple):
+    """Per-call arrays that shape the mask (None when absent); not differentiable."""
+    mask: Optional[jax.Array]          # [Bm, Km, Gm, Tm, Sm] bool
+    q_lengths: Optional[jax.Array]     # [B] int32
+    kv_lengths: Optional[jax.Array]    # [B] int32
+    q_segments: Optional[jax.Array]    # [nq, B, bq] int32
+    kv_segments: Optional[jax.Array]   # [nk, B, bk] int32
+    dropout_rng: Optional[jax.Array]   # a PRNG key
+
+
+def _block_mask(blocking: _Blocking, i, j, extras: _Extras):
+    """Boolean tile (broadcastable to [B, K, G, block_q, block_kv]) for query block i
     and key block j, or None when every pair in the tile may attend."""
     bq, bk = blocking.block_q, blocking.block_kv
     q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
@@ -95,67 +149,99 @@ def _block_mask(blocking: _Blocking, i, j, mask, q_lengths, kv_lengths):
     def both(a, b):
         return b if a is None else jnp.logical_and(a, b)
 
+    def per_example(x):  # [B, bq or 1, bk or 1] -> [B, 1, 1, bq, bk]
+        return x[:, None, None]
+
     if blocking.kv_length % bk:
         valid = both(valid, k_pos < blocking.kv_length)
-    if blocking.causal:
-        valid = both(valid, k_pos <= q_pos)
-    if kv_lengths is not None:
-        valid = both(valid, k_pos[None, None] < kv_lengths[:, None, None, None])
-    if q_lengths is not None:
-        valid = both(valid, q_pos[None, None] < q_lengths[:, None, None, None])
-    if mask is not None:
-        tile = mask
-        if mask.shape[2] != 1:
-            tile = lax.dynamic_slice_in_dim(tile, i * bq, bq, axis=2)
-        if mask.shape[3] != 1:
-            tile = lax.dynamic_slice_in_dim(tile, j * bk, bk, axis=3)
+    if blocking.right is not None:
+        valid = both(valid, k_pos <= q_pos + blocking.right)
+    if blocking.left is not None:
+        valid = both(valid, k_pos >= q_pos - blocking.left)
+    if extras.kv_lengths is not None:
+        valid = both(valid, per_example(k_pos[None] < extras.kv_lengths[:, None, None]))
+    if extras.q_lengths is not None:
+        valid = both(valid, per_example(q_pos[None] < extras.q_lengths[:, None, None]))
+    if extras.q_segments is not None:
+        q_ids = lax.dynamic_index_in_dim(extras.q_segments, i, keepdims=False)[:, :, None]
+        kv_ids = lax.dynamic_index_in_dim(extras.kv_segments, j, keepdims=False)[:, None, :]
+        valid = both(valid, per_example((q_ids == kv_ids) & (q_ids != 0)))
+    if extras.mask is not None:
+        tile = extras.mask
+        if tile.shape[3] != 1:
+            tile = lax.dynamic_slice_in_dim(tile, i * bq, bq, axis=3)
+        if tile.shape[4] != 1:
+            tile = lax.dynamic_slice_in_dim(tile, j * bk, bk, axis=4)
         valid = both(valid, tile)
     return valid
 
 
-def _live_block_counts(blocking: _Blocking, num_q_blocks, num_kv_blocks, q_lengths, kv_lengths):
+def _live_block_counts(blocking: _Blocking, num_q_blocks, num_kv_blocks, extras: _Extras):
     """How many leading query / key blocks hold any real (unpadded) token."""
     live_q, live_kv = num_q_blocks, num_kv_blocks
-    if q_lengths is not None:
-        live_q = (jnp.max(q_lengths) + blocking.block_q - 1) // blocking.block_q
-    if kv_lengths is not None:
-        live_kv = (jnp.max(kv_lengths) + blocking.block_kv - 1) // blocking.block_kv
+    if extras.q_lengths is not None:
+        live_q = jnp.minimum(
+            (jnp.max(extras.q_lengths) + blocking.block_q - 1) // blocking.block_q, num_q_blocks)
+    if extras.kv_lengths is not None:
+        live_kv = jnp.minimum(
+            (jnp.max(extras.kv_lengths) + blocking.block_kv - 1) // blocking.block_kv,
+            num_kv_blocks)
     return live_q, live_kv
 
 
 def _kv_block_range(blocking: _Blocking, i, live_q, live_kv):
-    """Key blocks [0, hi) that query block i must visit."""
-    hi = live_kv
-    if blocking.causal:  # last query of block i is (i+1)*bq - 1; keys up to it
-        hi = jnp.minimum(hi, ((i + 1) * blocking.block_q - 1) // blocking.block_kv + 1)
+    """Key blocks [lo, hi) that query block i must visit: those meeting the band."""
+    bq, bk = blocking.block_q, blocking.block_kv
+    lo, hi = 0, live_kv
+    if blocking.left is not None:  # first query of block i sees keys from i*bq - left
+        lo = jnp.maximum(0, (i * bq - blocking.left) // bk)
+    if blocking.right is not None:  # last query (i+1)*bq - 1 sees keys up to it + right
+        hi = jnp.minimum(hi, ((i + 1) * bq - 1 + blocking.right) // bk + 1)
     if not isinstance(live_q, int):  # query block i past every sequence's end: nothing
-        hi = jnp.where(i < live_q, hi, 0)
-    return hi
+        hi = jnp.where(i < live_q, hi, lo)
+    return lo, hi
 
 
 def _q_block_range(blocking: _Blocking, j, live_q, live_kv):
     """Query blocks [lo, hi) that see key block j (the transpose of _kv_block_range)."""
-    lo = (j * blocking.block_kv) // blocking.block_q if blocking.causal else 0
-    hi = live_q
+    bq, bk = blocking.block_q, blocking.block_kv
+    lo, hi = 0, live_q
+    if blocking.right is not None:  # queries from j*bk - right see key block j
+        lo = jnp.maximum(0, (j * bk - blocking.right) // bq)
+    if blocking.left is not None:  # ... up to the last key (j+1)*bk - 1 plus left
+        hi = jnp.minimum(hi, ((j + 1) * bk - 1 + blocking.left) // bq + 1)
     if not isinstance(live_kv, int):
         hi = jnp.where(j < live_kv, hi, lo)
     return lo, hi
 
 
-def _masked_scores(blocking: _Blocking, i, j, q_i, k_j, mask, q_lengths, kv_lengths):
-    """Tile (i, j) of Q K^T / sqrt(d) in float32, -inf where attention is not allowed."""
-    scale = 1.0 / math.sqrt(q_i.shape[-1])
-    s = jnp.einsum("bnqh,bnkh->bnqk", q_i, k_j, preferred_element_type=jnp.float32) * scale
-    valid = _block_mask(blocking, i, j, mask, q_lengths, kv_lengths)
+def _masked_scores(blocking: _Blocking, i, j, q_i, k_j, extras: _Extras):
+    """Tile (i, j) of scale * Q K^T in float32, -inf where attention is not allowed."""
+    s = jnp.einsum("bkgqh,bkth->bkgqt", q_i, k_j,
+                   preferred_element_type=jnp.float32) * blocking.scale
+    valid = _block_mask(blocking, i, j, extras)
     return s if valid is None else jnp.where(valid, s, -jnp.inf)
 
 
-def _forward(blocking: _Blocking, q, k, v, mask, q_lengths, kv_lengths):
-    """Online-softmax forward; returns (out blocks, lse blocks [nq, B, N, bq])."""
-    num_q_blocks, b, n, bq, _ = q.shape
+def _dropout_multiplier(blocking: _Blocking, i, j, shape, extras: _Extras):
+    """Tile (i, j) of the dropout mask as 0 or 1/(1-rate), or None without dropout.
+
+    Counter-based, as FlashAttention does it: the bits of a tile depend only on
+    the rng and the tile's (query block, key block) indices, so the backward
+    pass regenerates exactly the mask the forward pass used without storing it.
+    """
+    if blocking.dropout_rate == 0.0:
+        return None
+    rng = jax.random.fold_in(jax.random.fold_in(extras.dropout_rng, i), j)
+    keep = jax.random.bernoulli(rng, 1.0 - blocking.dropout_rate, shape)
+    return jnp.where(keep, 1.0 / (1.0 - blocking.dropout_rate), 0.0)
+
+
+def _forward(blocking: _Blocking, q, k, v, extras: _Extras):
+    """Online-softmax forward; returns (out blocks, lse blocks [nq, B, K, G, bq])."""
+    num_q_blocks, b, nk, g, bq, _ = q.shape
     num_kv_blocks = k.shape[0]
-    live_q, live_kv = _live_block_counts(blocking, num_q_blocks, num_kv_blocks,
-                                         q_lengths, kv_lengths)
+    live_q, live_kv = _live_block_counts(blocking, num_q_blocks, num_kv_blocks, extras)
     value_dim = v.shape[-1]
 
     def query_block(_, inputs):
@@ -165,22 +251,25 @@ def _forward(blocking: _Blocking, q, k, v, mask, q_lengths, kv_lengths):
             m, l, acc = carry
             k_j = lax.dynamic_index_in_dim(k, j, keepdims=False)
             v_j = lax.dynamic_index_in_dim(v, j, keepdims=False)
-            s = _masked_scores(blocking, i, j, q_i, k_j, mask, q_lengths, kv_lengths)
+            s = _masked_scores(blocking, i, j, q_i, k_j, extras)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             # A row with nothing visible yet keeps m = -inf; subtract 0 instead.
             m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
             p = jnp.exp(s - m_safe[..., None])
             correction = jnp.exp(m - m_safe)
-            l = l * correction + jnp.sum(p, axis=-1)
+            l = l * correction + jnp.sum(p, axis=-1)  # the normaliser sees every weight
+            drop = _dropout_multiplier(blocking, i, j, p.shape, extras)
+            if drop is not None:  # ... but dropped weights do not reach the values
+                p = p * drop
             acc = acc * correction[..., None] + jnp.einsum(
-                "bnqk,bnkh->bnqh", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
+                "bkgqt,bkth->bkgqh", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
             return m_new, l, acc
 
-        init = (jnp.full((b, n, bq), -jnp.inf, jnp.float32),
-                jnp.zeros((b, n, bq), jnp.float32),
-                jnp.zeros((b, n, bq, value_dim), jnp.float32))
-        hi = _kv_block_range(blocking, i, live_q, live_kv)
-        m, l, acc = lax.fori_loop(0, hi, key_block, init)
+        init = (jnp.full((b, nk, g, bq), -jnp.inf, jnp.float32),
+                jnp.zeros((b, nk, g, bq), jnp.float32),
+                jnp.zeros((b, nk, g, bq, value_dim), jnp.float32))
+        lo, hi = _kv_block_range(blocking, i, live_q, live_kv)
+        m, l, acc = lax.fori_loop(lo, hi, key_block, init)
         attended = l > 0.0  # False for a query with no key to attend: output zeros
         out = jnp.where(attended[..., None], acc / jnp.where(attended, l, 1.0)[..., None], 0.0)
         lse = jnp.where(attended, m + jnp.log(jnp.where(attended, l, 1.0)), 0.0)
@@ -192,13 +281,12 @@ def _forward(blocking: _Blocking, q, k, v, mask, q_lengths, kv_lengths):
 
 def _backward(blocking: _Blocking, residuals, d_out):
     """Recomputes each tile's weights from lse; accumulates dQ, dK, dV."""
-    q, k, v, mask, q_lengths, kv_lengths, out, lse = residuals
+    q, k, v, extras, out, lse = residuals
     num_q_blocks = q.shape[0]
     num_kv_blocks = k.shape[0]
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    live_q, live_kv = _live_block_counts(blocking, num_q_blocks, num_kv_blocks,
-                                         q_lengths, kv_lengths)
-    # rowsum(dO * O) = rowsum(P * dP): the softmax Jacobian's correction term.
+    live_q, live_kv = _live_block_counts(blocking, num_q_blocks, num_kv_blocks, extras)
+    # rowsum(dO * O) = rowsum(P * dP): the softmax Jacobian's correction term (with
+    # dropout too, since O is built from the dropped weights).
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
 
     def key_block(d_q, inputs):
@@ -210,16 +298,19 @@ def _backward(blocking: _Blocking, residuals, d_out):
             do_i = lax.dynamic_index_in_dim(d_out, i, keepdims=False)
             lse_i = lax.dynamic_index_in_dim(lse, i, keepdims=False)
             delta_i = lax.dynamic_index_in_dim(delta, i, keepdims=False)
-            s = _masked_scores(blocking, i, j, q_i, k_j, mask, q_lengths, kv_lengths)
+            s = _masked_scores(blocking, i, j, q_i, k_j, extras)
             p = jnp.exp(s - lse_i[..., None])
-            d_v = d_v + jnp.einsum("bnqk,bnqh->bnkh", p.astype(do_i.dtype), do_i,
+            d_p = jnp.einsum("bkgqh,bkth->bkgqt", do_i, v_j, preferred_element_type=jnp.float32)
+            drop = _dropout_multiplier(blocking, i, j, p.shape, extras)
+            p_dropped = p if drop is None else p * drop
+            d_p = d_p if drop is None else d_p * drop
+            d_v = d_v + jnp.einsum("bkgqt,bkgqh->bkth", p_dropped.astype(do_i.dtype), do_i,
                                    preferred_element_type=jnp.float32)
-            d_p = jnp.einsum("bnqh,bnkh->bnqk", do_i, v_j, preferred_element_type=jnp.float32)
-            d_s = (p * (d_p - delta_i[..., None]) * scale).astype(q.dtype)
-            d_q_i = jnp.einsum("bnqk,bnkh->bnqh", d_s, k_j, preferred_element_type=jnp.float32)
+            d_s = (p * (d_p - delta_i[..., None]) * blocking.scale).astype(q.dtype)
+            d_q_i = jnp.einsum("bkgqt,bkth->bkgqh", d_s, k_j, preferred_element_type=jnp.float32)
             d_q = lax.dynamic_update_index_in_dim(
                 d_q, lax.dynamic_index_in_dim(d_q, i, keepdims=False) + d_q_i, i, axis=0)
-            d_k = d_k + jnp.einsum("bnqk,bnqh->bnkh", d_s, q_i,
+            d_k = d_k + jnp.einsum("bkgqt,bkgqh->bkth", d_s, q_i,
                                    preferred_element_type=jnp.float32)
             return d_q, d_k, d_v
 
@@ -230,53 +321,90 @@ def _backward(blocking: _Blocking, residuals, d_out):
 
     d_q, (d_k, d_v) = lax.scan(key_block, jnp.zeros(q.shape, jnp.float32),
                                (jnp.arange(num_kv_blocks), k, v))
-    # Masks and lengths are not differentiable: None is a zero cotangent.
-    return d_q.astype(q.dtype), d_k, d_v, None, None, None
+    # Masks, lengths, segment ids and the rng are not differentiable: zero cotangents.
+    no_grad = _Extras(*(None for _ in extras))
+    return d_q.astype(q.dtype), d_k, d_v, no_grad
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blocked_attention(blocking, q, k, v, mask, q_lengths, kv_lengths):
-    return _forward(blocking, q, k, v, mask, q_lengths, kv_lengths)[0]
+def _blocked_attention(blocking, q, k, v, extras):
+    return _forward(blocking, q, k, v, extras)[0]
 
 
-def _blocked_attention_fwd(blocking, q, k, v, mask, q_lengths, kv_lengths):
-    out, lse = _forward(blocking, q, k, v, mask, q_lengths, kv_lengths)
-    return out, (q, k, v, mask, q_lengths, kv_lengths, out, lse)
+def _blocked_attention_fwd(blocking, q, k, v, extras):
+    out, lse = _forward(blocking, q, k, v, extras)
+    return out, (q, k, v, extras, out, lse)
 
 
 _blocked_attention.defvjp(_blocked_attention_fwd, _backward)
+
+
+def _window_bounds(causal: bool, local_window) -> tuple[Optional[int], Optional[int]]:
+    """(left, right) band of allowed k_pos - q_pos; causal caps right at 0."""
+    left, right = (None, None) if local_window is None else local_window
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    return left, right
 
 
 def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                       mask: Optional[jax.Array] = None, *, causal: bool = False,
                       q_lengths: Optional[jax.Array] = None,
                       kv_lengths: Optional[jax.Array] = None,
+                      q_segment_ids: Optional[jax.Array] = None,
+                      kv_segment_ids: Optional[jax.Array] = None,
+                      local_window: Optional[tuple[Optional[int], Optional[int]]] = None,
+                      scale: Optional[float] = None,
+                      dropout_rate: float = 0.0,
+                      dropout_rng: Optional[jax.Array] = None,
                       block_q: int = DEFAULT_BLOCK_Q,
                       block_kv: int = DEFAULT_BLOCK_KV) -> jax.Array:
-    """softmax(Q K^T / sqrt(d)) V computed tile by tile; returns [B, T, N, H].
+    """softmax(scale * Q K^T) V computed tile by tile; returns [B, T, N, H].
 
     Same contract as ``tfx_jax.dot_product_attention`` (inputs are assumed
-    validated there): ``mask`` is boolean, broadcastable to [B, N, T, S];
-    ``causal`` lets query i see keys j <= i; ``q_lengths`` / ``kv_lengths`` ([B]
-    ints) mark the real tokens of each sequence (queries past ``q_lengths``
-    return zeros, keys past ``kv_lengths`` are ignored). Queries that can attend
-    to no key return zeros. ``block_q`` / ``block_kv`` are tile sizes (clipped
-    to the sequence lengths); they trade loop overhead against tile memory.
+    validated there): ``query`` [B, T, N, H], ``key``/``value`` [B, S, K, H] with
+    N a multiple of K (grouped-query attention: query head n uses key/value head
+    n // (N/K), and K/V are never repeated); ``mask`` is boolean, broadcastable to
+    [B, N, T, S]; ``causal`` lets query i see keys j <= i; ``local_window=(left,
+    right)`` lets it see keys i-left <= j <= i+right (None = unbounded), and key
+    blocks entirely outside that band are skipped; ``q_lengths`` /
+    ``kv_lengths`` ([B] ints, clamped to [0, length]) mark the real tokens
+    (queries past ``q_lengths`` return zeros, keys past ``kv_lengths`` are
+    ignored); ``q_segment_ids`` / ``kv_segment_ids`` ([B, T] / [B, S] ints) let a
+    query see only keys with its id, id 0 being padding (it sees nothing).
+    Queries that can attend to no key return zeros. ``dropout_rate`` drops
+    attention weights with a mask regenerated per tile from ``dropout_rng``.
+    ``block_q`` / ``block_kv`` are tile sizes (clipped to the sequence lengths);
+    they trade loop overhead against tile memory.
     """
     for name, block in (("block_q", block_q), ("block_kv", block_kv)):
-        if not isinstance(block, int) or block < 1:
+        if not isinstance(block, int) or isinstance(block, bool) or block < 1:
             raise ValueError(f"{name} must be a positive int, got {block!r}")
-    t, s = query.shape[1], key.shape[1]
-    if t == 0 or s == 0:  # nothing to attend: zeros, as dense returns
+    b, t, n, h = query.shape
+    s, num_kv_heads = key.shape[1], key.shape[2]
+    if t == 0 or s == 0 or b == 0:  # nothing to attend: zeros, as dense returns
         return jnp.zeros(query.shape[:3] + value.shape[3:], value.dtype)
+    if dropout_rate > 0.0 and dropout_rng is None:
+        raise ValueError(f"attention dropout_rate={dropout_rate} > 0 needs a dropout_rng")
     block_q, block_kv = min(block_q, t), min(block_kv, s)
+    left, right = _window_bounds(causal, local_window)
     blocking = _Blocking(q_length=t, kv_length=s, block_q=block_q, block_kv=block_kv,
-                         causal=bool(causal))
-    q, k, v = _to_blocks(query, block_q), _to_blocks(key, block_kv), _to_blocks(value, block_kv)
-    mask = _pad_mask(mask, q.shape[0] * block_q, k.shape[0] * block_kv)
+                         left=left, right=right,
+                         scale=float(1.0 / math.sqrt(h) if scale is None else scale),
+                         dropout_rate=float(dropout_rate))
+    q = _q_to_blocks(query, block_q, num_kv_heads)
+    k, v = _kv_to_blocks(key, block_kv), _kv_to_blocks(value, block_kv)
     if q_lengths is not None:
-        q_lengths = jnp.asarray(q_lengths, jnp.int32)
+        q_lengths = jnp.clip(jnp.asarray(q_lengths, jnp.int32), 0, t)
     if kv_lengths is not None:
-        kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
-    out = _blocked_attention(blocking, q, k, v, mask, q_lengths, kv_lengths)
-    return _from_blocks(out, t)
+        kv_lengths = jnp.clip(jnp.asarray(kv_lengths, jnp.int32), 0, s)
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+    extras = _Extras(
+        mask=_pad_mask(mask, num_kv_heads, q.shape[0] * block_q, k.shape[0] * block_kv),
+        q_lengths=q_lengths, kv_lengths=kv_lengths,
+        q_segments=_ids_to_blocks(q_segment_ids, block_q),
+        kv_segments=_ids_to_blocks(kv_segment_ids, block_kv),
+        dropout_rng=dropout_rng if dropout_rate > 0.0 else None)
+    out = _blocked_attention(blocking, q, k, v, extras)
+    return _q_from_blocks(out, t)

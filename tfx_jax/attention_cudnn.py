@@ -4,7 +4,11 @@ cuDNN's fused kernel (the FlashAttention algorithm, Dao et al. 2022) never
 writes the ``T x S`` scores to GPU memory. It only stays memory-lean when the
 mask reaches it as structure, not as an array: causal masking as
 ``is_causal`` and padding as per-sequence lengths. A general boolean mask
-would be turned into a dense ``T x S`` bias, so this path refuses one.
+would be turned into a dense ``T x S`` bias, so this path refuses one, and
+refuses segment ids (jax's wrapper has no way to pass them) and an additive
+bias. Grouped-query attention (fewer key/value heads) and a sliding window
+that looks only left (``local_window=(left, 0)``, or any window with
+``causal=True``) go to the kernel as they are.
 
 What cuDNN supports (jax 0.10 checks the same): CUDA GPUs of compute
 capability 8.0 (Ampere) or newer, float16/bfloat16 inputs, head_dim a multiple
@@ -42,12 +46,35 @@ def cudnn_unsupported_reason(dtype, head_dim: int, *, has_mask: bool, dropout_ra
                              causal: bool = False, q_length: int = 0, kv_length: int = 0,
                              value_head_dim: Optional[int] = None,
                              platform: Optional[str] = None,
-                             compute_capability: Optional[str] = None) -> Optional[str]:
+                             compute_capability: Optional[str] = None,
+                             has_segment_ids: bool = False,
+                             local_window: Optional[tuple] = None) -> Optional[str]:
     """None if cuDNN attention can run these inputs, else a sentence saying why not.
 
     ``platform`` / ``compute_capability`` default to the first local device, so
     the rule can be tested for any machine by passing them explicitly.
     """
+    if has_mask:
+        return ("cuDNN attention takes masks only as causal=True and q_lengths/kv_lengths; "
+                "a boolean mask array would become a dense T x S bias. Pass lengths, or use "
+                "implementation='chunked' or 'dense'")
+    if has_segment_ids:
+        return ("cudnn attention through jax.nn.dot_product_attention takes no segment ids; "
+                "pass padding as q_lengths/kv_lengths, or use implementation='chunked'")
+    if dropout_rate > 0.0:
+        return ("cudnn attention here has no attention dropout; use implementation='chunked' "
+                "or 'dense'")
+    if local_window is not None:
+        left, right = local_window
+        if not causal and right != 0:
+            return (f"cudnn supports only a window that looks left (local_window=(left, 0) or "
+                    f"causal=True), got local_window={tuple(local_window)}")
+        if q_length != kv_length:
+            return (f"a local window with q_length {q_length} != kv_length {kv_length} is not "
+                    f"routed to cudnn: its diagonal alignment for T != S is untested here")
+    if causal and q_length != kv_length:
+        return (f"causal cross-attention (q_length {q_length} != kv_length {kv_length}) is not "
+                f"routed to cuDNN: its diagonal alignment for T != S is untested here")
     if platform is None:
         platform, compute_capability = default_platform_and_capability()
     capability = _parse_capability(compute_capability)
@@ -66,21 +93,17 @@ def cudnn_unsupported_reason(dtype, head_dim: int, *, has_mask: bool, dropout_ra
     if value_head_dim is not None and value_head_dim != head_dim:
         return (f"value head_dim {value_head_dim} != query head_dim {head_dim} is not routed "
                 f"to cuDNN (it needs cuDNN >= 9.10 on Hopper)")
-    if has_mask:
-        return ("cuDNN attention takes masks only as causal=True and q_lengths/kv_lengths; "
-                "a boolean mask array would become a dense T x S bias. Pass lengths, or use "
-                "implementation='chunked' or 'dense'")
-    if dropout_rate > 0.0:
-        return "cuDNN attention here has no attention dropout; use implementation='dense'"
-    if causal and q_length != kv_length:
-        return (f"causal cross-attention (q_length {q_length} != kv_length {kv_length}) is not "
-                f"routed to cuDNN: its diagonal alignment for T != S is untested here")
     return None
 
 
 def cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, causal: bool,
-                    q_lengths: Optional[jax.Array], kv_lengths: Optional[jax.Array]) -> jax.Array:
+                    q_lengths: Optional[jax.Array], kv_lengths: Optional[jax.Array],
+                    local_window: Optional[tuple] = None,
+                    scale: Optional[float] = None) -> jax.Array:
     """jax.nn.dot_product_attention(implementation="cudnn"), with our zero-row contract.
+
+    ``local_window=(left, 0)`` (or with ``causal``) becomes a causal sliding
+    window of ``left + 1`` keys; ``(None, 0)`` is plain causal.
 
     Queries that have nothing to attend (past ``q_lengths``, or a sequence with
     ``kv_lengths == 0``) are set to zero, as the other implementations return.
@@ -89,9 +112,14 @@ def cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, causa
         q_lengths = jnp.asarray(q_lengths, jnp.int32)
     if kv_lengths is not None:
         kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
+    window = None
+    if local_window is not None:
+        causal = True  # the checks admit only windows with right == 0 or causal
+        if local_window[0] is not None:
+            window = (local_window[0], 0)
     out = jax.nn.dot_product_attention(
-        query, key, value, is_causal=causal, query_seq_lengths=q_lengths,
-        key_value_seq_lengths=kv_lengths, implementation="cudnn")
+        query, key, value, scale=scale, is_causal=causal, query_seq_lengths=q_lengths,
+        key_value_seq_lengths=kv_lengths, local_window_size=window, implementation="cudnn")
     if q_lengths is None and kv_lengths is None:
         return out
     batch, q_length = query.shape[:2]

@@ -56,8 +56,11 @@ class TransformerBlock(nn.Module):
       cross_attention: add a sub-layer attending to an encoder's output.
       deterministic: disable dropout.
 
-    Called as ``block(x, mask, encoded, cross_mask) -> (x, None)``; the
-    ``(carry, output)`` form lets ``nn.scan`` run the layers.
+    Called as ``block(x, mask, encoded, cross_mask, attention_args,
+    cross_attention_args) -> (x, None)``; the ``(carry, output)`` form lets
+    ``nn.scan`` run the layers. ``attention_args`` / ``cross_attention_args`` are
+    dicts of keyword arguments for the two :class:`MultiHeadAttention` calls
+    (segment ids, lengths, positions): padding and packing as structure.
     """
     config: StackConfig
     causal: bool = False
@@ -73,29 +76,35 @@ class TransformerBlock(nn.Module):
             return x + dropout(sublayer(norm(x)), deterministic=self.deterministic)
         return norm(x + dropout(sublayer(x), deterministic=self.deterministic))
 
-    def _attention(self, name, decode):
+    def _attention(self, name, decode, rotary=False):
         cfg = self.config
         return MultiHeadAttention(
-            num_heads=cfg.num_heads, dropout_rate=cfg.attention_dropout_rate,
+            num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+            dropout_rate=cfg.attention_dropout_rate,
             use_bias=cfg.use_bias, fused_qkv=cfg.fused_qkv, decode=decode,
+            rotary=rotary, rope_base=cfg.rope_base,
             implementation=cfg.attention_implementation, dtype=cfg.dtype,
             param_dtype=cfg.param_dtype, name=name)
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
-                 encoded: Optional[jax.Array] = None, cross_mask: Optional[jax.Array] = None):
+                 encoded: Optional[jax.Array] = None, cross_mask: Optional[jax.Array] = None,
+                 attention_args: Optional[dict] = None,
+                 cross_attention_args: Optional[dict] = None):
         cfg = self.config
-        self_attention = self._attention("self_attention", decode=cfg.decode)
+        self_attention = self._attention("self_attention", decode=cfg.decode,
+                                         rotary=cfg.rotary)
         x = self._residual(
             x, lambda h: self_attention(h, mask=mask, causal=self.causal,
-                                        deterministic=self.deterministic), "self_attention")
+                                        deterministic=self.deterministic,
+                                        **(attention_args or {})), "self_attention")
         if self.cross_attention:
             if encoded is None:
                 raise ValueError("a cross-attention block needs the encoder output")
             cross = self._attention("cross_attention", decode=False)
             x = self._residual(
-                x, lambda h: cross(h, encoded, mask=cross_mask,
-                                   deterministic=self.deterministic), "cross_attention")
+                x, lambda h: cross(h, encoded, mask=cross_mask, deterministic=self.deterministic,
+                                   **(cross_attention_args or {})), "cross_attention")
         ffn = FeedForward(cfg, deterministic=self.deterministic, name="ffn")
         x = self._residual(x, ffn, "ffn")
         return x, None
@@ -116,8 +125,12 @@ class BlockStack(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, mask=None, encoded=None, cross_mask=None):
+    def __call__(self, x, mask=None, encoded=None, cross_mask=None, *, attention_args=None,
+                 cross_attention_args=None):
+        """``attention_args`` / ``cross_attention_args``: keyword arguments (arrays or None)
+        for every layer's self- / cross-attention, e.g. ``dict(q_segment_ids=s, positions=p)``."""
         cfg = self.config
+        args = (mask, encoded, cross_mask, attention_args, cross_attention_args)
         block = TransformerBlock
         if cfg.remat_policy != "none":
             block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat_policy],
@@ -128,12 +141,11 @@ class BlockStack(nn.Module):
             # Caches stack on axis 1 so that every cache leaf keeps the batch on axis 0.
             scanned = nn.scan(block, variable_axes={"params": 0, "cache": 1},
                               split_rngs={"params": True, "dropout": True},
-                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                              length=self.num_layers)
-            x, _ = scanned(**kwargs, name="layers")(x, mask, encoded, cross_mask)
+                              in_axes=(nn.broadcast,) * 5, length=self.num_layers)
+            x, _ = scanned(**kwargs, name="layers")(x, *args)
         else:
             for i in range(self.num_layers):
-                x, _ = block(**kwargs, name=f"layer_{i}")(x, mask, encoded, cross_mask)
+                x, _ = block(**kwargs, name=f"layer_{i}")(x, *args)
         if cfg.pre_norm:
             x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype,
                              param_dtype=cfg.param_dtype, name="final_norm")(x)
@@ -147,3 +159,12 @@ def key_padding_mask(key_tokens: jax.Array, pad_id: int = 0) -> jax.Array:
     that is O(S) instead of O(T x S) keeps memory-efficient attention lean.
     """
     return (key_tokens != pad_id)[:, None, None, :]
+
+
+def padding_lengths(tokens: jax.Array, pad_id: int = 0) -> jax.Array:
+    """int32 [B]: the number of non-pad tokens per row.
+
+    For right-padded rows these are the key lengths the attention core takes
+    instead of a [B, 1, 1, S] mask (cuDNN's fused kernel accepts lengths, not masks).
+    """
+    return jnp.sum(tokens != pad_id, axis=-1, dtype=jnp.int32)

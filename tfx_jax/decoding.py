@@ -14,13 +14,82 @@ the sequence (batch * beam) on axis 0, so beams are reordered by one gather.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 StepFn = Callable[[jax.Array, Any], Tuple[jax.Array, Any]]
 NEG_INF = -1.0e9
+
+
+def cache_capacity(cache: Any) -> Optional[Tuple[int, Optional[int]]]:
+    """(max_length, filled) of a tfx_jax key/value cache, or None if it has none.
+
+    ``max_length`` is the number of positions the ``cached_key`` leaves hold;
+    ``filled`` is the cache index when it is a concrete value (None under jit).
+    """
+    capacity, filled = None, None
+    for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]:
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['cached_key']") and getattr(leaf, "ndim", 0) >= 3:
+            length = leaf.shape[leaf.ndim - 3]  # [batch, (layers,) length, kv_heads, head_dim]
+            capacity = length if capacity is None else min(capacity, length)
+        elif name.endswith("['cache_index']") and not isinstance(leaf, jax.core.Tracer):
+            filled = max(filled or 0, int(np.max(np.asarray(leaf)))) if np.size(leaf) else filled
+    return None if capacity is None else (capacity, filled)
+
+
+def check_cache_fits(cache: Any, num_tokens: int, what: str) -> None:
+    """Raises ValueError before decoding if ``num_tokens`` more tokens overflow the cache.
+
+    Under jit the cache index is not known; the check then assumes a fresh
+    (empty) cache, which is how the decoding functions are used.
+    """
+    found = cache_capacity(cache)
+    if found is None:
+        return
+    capacity, filled = found
+    filled = filled or 0
+    if filled + num_tokens > capacity:
+        raise ValueError(
+            f"decode cache overflow: {what} feeds {num_tokens} tokens but the cache holds "
+            f"max_length={capacity} positions ({filled} already filled); initialise the cache "
+            f"with a [batch, max_length] sequence of at least {filled + num_tokens} tokens")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], *, pad_id: int = 0,
+             length: Optional[int] = None) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """Left-pads prompts of different lengths into one batch for a causal LM.
+
+    Returns int32 (tokens, positions, segment_ids), each [N, L] with L the longest
+    prompt (or ``length``): padding first (segment 0, position 0), then the
+    prompt's tokens (segment 1, positions 0 .. n-1). Every prompt then ends in
+    the last column, so one cached decoding step continues all of them, and the
+    model sees each prompt exactly as if it were alone. Pass positions and
+    segment ids with the prompt (``sample(..., prompt_kwargs=...)``).
+    """
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+        raise ValueError("left_pad needs at least one prompt, got none")
+    empty = [i for i, p in enumerate(prompts) if not p]
+    if empty:
+        raise ValueError(f"left_pad: prompt {empty[0]} is empty; every prompt needs a token")
+    longest = max(map(len, prompts))
+    length = longest if length is None else length
+    if length < longest:
+        raise ValueError(f"left_pad: length={length} is shorter than the longest prompt "
+                         f"({longest} tokens)")
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    positions = np.zeros((len(prompts), length), np.int32)
+    segment_ids = np.zeros((len(prompts), length), np.int32)
+    for row, prompt in enumerate(prompts):
+        n = len(prompt)
+        tokens[row, length - n:] = prompt
+        positions[row, length - n:] = np.arange(n)
+        segment_ids[row, length - n:] = 1
+    return jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segment_ids)
 
 
 def _sample_logits(logits, rng, temperature, top_k):
@@ -36,12 +105,16 @@ def _sample_logits(logits, rng, temperature, top_k):
 
 def sample(step_fn: StepFn, cache: Any, prompt: jax.Array, num_steps: int, *,
            rng: Optional[jax.Array] = None, temperature: float = 1.0,
-           top_k: Optional[int] = None, eos_id: Optional[int] = None) -> jax.Array:
+           top_k: Optional[int] = None, eos_id: Optional[int] = None,
+           prompt_kwargs: Optional[dict] = None) -> jax.Array:
     """Continues ``prompt`` [N, P] by ``num_steps`` tokens; returns [N, P + num_steps].
 
     The prompt goes through the model in one call (filling the cache), then one
     token per step. ``temperature=0`` is greedy decoding; ``top_k`` keeps the k
     most likely tokens before sampling. After ``eos_id`` a sequence emits ``eos_id``.
+    ``prompt_kwargs`` are passed to the prompt's call only, ``step_fn(prompt, cache,
+    **prompt_kwargs)`` (e.g. the positions and segment ids of :func:`left_pad`).
+    A cache too short for P + num_steps - 1 tokens is refused before any work.
     """
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must have shape [batch, length >= 1], got {tuple(prompt.shape)}")
@@ -51,9 +124,13 @@ def sample(step_fn: StepFn, cache: Any, prompt: jax.Array, num_steps: int, *,
         raise ValueError(f"top_k must be a positive integer, got {top_k}")
     if temperature > 0 and rng is None:
         raise ValueError("sampling with temperature > 0 needs an rng")
+    if num_steps < 0:
+        raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+    check_cache_fits(cache, prompt.shape[1] + max(num_steps - 1, 0),
+                     f"sample (prompt of {prompt.shape[1]} + {num_steps} steps - 1)")
     rng = jax.random.key(0) if rng is None else rng
     batch = prompt.shape[0]
-    logits, cache = step_fn(prompt, cache)
+    logits, cache = step_fn(prompt, cache, **(prompt_kwargs or {}))
     rng, first_rng = jax.random.split(rng)
     token = _sample_logits(logits[:, -1], first_rng, temperature, top_k)
     done = jnp.zeros((batch,), bool)
@@ -116,6 +193,7 @@ def beam_search(step_fn: StepFn, cache: Any, *, batch_size: int, beam_size: int 
       and their scores [batch, beam]. Examples with no finished hypothesis return
       their live beams, scored as if they ended at max_len.
     """
+    check_cache_fits(cache, max_len, f"beam_search (max_len={max_len})")
     b, k = batch_size, beam_size
     first = jnp.zeros((b, k), jnp.float32).at[:, 1:].set(NEG_INF)  # identical beams at start
     state = dict(

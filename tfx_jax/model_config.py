@@ -8,13 +8,13 @@ the field when the config is created, not deep inside a traced function.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import jax.numpy as jnp
 
 ACTIVATIONS = ("relu", "gelu")
 ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn")
-POSITION_KINDS = ("sinusoidal", "learned")
+POSITION_KINDS = ("sinusoidal", "learned", "rope")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -58,6 +58,11 @@ class StackConfig:
     Attributes:
       d_model: width of the residual stream (paper: 512 base, 1024 big).
       num_heads: attention heads h; d_model must divide by it (d_k = d_model / h).
+      num_kv_heads: key/value heads (grouped-query attention, Ainslie et al. 2023):
+        None = num_heads (the paper's multi-head attention), 1 = multi-query attention
+        (Shazeer 2019); num_heads must divide by it. Each group of
+        num_heads / num_kv_heads query heads shares one key/value head, which shrinks
+        the key/value projections and the decoding cache by that factor.
       d_ff: inner width of the position-wise feed-forward network (paper: 2048).
       dropout_rate: dropout on sub-layer outputs and embeddings (paper: 0.1).
       attention_dropout_rate: dropout on attention weights (the paper has none).
@@ -73,9 +78,12 @@ class StackConfig:
         "none", "full" (recompute everything), "dots" / "dots_no_batch" (save matmuls).
       dtype: computation dtype (e.g. "bfloat16" on TPU); param_dtype: parameters'.
       decode: autoregressive mode with key/value caches.
+      rope_base: base of the rotary frequencies theta_i = rope_base^(-2i/d_k) when a
+        model's ``position`` is "rope" (RoFormer: 10000).
     """
     d_model: int = 512
     num_heads: int = 8
+    num_kv_heads: Optional[int] = None
     d_ff: int = 2048
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.0
@@ -90,18 +98,34 @@ class StackConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     decode: bool = False
+    rope_base: float = 10000.0
 
     def __post_init__(self):
         _positive(self, "d_model", "num_heads", "d_ff")
         if self.d_model % self.num_heads:
             raise ValueError(f"{type(self).__name__}.d_model={self.d_model} is not divisible by "
                              f"num_heads={self.num_heads}")
+        if self.num_kv_heads is not None:
+            _positive(self, "num_kv_heads")
+            if self.num_heads % self.num_kv_heads:
+                raise ValueError(f"{type(self).__name__}.num_heads={self.num_heads} is not "
+                                 f"divisible by num_kv_heads={self.num_kv_heads}")
+            if self.fused_qkv and self.num_kv_heads != self.num_heads:
+                raise ValueError(f"{type(self).__name__}.fused_qkv=True needs num_kv_heads == "
+                                 f"num_heads, got num_kv_heads={self.num_kv_heads}")
+        if not self.rope_base > 1.0:
+            raise ValueError(f"{type(self).__name__}.rope_base must be > 1, got {self.rope_base!r}")
         _rate(self, "dropout_rate", "attention_dropout_rate")
         _one_of(self, "activation", ACTIVATIONS)
         _one_of(self, "attention_implementation", ATTENTION_IMPLEMENTATIONS)
         _one_of(self, "remat_policy", REMAT_POLICIES)
         _dtype(self, "dtype")
         _dtype(self, "param_dtype")
+
+    @property
+    def rotary(self) -> bool:
+        """Whether the model's ``position`` is "rope" (rotary embeddings inside attention)."""
+        return getattr(self, "position", None) == "rope"
 
     def replace(self, **changes):
         """A copy with some fields changed (validated again)."""

@@ -11,6 +11,17 @@ concatenates the heads and projects them back with the output matrix W_o:
 The same module does self-attention (keys and values from the inputs),
 cross-attention (the decoder's queries against the encoder's keys and values)
 and, with ``decode=True``, autoregressive decoding with a key/value cache.
+
+Two later refinements are options here. Grouped-query attention (Ainslie et al.
+2023; multi-query attention, Shazeer 2019, is the case of one group) projects
+keys and values to ``num_kv_heads`` < ``num_heads`` heads, each shared by
+``num_heads / num_kv_heads`` query heads: fewer parameters and a decoding cache
+that many times smaller. Rotary position embeddings (``rotary.py``) rotate
+queries and keys by their absolute positions before the scores are taken.
+
+Padding and packing reach the attention core as structure (key lengths,
+segment ids, ``causal``), not as [B, 1, T, S] mask arrays, so that fused kernels
+such as cuDNN's can run them.
 """
 from __future__ import annotations
 
@@ -23,33 +34,43 @@ from jax.experimental import checkify
 
 from tfx_jax.attention import (attention_weights, causal_mask, combine_masks,
                                dot_product_attention)
+from tfx_jax.rotary import apply_rotary
 
 
 class MultiHeadAttention(nn.Module):
     """Multi-head (self- or cross-) attention with the output projection W_o.
 
     Attributes:
-      num_heads: number of parallel attention heads h.
-      qkv_features: total size of the query/key/value projections (h * d_k);
-        defaults to the input feature size, as in the paper (d_k = d_model / h).
+      num_heads: number of parallel attention heads h (query heads).
+      num_kv_heads: key/value heads (grouped-query attention); None = num_heads.
+        num_heads must divide by it. The decoding cache holds num_kv_heads heads.
+      qkv_features: total size of the query projection (h * d_k); defaults to the
+        input feature size, as in the paper (d_k = d_model / h). Keys and values
+        have num_kv_heads * d_k features.
       out_features: size of the output; defaults to the query input's size.
       dropout_rate: dropout on the attention weights (training only).
       use_bias: biases on the projections.
-      fused_qkv: in self-attention, compute Q, K and V with one matmul.
+      fused_qkv: in self-attention, compute Q, K and V with one matmul (needs
+        num_kv_heads == num_heads).
       decode: keep a key/value cache and attend from the next positions only.
-      implementation: attention core ("auto", "dense", "chunked", "cudnn").
+      rotary: apply rotary position embeddings to queries and keys (self-attention).
+      rope_base: base of the rotary frequencies (RoFormer: 10000).
+      implementation: attention core ("auto", "dense", "chunked", "cudnn", ...).
       dtype: computation dtype (e.g. bfloat16); param_dtype: parameter dtype.
 
     Applied with ``mutable=["intermediates"]`` it also records its attention
     probabilities [B, N, T, S] as ``intermediates/.../attention_weights``.
     """
     num_heads: int
+    num_kv_heads: Optional[int] = None
     qkv_features: Optional[int] = None
     out_features: Optional[int] = None
     dropout_rate: float = 0.0
     use_bias: bool = True
     fused_qkv: bool = False
     decode: bool = False
+    rotary: bool = False
+    rope_base: float = 10000.0
     implementation: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -63,11 +84,24 @@ class MultiHeadAttention(nn.Module):
     @nn.compact
     def __call__(self, inputs_q: jax.Array, inputs_kv: Optional[jax.Array] = None,
                  mask: Optional[jax.Array] = None, *, causal: bool = False,
+                 q_segment_ids: Optional[jax.Array] = None,
+                 kv_segment_ids: Optional[jax.Array] = None,
+                 q_lengths: Optional[jax.Array] = None,
+                 kv_lengths: Optional[jax.Array] = None,
+                 positions: Optional[jax.Array] = None,
                  deterministic: bool = True) -> jax.Array:
         """Attends from ``inputs_q`` [B,T,D] to ``inputs_kv`` [B,S,D] (itself if None).
 
-        ``mask`` is boolean, broadcastable to [B, num_heads, T, S], True = may attend.
-        ``causal`` forbids attending to later positions (decoder self-attention).
+        Args:
+          mask: optional boolean, broadcastable to [B, num_heads, T, S], True = may attend.
+          causal: forbid attending to later positions (decoder self-attention).
+          q_segment_ids, kv_segment_ids: int [B, T] / [B, S]; a query attends a key only
+            when their ids are equal (packed sequences; padding is segment 0). In
+            self-attention kv_segment_ids defaults to q_segment_ids.
+          q_lengths, kv_lengths: int [B]: padding given as lengths (right padding).
+          positions: int [B, T] absolute positions of the queries (and, in
+            self-attention, the keys) for rotary embeddings; default 0..T-1, or in
+            decode mode the cache index onwards.
         Returns [B, T, out_features].
         """
         if inputs_q.ndim != 3:
@@ -78,78 +112,141 @@ class MultiHeadAttention(nn.Module):
         if inputs_kv.ndim != 3 or inputs_kv.shape[0] != inputs_q.shape[0]:
             raise ValueError(f"inputs_kv must have shape [batch={inputs_q.shape[0]}, length, "
                              f"features], got {tuple(inputs_kv.shape)}")
+        for name, x in (("inputs_q", inputs_q), ("inputs_kv", inputs_kv)):
+            if not jnp.issubdtype(x.dtype, jnp.floating):
+                raise TypeError(f"{name} must be a real floating-point array, got dtype "
+                                f"{x.dtype} (complex and integer inputs are not cast)")
         features = self.qkv_features or inputs_q.shape[-1]
         if features % self.num_heads:
             raise ValueError(f"qkv_features={features} is not divisible by "
                              f"num_heads={self.num_heads}")
+        num_kv_heads = self.num_kv_heads or self.num_heads
+        if num_kv_heads <= 0 or self.num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not divisible by "
+                             f"num_kv_heads={num_kv_heads}")
         head_dim = features // self.num_heads
-        heads = (self.num_heads, head_dim)
+        if self_attention and kv_segment_ids is None:
+            kv_segment_ids = q_segment_ids
 
         if self.fused_qkv and self_attention:
-            qkv = self._dense((3,) + heads, "qkv")(inputs_q)
+            if num_kv_heads != self.num_heads:
+                raise ValueError(f"fused_qkv=True needs num_kv_heads == num_heads, got "
+                                 f"num_kv_heads={num_kv_heads}, num_heads={self.num_heads}")
+            qkv = self._dense((3, self.num_heads, head_dim), "qkv")(inputs_q)
             query, key, value = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         else:
-            query = self._dense(heads, "query")(inputs_q)
-            key = self._dense(heads, "key")(inputs_kv)
-            value = self._dense(heads, "value")(inputs_kv)
+            query = self._dense((self.num_heads, head_dim), "query")(inputs_q)
+            key = self._dense((num_kv_heads, head_dim), "key")(inputs_kv)
+            value = self._dense((num_kv_heads, head_dim), "value")(inputs_kv)
 
         if self.decode:
             if not self_attention:
                 raise ValueError("decode=True caches self-attention only; cross-attention "
                                  "keys/values are recomputed from the fixed encoder output")
-            key, value, mask = self._extend_cache(key, value, mask, causal)
-            causal = False  # folded into the cache mask
+            if q_lengths is not None or kv_lengths is not None:
+                raise ValueError("decode=True takes padding as segment ids (0 = padding), "
+                                 "not q_lengths/kv_lengths")
+            query, key, value, mask = self._extend_cache(query, key, value, mask, causal,
+                                                         q_segment_ids, positions)
+            causal, q_segment_ids, kv_segment_ids = False, None, None  # folded into the mask
+        elif self.rotary:
+            if not self_attention:
+                raise ValueError("rotary=True applies to self-attention only (queries and "
+                                 "keys share positions)")
+            if positions is None:
+                positions = jnp.broadcast_to(jnp.arange(query.shape[1]), query.shape[:2])
+            query = apply_rotary(query, positions, self.rope_base)
+            key = apply_rotary(key, positions, self.rope_base)
 
+        structure = {k: v for k, v in dict(q_segment_ids=q_segment_ids,
+                                           kv_segment_ids=kv_segment_ids, q_lengths=q_lengths,
+                                           kv_lengths=kv_lengths).items() if v is not None}
         if self.is_mutable_collection("intermediates"):
             # Inspection only (apply(..., mutable=["intermediates"])): the [B, N, T, S]
             # probabilities, computed densely on request and never otherwise.
             self.sow("intermediates", "attention_weights",
-                     attention_weights(query, key, mask, causal=causal))
+                     attention_weights(query, key, mask, causal=causal, **structure))
         dropout_rng = None
         dropout_rate = 0.0 if deterministic else self.dropout_rate
         if dropout_rate > 0.0:
             dropout_rng = self.make_rng("dropout")
         out = dot_product_attention(query, key, value, mask, causal=causal,
                                     dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                                    implementation=self.implementation)
+                                    implementation=self.implementation, **structure)
         out_features = self.out_features or inputs_q.shape[-1]
         return self._dense(out_features, "out", axis=(-2, -1))(out)  # W_o over all heads
 
-    def _extend_cache(self, key, value, mask, causal):
+    def _extend_cache(self, query, key, value, mask, causal, q_segment_ids, positions):
         """Writes the new keys/values into the cache and returns the whole cache.
 
         At initialisation the cache is shaped from the inputs: initialise with a
         [batch, max_length] sequence. Afterwards each call appends its T tokens
-        (a prompt of any length, or one token) at the current index; the
-        returned mask lets every new query see the cached keys up to itself.
+        (a prompt of any length, or one token) at the current index. Keys are
+        cached after the rotary rotation, with num_kv_heads heads, together with
+        their segment ids (0 = padding, e.g. the left padding of a prompt), so
+        that every later query keeps seeing only the valid keys of its segment.
+        Returns (query, keys, values, mask [B, 1, T, S]), query and keys rotated.
         """
+        batch, length = key.shape[:2]
+        if q_segment_ids is None:
+            q_segment_ids = jnp.ones((batch, length), jnp.int32)
+        q_segment_ids = jnp.asarray(q_segment_ids, jnp.int32)
         is_initialized = self.has_variable("cache", "cached_key")
         cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        cached_segments = self.variable("cache", "cached_segment_ids", jnp.zeros,
+                                        (batch, length), jnp.int32)
         # One index per sequence (all equal): every cache leaf then has the batch on
         # axis 0, so beam search can reorder caches with a single gather.
         cache_index = self.variable("cache", "cache_index", jnp.zeros, key.shape[:1], jnp.int32)
+        index = cache_index.value[0] if is_initialized else 0
+        if self.rotary:
+            if positions is None:
+                positions = index + jnp.broadcast_to(jnp.arange(length), (batch, length))
+            query = apply_rotary(query, positions, self.rope_base)
+            key = apply_rotary(key, positions, self.rope_base)
         if not is_initialized:
-            return key, value, combine_masks(
-                mask, causal_mask(key.shape[1], key.shape[1]) if causal else None)
-        batch, max_length = cached_key.value.shape[:2]
-        length = key.shape[1]
-        if key.shape[0] != batch or length > max_length:
-            raise ValueError(f"decode step of shape {tuple(key.shape[:2])} does not fit the "
-                             f"cache of shape [batch={batch}, max_length={max_length}]")
-        index = cache_index.value[0]
+            visible = combine_masks(mask, segment_mask(q_segment_ids, q_segment_ids),
+                                    causal_mask(length, length) if causal else None)
+            return query, key, value, visible
+        max_length = cached_key.value.shape[1]
+        if batch != cached_key.value.shape[0] or length > max_length:
+            raise ValueError(f"decode step of shape {(batch, length)} does not fit the "
+                             f"cache of shape [batch={cached_key.value.shape[0]}, "
+                             f"max_length={max_length}]")
         overflow = (f"decode cache overflow: the cache holds max_length={max_length} "
                     f"positions, {{}} are filled and this call adds {length}; initialise the "
                     f"cache with a [batch, max_length] sequence as long as the prompt plus "
                     f"the generated tokens")
         if not isinstance(index, jax.core.Tracer) and int(index) + length > max_length:
             raise ValueError(overflow.format(int(index)))
-        # Under jit the index is traced: wrap the step in checkify.checkify to catch it.
+        # Under jit the index is traced: the decoding utilities check lengths before
+        # decoding; wrap a hand-written step in checkify.checkify to catch it here.
+        # Unchecked, an overflowing step returns NaN rather than silently wrong values.
         checkify.debug_check(index + length <= max_length, overflow, index)
+        query = jnp.where(index + length <= max_length, query, jnp.nan).astype(query.dtype)
         cached_key.value = jax.lax.dynamic_update_slice_in_dim(cached_key.value, key, index, 1)
         cached_value.value = jax.lax.dynamic_update_slice_in_dim(cached_value.value, value,
                                                                  index, 1)
+        cached_segments.value = jax.lax.dynamic_update_slice_in_dim(
+            cached_segments.value, q_segment_ids, index, 1)
         cache_index.value = cache_index.value + length
-        # Query t (at absolute position index + t) sees cached keys 0 .. index + t.
-        visible = causal_mask(length, max_length, q_offset=index)
-        return cached_key.value, cached_value.value, combine_masks(mask, visible)
+        # Query t (at cache slot index + t) sees cached keys 0 .. index + t of its segment.
+        visible = combine_masks(mask, causal_mask(length, max_length, q_offset=index),
+                                segment_mask(q_segment_ids, cached_segments.value))
+        return query, cached_key.value, cached_value.value, visible
+
+
+def segment_mask(q_segment_ids: Optional[jax.Array],
+                 kv_segment_ids: Optional[jax.Array]) -> Optional[jax.Array]:
+    """[B, 1, T, S] mask: query and key in the same non-zero segment (0 = padding).
+
+    None if there are no segment ids. The same rule as the attention core's
+    segment ids, for the decode cache and the recorded attention weights.
+    """
+    if q_segment_ids is None and kv_segment_ids is None:
+        return None
+    if q_segment_ids is None or kv_segment_ids is None:
+        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+    q, kv = jnp.asarray(q_segment_ids), jnp.asarray(kv_segment_ids)
+    return ((q[:, :, None] == kv[:, None, :]) & (q != 0)[:, :, None])[:, None]

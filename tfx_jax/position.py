@@ -10,11 +10,15 @@ sinusoids,
 
 interleaved so that even feature indices carry sines and odd ones cosines, and
 notes that learned position embeddings work about as well; ViT and GPT-style
-models use learned ones.
+models use learned ones. Rotary embeddings (``rotary.py``) rotate queries and
+keys inside attention instead of adding anything here.
+
+Positions can be given per token ([batch, length] integers): packed rows
+restart them at every segment, left-padded prompts start their real tokens at 0.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -55,7 +59,8 @@ class AddPositionEncoding(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: Optional[jax.Array] = None) -> jax.Array:
+        """Adds the encoding of ``positions`` [B, T] (default 0..T-1, or the decode counter)."""
         length, dim = x.shape[-2], x.shape[-1]
         if self.kind == "sinusoidal":
             table = sinusoidal_position_encoding(self.max_len, dim)
@@ -64,6 +69,12 @@ class AddPositionEncoding(nn.Module):
                                (self.max_len, dim), self.param_dtype)
         else:
             raise ValueError(f"position kind must be 'sinusoidal' or 'learned', got {self.kind!r}")
+        if positions is not None:
+            if positions.shape != x.shape[:-1]:
+                raise ValueError(f"positions must have shape [batch, length] = "
+                                 f"{tuple(x.shape[:-1])}, got {tuple(positions.shape)}")
+            _check_concrete_positions(positions, self.max_len)
+            return x + jnp.take(table, positions, axis=0).astype(x.dtype)
         if not self.decode:
             if length > self.max_len:
                 raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
@@ -76,3 +87,84 @@ class AddPositionEncoding(nn.Module):
         position.value = position.value + length
         rows = jax.lax.dynamic_slice_in_dim(table, start, length, axis=0)
         return x + rows.astype(x.dtype)
+
+
+def _check_concrete_positions(positions, max_len):
+    """Positions known at trace time must lie in [0, max_len)."""
+    if isinstance(positions, jax.core.Tracer):
+        return
+    positions = np.asarray(positions)
+    if not np.issubdtype(positions.dtype, np.integer):
+        raise TypeError(f"positions must be integers, got dtype {positions.dtype}")
+    if positions.size and (positions.min() < 0 or positions.max() >= max_len):
+        raise ValueError(f"positions must lie in [0, max_len={max_len}), got values in "
+                         f"[{positions.min()}, {positions.max()}]")
+
+
+def positions_from_segment_ids(segment_ids: jax.Array) -> jax.Array:
+    """Per-segment positions [B, T]: 0, 1, 2, ... restarting wherever the segment id changes.
+
+    For packed rows (segments contiguous) this is each token's position in its own
+    example, which is what the example would see if run alone. Padding (segment 0)
+    gets positions too; they are never attended to.
+    """
+    segment_ids = jnp.asarray(segment_ids)
+    length = segment_ids.shape[-1]
+    index = jnp.broadcast_to(jnp.arange(length), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[..., :1], bool),
+                              segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+    start_index = jax.lax.cummax(jnp.where(starts, index, 0), axis=segment_ids.ndim - 1)
+    return (index - start_index).astype(jnp.int32)
+
+
+class SequenceLayout(nn.Module):
+    """Positions [B, T] and segment ids of the tokens, in training and in decoding.
+
+    Outside ``decode`` mode: given ``positions`` are returned as they are;
+    otherwise tokens are numbered 0..T-1, restarting at every segment when
+    ``segment_ids`` are given; segment ids are returned unchanged (maybe None).
+
+    In ``decode`` mode the module keeps, per sequence, the next position and the
+    last segment id ("cache" variables), so a prompt can be fed with explicit
+    positions and segment ids (e.g. left padding as segment 0) and every later
+    call continues each sequence where it stopped: tokens without segment ids
+    extend the last segment (1 at the start), and tokens without positions
+    continue their segment's numbering (restarting when the segment changes).
+    Segment ids are then always returned as an int32 [B, T] array.
+    """
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, batch: int, length: int, positions: Optional[jax.Array] = None,
+                 segment_ids: Optional[jax.Array] = None):
+        for name, value in (("positions", positions), ("segment_ids", segment_ids)):
+            if value is None:
+                continue
+            if jnp.shape(value) != (batch, length):
+                raise ValueError(f"{name} must have shape [batch, length] = {(batch, length)}, "
+                                 f"got {tuple(jnp.shape(value))}")
+            if not jnp.issubdtype(jnp.asarray(value).dtype, jnp.integer):
+                raise TypeError(f"{name} must be integers, got dtype {jnp.asarray(value).dtype}")
+        if not self.decode:
+            if positions is not None:
+                return jnp.asarray(positions, jnp.int32), segment_ids
+            if segment_ids is not None:
+                return positions_from_segment_ids(segment_ids), segment_ids
+            return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length)), None
+        is_initialized = self.has_variable("cache", "next_position")
+        next_position = self.variable("cache", "next_position", jnp.zeros, (batch,), jnp.int32)
+        last_segment = self.variable("cache", "last_segment", jnp.zeros, (batch,), jnp.int32)
+        if segment_ids is None:
+            segment_ids = jnp.broadcast_to(jnp.maximum(last_segment.value, 1)[:, None],
+                                           (batch, length))
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        if positions is None:
+            index = jnp.arange(length, dtype=jnp.int32)
+            previous = jnp.concatenate([last_segment.value[:, None], segment_ids[:, :-1]], 1)
+            start = jax.lax.cummax(jnp.where(segment_ids != previous, index, -1), axis=1)
+            positions = jnp.where(start < 0, next_position.value[:, None] + index, index - start)
+        positions = jnp.asarray(positions, jnp.int32)
+        if is_initialized:
+            next_position.value = positions[:, -1] + 1
+            last_segment.value = segment_ids[:, -1]
+        return positions, segment_ids

@@ -12,6 +12,13 @@ two embeddings and the pre-softmax projection share one weight matrix).
 In training the decoder is fed the correct target shifted right (teacher
 forcing), so all positions are predicted in parallel; at inference it is run
 autoregressively with a key/value cache (``decode=True``).
+
+Packed batches (several sentence pairs per row, as in Flax's wmt example) pass
+``src_segment_ids`` / ``tgt_segment_ids``: the encoder attends within source
+segments, the decoder within target segments and, across, only to the source
+tokens of its own segment id; positions restart at every segment. Without
+segment ids, token ``pad_id`` is (right) padding and reaches the attention core
+as per-row key lengths, which fused kernels (cuDNN) accept.
 """
 from __future__ import annotations
 
@@ -22,9 +29,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tfx_jax.blocks import BlockStack, key_padding_mask
+from tfx_jax.blocks import BlockStack, padding_lengths
 from tfx_jax.model_config import POSITION_KINDS, StackConfig, _one_of, _positive
-from tfx_jax.position import AddPositionEncoding
+from tfx_jax.position import AddPositionEncoding, SequenceLayout
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,8 +44,11 @@ class TransformerConfig(StackConfig):
       max_len: longest source or target sequence.
       share_embeddings: one matrix for source embedding, target embedding and the
         pre-softmax projection (paper, with a shared source/target BPE vocabulary).
-      position: "sinusoidal" (paper) or "learned".
-      pad_id: the padding token id (masked out as attention key).
+      position: "sinusoidal" (paper), "learned" or "rope" (rotary embeddings in every
+        self-attention, RoFormer; nothing is added to the embeddings, and
+        cross-attention has no positions).
+      pad_id: the padding token id (masked out as attention key). Sequences are
+        right-padded: padding reaches attention as the number of non-pad tokens.
     """
     vocab_size: int
     num_encoder_layers: int = 6
@@ -69,21 +79,43 @@ def embed_tokens(embedding: nn.Embed, tokens: jax.Array, config: StackConfig) ->
     return embedding(tokens) * jnp.asarray(math.sqrt(config.d_model), config.dtype)
 
 
+def add_positions(x: jax.Array, positions: jax.Array, config, *, name: str = "position"):
+    """Adds the additive position encoding at ``positions`` (nothing for "rope")."""
+    if config.position == "rope":
+        return x
+    return AddPositionEncoding(config.max_len, config.position, param_dtype=config.param_dtype,
+                               name=name)(x, positions)
+
+
+def self_attention_args(segment_ids, positions, config, lengths=None) -> dict:
+    """Keyword arguments of every self-attention: segment ids (or key lengths) and,
+    for rotary embeddings, the positions."""
+    args = {"q_segment_ids": segment_ids} if segment_ids is not None else {}
+    if segment_ids is None and lengths is not None:
+        args["kv_lengths"] = lengths
+    if config.rotary:
+        args["positions"] = positions
+    return args
+
+
 class Encoder(nn.Module):
     """Source tokens [B, S] -> contextual vectors [B, S, d_model]."""
     config: TransformerConfig
     embedding: nn.Module
 
     @nn.compact
-    def __call__(self, source: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(self, source: jax.Array, *, segment_ids=None, positions=None,
+                 deterministic: bool = True) -> jax.Array:
         cfg = self.config
+        positions, segment_ids = SequenceLayout(name="positions")(
+            *source.shape, positions, segment_ids)
         x = embed_tokens(self.embedding, source, cfg)
-        x = AddPositionEncoding(cfg.max_len, cfg.position, param_dtype=cfg.param_dtype,
-                                name="position")(x)
+        x = add_positions(x, positions, cfg)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         stack = BlockStack(cfg.replace(decode=False), cfg.num_encoder_layers,
                            deterministic=deterministic, name="layers")
-        return stack(x, key_padding_mask(source, cfg.pad_id))
+        return stack(x, attention_args=self_attention_args(
+            segment_ids, positions, cfg, padding_lengths(source, cfg.pad_id)))
 
 
 class Decoder(nn.Module):
@@ -93,17 +125,28 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, encoded: jax.Array, source: jax.Array, target_in: jax.Array, *,
+                 src_segment_ids=None, tgt_segment_ids=None, tgt_positions=None,
                  deterministic: bool = True) -> jax.Array:
         cfg = self.config
+        if not cfg.decode and (src_segment_ids is None) != (tgt_segment_ids is None):
+            raise ValueError("packed translation needs both src_segment_ids and "
+                             "tgt_segment_ids (or neither: pad_id marks padding)")
+        # In decode mode the layout keeps per-sequence positions and segment ids.
+        positions, segment_ids = SequenceLayout(cfg.decode, name="positions")(
+            *target_in.shape, tgt_positions, tgt_segment_ids)
         y = embed_tokens(self.embedding, target_in, cfg)
-        y = AddPositionEncoding(cfg.max_len, cfg.position, decode=cfg.decode,
-                                param_dtype=cfg.param_dtype, name="position")(y)
+        y = add_positions(y, positions, cfg)
         y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
         # Right-padded targets: causality already hides padding keys from real queries.
-        self_mask = None if cfg.decode else key_padding_mask(target_in, cfg.pad_id)
+        self_args = self_attention_args(segment_ids, positions, cfg)
+        if src_segment_ids is None:
+            cross_args = {"kv_lengths": padding_lengths(source, cfg.pad_id)}
+        else:  # a target token attends the source tokens of its own segment
+            cross_args = {"q_segment_ids": segment_ids, "kv_segment_ids": src_segment_ids}
         stack = BlockStack(cfg, cfg.num_decoder_layers, causal=True, cross_attention=True,
                            deterministic=deterministic, name="layers")
-        y = stack(y, self_mask, encoded, key_padding_mask(source, cfg.pad_id))
+        y = stack(y, None, encoded, None, attention_args=self_args,
+                  cross_attention_args=cross_args)
         if cfg.share_embeddings:
             logits = self.embedding.attend(y)
         else:
@@ -139,22 +182,36 @@ class Transformer(nn.Module):
         self.encoder = Encoder(cfg, source_embedding)
         self.decoder = Decoder(cfg, target_embedding)
 
-    def encode(self, source: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def encode(self, source: jax.Array, *, src_segment_ids=None, src_positions=None,
+               deterministic: bool = True) -> jax.Array:
+        """Source [B, S] -> encoder output [B, S, d_model]."""
         check_tokens("source", source, self.config.max_len)
-        return self.encoder(source, deterministic=deterministic)
+        return self.encoder(source, segment_ids=src_segment_ids, positions=src_positions,
+                            deterministic=deterministic)
 
     def decode(self, encoded: jax.Array, source: jax.Array, target_in: jax.Array, *,
+               src_segment_ids=None, tgt_segment_ids=None, tgt_positions=None,
                deterministic: bool = True) -> jax.Array:
+        """Encoder output + source (its padding / segments) + target prefix -> logits."""
         check_tokens("target_in", target_in, self.config.max_len)
         if encoded.shape[:2] != source.shape:
             raise ValueError(f"encoded {tuple(encoded.shape)} does not match source "
                              f"{tuple(source.shape)} in [batch, length]")
-        return self.decoder(encoded, source, target_in, deterministic=deterministic)
+        return self.decoder(encoded, source, target_in, src_segment_ids=src_segment_ids,
+                            tgt_segment_ids=tgt_segment_ids, tgt_positions=tgt_positions,
+                            deterministic=deterministic)
 
-    def __call__(self, source: jax.Array, target_in: jax.Array, *,
+    def __call__(self, source: jax.Array, target_in: jax.Array, *, src_segment_ids=None,
+                 tgt_segment_ids=None, src_positions=None, tgt_positions=None,
                  deterministic: bool = True) -> jax.Array:
+        """Teacher-forced logits [B, T, vocab]. Segment ids (int [B, S] / [B, T], 0 =
+        padding) pack several pairs per row; positions (int) default to 0, 1, ...
+        restarting at every segment."""
         if source.ndim == 2 and target_in.ndim == 2 and source.shape[0] != target_in.shape[0]:
             raise ValueError(f"source batch {source.shape[0]} != target_in batch "
                              f"{target_in.shape[0]}")
-        encoded = self.encode(source, deterministic=deterministic)
-        return self.decode(encoded, source, target_in, deterministic=deterministic)
+        encoded = self.encode(source, src_segment_ids=src_segment_ids,
+                              src_positions=src_positions, deterministic=deterministic)
+        return self.decode(encoded, source, target_in, src_segment_ids=src_segment_ids,
+                           tgt_segment_ids=tgt_segment_ids, tgt_positions=tgt_positions,
+                           deterministic=deterministic)
