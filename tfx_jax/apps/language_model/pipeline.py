@@ -20,8 +20,9 @@ deterministic pass (:func:`tfx_jax.data.grain_batches.evaluation_dataset`).
 The tokenizer is SentencePiece (BPE), trained on a seeded sample of at most
 ``max_chars`` characters of training text and cached in the workdir. It keeps
 whitespace as is (identity normalisation, newline a piece of its own, pieces of
-spaces for indentation) and spells characters it has no piece for as UTF-8
-bytes (``byte_fallback``, 256 of the ids), so any text decodes back to itself.
+spaces for indentation) and spells characters it has no piece for (the rarest
+0.05%, and any character missing from the sample) as UTF-8 bytes
+(``byte_fallback``, 256 of the ids), so any text decodes back to itself.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ VERBATIM_OPTIONS = dict(normalization_rule_name="identity", remove_extra_whitesp
                         allow_whitespace_only_pieces=True, split_by_whitespace=False,
                         user_defined_symbols=["\n"], max_sentence_length=1 << 16)
 LENGTHS_KEYS = ("inputs", "targets")
+MIN_VOCAB_SIZE = 384
 
 
 def tokenizer_sample(texts: Sequence[str], max_chars: int, seed: int) -> list[str]:
@@ -75,9 +77,16 @@ def load_or_train_lm_tokenizer(texts: Sequence[str], model_dir: str, *, vocab_si
     path = lm_tokenizer_path(model_dir, vocab_size, model_type)
     if os.path.exists(path):
         return SentencePieceTokenizer(path)
-    return train_sentencepiece(tokenizer_sample(texts, max_chars, seed), path,
-                               vocab_size=vocab_size, model_type=model_type,
-                               options=VERBATIM_OPTIONS)
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be >= {MIN_VOCAB_SIZE} for the LM tokenizer (256 "
+                         f"byte pieces, 4 reserved ids and the common characters), got "
+                         f"{vocab_size}")
+    try:
+        return train_sentencepiece(tokenizer_sample(texts, max_chars, seed), path,
+                                   vocab_size=vocab_size, model_type=model_type,
+                                   character_coverage=0.9995, options=VERBATIM_OPTIONS)
+    except RuntimeError as e:  # SentencePiece's only error type
+        raise ValueError(f"cannot train a {vocab_size}-piece tokenizer on this text: {e}") from e
 
 
 def sequence_ids(text: str, tokenizer) -> np.ndarray:
