@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from tfx_jax import train as tr
+from tfx_jax.train.flops import training_flops, vit_forward_flops
 from tfx_jax.vit import ViT, ViTConfig
 
 
@@ -76,7 +77,10 @@ def classification_task(model: ViT, *, label_smoothing: float = 0.0) -> tr.Task:
         accuracy = tr.classification_accuracy(logits, batch["label"], weights=valid)
         return loss, {"accuracy": accuracy, "weight": valid.sum().astype(jnp.float32)}
 
-    return tr.Task(init_params=init_params, loss_fn=loss_fn)
+    tokens = cfg.num_patches + (cfg.pool == "cls")  # patches (+ [CLS]) per image
+    return tr.Task(init_params=init_params, loss_fn=loss_fn,
+                   flops_per_example=training_flops(vit_forward_flops(cfg)),
+                   count_tokens=lambda batch: tokens * int(np.sum(batch["valid"])))
 
 
 @dataclasses.dataclass(frozen=True)

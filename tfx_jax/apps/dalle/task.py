@@ -35,6 +35,7 @@ from tfx_jax.apps.dalle.joint_sequence import JointLayout
 from tfx_jax.apps.dalle.patch_vq import PatchVQTokenizer
 from tfx_jax.apps.dalle.prompts import DigitPrompts
 from tfx_jax.lm import CausalLM, CausalLMConfig
+from tfx_jax.train.flops import causal_lm_forward_flops, training_flops
 
 IMAGE_TOKENIZERS = ("gray_levels", "patch_vq")
 PATCH_VQ_FILE = "patch_vq.npz"
@@ -116,7 +117,10 @@ def generator_task(model: CausalLM, layout: JointLayout) -> tr.Task:
                       "image_token_accuracy": (correct & image).sum() / num_image,
                       "weight": total}
 
-    return tr.Task(init_params=init_params, loss_fn=loss_fn)
+    length = layout.sequence_length - 1  # input tokens per sequence
+    return tr.Task(init_params=init_params, loss_fn=loss_fn,
+                   flops_per_example=training_flops(causal_lm_forward_flops(cfg, length)),
+                   count_tokens=lambda batch: length * int(np.sum(batch["valid"])))
 
 
 

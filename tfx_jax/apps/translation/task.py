@@ -18,9 +18,11 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tfx_jax.data.tokenizer import BOS_ID
 from tfx_jax.train import Task, token_accuracy, token_cross_entropy
+from tfx_jax.train.flops import training_flops, transformer_forward_flops
 from tfx_jax.train.task import EvaluateFn
 from tfx_jax.transformer import Transformer, TransformerConfig
 
@@ -116,6 +118,11 @@ def make_init_params(config: TransformerConfig, *, max_source_length: int,
     return init_params
 
 
+def count_tokens(batch: Mapping[str, np.ndarray]) -> int:
+    """Real tokens of a (packed or padded) batch: its non-padding source and target ids."""
+    return int(np.count_nonzero(batch["inputs"]) + np.count_nonzero(batch["targets"]))
+
+
 def translation_task(config: TransformerConfig, *, max_source_length: int,
                      max_target_length: int, label_smoothing: float = 0.1,
                      evaluate: Optional[EvaluateFn] = None) -> Task:
@@ -123,4 +130,7 @@ def translation_task(config: TransformerConfig, *, max_source_length: int,
     return Task(init_params=make_init_params(config, max_source_length=max_source_length,
                                              max_target_length=max_target_length),
                 loss_fn=make_loss_fn(config, label_smoothing=label_smoothing),
-                evaluate=evaluate)
+                evaluate=evaluate,
+                flops_per_example=training_flops(transformer_forward_flops(
+                    config, max_source_length, max_target_length)),
+                count_tokens=count_tokens)
