@@ -62,11 +62,24 @@ def test_stdlib_corpus_trains_packed_with_speed_metrics(trained_workdir):
 
 def test_mock_lm1b_trains_a_step(tmp_path):
     config = tiny_config(dataset="lm1b", packing=False, data_dir=str(tmp_path / "tfds"),
+                         profile_steps="2,2",
                          model=dict(position="learned", num_kv_heads=None, num_layers=1,
                                     d_model=16, num_heads=2, d_ff=32, dropout_rate=0.0))
     with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=24):
         lm_script.train(config, str(tmp_path / "run"), mesh=one_device_mesh())
     _check_metrics(tmp_path / "run")
+    traces = [f for _, _, files in os.walk(tmp_path / "run" / "profile") for f in files]
+    assert any(f.endswith(".xplane.pb") for f in traces), traces  # --config.profile_steps
+
+
+def test_profile_steps_values():
+    from tfx_jax.train.throughput import parse_profile_steps
+    assert parse_profile_steps("", 0) is None and parse_profile_steps(0, 0) is None
+    assert parse_profile_steps("10,15", 0) == (10, 15)
+    assert parse_profile_steps("3", 100) == (102, 104)  # 3 steps after the compiling one
+    for bad in ("15,10", "a,b", "-2", "1,2,3"):
+        with pytest.raises(ValueError, match="config.profile_steps must be"):
+            parse_profile_steps(bad, 0)
 
 
 def test_generate_on_a_trained_workdir_and_its_errors(trained_workdir, capsys):
