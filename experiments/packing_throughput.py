@@ -181,7 +181,7 @@ def main(argv):
             "load_average_after": os.getloadavg(), "jax": jax.__version__,
             "python": sys.version.split()[0],
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": " ".join(["python", "experiments/packing_throughput.py", *argv[1:]])}
+            "command": " ".join(["python", "experiments/packing_throughput.py", *sys.argv[1:]])}
     print(f"\n{device.device_kind}, load average {load_before[0]:.1f} -> "
           f"{meta['load_average_after'][0]:.1f}")
     print(f"{'job':<10} {'packing':<8} {'padding':>8} {'steps/s':>8} {'examples/s':>11} "
