@@ -170,6 +170,7 @@ def test_top_k_then_top_p_renormalises_what_top_k_kept():
         True, False, False, False]
     assert np.asarray(sampling.top_k_top_p_mask(logits, top_k=3)).tolist() == [
         True, True, True, False]
+    assert np.asarray(sampling.top_k_top_p_mask(logits, top_k=50)).all()  # k > vocabulary
 
 
 def test_nucleus_sampling_draws_only_the_nucleus_with_renormalised_frequencies():

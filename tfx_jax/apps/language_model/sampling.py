@@ -33,7 +33,7 @@ def top_k_top_p_mask(logits: jax.Array, *, top_k: Optional[int] = None,
     ranking whose mass reaches ``p``. Ties at the cut are all kept.
     """
     keep = jnp.ones(logits.shape, bool)
-    if top_k is not None:
+    if top_k is not None and top_k < logits.shape[-1]:
         kth_best = jax.lax.top_k(logits, top_k)[0][..., -1:]
         keep = logits >= kth_best
     if top_p is not None and top_p < 1.0:
