@@ -13,6 +13,17 @@ and pass (forward; forward+backward) this script records
 * out-of-memory, compile failures and configurations skipped because their
   compiled size exceeds the memory limit, as a status instead of a crash.
 
+Variants (``--variants``): ``mha`` (N query = N key/value heads), ``gqa<K>``
+(grouped-query: K key/value heads shared by the N query heads) and
+``window<W>`` (sliding window: each query sees itself and the W keys before
+it, ``local_window=(W, 0)``). Besides tfx_jax's implementations the script can
+measure, side by side, ``jax_nn_xla`` (``jax.nn.dot_product_attention`` with
+``implementation="xla"``) and ``mea`` (the ``memory-efficient-attention``
+package, Rabe & Staats' reference JAX code, if installed; non-causal MHA only).
+``splash`` off a TPU runs in Pallas TPU interpret mode: correctness only (the
+max |splash - dense| is recorded), neither timed nor memory-measured.
+``--time_max_length``: longer configurations are compiled (memory) but not run.
+
 FLOP convention: forward = 4 * B * N * H * (number of attended (query, key)
 pairs), i.e. two matmuls of 2 FLOPs per multiply-add; the pairs are T * S, or
 the lower triangle for ``--causal``. Backward = 2.5 x forward (five matmuls
@@ -65,7 +76,13 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("lengths", [str(n) for n in DEFAULT_LENGTHS],
                   "Sequence lengths T (= S, self-attention).")
 flags.DEFINE_list("implementations", ["dense", "chunked", "cudnn"],
-                  "Implementations of tfx_jax.dot_product_attention to measure.")
+                  "Implementations of tfx_jax.dot_product_attention to measure, and/or "
+                  "jax_nn_xla, mea (see module doc).")
+flags.DEFINE_list("variants", ["mha"], "mha, gqa<K> (K kv heads), window<W> (local_window=(W, 0)).")
+flags.DEFINE_integer("time_max_length", 0,
+                     "Compile (memory) but do not run configurations longer than this (0: run all).")
+flags.DEFINE_integer("splash_interpret_max_length", 512,
+                     "Off a TPU, check splash (interpret mode) only up to this length.")
 flags.DEFINE_list("passes", list(PASSES), "forward and/or forward_backward.")
 flags.DEFINE_integer("batch", 1, "Batch size B.")
 flags.DEFINE_integer("heads", 4, "Number of heads N.")
@@ -96,9 +113,13 @@ flags.DEFINE_bool("worker_info", False, "Internal: print the machine description
 
 
 # ----------------------------------------------------------------------------- measuring
-def count_flops(batch, heads, head_dim, q_length, kv_length, causal, pass_name) -> float:
+def count_flops(batch, heads, head_dim, q_length, kv_length, causal, pass_name,
+                window=None) -> float:
     """Useful FLOPs, convention in the module docstring."""
-    if causal:  # query i attends keys 0..min(i, S-1)
+    if window is not None:  # query i attends keys max(0, i - W) .. i (self-attention)
+        w = window[0]
+        pairs = sum(min(i, w) + 1 for i in range(min(q_length, kv_length)))
+    elif causal:  # query i attends keys 0..min(i, S-1)
         full_rows = max(0, q_length - kv_length)
         tri = min(q_length, kv_length)
         pairs = tri * (tri + 1) // 2 + full_rows * kv_length
@@ -126,15 +147,51 @@ def machine_info() -> dict:
     }
 
 
-def unavailable_reason(implementation: str, dtype: str, head_dim: int, machine: dict):
+EXTERNAL_IMPLEMENTATIONS = ("jax_nn_xla", "mea")
+
+
+def parse_variant(variant: str, heads: int) -> dict:
+    """'mha' / 'gqa<K>' / 'window<W>' -> {'kv_heads': K, 'local_window': (W, 0) or None}."""
+    match = re.fullmatch(r"(mha)|gqa(\d+)|window(\d+)", variant)
+    if not match:
+        raise ValueError(f"variant {variant!r} is not mha, gqa<K> or window<W>")
+    kv_heads = int(match.group(2)) if match.group(2) else heads
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"variant {variant!r}: {heads} heads are not a multiple of {kv_heads}")
+    window = (int(match.group(3)), 0) if match.group(3) else None
+    return {"kv_heads": kv_heads, "local_window": window}
+
+
+def _load_mea():
+    """memory_efficient_attention's JAX function, without its package __init__ (torch)."""
+    import importlib.util
+    spec = importlib.util.find_spec("memory_efficient_attention")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "attention_jax.py")
+    module_spec = importlib.util.spec_from_file_location("_mea_attention_jax", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.efficient_dot_product_attention
+
+
+def unavailable_reason(implementation: str, dtype: str, head_dim: int, machine: dict,
+                       variant: str = "mha", causal: bool = False, heads: int = 1):
     """Why an implementation cannot run on `machine` (None if it can); starts no backend."""
     import jax.numpy as jnp
     from tfx_jax.attention_cudnn import cudnn_unsupported_reason
+    shape = parse_variant(variant, heads)
     if implementation == "cudnn":
         return cudnn_unsupported_reason(
             jnp.dtype(dtype), head_dim,
             has_mask=False, dropout_rate=0.0, platform=machine["platform"],
-            compute_capability=machine["compute_capability"])
+            compute_capability=machine["compute_capability"], causal=causal,
+            local_window=shape["local_window"])
+    if implementation == "mea":
+        if shape["kv_heads"] != heads or shape["local_window"] is not None or causal:
+            return "mea is measured for non-causal multi-head attention only"
+        if _load_mea() is None:
+            return "package memory-efficient-attention is not installed"
     return None
 
 
@@ -166,25 +223,41 @@ def measure(cfg: dict, *, time_it: bool, memory_limit_bytes: float) -> dict:
     dtype = jnp.dtype(cfg["dtype"])
     rec = {"status": "ok"}
     blocks = {k: cfg[k] for k in ("block_q", "block_kv") if cfg.get(k)}
+    shape = parse_variant(cfg.get("variant", "mha"), n)
+    kv_heads, window = shape["kv_heads"], shape["local_window"]
+    impl = cfg["implementation"]
+
+    def tfx_attention(q, k, v, implementation=impl):
+        return tfx_jax.dot_product_attention(q, k, v, causal=cfg["causal"],
+                                             local_window=window,
+                                             implementation=implementation, **blocks)
 
     def attention(q, k, v):
-        return tfx_jax.dot_product_attention(q, k, v, causal=cfg["causal"],
-                                             implementation=cfg["implementation"], **blocks)
+        if impl == "jax_nn_xla":
+            return jax.nn.dot_product_attention(q, k, v, is_causal=cfg["causal"],
+                                                local_window_size=window, implementation="xla")
+        if impl == "mea":
+            return _load_mea()(q, k, v)
+        return tfx_attention(q, k, v)
 
     def forward_backward(q, k, v, cotangent):
         _, vjp = jax.vjp(attention, q, k, v)
         return vjp(cotangent)
 
     keys = jax.random.split(jax.random.key(0), 4)
-    shape = (b, t, n, h)
-    args = [jax.random.normal(key, shape, dtype) for key in keys]
+    q_shape, kv_shape = (b, t, n, h), (b, t, kv_heads, h)
+    args = [jax.random.normal(key, s, dtype)
+            for key, s in zip(keys, (q_shape, kv_shape, kv_shape, q_shape))]
     fn = attention if cfg["pass"] == "forward" else forward_backward
     if cfg["pass"] == "forward":
         args = args[:3]
-    rec["floor_bytes"] = 4 * int(np.prod(shape)) * dtype.itemsize  # Q, K, V, output
-    if cfg["implementation"] == "auto":
+    # Q, output, K, V
+    rec["floor_bytes"] = 2 * int(np.prod(q_shape) + np.prod(kv_shape)) * dtype.itemsize
+    if impl == "auto":
         rec["auto_picked"] = tfx_jax.attention.select_implementation(
-            args[0], args[1], causal=cfg["causal"])
+            args[0], args[1], causal=cfg["causal"], local_window=window)
+    if impl == "splash" and jax.devices()[0].platform != "tpu":
+        return _check_splash_in_interpret_mode(cfg, args[:3], tfx_attention, rec)
     try:
         compiled = jax.jit(fn).lower(*args).compile()
     except Exception as e:  # noqa: BLE001 - recorded, not raised
@@ -195,6 +268,9 @@ def measure(cfg: dict, *, time_it: bool, memory_limit_bytes: float) -> dict:
     rec["argument_bytes"] = int(analysis.argument_size_in_bytes)
     rec["output_bytes"] = int(analysis.output_size_in_bytes)
     if not time_it:
+        return rec
+    if cfg.get("time_max_length") and t > cfg["time_max_length"]:
+        rec["status"] = "compiled only (not timed)"
         return rec
     needed = max(rec["temp_bytes"], cfg.get("known_temp_bytes") or 0)
     needed += rec["argument_bytes"] + rec["output_bytes"]
@@ -221,9 +297,32 @@ def measure(cfg: dict, *, time_it: bool, memory_limit_bytes: float) -> dict:
         return rec
     rec["times_s"] = times
     rec["median_s"] = statistics.median(times)
-    rec["tflops"] = count_flops(b, n, h, t, t, cfg["causal"], cfg["pass"]) / rec["median_s"] / 1e12
-    if stats is not None and device.platform != "cpu":
+    rec["tflops"] = count_flops(b, n, h, t, t, cfg["causal"], cfg["pass"],
+                                window=window) / rec["median_s"] / 1e12
+    if stats is not None and device.platform != "cpu" and cfg.get("isolated", True):
+        # In-process (--isolate=false) the peak never resets: not this config's.
         rec["peak_bytes"] = int(device.memory_stats()["peak_bytes_in_use"])
+    return rec
+
+
+def _check_splash_in_interpret_mode(cfg, args, tfx_attention, rec) -> dict:
+    """Splash off a TPU: forward in Pallas interpret mode vs dense; not timed."""
+    import jax
+    import numpy as np
+    from jax.experimental.pallas import tpu as pltpu
+    if cfg["length"] > cfg.get("splash_interpret_max_length", 512):
+        rec["status"] = "skipped: splash off a TPU is checked (interpret mode) at short lengths"
+        return rec
+    try:
+        with pltpu.force_tpu_interpret_mode():
+            got = jax.jit(tfx_attention)(*args)
+        expected = jax.jit(lambda q, k, v: tfx_attention(q, k, v, "dense"))(*args)
+    except Exception as e:  # noqa: BLE001 - recorded, not raised
+        rec["status"] = f"run error: {_short(e)}"
+        return rec
+    rec["max_abs_err"] = float(np.max(np.abs(np.asarray(got, np.float32) -
+                                             np.asarray(expected, np.float32))))
+    rec["status"] = "checked in interpret mode (correctness only, not timed)"
     return rec
 
 
@@ -278,6 +377,8 @@ def measure_isolated(cfg: dict, platform: str, memory_limit_bytes: float) -> dic
     memory = run(cfg, honest=True, time_it=False)
     if memory["status"] != "ok":
         return memory
+    if cfg.get("time_max_length") and cfg["length"] > cfg["time_max_length"]:
+        return dict(memory, status="compiled only (not timed)")
     timed = run(dict(cfg, known_temp_bytes=memory["temp_bytes"]), honest=False, time_it=True)
     timed["temp_bytes"] = memory["temp_bytes"]  # the honest (YNN-off) figure
     timed["floor_bytes"] = memory["floor_bytes"]
@@ -285,19 +386,22 @@ def measure_isolated(cfg: dict, platform: str, memory_limit_bytes: float) -> dic
 
 
 # ----------------------------------------------------------------------------- output
-COLUMNS = ["implementation", "pass", "length", "status", "temp_mib", "peak_mib", "floor_mib",
-           "median_ms", "tflops"]
+COLUMNS = ["implementation", "variant", "pass", "length", "status", "temp_mib", "peak_mib",
+           "floor_mib", "median_ms", "tflops", "max_abs_err"]
 
 
 def _row(rec: dict) -> dict:
     def mib(key):
         return round(rec[key] / MIB, 2) if rec.get(key) is not None else None
     return {
-        "implementation": rec["implementation"], "pass": rec["pass"], "length": rec["length"],
+        "implementation": rec["implementation"], "variant": rec.get("variant", "mha"),
+        "pass": rec["pass"], "length": rec["length"],
         "status": rec["status"], "temp_mib": mib("temp_bytes"), "peak_mib": mib("peak_bytes"),
         "floor_mib": mib("floor_bytes"),
         "median_ms": round(rec["median_s"] * 1e3, 3) if rec.get("median_s") else None,
         "tflops": round(rec["tflops"], 5) if rec.get("tflops") else None,
+        "max_abs_err": (f"{rec['max_abs_err']:.2e}" if rec.get("max_abs_err") is not None
+                        else None),
     }
 
 
@@ -332,22 +436,26 @@ def plot(path: str, records: list[dict], meta: dict) -> None:
 
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(13, 5.2))
     memory_key = "peak_bytes" if meta["machine"]["platform"] != "cpu" else "temp_bytes"
-    series = sorted({(r["implementation"], r["pass"]) for r in records})
+    def label_of(r):
+        variant = r.get("variant", "mha")
+        return r["implementation"] + ("" if variant == "mha" else f" {variant}")
+    series = sorted({(label_of(r), r["pass"]) for r in records})
     implementations = sorted({impl for impl, _ in series})
     colors = {impl: f"C{i}" for i, impl in enumerate(implementations)}
     markers = {"forward": "o", "forward_backward": "s"}
     for impl, pass_name in series:
-        recs = sorted((r for r in records if (r["implementation"], r["pass"]) == (impl, pass_name)),
+        recs = sorted((r for r in records if (label_of(r), r["pass"]) == (impl, pass_name)),
                       key=lambda r: r["length"])
         label = f"{impl} {pass_name.replace('_', '+')}"
-        failed = [r for r in recs if r["status"] != "ok"]
+        failed = [r for r in recs if r["status"] != "ok" and not r["status"].startswith(
+            ("compiled only", "checked"))]
         if failed:
             label += f" ({failed[0]['status'].split(':')[0].split(' (')[0]} from T={failed[0]['length']})"
         style = dict(marker=markers.get(pass_name, "^"), color=colors[impl],
                      linestyle="-" if pass_name == "forward_backward" else "--")
-        ran = [r for r in recs if r["status"] == "ok"]
+        ran = [r for r in recs if r["status"] == "ok" or r["status"].startswith("compiled only")]
         mem = [(r["length"], r[memory_key] / MIB) for r in ran if r.get(memory_key)]
-        tim = [(r["length"], r["median_s"]) for r in ran]
+        tim = [(r["length"], r["median_s"]) for r in ran if r.get("median_s")]
         if mem:
             ax_mem.plot(*zip(*mem), label=label, **style)
         if tim:
@@ -402,7 +510,16 @@ def default_name(machine: dict, settings: dict) -> str:
     device = re.sub(r"[^A-Za-z0-9]+", "-", machine["device_kind"]).strip("-").lower()
     causal = "_causal" if settings["causal"] else ""
     return (f"attention_memory_{machine['platform']}_{device}_{machine['cpu_count']}cpu_"
-            f"{settings['dtype']}{causal}_{machine['date'][:10]}")
+            f"{settings['dtype']}{causal}_jax{machine['jax']}_{machine['date'][:10]}")
+
+
+def _save_partial(out_dir, name, records, machine, settings, commands) -> None:
+    """JSON after every configuration, so a run killed by a time limit keeps its rows."""
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"machine": machine, "settings": settings, "partial": True,
+            "commands": commands + [" ".join(sys.argv)]}
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump({"meta": meta, "records": records}, f, indent=1)
 
 
 def write_outputs(out_dir: str, name: str, records: list[dict], meta: dict) -> dict:
@@ -423,7 +540,8 @@ def _settings() -> dict:
     return {"batch": FLAGS.batch, "heads": FLAGS.heads, "head_dim": FLAGS.head_dim,
             "dtype": FLAGS.dtype, "causal": FLAGS.causal, "block_q": FLAGS.block_q,
             "block_kv": FLAGS.block_kv, "warmup": FLAGS.warmup, "repeats": FLAGS.repeats,
-            "time_budget_s": FLAGS.time_budget_s}
+            "time_budget_s": FLAGS.time_budget_s, "time_max_length": FLAGS.time_max_length,
+            "splash_interpret_max_length": FLAGS.splash_interpret_max_length}
 
 
 def _validate_flags() -> tuple[list[int], list[str]]:
@@ -434,9 +552,15 @@ def _validate_flags() -> tuple[list[int], list[str]]:
     if not lengths or min(lengths) < 1:
         raise app.UsageError(f"--lengths must be positive, got {lengths}")
     from tfx_jax.attention import IMPLEMENTATIONS
+    known = IMPLEMENTATIONS + EXTERNAL_IMPLEMENTATIONS
     for impl in FLAGS.implementations:
-        if impl not in IMPLEMENTATIONS:
-            raise app.UsageError(f"--implementations: {impl!r} is not one of {IMPLEMENTATIONS}")
+        if impl not in known:
+            raise app.UsageError(f"--implementations: {impl!r} is not one of {known}")
+    for variant in FLAGS.variants:
+        try:
+            parse_variant(variant, FLAGS.heads)
+        except ValueError as e:
+            raise app.UsageError(f"--variants: {e}") from None
     for p in FLAGS.passes:
         if p not in PASSES:
             raise app.UsageError(f"--passes: {p!r} is not one of {PASSES}")
@@ -469,22 +593,31 @@ def run_benchmark() -> dict:
     limit = FLAGS.memory_limit_gib * 2 ** 30
     if not limit and machine["platform"] == "cpu":
         limit = 0.6 * _host_available_bytes()
-    for impl in FLAGS.implementations:
-        reason = unavailable_reason(impl, FLAGS.dtype, FLAGS.head_dim, machine)
+    for impl, variant in [(i, v) for v in FLAGS.variants for i in FLAGS.implementations]:
+        reason = unavailable_reason(impl, FLAGS.dtype, FLAGS.head_dim, machine, variant,
+                                    FLAGS.causal, FLAGS.heads)
         for length in lengths:
             for pass_name in passes:
-                cfg = dict(settings, implementation=impl, length=length, **{"pass": pass_name})
+                if impl == "splash" and machine["platform"] != "tpu" and (
+                        pass_name != "forward"):
+                    continue  # interpret mode: a forward correctness check only
+                cfg = dict(settings, implementation=impl, variant=variant, length=length,
+                           **{"pass": pass_name})
                 if reason is not None:
                     rec = {"status": f"unavailable: {reason}"}
                 elif FLAGS.isolate:
                     rec = measure_isolated(cfg, machine["platform"], limit)
                 else:
-                    rec = measure(cfg, time_it=True, memory_limit_bytes=limit)
+                    rec = measure(dict(cfg, isolated=False), time_it=True,
+                                  memory_limit_bytes=limit)
                 rec = dict(cfg, **rec)
-                records = [r for r in records if (r["implementation"], r["pass"], r["length"])
-                           != (impl, pass_name, length)] + [rec]
+                records = [r for r in records if (r["implementation"], r.get("variant", "mha"),
+                                                  r["pass"], r["length"])
+                           != (impl, variant, pass_name, length)] + [rec]
                 print(_progress_line(rec), flush=True)
-    records.sort(key=lambda r: (r["implementation"], r["pass"], r["length"]))
+                _save_partial(FLAGS.out_dir, name, records, machine, settings, commands)
+    records.sort(key=lambda r: (r.get("variant", "mha"), r["implementation"], r["pass"],
+                                r["length"]))
     meta = {"machine": machine, "settings": settings,
             "flops_convention": "forward 4*B*N*H*attended_pairs; backward 2.5x forward",
             "memory": ("temp_bytes: compiled temp size (CPU: YNN fusion disabled); "

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -106,3 +107,39 @@ def test_too_big_configuration_is_skipped_not_run():
     rec = bench.measure(cfg, time_it=True, memory_limit_bytes=16)
     assert rec["status"].startswith("skipped: needs") and "median_s" not in rec
     assert rec["temp_bytes"] >= 0 and rec["floor_bytes"] == 4 * 32 * 8 * 4
+
+
+def _flags_of(script_path, module_name):
+    module = load_script(script_path, module_name)
+    from absl import flags
+    return {f.name for f in flags.FLAGS.flags_by_module_dict().get(module_name, ())}, module
+
+
+@pytest.mark.parametrize("shell_script", ["gpu.sh", "tpu.sh"])
+def test_device_benchmark_scripts_parse_and_use_only_defined_flags(shell_script):
+    path = os.path.join(REPO, "benchmarks", shell_script)
+    done = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = open(path).read()
+    # Every --flag the script passes to a Python script is one that script defines.
+    text = "\n".join(line for line in text.replace("\\\n", " ").splitlines()
+                     if not line.lstrip().startswith("#"))
+    flag = r"--([a-z_]+)(?==|\s|\"|$)"
+    used = {"attention_memory": set(re.findall(flag, re.search(r'ATTN="(.*?)"', text,
+                                                                  re.S).group(1))),
+            "throughput": set()}
+    for line in text.splitlines():
+        if "$ATTN" in line:
+            used["attention_memory"].update(re.findall(flag, line))
+        if "throughput.py" in line or "TP_EXTRA=" in line:
+            used["throughput"].update(re.findall(flag, line.split("TP_EXTRA=")[-1]
+                                                 if "TP_EXTRA=" in line else line))
+    assert {"lengths", "implementations", "variants", "out_name"} <= used["attention_memory"]
+    assert {"dtype", "out_name"} <= used["throughput"]
+    defined, bench = _flags_of(SCRIPT, "attention_memory_script")
+    assert used["attention_memory"] <= defined, used["attention_memory"] - defined
+    for variant in re.findall(r"(?:gqa\d+|window\d+)", text):
+        bench.parse_variant(variant, 8)  # the variants it names are valid
+    throughput = os.path.join(REPO, "experiments", "throughput.py")
+    defined, _ = _flags_of(throughput, "throughput_script")
+    assert used["throughput"] <= defined, used["throughput"] - defined

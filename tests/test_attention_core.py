@@ -225,3 +225,140 @@ def test_cudnn_refusals_name_cudnn():
     ids = jnp.ones((1, 16), jnp.int32)
     with pytest.raises(ValueError, match="implementation='cudnn'.*segment ids"):
         tfx.dot_product_attention(q, q, q, q_segment_ids=ids, implementation="cudnn")
+
+
+def _one_hot_values(b, s, kv_heads):
+    """v[b, j, k] = e_j: the output of query i is then its row of (dropped) weights."""
+    return jnp.broadcast_to(jnp.eye(s)[None, :, None, :], (b, s, kv_heads, s))
+
+
+def test_chunked_dropout_is_deterministic_keeps_the_rate_and_the_expectation():
+    t, n, kv_heads, rate = 32, 4, 2, 0.3
+    q, k, _, _ = inputs(t, t, n, kv_heads, seed=7)
+    v = _one_hot_values(2, t, kv_heads)
+
+    @jax.jit
+    @jax.vmap
+    def dropped_weights(rng):
+        return tfx.dot_product_attention(q, k, v, dropout_rate=rate, dropout_rng=rng,
+                                         implementation="chunked", **BLOCKS)
+    samples = np.asarray(dropped_weights(jax.random.split(jax.random.key(0), 300)))
+    again = np.asarray(dropped_weights(jax.random.split(jax.random.key(0), 2)))
+    np.testing.assert_array_equal(samples[:2], again)  # same rng, same mask
+    assert not np.array_equal(samples[0], samples[1])  # different rng, different mask
+    weights = np.asarray(tfx.attention_weights(q, k)).transpose(0, 2, 1, 3)  # [B, T, N, S]
+    kept = samples != 0
+    assert abs(kept.mean() - (1 - rate)) < 0.01  # 300 x 8192 draws: sd ~ 0.0005
+    # A kept weight is the undropped weight scaled by 1/(1 - rate).
+    np.testing.assert_allclose(samples[kept], np.broadcast_to(weights / (1 - rate),
+                                                              samples.shape)[kept], rtol=1e-5)
+    # E[dropped weights] = the weights: mean over 300 masks within 4 standard errors.
+    stderr = weights * np.sqrt(rate / (1 - rate) / samples.shape[0])
+    assert np.all(np.abs(samples.mean(0) - weights) <= 4 * stderr + 1e-6)
+
+
+@pytest.mark.parametrize("blocks", [dict(block_q=8, block_kv=8), dict(block_q=16, block_kv=4)])
+def test_chunked_dropout_equals_dense_dropout_values_and_gradients(blocks):
+    # The mask is a hash of absolute positions, so every tiling drops the same weights
+    # as dense; dense's gradient is jax's autodiff of the materialised formula.
+    t, n, kv_heads, rate = 24, 4, 2, 0.25
+    q, k, v, d_out = inputs(t, t, n, kv_heads, seed=8)
+    kwargs = dict(dropout_rate=rate, dropout_rng=jax.random.key(3), causal=True)
+    got = run("chunked", q, k, v, d_out, **kwargs, **blocks)
+    expected = run("dense", q, k, v, d_out, **kwargs)
+    without = run("dense", q, k, v, d_out, causal=True)
+    for name, g, e, w in zip(("out", "d_query", "d_key", "d_value"), got, expected, without):
+        assert np.all(np.isfinite(g)), name
+        np.testing.assert_allclose(g, e, atol=5e-5, rtol=5e-5, err_msg=name)
+        assert not np.allclose(g, w), name  # dropout did change something
+
+
+def test_auto_with_dropout_picks_chunked_for_long_sequences():
+    long = jnp.zeros((1, 1024, 2, 16))
+    assert select_implementation(long, long, dropout_rate=0.1, platform="cpu") == "chunked"
+    # "auto" really runs chunked with dropout: NaN values in the second half of the
+    # keys reach dense's first queries (0 * NaN), but chunked's causal loop never
+    # loads them for the first 512 queries.
+    v = long.at[:, 512:].set(jnp.nan)
+    out = tfx.dot_product_attention(long, long, v, causal=True, dropout_rate=0.1,
+                                    dropout_rng=jax.random.key(0))
+    assert np.all(np.isfinite(out[:, :512]))
+
+
+def _kv_lengths_past_the_end(implementation):
+    # The issue's reproducer: kv_lengths 6 over 4 keys means all 4; dense gives 1.5.
+    q, k = jnp.ones((1, 1, 1, 1)), jnp.zeros((1, 4, 1, 1))
+    v = jnp.arange(4.0).reshape(1, 4, 1, 1)
+    return tfx.dot_product_attention(q, k, v, kv_lengths=jnp.array([6]), block_kv=2,
+                                     q_lengths=jnp.array([9]),
+                                     implementation=implementation)
+
+
+def _empty_batch(implementation):
+    x = jnp.zeros((0, 8, 2, 4))
+    return tfx.dot_product_attention(x, x, x, kv_lengths=jnp.zeros((0,), jnp.int32),
+                                     q_lengths=jnp.zeros((0,), jnp.int32),
+                                     implementation=implementation)
+
+
+def _attend(**kwargs):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 3, 2, 4)), jnp.float32)
+    args = dict(query=x, key=x, value=x)
+    args.update(kwargs)
+    return tfx.dot_product_attention(args.pop("query"), args.pop("key"), args.pop("value"),
+                                     **args)
+
+
+LIST_MASK = [[True, False, False], [True, True, False], [True, True, True]]
+BAD_INPUT = {
+    # name: (call, exception or None, message or expected value)
+    "kv_lengths_past_end_chunked": (lambda: _kv_lengths_past_the_end("chunked"), None, 1.5),
+    "kv_lengths_past_end_dense": (lambda: _kv_lengths_past_the_end("dense"), None, 1.5),
+    "cudnn_causal_cross": (lambda: _attend(key=jnp.zeros((1, 5, 2, 8), jnp.bfloat16),
+                                           value=jnp.zeros((1, 5, 2, 8), jnp.bfloat16),
+                                           query=jnp.zeros((1, 3, 2, 8), jnp.bfloat16),
+                                           causal=True, implementation="cudnn"),
+                           ValueError, r"implementation='cudnn'.*q_length 3 != kv_length 5"),
+    "head_dim_zero": (lambda: _attend(query=jnp.zeros((1, 3, 2, 0)), key=jnp.zeros((1, 3, 2, 0)),
+                                      value=jnp.zeros((1, 3, 2, 0))),
+                      ValueError, "head_dim must be >= 1"),
+    "empty_batch_dense": (lambda: _empty_batch("dense").shape, None, (0, 8, 2, 4)),
+    "empty_batch_chunked": (lambda: _empty_batch("chunked").shape, None, (0, 8, 2, 4)),
+    "dropout_one": (lambda: _attend(dropout_rate=1.0, dropout_rng=jax.random.key(0)),
+                    ValueError, r"dropout_rate must be a float in \[0, 1\), got 1.0"),
+    "dropout_negative": (lambda: _attend(dropout_rate=-0.1), ValueError, "got -0.1"),
+    "dropout_without_rng": (lambda: _attend(dropout_rate=0.1, implementation="chunked"),
+                            ValueError, "needs a dropout_rng"),
+    "mask_as_list": (lambda: float(jnp.abs(_attend(mask=LIST_MASK) - _attend(causal=True)).max()),
+                     None, 0.0),
+    "mask_list_of_ints": (lambda: _attend(mask=[[1, 0, 0]] * 3), TypeError, "mask must be boolean"),
+    "mask_not_an_array": (lambda: _attend(mask=[[True], [True, False]]), TypeError,
+                          "mask must be an array"),
+    "gqa_heads_not_divisible": (lambda: _attend(query=jnp.zeros((1, 3, 3, 4)),
+                                                key=jnp.zeros((1, 3, 2, 4)),
+                                                value=jnp.zeros((1, 3, 2, 4))),
+                                ValueError, r"num_heads \(3\) must be a multiple of .* \(2\)"),
+    "segment_ids_float": (lambda: _attend(q_segment_ids=jnp.ones((1, 3))), TypeError,
+                          "q_segment_ids must be integers"),
+    "segment_ids_shape": (lambda: _attend(q_segment_ids=jnp.ones((1, 4), jnp.int32)), ValueError,
+                          r"q_segment_ids must have shape \[batch, length\] = \(1, 3\)"),
+    "window_negative": (lambda: _attend(local_window=(-1, 2)), ValueError,
+                        r"local_window must be \(left, right\).*got \(-1, 2\)"),
+    "scale_nan": (lambda: _attend(scale=float("nan")), ValueError, "scale must be a finite"),
+    "bias_int": (lambda: _attend(bias=jnp.zeros((1, 1, 3, 3), jnp.int32)), TypeError,
+                 "bias must be a floating-point"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_edge_and_bad_inputs(case):
+    call, error, expected = BAD_INPUT[case]
+    if error is None:
+        got = call()
+        if isinstance(expected, tuple):
+            assert got == expected
+        else:
+            np.testing.assert_allclose(np.asarray(got).ravel()[0], expected, atol=1e-6)
+        return
+    with pytest.raises(error, match=expected):
+        call()

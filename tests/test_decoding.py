@@ -136,3 +136,42 @@ def test_greedy_decoding_of_a_transformer_equals_argmax_of_full_passes():
         lambda t, c: step(t, c, n=beams), c, batch_size=2, beam_size=beams, max_len=6,
         bos_id=BOS, eos_id=EOS))(cache)
     assert seqs.shape == (2, beams, 6) and np.isfinite(np.asarray(scores)).all()
+
+
+def test_left_pad_puts_prompts_at_the_end_with_positions_and_segments():
+    tokens, positions, segment_ids = decoding.left_pad([[7, 8], [3, 4, 5]], length=4)
+    np.testing.assert_array_equal(tokens, [[0, 0, 7, 8], [0, 3, 4, 5]])
+    np.testing.assert_array_equal(positions, [[0, 0, 0, 1], [0, 0, 1, 2]])
+    np.testing.assert_array_equal(segment_ids, [[0, 0, 1, 1], [0, 1, 1, 1]])
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        decoding.left_pad([[1], []])
+    with pytest.raises(ValueError, match=r"length=2 is shorter than the longest prompt \(3"):
+        decoding.left_pad([[1, 2, 3]], length=2)
+
+
+def test_cache_overflow_is_refused_before_decoding_even_under_jit():
+    cfg = tfx.CausalLMConfig(vocab_size=20, d_model=16, num_heads=2, d_ff=32, num_layers=1,
+                             max_len=8, dropout_rate=0.0, decode=True)
+    decoder = tfx.CausalLM(cfg)
+    variables = decoder.init(jax.random.key(0), jnp.zeros((1, 5), jnp.int32))
+    calls = []
+
+    def step(tokens, cache):
+        calls.append(tokens.shape)
+        logits, mutated = decoder.apply({"params": variables["params"], "cache": cache}, tokens,
+                                        mutable=["cache"])
+        return logits, mutated["cache"]
+
+    prompt = jnp.ones((1, 3), jnp.int32)
+    assert decoding.cache_capacity(variables["cache"]) == (5, 0)
+    with pytest.raises(ValueError, match=r"sample \(prompt of 3 \+ 4 steps - 1\) feeds 6 "
+                                         r"tokens but the cache holds max_length=5"):
+        jax.jit(lambda c: decoding.sample(step, c, prompt, 4, temperature=0.0))(
+            variables["cache"])
+    assert calls == []  # refused before the model ran
+    out = jax.jit(lambda c: decoding.sample(step, c, prompt, 3, temperature=0.0))(
+        variables["cache"])
+    assert out.shape == (1, 6)
+    with pytest.raises(ValueError, match=r"beam_search \(max_len=6\) feeds 6 tokens"):
+        decoding.beam_search(step, variables["cache"], batch_size=1, beam_size=1, max_len=6,
+                             bos_id=BOS, eos_id=EOS)

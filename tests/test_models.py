@@ -18,8 +18,8 @@ def param_count(model, *args):
 
 
 def tiny_transformer(**overrides):
-    cfg = tfx.TransformerConfig(vocab_size=50, num_encoder_layers=2, num_decoder_layers=2,
-                                max_len=16, **{**TINY, **overrides})
+    cfg = tfx.TransformerConfig(vocab_size=50, max_len=16, **{
+        "num_encoder_layers": 2, "num_decoder_layers": 2, **TINY, **overrides})
     return tfx.Transformer(cfg)
 
 
@@ -105,6 +105,25 @@ def test_transformer_kv_cache_decoding_equals_full_pass(prompt, scan_layers):
     np.testing.assert_allclose(got, full, atol=1e-4)
 
 
+def test_transformer_with_gqa_and_rope_cache_decoding_equals_full_pass():
+    model = tiny_transformer(num_encoder_layers=1, num_decoder_layers=1, position="rope",
+                             num_kv_heads=2)
+    src, tgt = tokens(22, (2, 5)).at[1, 3:].set(0), tokens(23, (2, 6))
+    variables = init(model, src, tgt)
+    assert "position" not in variables["params"]["decoder"]  # nothing added to embeddings
+    full = model.apply(variables, src, tgt)
+    decoder = tiny_transformer(num_encoder_layers=1, num_decoder_layers=1, position="rope",
+                               num_kv_heads=2, decode=True)
+    encoded = model.apply(variables, src, method=tfx.Transformer.encode)
+    cache = decoder.init(jax.random.key(0), src, jnp.zeros((2, 6), jnp.int32))["cache"]
+    layer_cache = cache["decoder"]["layers"]["layer_0"]["self_attention"]
+    assert layer_cache["cached_key"].shape == (2, 6, 2, 8)  # num_kv_heads, not num_heads
+    step = lambda a, b: (encoded, src, tgt[:, a:b])  # noqa: E731
+    got = cached_decode(_Method(decoder, tfx.Transformer.decode),
+                        {"params": variables["params"], "cache": cache}, step, 2, 6)
+    np.testing.assert_allclose(got, full, atol=1e-4)
+
+
 class _Method:
     """Binds a module method so `apply` calls it (keeps cached_decode model-agnostic)."""
 
@@ -118,8 +137,8 @@ class _Method:
 # --- decoder-only LM ---------------------------------------------------------------------------
 
 def tiny_lm(**overrides):
-    return tfx.CausalLM(tfx.CausalLMConfig(vocab_size=40, num_layers=2, max_len=12,
-                                           **{**TINY, **overrides}))
+    return tfx.CausalLM(tfx.CausalLMConfig(vocab_size=40, max_len=12,
+                                           **{"num_layers": 2, **TINY, **overrides}))
 
 
 def test_lm_is_causal_and_cache_matches_full_pass():
@@ -140,7 +159,7 @@ def test_lm_is_causal_and_cache_matches_full_pass():
 
 def tiny_vit(**overrides):
     return tfx.ViT(tfx.ViTConfig(image_size=8, patch_size=4, num_channels=1, num_classes=10,
-                                 num_layers=2, **{**TINY, **overrides}))
+                                 **{"num_layers": 2, **TINY, **overrides}))
 
 
 @pytest.mark.parametrize("pool", ["cls", "gap"])
@@ -181,6 +200,11 @@ def test_vit_rejects_wrong_image_shape_and_dtype():
     (lambda: tfx.ViTConfig(image_size=30, patch_size=16), "patch_size=16 does not divide"),
     (lambda: tfx.ViTConfig(pool="max"), "pool"),
     (lambda: tfx.CausalLMConfig(vocab_size=10, remat_policy="some"), "remat_policy"),
+    (lambda: tfx.CausalLMConfig(vocab_size=10, num_kv_heads=3), "num_heads=8 is not divisible "
+                                                               "by num_kv_heads=3"),
+    (lambda: tfx.CausalLMConfig(vocab_size=10, num_kv_heads=0), "num_kv_heads"),
+    (lambda: tfx.CausalLMConfig(vocab_size=10, num_kv_heads=2, fused_qkv=True), "fused_qkv"),
+    (lambda: tfx.TransformerConfig(vocab_size=10, rope_base=1.0), "rope_base"),
 ])
 def test_bad_configs_name_the_field(make, message):
     with pytest.raises(ValueError, match=message):
@@ -266,3 +290,40 @@ def test_unshared_embeddings_have_separate_tables_and_output_layer():
     params = init(model, tokens(20, (1, 3)), tokens(21, (1, 3)))["params"]
     assert {"source_embedding", "target_embedding"} <= set(params)
     assert "logits" in params["decoder"]
+
+
+# --- which attention kernel the models reach on a GPU -----------------------------------------------
+
+def record_gpu_choices(monkeypatch):
+    """Records what "auto" would pick on an H100 for every attention call the models make
+    (the very arguments they pass), while running the CPU choice here."""
+    import tfx_jax.attention as attention
+    original, seen = attention.select_implementation, []
+
+    def on_h100(*args, **kwargs):
+        seen.append(original(*args, **{**kwargs, "platform": "gpu", "compute_capability": "9.0"}))
+        return original(*args, **kwargs)
+    monkeypatch.setattr(attention, "select_implementation", on_h100)
+    return seen
+
+
+def test_every_model_attention_resolves_to_cudnn_on_a_gpu_in_bfloat16(monkeypatch):
+    seen = record_gpu_choices(monkeypatch)
+
+    def choices(model, *inputs, **kwargs):  # tracing is enough: nothing is computed
+        variables = jax.eval_shape(lambda: init(model, *inputs))
+        seen.clear()
+        jax.eval_shape(lambda v: model.apply(v, *inputs, **kwargs), variables)
+        return list(seen)
+
+    bf16 = dict(TINY, dtype="bfloat16", num_encoder_layers=1, num_decoder_layers=1)
+    src, tgt = tokens(24, (2, 5)).at[1, 3:].set(0), tokens(25, (2, 4)).at[0, 3:].set(0)
+    for overrides in (dict(), dict(position="rope", num_kv_heads=2)):
+        # encoder self-attention, decoder causal self-attention, cross-attention
+        assert choices(tiny_transformer(**bf16, **overrides), src, tgt) == ["cudnn"] * 3
+    assert choices(tiny_vit(num_layers=1, dtype="bfloat16"), jnp.zeros((2, 8, 8, 1))) == ["cudnn"]
+    lm = tiny_lm(num_layers=1, dtype="bfloat16", position="rope", num_kv_heads=1)
+    seq = tokens(26, (2, 6), high=40)
+    assert choices(lm, seq) == ["cudnn"]
+    # packed rows need segment ids, which cuDNN cannot take through jax
+    assert choices(lm, seq, segment_ids=jnp.array([[1, 1, 1, 2, 2, 2]] * 2)) == ["dense"]

@@ -46,3 +46,27 @@ def test_module_adds_table_and_learned_has_params():
     assert variables["params"]["embedding"].shape == (9, 6)
     with pytest.raises(ValueError, match="exceeds max_len"):
         sinus.apply({}, jnp.zeros((1, 10, 6)))
+
+
+def test_positions_restart_per_segment_and_are_looked_up_per_token():
+    segment_ids = jnp.array([[1, 1, 1, 2, 2, 0, 0], [0, 0, 1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(tfx.positions_from_segment_ids(segment_ids),
+                                  [[0, 1, 2, 0, 1, 0, 1], [0, 1, 0, 1, 2, 3, 4]])
+    x = jnp.zeros((1, 3, 6))
+    sinus = tfx.AddPositionEncoding(max_len=9)
+    out = sinus.apply({}, x, jnp.array([[4, 0, 8]]))
+    np.testing.assert_allclose(out[0], np.asarray(tfx.sinusoidal_position_encoding(9, 6))[[4, 0, 8]],
+                               atol=1e-7)
+    with pytest.raises(ValueError, match=r"positions must lie in \[0, max_len=9\)"):
+        sinus.apply({}, x, jnp.array([[0, 1, 9]]))
+
+
+def test_decode_layout_continues_each_rows_positions_and_segment():
+    layout = tfx.SequenceLayout(decode=True)
+    cache = layout.init(jax.random.key(0), 2, 6)["cache"]
+    (pos, seg), state = layout.apply({"cache": cache}, 2, 3, None,
+                                     jnp.array([[0, 1, 1], [1, 1, 1]]), mutable=["cache"])
+    np.testing.assert_array_equal(pos, [[0, 0, 1], [0, 1, 2]])
+    (pos, seg), state = layout.apply(state, 2, 2, mutable=["cache"])  # no ids: continue
+    np.testing.assert_array_equal(pos, [[2, 3], [3, 4]])
+    np.testing.assert_array_equal(seg, [[1, 1], [1, 1]])

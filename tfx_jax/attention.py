@@ -30,8 +30,10 @@ import numpy as np
 
 from tfx_jax.attention_chunked import DEFAULT_BLOCK_KV, DEFAULT_BLOCK_Q, chunked_attention
 from tfx_jax.attention_cudnn import cudnn_attention, cudnn_unsupported_reason
+from tfx_jax.attention_dropout import dense_keep_multiplier, dropout_seeds
+from tfx_jax.attention_splash import splash_attention, splash_unsupported_reason
 
-IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn")
+IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn", "splash")
 # "auto" switches from dense to chunked at this length. CPU measurements
 # (docs/attention_memory.md): from T = 512 on chunked was faster in both passes and
 # its gradient needed half the memory; below, one tile covers the whole sequence.
@@ -272,8 +274,9 @@ def _dense_attention(query, key, value, mask, bias, scale, dropout_rate, dropout
     if dropout_rate > 0.0:
         if dropout_rng is None:
             raise ValueError(f"attention dropout_rate={dropout_rate} > 0 needs a dropout_rng")
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+        # The same bits as "chunked" for the same rng (attention_dropout.py).
+        weights = weights * dense_keep_multiplier(dropout_seeds(dropout_rng), dropout_rate,
+                                                  weights.shape)
     b, n, t, s = weights.shape
     num_kv_heads = value.shape[2]
     grouped = weights.reshape(b, num_kv_heads, n // num_kv_heads, t, s)
@@ -304,9 +307,23 @@ def _clamped_lengths(query, key, q_lengths, kv_lengths):
     return q_lengths, kv_lengths
 
 
+def _padding_shared(q_segment_ids, kv_segment_ids, q_lengths, kv_lengths) -> bool:
+    """Whether keys get exactly the queries' segment ids and lengths (self-attention
+    padding): the same array object, or equal concrete values."""
+    def same(a, b):
+        if a is b:
+            return True
+        if a is None or b is None or isinstance(a, jax.core.Tracer) or isinstance(
+                b, jax.core.Tracer):
+            return False
+        return np.array_equal(np.asarray(a), np.asarray(b))
+    return same(q_segment_ids, kv_segment_ids) and same(q_lengths, kv_lengths)
+
+
 def _unsupported_reason(implementation, query, key, *, mask, bias, causal, dropout_rate,
                         q_segment_ids, local_window, value_head_dim, platform=None,
-                        compute_capability=None) -> Optional[str]:
+                        compute_capability=None, kv_segment_ids=None, q_lengths=None,
+                        kv_lengths=None) -> Optional[str]:
     """None if `implementation` runs these inputs, else a sentence naming why not."""
     if implementation == "dense":
         return None
@@ -315,6 +332,14 @@ def _unsupported_reason(implementation, query, key, *, mask, bias, causal, dropo
                 f"materialises the scores it is added to); use implementation='dense'")
     if implementation == "chunked":
         return None
+    if implementation == "splash":
+        has_padding = any(x is not None for x in (q_segment_ids, q_lengths, kv_lengths))
+        return splash_unsupported_reason(
+            query.shape, key.shape, has_mask=mask is not None, has_bias=False,
+            dropout_rate=dropout_rate, has_padding=has_padding,
+            padding_shared=_padding_shared(q_segment_ids, kv_segment_ids, q_lengths,
+                                           kv_lengths),
+            local_window=local_window, platform=platform, value_head_dim=value_head_dim)
     return cudnn_unsupported_reason(
         query.dtype, query.shape[-1], has_mask=mask is not None, dropout_rate=dropout_rate,
         causal=causal, q_length=query.shape[1], kv_length=key.shape[1],
@@ -332,25 +357,35 @@ def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0,
     """What "auto" resolves to for these inputs (the same arguments as
     `dot_product_attention`; only their shapes, dtypes and presence matter).
 
-    1. an additive ``bias`` or dropout on the weights -> "dense" (the only
-       implementation that takes a bias / has dropout);
-    2. an NVIDIA GPU (sm80+), float16/bfloat16, a cuDNN head_dim, no mask array and
-       no segment ids (causal, lengths, GQA and a left window are fine) -> "cudnn";
-    3. max(q_length, kv_length) >= CHUNKED_MIN_LENGTH -> "chunked";
-    4. otherwise "dense" (short sequences: one tile would cover them anyway).
+    1. an additive ``bias`` -> "dense" (the only implementation that takes one);
+    2. a TPU, lengths multiples of 128, no mask array and no dropout, padding (if
+       any) shared by queries and keys -> "splash" (the Pallas TPU kernel);
+    3. an NVIDIA GPU (sm80+), float16/bfloat16, a cuDNN head_dim, no mask array, no
+       segment ids and no dropout (causal, lengths, GQA and a left window are
+       fine) -> "cudnn";
+    4. max(q_length, kv_length) >= CHUNKED_MIN_LENGTH -> "chunked" (with or without
+       attention dropout);
+    5. otherwise "dense" (short sequences: one tile would cover them anyway).
 
     ``platform`` ("cpu"/"gpu"/"tpu") and ``compute_capability`` (e.g. "9.0")
     default to the first local device; pass them to ask about another machine.
     ``value_head_dim``: the value's head size when it differs from the query's.
     """
-    del kv_segment_ids, scale, q_lengths, kv_lengths  # every implementation takes them
+    del scale  # every implementation takes it
     local_window = _check_window(local_window)
-    if bias is not None or dropout_rate > 0.0:
+    if bias is not None:
         return "dense"
+    if platform is None:
+        platform = jax.devices()[0].platform
+    if kv_segment_ids is None:
+        kv_segment_ids = q_segment_ids
     common = dict(mask=mask, bias=bias, causal=causal, dropout_rate=dropout_rate,
                   q_segment_ids=q_segment_ids, local_window=local_window,
                   value_head_dim=value_head_dim, platform=platform,
-                  compute_capability=compute_capability)
+                  compute_capability=compute_capability, kv_segment_ids=kv_segment_ids,
+                  q_lengths=q_lengths, kv_lengths=kv_lengths)
+    if platform == "tpu" and _unsupported_reason("splash", query, key, **common) is None:
+        return "splash"
     if _unsupported_reason("cudnn", query, key, **common) is None:
         return "cudnn"
     if max(query.shape[1], key.shape[1]) >= CHUNKED_MIN_LENGTH:
@@ -395,8 +430,9 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
       scale: multiplies Q K^T; default 1/sqrt(head_dim).
       dropout_rate, dropout_rng: dropout on the attention weights (training only;
         "dense" and "chunked"); the rate must be in [0, 1).
-      implementation: "dense" materialises the scores; "chunked" (any backend) and
-        "cudnn" (NVIDIA GPU) avoid it; "auto" picks with `select_implementation`.
+      implementation: "dense" materialises the scores; "chunked" (any backend),
+        "cudnn" (NVIDIA GPU) and "splash" (TPU Pallas kernel) avoid it; "auto" picks
+        with `select_implementation`.
       q_lengths, kv_lengths: optional [batch] ints: padding given as lengths, the
         memory-lean alternative to a padding mask. Query i of sequence b is real
         iff i < q_lengths[b] (other queries return zeros); key j iff j < kv_lengths[b].
@@ -418,11 +454,13 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     if implementation == "auto":
         implementation = select_implementation(
             query, key, mask, causal, dropout_rate, value_head_dim=value.shape[-1],
-            q_segment_ids=q_segment_ids, local_window=local_window, bias=bias)
+            q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+            local_window=local_window, bias=bias, q_lengths=q_lengths, kv_lengths=kv_lengths)
     reason = _unsupported_reason(
         implementation, query, key, mask=mask, bias=bias, causal=causal,
         dropout_rate=dropout_rate, q_segment_ids=q_segment_ids, local_window=local_window,
-        value_head_dim=value.shape[-1])
+        value_head_dim=value.shape[-1], kv_segment_ids=kv_segment_ids, q_lengths=q_lengths,
+        kv_lengths=kv_lengths)
     if reason is not None:
         raise ValueError(f"implementation={implementation!r} cannot run here: {reason}")
     q_lengths, kv_lengths = _clamped_lengths(query, key, q_lengths, kv_lengths)
@@ -438,5 +476,9 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                                  kv_segment_ids=kv_segment_ids, local_window=local_window,
                                  scale=scale, dropout_rate=dropout_rate,
                                  dropout_rng=dropout_rng, block_q=block_q, block_kv=block_kv)
+    if implementation == "splash":
+        return splash_attention(query, key, value, causal=causal, local_window=local_window,
+                                scale=scale, q_segment_ids=q_segment_ids,
+                                q_lengths=q_lengths if q_lengths is not None else kv_lengths)
     return cudnn_attention(query, key, value, causal=causal, q_lengths=q_lengths,
                            kv_lengths=kv_lengths, local_window=local_window, scale=scale)

@@ -41,9 +41,9 @@ loops visit only key blocks that meet the band (with ``causal=True`` about half
 of them, with a window of width w about ``w / block_kv + 1`` per query block),
 and with ``q_lengths`` / ``kv_lengths`` only blocks that hold real tokens.
 
-Dropout on the weights uses a counter-based mask: the bits of tile (i, j) come
-from ``fold_in(fold_in(rng, i), j)``, so the backward pass regenerates them
-instead of storing a ``T x S`` mask. The normaliser ``l`` sums the undropped
+Dropout on the weights uses a counter-based mask (``attention_dropout.py``): the
+bit of (batch, head, query, key) is a hash of those positions and a seed, so the
+backward pass regenerates each tile's bits instead of storing a ``T x S`` mask. The normaliser ``l`` sums the undropped
 weights, as dense dropout after the softmax does.
 """
 from __future__ import annotations
@@ -55,6 +55,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from tfx_jax.attention_dropout import dropout_seeds, keep_multiplier
 
 # Tile sizes: on a 2-core CPU (float32, 4 heads x 64, T = 2k and 4k, causal and
 # not) 512 x 256 was the fastest of 128..1024 in forward and forward+backward,
@@ -135,7 +137,7 @@ class _Extras(NamedTuple):
     kv_lengths: Optional[jax.Array]    # [B] int32
     q_segments: Optional[jax.Array]    # [nq, B, bq] int32
     kv_segments: Optional[jax.Array]   # [nk, B, bk] int32
-    dropout_rng: Optional[jax.Array]   # a PRNG key
+    dropout_seeds: Optional[jax.Array]  # [2] uint32 (attention_dropout.dropout_seeds)
 
 
 def _block_mask(blocking: _Blocking, i, j, extras: _Extras):
@@ -226,15 +228,18 @@ def _masked_scores(blocking: _Blocking, i, j, q_i, k_j, extras: _Extras):
 def _dropout_multiplier(blocking: _Blocking, i, j, shape, extras: _Extras):
     """Tile (i, j) of the dropout mask as 0 or 1/(1-rate), or None without dropout.
 
-    Counter-based, as FlashAttention does it: the bits of a tile depend only on
-    the rng and the tile's (query block, key block) indices, so the backward
-    pass regenerates exactly the mask the forward pass used without storing it.
+    Counter-based, as FlashAttention does it: the bits depend only on the seeds
+    and the absolute (batch, head, query, key) positions, so the backward pass
+    regenerates exactly the mask the forward pass used without storing it.
     """
     if blocking.dropout_rate == 0.0:
         return None
-    rng = jax.random.fold_in(jax.random.fold_in(extras.dropout_rng, i), j)
-    keep = jax.random.bernoulli(rng, 1.0 - blocking.dropout_rate, shape)
-    return jnp.where(keep, 1.0 / (1.0 - blocking.dropout_rate), 0.0)
+    b, nk, g, bq, bk = shape
+    iota = lambda size, axis: lax.broadcasted_iota(jnp.int32, (1,) * axis + (size,) +
+                                                   (1,) * (4 - axis), axis)
+    head = iota(nk, 1) * g + iota(g, 2)  # query head n = k * G + g
+    return keep_multiplier(extras.dropout_seeds, blocking.dropout_rate, iota(b, 0), head,
+                           i * bq + iota(bq, 3), j * bk + iota(bk, 4))
 
 
 def _forward(blocking: _Blocking, q, k, v, extras: _Extras):
@@ -405,6 +410,6 @@ def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
         q_lengths=q_lengths, kv_lengths=kv_lengths,
         q_segments=_ids_to_blocks(q_segment_ids, block_q),
         kv_segments=_ids_to_blocks(kv_segment_ids, block_kv),
-        dropout_rng=dropout_rng if dropout_rate > 0.0 else None)
+        dropout_seeds=dropout_seeds(dropout_rng) if dropout_rate > 0.0 else None)
     out = _blocked_attention(blocking, q, k, v, extras)
     return _q_from_blocks(out, t)

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 
 ACTIVATIONS = ("relu", "gelu")
-ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn", "splash")
 POSITION_KINDS = ("sinusoidal", "learned", "rope")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

@@ -1,0 +1,156 @@
+"""Splash attention: the Pallas TPU flash-attention kernel shipped with jax.
+
+"Splash" (sparse flash) attention is the kernel in
+``jax.experimental.pallas.ops.tpu.splash_attention``: FlashAttention's online
+softmax (Dao et al. 2022) tiled for the TPU's matrix unit, where the mask is
+not an array but an object (``CausalMask``, ``LocalMask``, ``FullMask``, one
+per head in a ``MultiHeadMask``) from which the kernel precomputes, per tile,
+whether it is empty (skipped), full (no masking work) or partial. Packed
+sequences come as ``SegmentIds`` (a query sees only keys with its id), and
+grouped-query attention is native: query head n reads key/value head
+``n // (num_heads / num_kv_heads)``, as everywhere in tfx_jax.
+
+What this wrapper adds: the [B, T, N, H] layout (the kernel takes one example,
+[heads, length, head_dim], so it is vmapped over the batch), ``scale`` (the
+kernel does not scale, so the query is multiplied first), padding as lengths
+(turned into segment ids), and the zero-row contract (padding queries return
+zeros). It refuses what the kernel cannot do safely: a mask array, a bias,
+dropout, and padding that could leave a real query with no key at all (the
+kernel's softmax is undefined there), i.e. segment ids or lengths that differ
+between queries and keys.
+
+On a CPU it runs only inside ``pltpu.force_tpu_interpret_mode()`` (for tests:
+correct and slow).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+# The kernel's tiles are multiples of the TPU lane width (128); 512 is the
+# larger tile the kernel's own benchmarks use, clipped to the sequence length.
+LANES = 128
+DEFAULT_BLOCK = 512
+
+
+def _interpret_mode_forced() -> bool:
+    try:
+        from jax._src import config
+        return config.pallas_tpu_interpret_mode_context_manager.value is not None
+    except (ImportError, AttributeError):  # moved: let the kernel say what is wrong
+        return True
+
+
+def splash_unsupported_reason(query_shape, key_shape, *, has_mask: bool, has_bias: bool,
+                              dropout_rate: float, has_padding: bool, padding_shared: bool,
+                              local_window, platform: Optional[str] = None,
+                              value_head_dim: Optional[int] = None) -> Optional[str]:
+    """None if splash can run these inputs, else a sentence saying why not.
+
+    ``has_padding``: segment ids or lengths are given; ``padding_shared``: the
+    keys get the very same ones as the queries (self-attention padding).
+    """
+    t, n, h = query_shape[1], query_shape[2], query_shape[3]
+    s = key_shape[1]
+    if has_mask:
+        return ("splash takes masks only as causal=True, local_window, segment ids or "
+                "lengths (mask objects, never a T x S array); use implementation='chunked'")
+    if has_bias:
+        return "splash takes no additive bias; use implementation='dense'"
+    if dropout_rate > 0.0:
+        return "splash has no attention dropout; use implementation='chunked'"
+    if value_head_dim is not None and value_head_dim != h:
+        return f"splash needs value head_dim == query head_dim ({h}), got {value_head_dim}"
+    if t % LANES or s % LANES:
+        return (f"splash needs q_length and kv_length multiples of {LANES} (its tile "
+                f"width), got q_length {t} and kv_length {s}")
+    if has_padding and not (padding_shared and t == s):
+        return ("splash takes segment ids / lengths only when queries and keys share the "
+                "same ones (self-attention): otherwise a query may see no key, where its "
+                "softmax is undefined; use implementation='chunked'")
+    if local_window is not None and t != s:
+        return (f"splash with a local window needs q_length == kv_length, got {t} and {s}")
+    if platform is None:
+        platform = jax.devices()[0].platform
+        if platform != "tpu" and _interpret_mode_forced():
+            return None
+    if platform != "tpu":
+        return (f"splash is a TPU kernel, but the platform is {platform!r} (on a CPU it "
+                f"runs only under jax.experimental.pallas.tpu.force_tpu_interpret_mode())")
+    return None
+
+
+def _head_mask(t: int, s: int, causal: bool, local_window):
+    from jax.experimental.pallas.ops.tpu.splash_attention import (CausalMask, FullMask,
+                                                                  LocalMask)
+    left, right = (None, None) if local_window is None else local_window
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    if left is None and right is None:
+        return FullMask((t, s))
+    if left is None and right == 0:
+        return CausalMask((t, s))
+    return LocalMask((t, s), window_size=(left, right), offset=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel(t: int, s: int, num_heads: int, causal: bool, local_window, block_q: int,
+            block_kv: int):
+    """The kernel for one example: mask processing runs once per configuration."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+    mask = sa.MultiHeadMask([_head_mask(t, s, causal, local_window)] * num_heads)
+    blocks = sa.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+                           block_q_dkv=block_q, block_kv_dkv=block_kv,
+                           block_kv_dkv_compute=block_kv, block_q_dq=block_q,
+                           block_kv_dq=block_kv)
+    return sa.make_splash_mha_single_device(mask, block_sizes=blocks)
+
+
+def _block(length: int, block: int) -> int:
+    """The largest multiple of LANES <= block that divides length."""
+    block = max(LANES, min(block - block % LANES, length))
+    while length % block:
+        block -= LANES
+    return block
+
+
+def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
+                     causal: bool = False, local_window=None, scale: Optional[float] = None,
+                     q_segment_ids: Optional[jax.Array] = None,
+                     q_lengths: Optional[jax.Array] = None,
+                     block_q: int = DEFAULT_BLOCK, block_kv: int = DEFAULT_BLOCK) -> jax.Array:
+    """Splash attention on [B, T, N, H] query and [B, S, K, H] key/value; returns [B, T, N, H].
+
+    Inputs are assumed validated by ``tfx_jax.dot_product_attention`` /
+    `splash_unsupported_reason`; padding arrives as one set of ``q_segment_ids``
+    (shared by the keys, 0 = padding) and/or one ``q_lengths`` (shared by the keys).
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+    b, t, n, h = query.shape
+    s = key.shape[1]
+    scale = h ** -0.5 if scale is None else scale
+    kernel = _kernel(t, s, n, bool(causal), local_window, _block(t, block_q), _block(s, block_kv))
+    q = (query * jnp.asarray(scale, query.dtype)).transpose(0, 2, 1, 3)  # [B, N, T, H]
+    k, v = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)        # [B, K, S, H]
+    ids = None
+    if q_segment_ids is not None:
+        ids = jnp.asarray(q_segment_ids, jnp.int32)
+    if q_lengths is not None:
+        real = jnp.arange(t)[None, :] < q_lengths[:, None]
+        ids = jnp.where(real, 1 if ids is None else ids, 0).astype(jnp.int32)
+    # Over the batch: vmap (a grid axis on the TPU). jax's TPU interpret mode cannot
+    # batch a kernel's grid (its dimension semantics keep their length), so under
+    # interpret mode on a CPU the examples go one after another instead.
+    over_batch = jax.vmap
+    if jax.devices()[0].platform != "tpu":
+        over_batch = lambda f: lambda *xs: jax.lax.map(lambda x: f(*x), xs)
+    if ids is None:
+        out = over_batch(kernel)(q, k, v)
+    else:
+        out = over_batch(kernel)(q, k, v, SegmentIds(q=ids, kv=ids))
+        # Padding queries attended padding keys (same id 0): our contract is zeros.
+        out = jnp.where((ids != 0)[:, None, :, None], out, jnp.zeros((), out.dtype))
+    return out.transpose(0, 2, 1, 3).astype(value.dtype)
