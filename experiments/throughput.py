@@ -22,8 +22,9 @@ is one optimizer update (``--grad_accum_steps`` micro-batches of
 ``--batch_size``), closed by ``jax.block_until_ready``. ``step_time_s`` is the
 median repeat divided by ``grad_accum_steps``, i.e. the time of one batch.
 
-FLOP convention (``model_flops_per_step``): every matrix multiplication counts
-2 FLOPs per multiply-add; element-wise work (softmax, LayerNorm, activations,
+FLOP convention (``model_flops_per_step``, counted by ``tfx_jax.train.flops``,
+which the training loop uses for its ``mfu`` too): every matrix multiplication
+counts 2 FLOPs per multiply-add; element-wise work (softmax, LayerNorm, activations,
 biases, the optimizer) and embedding look-ups count 0. One training step is
 3 x forward (the backward pass computes two matmuls for every forward one).
 Forward FLOPs per sequence, with d = d_model, f = d_ff, L layers, V vocabulary:
@@ -98,23 +99,12 @@ import numpy as np  # noqa: E402
 import tfx_jax as tfx  # noqa: E402
 from tfx_jax import train as tr  # noqa: E402
 from tfx_jax.model_config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES  # noqa: E402
+from tfx_jax.train.flops import (PEAK_BF16_TFLOPS, attention_flops,  # noqa: E402,F401
+                                 causal_lm_forward_flops, feed_forward_flops,
+                                 peak_tflops_per_device, training_flops,
+                                 transformer_forward_flops, vit_forward_flops)
 
 MODELS = ("transformer", "vit", "gpt")
-
-# Peak dense (no sparsity) bf16 tensor FLOP/s per JAX device, from the vendors' data
-# sheets. First match (lower-cased substring of device.device_kind) wins. On TPU v4 and
-# later one JAX device is one chip.
-PEAK_BF16_TFLOPS = (
-    ("h100 pcie", 756.0),   # NVIDIA H100 PCIe
-    ("h100 nvl", 835.0),    # NVIDIA H100 NVL
-    ("h100", 989.0),        # NVIDIA H100 SXM ("NVIDIA H100 80GB HBM3")
-    ("h200", 989.0),        # NVIDIA H200 (and GH200)
-    ("a100", 312.0),        # NVIDIA A100 (SXM and PCIe)
-    ("tpu v4", 275.0),
-    ("tpu v5 lite", 197.0), ("tpu v5e", 197.0),   # TPU v5e
-    ("tpu v5p", 459.0), ("tpu v5", 459.0),         # TPU v5p reports "TPU v5"
-    ("tpu v6 lite", 918.0), ("tpu v6e", 918.0),   # TPU v6e (Trillium)
-)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", list(MODELS), f"Which models to measure, from {MODELS}.")
@@ -150,51 +140,6 @@ flags.DEFINE_string("worker_result", None, "Internal: measure one model, write i
 
 KNOB_FLAGS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_implementation",
               "fused_qkv", "grad_accum_steps", "donate")
-
-
-# ----------------------------------------------------------------------------- FLOPs
-def attention_flops(d_model: int, q_length: int, kv_length: int) -> float:
-    """Forward FLOPs of one multi-head attention (projections, scores, weighted sum)."""
-    projections = 2 * d_model * d_model * (2 * q_length + 2 * kv_length)  # W_q, W_o | W_k, W_v
-    return projections + 4 * q_length * kv_length * d_model
-
-
-def feed_forward_flops(d_model: int, d_ff: int, length: int) -> float:
-    return 4 * length * d_model * d_ff
-
-
-def transformer_forward_flops(cfg: tfx.TransformerConfig, source_length: int,
-                              target_length: int) -> float:
-    """Encoder-decoder, one sentence pair; the logits reuse the embedding (a matmul)."""
-    d, f = cfg.d_model, cfg.d_ff
-    encoder = cfg.num_encoder_layers * (attention_flops(d, source_length, source_length)
-                                        + feed_forward_flops(d, f, source_length))
-    decoder = cfg.num_decoder_layers * (attention_flops(d, target_length, target_length)
-                                        + attention_flops(d, target_length, source_length)
-                                        + feed_forward_flops(d, f, target_length))
-    return encoder + decoder + 2 * target_length * d * cfg.vocab_size
-
-
-def vit_forward_flops(cfg: tfx.ViTConfig) -> float:
-    """One image: patch embedding, the encoder over patches (+ [CLS]), the head."""
-    d, tokens = cfg.d_model, cfg.num_patches + (cfg.pool == "cls")
-    patch_embedding = 2 * cfg.num_patches * cfg.patch_size ** 2 * cfg.num_channels * d
-    encoder = cfg.num_layers * (attention_flops(d, tokens, tokens)
-                                + feed_forward_flops(d, cfg.d_ff, tokens))
-    return patch_embedding + encoder + 2 * d * cfg.num_classes
-
-
-def causal_lm_forward_flops(cfg: tfx.CausalLMConfig, length: int) -> float:
-    """One sequence of ``length`` tokens (full T x T scores, see the module docstring)."""
-    d = cfg.d_model
-    layers = cfg.num_layers * (attention_flops(d, length, length)
-                               + feed_forward_flops(d, cfg.d_ff, length))
-    return layers + 2 * length * d * cfg.vocab_size
-
-
-def training_flops(forward_flops: float) -> float:
-    """Forward + backward: the backward pass does two matmuls per forward matmul."""
-    return 3.0 * forward_flops
 
 
 # ----------------------------------------------------------------------------- models
@@ -321,18 +266,6 @@ BENCHMARKS = {"transformer": transformer_benchmark, "vit": vit_benchmark, "gpt":
 
 
 # ----------------------------------------------------------------------------- measuring
-def peak_tflops_per_device(device_kind: str, override: Optional[float] = None
-                           ) -> Optional[float]:
-    """Peak dense bf16 TFLOP/s of one device of this kind (None: unknown, MFU n/a)."""
-    if override:
-        return override
-    kind = device_kind.lower()
-    for pattern, tflops in PEAK_BF16_TFLOPS:
-        if pattern in kind:
-            return tflops
-    return None
-
-
 def _xla_flops_per_device(compiled) -> Optional[float]:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax: one dict per program

@@ -37,6 +37,7 @@ from tfx_jax.pretrained.tree import flatten, unflatten
 from tfx_jax.pretrained.vit_adapt import adapt_vit
 from tfx_jax.train.finetune import MODES, FineTuning
 from tfx_jax.train.task import EvaluateFn
+from tfx_jax.train.flops import training_flops, vit_forward_flops
 from tfx_jax.vit import ViT, ViTConfig
 
 # ViTConfig fields a checkpoint fixes (written into config.model by setup_finetuning).
@@ -100,8 +101,11 @@ def classification_task(config: ViTConfig, *, label_smoothing: float = 0.0,
         accuracy = tr.classification_accuracy(logits, batch["label"], weights=valid)
         return loss, {"accuracy": accuracy, "weight": valid.sum().astype(jnp.float32)}
 
+    tokens = config.num_patches + (config.pool == "cls")  # patches (+ [CLS]) per image
     return tr.Task(init_params=init_params, loss_fn=loss_fn, evaluate=evaluate,
-                   trainable=trainable)
+                   trainable=trainable,
+                   flops_per_example=training_flops(vit_forward_flops(config)),
+                   count_tokens=lambda batch: tokens * int(np.sum(batch["valid"])))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,12 @@ A batch is a dict of NumPy arrays:
 * ``"valid"``   bool ``[b]``: False for the all-zero rows that pad the last
   evaluation batch to full size (always True in training batches).
 
+With ``packing=True`` (training only) a row holds as many pairs as fit, source
+and target packed in parallel (pair ``i`` of a row is segment ``i`` of both
+``"inputs"`` and ``"targets"``), with ``"inputs_segmentation"``,
+``"inputs_position"``, ``"targets_segmentation"`` and ``"targets_position"``
+(see :mod:`tfx_jax.data.packing`).
+
 ``b`` is the process-local batch size, ``global_batch_size //
 jax.process_count()``; each process reads its own shard, and the training
 loop assembles the global batch (process-local rows in process order).
@@ -35,13 +41,18 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from tfx_jax.data import grain_batches
+from tfx_jax.data import grain_batches, packing as packing_lib
 from tfx_jax.data.tokenizer import EOS_ID, PAD_ID
+
+
+def token_ids(ids: Sequence[int], max_length: int) -> np.ndarray:
+    """``ids`` + EOS, truncated to ``max_length`` keeping EOS, unpadded (int32)."""
+    return np.asarray(list(ids)[:max_length - 1] + [EOS_ID], dtype=np.int32)
 
 
 def token_row(ids: Sequence[int], max_length: int) -> np.ndarray:
     """``ids`` + EOS, truncated to ``max_length`` keeping EOS, padded with 0 (int32)."""
-    ids = list(ids)[:max_length - 1] + [EOS_ID]
+    ids = token_ids(ids, max_length)
     row = np.full((max_length,), PAD_ID, dtype=np.int32)
     row[:len(ids)] = ids
     return row
@@ -67,8 +78,8 @@ def longest_pair(pairs: Sequence[tuple[str, str]], tokenizer, *, max_pairs: int 
 
 
 def _encode_pair(pair, rng=None, *, tokenizer, max_source_length, max_target_length,
-                 drop_overlong):
-    """Token rows of one ``(source, target)`` pair; None if dropped."""
+                 drop_overlong, padded=True):
+    """Token rows of one ``(source, target)`` pair (unpadded for packing); None if dropped."""
     del rng  # Tokenization is deterministic.
     source, target = pair
     source_ids = tokenizer.encode(source)
@@ -76,8 +87,9 @@ def _encode_pair(pair, rng=None, *, tokenizer, max_source_length, max_target_len
     if drop_overlong and (len(source_ids) >= max_source_length or
                           len(target_ids) >= max_target_length):
         return None
-    return {"inputs": token_row(source_ids, max_source_length),
-            "targets": token_row(target_ids, max_target_length)}
+    encode = token_row if padded else token_ids
+    return {"inputs": encode(source_ids, max_source_length),
+            "targets": encode(target_ids, max_target_length)}
 
 
 def _check_lengths(max_source_length: int, max_target_length: int) -> None:
@@ -99,6 +111,8 @@ def train_batches(
     process_index: int | None = None,
     process_count: int | None = None,
     read_options: grain.ReadOptions | None = None,
+    packing: bool = False,
+    num_packing_bins: int | None = None,
 ) -> grain.DatasetIterator:
     """Infinite, shuffled training batches for this process.
 
@@ -114,15 +128,24 @@ def train_batches(
         ``jax.process_index()`` / ``jax.process_count()``. Process ``p`` reads
         positions ``p, p + count, p + 2 * count, ...`` of the shuffled stream.
       read_options: Grain threading/prefetch for tokenization.
+      packing: pack several pairs per row (see module docstring).
+      num_packing_bins: rows the packer fills at once (default: the local batch).
 
     Returns:
       A Grain ``DatasetIterator`` of batches (``"inputs"``, ``"targets"``,
-      ``"valid"``) with ``get_state()`` / ``set_state(state)`` for checkpointing.
+      ``"valid"``, and with packing the segmentation and position rows) with
+      ``get_state()`` / ``set_state(state)`` for checkpointing.
     """
     _check_lengths(max_source_length, max_target_length)
     encode = functools.partial(
         _encode_pair, tokenizer=tokenizer, max_source_length=max_source_length,
-        max_target_length=max_target_length, drop_overlong=drop_overlong)
+        max_target_length=max_target_length, drop_overlong=drop_overlong, padded=not packing)
+    if packing:
+        return packing_lib.packed_training_batches(
+            pairs, global_batch_size=global_batch_size, seed=seed, transform=encode,
+            lengths={"inputs": max_source_length, "targets": max_target_length},
+            num_packing_bins=num_packing_bins, process_index=process_index,
+            process_count=process_count, read_options=read_options)
     return grain_batches.training_batches(
         pairs, global_batch_size=global_batch_size, seed=seed, transform=encode,
         process_index=process_index, process_count=process_count,

@@ -87,6 +87,7 @@ def train_sentencepiece(
     model_type: str = "bpe",
     character_coverage: float = 1.0,
     split_digits: bool = False,
+    options: dict | None = None,
 ) -> SentencePieceTokenizer:
     """Trains a model on ``texts`` and writes it to ``model_path`` atomically.
 
@@ -94,6 +95,8 @@ def train_sentencepiece(
     gets the vocabulary it can support instead of an error. ``split_digits``
     makes every digit its own piece (as PaLM and LLaMA do), so numbers are
     spelled digit by digit instead of as whole memorised tokens like ``2024``.
+    ``options`` are more ``SentencePieceTrainer.train`` arguments (e.g. to keep
+    code's whitespace: ``normalization_rule_name="identity"``).
     """
     if vocab_size < 5:
         raise ValueError(f"vocab_size must be >= 5 (4 reserved ids), got {vocab_size}")
@@ -109,6 +112,7 @@ def train_sentencepiece(
         pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
+        **(options or {}),
     )
     path = epath.Path(model_path)
     path.parent.mkdir(parents=True, exist_ok=True)

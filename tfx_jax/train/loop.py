@@ -40,6 +40,7 @@ from tfx_jax.train.step import make_eval_step, make_train_step
 from tfx_jax.train.task import Batch, Task
 from tfx_jax.train.workdir_lock import hold_workdir_lock
 from tfx_jax.train.trainable import mask_optimizer
+from tfx_jax.train.throughput import StepProfiler, ThroughputMeter
 
 
 class NonFiniteError(FloatingPointError):
@@ -210,7 +211,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
         run = _Run(config, task, mesh, train_iter, eval_batches, checkpointer, writer, bar,
                    make_train_step(task.loss_fn, optimizer, schedule, mesh,
                                    grad_accum_steps=config.grad_accum_steps))
-        state = run.loop(state, start_step)
+        run.profiler = StepProfiler(config.get("profile_steps"), workdir, start_step)
+        try:
+            state = run.loop(state, start_step)
+        finally:
+            run.profiler.stop()
         checkpointer.wait_until_finished()
         bar.close()
         if checkpointer.best_step() is not None:
@@ -247,6 +252,8 @@ class _Run:
         self.eval_step = (make_eval_step(task.loss_fn, mesh)
                           if eval_batches is not None else None)
         self.window = _TrainWindow()
+        self.meter = ThroughputMeter(task, config, mesh)
+        self.profiler: Optional[StepProfiler] = None
         self.last_train: dict = {}
         self.last_eval: dict = {}
         self.early_stopping = EarlyStopping(config.best_metric, config.best_metric_mode,
@@ -265,7 +272,10 @@ class _Run:
                     raise ValueError(f"the train iterator ended before step {step}; it must "
                                      f"repeat epochs indefinitely") from None
                 _check_batch(batch, step, config.batch_size)
+                self.profiler.before(step)
                 state, metrics = self.train_step(state, shard_batch(batch, self.mesh))
+                self.profiler.after(step, state)
+                self.meter.add(batch)
                 self.window.steps.append((step, metrics))
                 self.bar.update(1)
                 final = step == last_step
@@ -309,6 +319,7 @@ class _Run:
             for m in finite]))
         averaged["learning_rate"] = float(fetched[-1][1]["learning_rate"])
         averaged["steps_per_sec"] = len(fetched) / max(seconds, 1e-9)
+        averaged.update(self.meter.rates(len(fetched), seconds))
         if len(finite) < len(fetched):
             averaged["nonfinite_steps"] = len(fetched) - len(finite)
         self.last_train = self.writer.write(step, "train", averaged)

@@ -34,6 +34,10 @@ best_metric_mode           "min"          "min" (loss) or "max" (accuracy, bleu,
 early_stopping_patience    0              stop after N evals without a new best
                                           best_metric (0 = off)
 early_stopping_min_delta   0.0            smaller improvements do not count
+peak_tflops                0.0            peak TFLOP/s per device for ``mfu``; 0 = by
+                                          device kind (``train.flops``; CPU: no mfu)
+profile_steps              ""             jax.profiler trace into <workdir>/profile:
+                                          "FIRST,LAST" steps or a count; "" = off
 =========================  =============  ============================================
 
 Training holds ``<workdir>/.lock`` (:mod:`tfx_jax.train.workdir_lock`), so a
@@ -91,6 +95,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.best_metric_mode = "min"
     config.early_stopping_patience = 0
     config.early_stopping_min_delta = 0.0
+    config.peak_tflops = 0.0
+    config.profile_steps = ""
     return config
 
 
@@ -133,7 +139,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.early_stopping_patience and not config.best_metric:
         raise ValueError(f"config.early_stopping_patience = {config.early_stopping_patience} "
                          f"needs config.best_metric (the eval metric to watch), got ''")
-    for key in ("end_learning_rate", "weight_decay", "grad_clip_norm", "early_stopping_min_delta"):
+    for key in ("end_learning_rate", "weight_decay", "grad_clip_norm", "early_stopping_min_delta",
+                "peak_tflops"):
         _require(config, key, _is_number(config[key]) and config[key] >= 0,
                  "a non-negative number (0 = off)")
     for key in ("b1", "b2"):

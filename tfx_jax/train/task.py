@@ -42,6 +42,12 @@ never needs the model object to train.
 ``trainable(params) -> pytree of bools`` (optional) marks the parameters the
 optimizer updates; the others stay exactly as initialised (fine-tuning with a
 frozen backbone or LoRA, :mod:`tfx_jax.train.finetune`).
+
+Two optional hooks feed the loop's speed metrics (``tokens_per_sec``,
+``examples_per_sec``, ``mfu``; see :mod:`tfx_jax.train.throughput`):
+``flops_per_example`` is the analytic training FLOPs (forward + backward,
+:mod:`tfx_jax.train.flops`) of one row of a batch, and ``count_tokens(batch)``
+the number of real (non-padding) tokens in a process-local NumPy batch.
 """
 from __future__ import annotations
 
@@ -66,6 +72,8 @@ class Task:
     loss_fn: LossFn
     evaluate: Optional[EvaluateFn] = None
     trainable: Optional[Callable[[Params], Any]] = None
+    flops_per_example: Optional[float] = None
+    count_tokens: Optional[Callable[[Batch], int]] = None
 
     def __post_init__(self):
         if self.trainable is not None and not callable(self.trainable):
@@ -73,5 +81,10 @@ class Task:
         for name in ("init_params", "loss_fn"):
             if not callable(getattr(self, name)):
                 raise TypeError(f"Task.{name} must be callable, got {getattr(self, name)!r}")
-        if self.evaluate is not None and not callable(self.evaluate):
-            raise TypeError(f"Task.evaluate must be callable or None, got {self.evaluate!r}")
+        for name in ("evaluate", "count_tokens"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise TypeError(f"Task.{name} must be callable or None, got "
+                                f"{getattr(self, name)!r}")
+        if self.flops_per_example is not None and not self.flops_per_example > 0:
+            raise ValueError(f"Task.flops_per_example must be a positive number or None, got "
+                             f"{self.flops_per_example!r}")

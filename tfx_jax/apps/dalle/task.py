@@ -37,6 +37,7 @@ from tfx_jax.apps.dalle.prompts import DigitPrompts
 from tfx_jax.lm import CausalLM, CausalLMConfig
 from tfx_jax.model_config import from_config_dict
 from tfx_jax.train.task import EvaluateFn
+from tfx_jax.train.flops import causal_lm_forward_flops, training_flops
 
 IMAGE_TOKENIZERS = ("gray_levels", "patch_vq")
 PATCH_VQ_FILE = "patch_vq.npz"
@@ -114,7 +115,10 @@ def generator_task(config: CausalLMConfig, *, layout: JointLayout,
                       "image_token_accuracy": (correct & image).sum() / num_image,
                       "weight": total}
 
-    return tr.Task(init_params=init_params, loss_fn=loss_fn, evaluate=evaluate)
+    length = layout.sequence_length - 1  # input tokens per sequence
+    return tr.Task(init_params=init_params, loss_fn=loss_fn, evaluate=evaluate,
+                   flops_per_example=training_flops(causal_lm_forward_flops(config, length)),
+                   count_tokens=lambda batch: length * int(np.sum(batch["valid"])))
 
 
 

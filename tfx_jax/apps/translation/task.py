@@ -18,24 +18,51 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tfx_jax.data.tokenizer import BOS_ID
 from tfx_jax.model_config import from_config_dict
 from tfx_jax.train import Task, token_accuracy, token_cross_entropy
+from tfx_jax.train.flops import training_flops, transformer_forward_flops
 from tfx_jax.train.task import EvaluateFn
 from tfx_jax.transformer import Transformer, TransformerConfig
 
 
-def shift_right(targets: jax.Array, bos_id: int = BOS_ID) -> jax.Array:
+def shift_right(targets: jax.Array, bos_id: int = BOS_ID, *,
+                segment_ids: Optional[jax.Array] = None) -> jax.Array:
     """Decoder inputs for teacher forcing: ``[BOS, y_0, ..., y_{T-2}]`` for each row.
 
     ``targets`` [batch, T] holds ``y_0 .. y_{n-1}``, EOS, then padding; the last
     column drops out, so the input never contains the token it must predict.
+    With packed rows (``segment_ids`` [batch, T], 0 = padding) every example is
+    shifted on its own: its first position gets BOS (not the previous example's
+    last token) and padding stays 0.
     """
     if targets.ndim != 2:
         raise ValueError(f"targets must have shape [batch, length], got {tuple(targets.shape)}")
     start = jnp.full((targets.shape[0], 1), bos_id, targets.dtype)
-    return jnp.concatenate([start, targets[:, :-1]], axis=1)
+    shifted = jnp.concatenate([start, targets[:, :-1]], axis=1)
+    if segment_ids is None:
+        return shifted
+    previous = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1]), segment_ids[:, :-1]], 1)
+    starts = (segment_ids != previous) & (segment_ids != 0)
+    return jnp.where(segment_ids == 0, 0, jnp.where(starts, bos_id, shifted)).astype(
+        targets.dtype)
+
+
+def packing_kwargs(batch: Mapping[str, jax.Array]) -> dict:
+    """``Transformer.__call__``'s segment and position arguments of a packed batch ({} if
+    the batch is not packed; see :mod:`tfx_jax.data.packing`)."""
+    if "inputs_segmentation" not in batch:
+        return {}
+    return dict(src_segment_ids=batch["inputs_segmentation"],
+                tgt_segment_ids=batch["targets_segmentation"],
+                src_positions=batch["inputs_position"], tgt_positions=batch["targets_position"])
+
+
+def decoder_inputs(batch: Mapping[str, jax.Array]) -> jax.Array:
+    """The teacher-forcing decoder input of a (packed or padded) batch."""
+    return shift_right(batch["targets"], segment_ids=batch.get("targets_segmentation"))
 
 
 def transformer_config(model: Mapping[str, Any], *, vocab_size: int,
@@ -53,12 +80,15 @@ def make_loss_fn(config: TransformerConfig, *, label_smoothing: float = 0.1):
 
     ``batch["inputs"]`` [B, S] are source ids and ``batch["targets"]`` [B, T]
     target ids (EOS-terminated, 0-padded); ``weight`` is the number of real
-    target tokens, so batch means combine into a mean per token.
+    target tokens, so batch means combine into a mean per token. A packed batch
+    (``inputs_segmentation`` etc.) passes its segment ids and positions to the
+    model; its padding is 0 as well, so the loss weights are the same.
     """
     model = Transformer(config)
 
     def loss_fn(params, batch, rng, train):
-        logits = model.apply({"params": params}, batch["inputs"], shift_right(batch["targets"]),
+        logits = model.apply({"params": params}, batch["inputs"], decoder_inputs(batch),
+                             **packing_kwargs(batch),
                              deterministic=not train, rngs={"dropout": rng})
         loss, num_tokens = token_cross_entropy(logits, batch["targets"],
                                                label_smoothing=label_smoothing)
@@ -81,6 +111,11 @@ def make_init_params(config: TransformerConfig, *, max_source_length: int,
     return init_params
 
 
+def count_tokens(batch: Mapping[str, np.ndarray]) -> int:
+    """Real tokens of a (packed or padded) batch: its non-padding source and target ids."""
+    return int(np.count_nonzero(batch["inputs"]) + np.count_nonzero(batch["targets"]))
+
+
 def translation_task(config: TransformerConfig, *, max_source_length: int,
                      max_target_length: int, label_smoothing: float = 0.1,
                      evaluate: Optional[EvaluateFn] = None) -> Task:
@@ -88,4 +123,7 @@ def translation_task(config: TransformerConfig, *, max_source_length: int,
     return Task(init_params=make_init_params(config, max_source_length=max_source_length,
                                              max_target_length=max_target_length),
                 loss_fn=make_loss_fn(config, label_smoothing=label_smoothing),
-                evaluate=evaluate)
+                evaluate=evaluate,
+                flops_per_example=training_flops(transformer_forward_flops(
+                    config, max_source_length, max_target_length)),
+                count_tokens=count_tokens)

@@ -1,0 +1,209 @@
+"""Language modelling: corpus, pipeline, loss/perplexity, top-p sampling, bad input."""
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+
+from tfx_jax import train as tr
+from tfx_jax.apps.language_model import corpus as corpus_lib
+from tfx_jax.apps.language_model import pipeline, sampling
+from tfx_jax.apps.language_model.task import lm_config, lm_task, make_evaluate
+from tfx_jax.data.tokenizer import BOS_ID, EOS_ID
+from tfx_jax.lm import CausalLM, CausalLMConfig
+
+flags.FLAGS.mark_as_parsed()  # Grain reads absl flags
+
+TINY = dict(num_layers=1, d_model=16, num_heads=2, d_ff=32, dropout_rate=0.0)
+
+
+class CharTokenizer:
+    """ids 4.. for 'a'.. (no SentencePiece needed)."""
+    vocab_size = 32
+
+    def encode(self, text):
+        return [4 + (ord(c) - ord("a")) % 26 for c in text]
+
+    def decode(self, ids):
+        out = []
+        for i in np.asarray(ids).tolist():
+            if i == EOS_ID:
+                break
+            if i >= 4:
+                out.append(chr(ord("a") + i - 4))
+        return "".join(out)
+
+
+# ------------------------------------------------------------------------ corpus
+
+def test_stdlib_split_is_by_file_and_deterministic():
+    files = corpus_lib.stdlib_files()
+    assert files == sorted(files) and len(files) > 300
+    assert not any(part in corpus_lib.TEST_DIRS for f in files for part in f.split(os.sep)[:-1])
+    held_out = [f for f in files if corpus_lib.is_held_out(f, 0.02)]
+    assert 0 < len(held_out) < 0.06 * len(files)
+    assert held_out == [f for f in corpus_lib.stdlib_files() if corpus_lib.is_held_out(f, 0.02)]
+
+
+def test_blocks_are_the_blank_line_separated_parts():
+    text = "import os\nimport sys\n\n\ndef f():\n    return 1\n   \nx = 2\n"
+    assert corpus_lib.split_blocks(text) == ["import os\nimport sys", "def f():\n    return 1",
+                                             "x = 2"]
+
+
+def test_directory_corpus_and_empty_corpus_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty corpus"):
+        corpus_lib.open_corpus(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="empty corpus"):
+        corpus_lib.stdlib_corpus(max_files=0)
+    with pytest.raises(ValueError, match="config.dataset must be"):
+        corpus_lib.open_corpus("")
+    with pytest.raises(ValueError, match="empty corpus"):
+        pipeline.eval_windows([], CharTokenizer(), max_len=8)
+    with pytest.raises(ValueError, match="empty corpus"):
+        pipeline.train_batches([], CharTokenizer(), global_batch_size=2, max_len=8)
+
+
+# ---------------------------------------------------------------------- pipeline
+
+def test_rows_are_bos_shifted_targets_and_long_texts_are_cropped():
+    texts = ["abc", "defghijklmnopq"]
+    batch = next(pipeline.train_batches(texts, CharTokenizer(), global_batch_size=2, max_len=6,
+                                        seed=0, packing_enabled=False))
+    for inputs, targets in zip(batch["inputs"], batch["targets"]):
+        n = int((targets != 0).sum())
+        assert (inputs[1:n] == targets[:n - 1]).all()  # teacher forcing: shifted by one
+        if n < 6:  # a whole short text: BOS ... / ... EOS
+            assert inputs[0] == BOS_ID and targets[n - 1] == EOS_ID
+    windows = pipeline.eval_windows(texts, CharTokenizer(), max_len=6)
+    # every target token of every text is predicted exactly once
+    targets = np.concatenate([w[1:] for w in windows])
+    expected = np.concatenate([pipeline.sequence_ids(t, CharTokenizer())[1:] for t in texts])
+    np.testing.assert_array_equal(targets, expected)
+
+
+def test_packed_lm_rows_hold_whole_short_texts():
+    texts = ["ab", "cde", "f", "ghij", "kl", "m", "nop", "q"]
+    batch = next(pipeline.train_batches(texts, CharTokenizer(), global_batch_size=2, max_len=12,
+                                        seed=1, packing_enabled=True))
+    assert batch["inputs"].shape == (2, 12)
+    np.testing.assert_array_equal(batch["inputs_segmentation"], batch["targets_segmentation"])
+    for inputs, targets, seg in zip(batch["inputs"], batch["targets"],
+                                    batch["inputs_segmentation"]):
+        assert seg.max() >= 2  # several texts per row
+        for s in range(1, seg.max() + 1):
+            text_in, text_out = inputs[seg == s], targets[seg == s]
+            assert text_in[0] == BOS_ID and text_out[-1] == EOS_ID
+            assert CharTokenizer().decode(text_out) in texts
+
+
+def test_sentencepiece_keeps_code_verbatim(tmp_path):
+    code = corpus_lib.stdlib_corpus(max_files=30).train[:300]
+    tokenizer = pipeline.load_or_train_lm_tokenizer(code, str(tmp_path), vocab_size=400,
+                                                    max_chars=20_000)
+    for block in code[:20]:
+        assert tokenizer.decode(tokenizer.encode(block)) == block  # indentation, newlines kept
+
+
+# ------------------------------------------------------------ loss and perplexity
+
+def _tiny_model(max_len=8, vocab=32):
+    return CausalLM(CausalLMConfig(vocab_size=vocab, max_len=max_len, **TINY))
+
+
+def test_eval_perplexity_is_exp_of_mean_token_nll():
+    model = _tiny_model()
+    params = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+    texts = ["abcdefghijk", "xyz", "mnop", "q"]
+    windows = pipeline.eval_windows(texts, CharTokenizer(), max_len=8)
+    data = pipeline.eval_batches(windows, global_batch_size=2, max_len=8)
+    mesh = tr.make_data_mesh(jax.devices()[:1])
+    metrics = make_evaluate(model, data)(params, 0, mesh)
+    # by hand in float64: log-softmax of each window's logits at its real targets
+    nlls, correct = [], []
+    for w in windows:
+        logits = np.asarray(model.apply({"params": params}, jnp.asarray(w[:-1])[None]),
+                            np.float64)[0]
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                               keepdims=True)) - logits.max(-1, keepdims=True)
+        nlls += [-logp[i, t] for i, t in enumerate(w[1:])]
+        correct += [logits[i].argmax() == t for i, t in enumerate(w[1:])]
+    assert metrics["num_tokens"] == len(nlls)
+    assert metrics["loss"] == pytest.approx(np.mean(nlls), rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(math.exp(np.mean(nlls)), rel=1e-5)
+    assert metrics["accuracy"] == pytest.approx(np.mean(correct))
+
+
+def test_lm_config_rejects_derived_and_unknown_keys():
+    with pytest.raises(ValueError, match="config.model.vocab_size is derived"):
+        lm_config({"vocab_size": 3}, vocab_size=10, max_len=8)
+    with pytest.raises(ValueError, match="does not know"):
+        lm_config({"num_layerz": 3}, vocab_size=10, max_len=8)
+    assert lm_config({"num_layers": 1, "d_model": 16, "num_heads": 2, "d_ff": 8,
+                      "unset_option": None}, vocab_size=10, max_len=8).num_layers == 1
+    with pytest.raises(ValueError, match="do not fit the model's context"):
+        lm_task(_tiny_model(max_len=8), max_len=16)
+
+
+# ---------------------------------------------------------------------- sampling
+
+PROBS = np.array([0.5, 0.3, 0.15, 0.05])
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.5, [0]), (0.7, [0, 1]), (0.8, [0, 1]),
+                                         (0.81, [0, 1, 2]), (0.99, [0, 1, 2, 3]),
+                                         (1.0, [0, 1, 2, 3]), (0.01, [0])])
+def test_top_p_keeps_the_smallest_prefix_reaching_p(top_p, kept):
+    logits = jnp.log(jnp.asarray(PROBS[[2, 0, 3, 1]]))  # shuffled: ranks are not positions
+    mask = np.asarray(sampling.top_k_top_p_mask(logits, top_p=top_p))
+    assert sorted(np.flatnonzero(mask)) == sorted([2, 0, 3, 1].index(i) for i in kept)
+
+
+def test_top_k_then_top_p_renormalises_what_top_k_kept():
+    logits = jnp.log(jnp.asarray(PROBS))
+    # top-2 leaves 0.5 / 0.8 = 0.625 and 0.375: p = 0.6 keeps only the first
+    assert np.asarray(sampling.top_k_top_p_mask(logits, top_k=2, top_p=0.6)).tolist() == [
+        True, False, False, False]
+    assert np.asarray(sampling.top_k_top_p_mask(logits, top_k=3)).tolist() == [
+        True, True, True, False]
+    assert np.asarray(sampling.top_k_top_p_mask(logits, top_k=50)).all()  # k > vocabulary
+
+
+def test_nucleus_sampling_draws_only_the_nucleus_with_renormalised_frequencies():
+    logits = jnp.log(jnp.asarray(PROBS))[None]
+
+    def step_fn(tokens, cache):  # a "model" whose next-token distribution is fixed
+        return jnp.broadcast_to(logits, (tokens.shape[0], tokens.shape[1], 4)), cache
+
+    wrapped = sampling.filtered_step_fn(step_fn, temperature=1.0, top_k=None, top_p=0.7)
+    filtered, _ = wrapped(jnp.zeros((4000, 1), jnp.int32), None)
+    draws = np.asarray(jax.random.categorical(jax.random.key(0), filtered[:, -1]))
+    assert set(draws.tolist()) == {0, 1}
+    assert np.mean(draws == 0) == pytest.approx(0.5 / 0.8, abs=0.03)  # 0.625, 4000 draws
+
+
+def test_sampling_rejects_bad_options_and_overlong_prompts():
+    model = _tiny_model(max_len=8)
+    params = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+    with pytest.raises(ValueError, match=r"prompt 'abcdefghij' is 11 tokens .*max_len=8"):
+        sampling.generate_texts(model, params, CharTokenizer(), ["ab", "abcdefghij"],
+                                num_tokens=4)
+    for bad, match in (({"top_p": 0.0}, "top_p must be in"), ({"top_k": 0}, "top_k must be"),
+                       ({"temperature": -1.0}, "temperature must be")):
+        with pytest.raises(ValueError, match=match):
+            sampling.generate_texts(model, params, CharTokenizer(), ["ab"], num_tokens=4, **bad)
+
+
+def test_generation_fills_the_context_at_most_and_is_seeded():
+    model = _tiny_model(max_len=8)
+    params = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+    kwargs = dict(num_tokens=50, num_samples=3, seed=1, temperature=1.0, top_p=0.9, top_k=10)
+    first = sampling.generate_texts(model, params, CharTokenizer(), ["abc"], **kwargs)
+    assert first == sampling.generate_texts(model, params, CharTokenizer(), ["abc"], **kwargs)
+    assert len(first[0]) == 3
+    for text in first[0]:
+        assert text.startswith("abc") and len(text) <= 7  # BOS + 7 tokens fill max_len = 8

@@ -1,0 +1,171 @@
+"""Token rows for next-token prediction: tokenizer, training batches (packed) and eval data.
+
+An example text becomes ``[BOS] + ids + [EOS]``; the model reads ``inputs =
+sequence[:-1]`` and predicts ``targets = sequence[1:]`` (teacher forcing: the
+input is the target shifted right, starting at BOS), so every example is
+trained to predict its first token from BOS and to end with EOS. Padding is 0
+in both; the loss weighs the non-zero targets.
+
+Training: an example longer than ``max_len + 1`` tokens is cut to a random
+window of ``max_len + 1`` tokens (a new window each epoch, seeded), so every
+part of a long block is seen over the epochs. With ``packing`` the rows hold
+as many examples as fit (:mod:`tfx_jax.data.packing`), with
+``inputs_segmentation`` / ``inputs_position`` (and the same for targets) that
+the model reads as ``segment_ids`` / ``positions``.
+
+Evaluation: every held-out example is cut into consecutive windows, so each of
+its tokens is predicted exactly once; one row per window, padded, in a
+deterministic pass (:func:`tfx_jax.data.grain_batches.evaluation_dataset`).
+
+The tokenizer is SentencePiece (BPE), trained on a seeded sample of at most
+``max_chars`` characters of training text and cached in the workdir. It keeps
+whitespace as is (identity normalisation, newline a piece of its own, pieces of
+spaces for indentation) and spells characters it has no piece for (the rarest
+0.05%, and any character missing from the sample) as UTF-8 bytes
+(``byte_fallback``, 256 of the ids), so any text decodes back to itself.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from tfx_jax.data import grain_batches, packing
+from tfx_jax.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, SentencePieceTokenizer,
+                                    tokenizer_path, train_sentencepiece)
+
+# Keep text byte-exact through SentencePiece: no NFKC, no whitespace folding.
+VERBATIM_OPTIONS = dict(normalization_rule_name="identity", remove_extra_whitespaces=False,
+                        add_dummy_prefix=False, byte_fallback=True,
+                        allow_whitespace_only_pieces=True, split_by_whitespace=False,
+                        user_defined_symbols=["\n"], max_sentence_length=1 << 16)
+LENGTHS_KEYS = ("inputs", "targets")
+MIN_VOCAB_SIZE = 384
+
+
+def tokenizer_sample(texts: Sequence[str], max_chars: int, seed: int) -> list[str]:
+    """A seeded random sample of ``texts`` with at most ``max_chars`` characters in all."""
+    if len(texts) == 0:  # pylint: disable=g-explicit-length-test
+        raise ValueError("empty corpus: no training text to train the tokenizer on")
+    order = np.random.default_rng(seed).permutation(len(texts))
+    sample, total = [], 0
+    for index in order:
+        text = texts[int(index)]
+        if total + len(text) > max_chars and sample:
+            break
+        sample.append(text)
+        total += len(text)
+    return sample
+
+
+def lm_tokenizer_path(model_dir: str, vocab_size: int, model_type: str = "bpe") -> str:
+    """Where :func:`load_or_train_lm_tokenizer` caches its model."""
+    return tokenizer_path(model_dir, vocab_size, f"lm_{model_type}")
+
+
+def load_or_train_lm_tokenizer(texts: Sequence[str], model_dir: str, *, vocab_size: int,
+                               max_chars: int = 1_000_000, seed: int = 0,
+                               model_type: str = "bpe") -> SentencePieceTokenizer:
+    """The cached ``<model_dir>/sentencepiece_lm_<type>_<vocab>.model``, or trains it.
+
+    Every process trains the same model (same sample, same seed); the write is
+    atomic, so processes sharing a workdir do not see half-written files.
+    """
+    path = lm_tokenizer_path(model_dir, vocab_size, model_type)
+    if os.path.exists(path):
+        return SentencePieceTokenizer(path)
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be >= {MIN_VOCAB_SIZE} for the LM tokenizer (256 "
+                         f"byte pieces, 4 reserved ids and the common characters), got "
+                         f"{vocab_size}")
+    try:
+        return train_sentencepiece(tokenizer_sample(texts, max_chars, seed), path,
+                                   vocab_size=vocab_size, model_type=model_type,
+                                   character_coverage=0.9995, options=VERBATIM_OPTIONS)
+    except RuntimeError as e:  # SentencePiece's only error type
+        raise ValueError(f"cannot train a {vocab_size}-piece tokenizer on this text: {e}") from e
+
+
+def sequence_ids(text: str, tokenizer) -> np.ndarray:
+    """``[BOS] + tokenizer.encode(text) + [EOS]`` (int32)."""
+    return np.asarray([BOS_ID, *tokenizer.encode(text), EOS_ID], np.int32)
+
+
+def _pad(ids: np.ndarray, length: int) -> np.ndarray:
+    row = np.full((length,), PAD_ID, np.int32)
+    row[:len(ids)] = ids
+    return row
+
+
+def _training_example(text, rng, *, tokenizer, max_len: int, padded: bool):
+    sequence = sequence_ids(text, tokenizer)
+    if len(sequence) > max_len + 1:
+        start = int(rng.integers(0, len(sequence) - max_len))
+        sequence = sequence[start:start + max_len + 1]
+    inputs, targets = sequence[:-1], sequence[1:]
+    if padded:
+        inputs, targets = _pad(inputs, max_len), _pad(targets, max_len)
+    return {"inputs": inputs, "targets": targets}
+
+
+def check_max_len(max_len: int) -> None:
+    if not isinstance(max_len, (int, np.integer)) or max_len < 2:
+        raise ValueError(f"max_len must be an integer >= 2 (tokens per row), got {max_len!r}")
+
+
+def train_batches(texts: Sequence[str], tokenizer, *, global_batch_size: int, max_len: int,
+                  seed: int = 0, packing_enabled: bool = True,
+                  num_packing_bins: int | None = None,
+                  process_index: int | None = None, process_count: int | None = None,
+                  read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
+    """Infinite, shuffled LM training batches of rows of ``max_len`` tokens for this process.
+
+    Batches: ``inputs``, ``targets`` int32 [b, max_len] and ``valid``; with
+    packing also ``inputs_segmentation``, ``inputs_position``,
+    ``targets_segmentation``, ``targets_position``.
+    """
+    check_max_len(max_len)
+    if len(texts) == 0:  # pylint: disable=g-explicit-length-test
+        raise ValueError("empty corpus: no training examples")
+    transform = functools.partial(_training_example, tokenizer=tokenizer, max_len=max_len,
+                                  padded=not packing_enabled)
+    options = dict(global_batch_size=global_batch_size, seed=seed, transform=transform,
+                   process_index=process_index, process_count=process_count,
+                   read_options=read_options)
+    if packing_enabled:
+        return packing.packed_training_batches(
+            texts, lengths={key: max_len for key in LENGTHS_KEYS},
+            num_packing_bins=num_packing_bins, **options)
+    return grain_batches.training_batches(texts, **options)
+
+
+def eval_windows(texts: Sequence[str], tokenizer, *, max_len: int,
+                 max_examples: int | None = None) -> list[np.ndarray]:
+    """Each text's ``[BOS] + ids + [EOS]`` cut into windows of ``max_len + 1`` tokens that
+    overlap by one (each token is a target once), of the first ``max_examples`` texts."""
+    check_max_len(max_len)
+    windows = []
+    for text in texts[:max_examples] if max_examples else texts:
+        sequence = sequence_ids(text, tokenizer)
+        for start in range(0, len(sequence) - 1, max_len):
+            windows.append(sequence[start:start + max_len + 1])
+    if not windows:
+        raise ValueError("empty corpus: no held-out examples to evaluate on")
+    return windows
+
+
+def _eval_example(window: np.ndarray, *, max_len: int) -> dict:
+    return {"inputs": _pad(window[:-1], max_len), "targets": _pad(window[1:], max_len)}
+
+
+def eval_batches(windows: Sequence[np.ndarray], *, global_batch_size: int, max_len: int,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> grain.MapDataset:
+    """One padded, deterministic pass over ``windows`` (re-iterable; see grain_batches)."""
+    return grain_batches.evaluation_dataset(
+        windows, global_batch_size=global_batch_size,
+        transform=functools.partial(_eval_example, max_len=max_len),
+        process_index=process_index, process_count=process_count)

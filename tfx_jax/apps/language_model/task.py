@@ -1,0 +1,164 @@
+"""Training and evaluating a GPT-style causal LM: next-token loss, perplexity, the Task.
+
+The model reads ``inputs`` (the sequence shifted right behind BOS) and is
+trained to predict ``targets`` at every position; the loss is the mean
+negative log-likelihood (NLL, nats) over real target tokens (padding 0 has
+weight 0). On held-out text
+
+    perplexity = exp(sum of token NLLs / number of tokens)
+
+i.e. ``exp`` of the token-weighted mean loss (never a mean of per-batch
+perplexities). ``accuracy`` is the fraction of target tokens that are the
+model's argmax.
+
+A packed batch (``inputs_segmentation``, ``inputs_position``) passes them to
+:class:`tfx_jax.CausalLM` as ``segment_ids`` and ``positions``, so each packed
+example sees only itself and starts at position 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any, Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tfx_jax import train as tr
+from tfx_jax.apps.language_model.pipeline import lm_tokenizer_path
+from tfx_jax.data.tokenizer import SentencePieceTokenizer
+from tfx_jax.lm import CausalLM, CausalLMConfig
+from tfx_jax.train.flops import causal_lm_forward_flops, training_flops
+
+
+def lm_config(model: Mapping[str, Any], *, vocab_size: int, max_len: int) -> CausalLMConfig:
+    """A :class:`CausalLMConfig` from a config's ``model`` section (ConfigDict or dict).
+
+    ``vocab_size`` comes from the tokenizer and ``max_len`` from ``config.max_len``;
+    fields set to None keep CausalLMConfig's default.
+    """
+    fields = dict(model.to_dict() if hasattr(model, "to_dict") else model)
+    for name in ("vocab_size", "max_len", "decode"):
+        if name in fields:
+            raise ValueError(f"config.model.{name} is derived (tokenizer, config.max_len); "
+                             f"remove it from the model section")
+    known = {f.name for f in dataclasses.fields(CausalLMConfig)}
+    unknown = sorted(k for k, v in fields.items() if k not in known and v is not None)
+    if unknown:
+        raise ValueError(f"config.model has keys {unknown} that CausalLMConfig does not know; "
+                         f"known: {sorted(known)}")
+    fields = {k: v for k, v in fields.items() if v is not None and k in known}
+    return CausalLMConfig(vocab_size=vocab_size, max_len=max_len, **fields)
+
+
+def packing_kwargs(batch: Mapping[str, Any]) -> dict:
+    """``CausalLM.__call__``'s ``segment_ids`` / ``positions`` of a packed batch ({} if unpacked)."""
+    if "inputs_segmentation" not in batch:
+        return {}
+    return dict(segment_ids=batch["inputs_segmentation"], positions=batch["inputs_position"])
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-position NLL (float32) and real-token weights (targets != 0) of ``logits [B,T,V]``."""
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return nll, (targets != 0).astype(jnp.float32)
+
+
+def make_loss_fn(model: CausalLM):
+    """``loss_fn(params, batch, rng, train) -> (mean token NLL, {"accuracy", "weight"})``."""
+
+    def loss_fn(params, batch, rng, train):
+        logits = model.apply({"params": params}, batch["inputs"], **packing_kwargs(batch),
+                             deterministic=not train, rngs={"dropout": rng})
+        nll, weights = token_nll(logits, batch["targets"])
+        num_tokens = weights.sum()
+        correct = (jnp.argmax(logits, axis=-1) == batch["targets"]) * weights
+        denominator = jnp.maximum(num_tokens, 1.0)
+        return (nll * weights).sum() / denominator, {"accuracy": correct.sum() / denominator,
+                                                     "weight": num_tokens}
+
+    return loss_fn
+
+
+def count_tokens(batch: Mapping[str, np.ndarray]) -> int:
+    """Real tokens of a batch: its non-padding targets (each is one prediction)."""
+    return int(np.count_nonzero(batch["targets"]))
+
+
+def make_evaluate(model: CausalLM, eval_data: Iterable, *, num_examples: Optional[int] = None):
+    """``evaluate(params, step, mesh) -> {"loss", "perplexity", "accuracy", "num_tokens"}``.
+
+    Sums the NLL and the correct predictions of every real token of one pass
+    over ``eval_data`` (re-iterable process-local batches), then divides once.
+    """
+
+    def sums(params, batch):
+        logits = model.apply({"params": params}, batch["inputs"], deterministic=True)
+        nll, weights = token_nll(logits, batch["targets"])
+        correct = (jnp.argmax(logits, axis=-1) == batch["targets"]) * weights
+        return jnp.stack([(nll * weights).sum(), correct.sum(), weights.sum()])
+
+    compiled = {}
+
+    def evaluate(params, step, mesh):
+        del step
+        if "fn" not in compiled:
+            compiled["fn"] = jax.jit(sums, out_shardings=tr.replicated_sharding(mesh))
+        total = np.zeros(3, np.float64)
+        for batch in eval_data:
+            batch = tr.shard_batch({k: batch[k] for k in ("inputs", "targets")}, mesh)
+            total += np.asarray(compiled["fn"](params, batch), np.float64)
+        nll, correct, tokens = total
+        loss = nll / max(tokens, 1.0)
+        metrics = {"loss": loss, "perplexity": float(np.exp(loss)),
+                   "accuracy": correct / max(tokens, 1.0), "num_tokens": int(tokens)}
+        if num_examples is not None:
+            metrics["num_examples"] = num_examples
+        return metrics
+
+    return evaluate
+
+
+def lm_task(model: CausalLM, *, max_len: int, evaluate=None) -> tr.Task:
+    """The :class:`tfx_jax.train.Task` of next-token prediction on rows of ``max_len`` tokens."""
+    if max_len > model.config.max_len:
+        raise ValueError(f"rows of max_len={max_len} tokens do not fit the model's context "
+                         f"max_len={model.config.max_len}")
+
+    def init_params(rng):
+        return model.init({"params": rng}, jnp.ones((1, max_len), jnp.int32))["params"]
+
+    return tr.Task(init_params=init_params, loss_fn=make_loss_fn(model), evaluate=evaluate,
+                   flops_per_example=training_flops(causal_lm_forward_flops(model.config,
+                                                                            max_len)),
+                   count_tokens=count_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedLM:
+    """A trained LM from a workdir: its run config, model, parameters and tokenizer."""
+    config: Any
+    model: CausalLM
+    params: Any
+    tokenizer: Any
+
+
+def load_trained_lm(workdir: str, *, step: Optional[int] = None) -> TrainedLM:
+    """Rebuilds the LM trained in ``workdir`` (config.json, cached tokenizer, checkpoint).
+
+    Raises FileNotFoundError when the workdir holds no trained LM.
+    """
+    config = tr.load_config(workdir)
+    path = lm_tokenizer_path(workdir, config.vocab_size, config.tokenizer_type)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no tokenizer {path} in workdir {workdir!r}: is it a "
+                                f"training run of experiments/lm.py?")
+    tokenizer = SentencePieceTokenizer(path)
+    model = CausalLM(lm_config(config.model, vocab_size=tokenizer.vocab_size,
+                               max_len=config.max_len))
+    params = tr.restore_params(workdir, lm_task(model, max_len=config.max_len).init_params,
+                               step=step)
+    return TrainedLM(config=config, model=model, params=params, tokenizer=tokenizer)
