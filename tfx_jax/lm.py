@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from tfx_jax.blocks import BlockStack
+from tfx_jax.logical_axes import with_axes
 from tfx_jax.model_config import POSITION_KINDS, StackConfig, _one_of, _positive
 from tfx_jax.position import AddPositionEncoding
 from tfx_jax.transformer import check_tokens
@@ -60,7 +61,8 @@ class CausalLM(nn.Module):
         check_tokens("tokens", tokens, cfg.max_len)
         embedding = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
                              param_dtype=cfg.param_dtype,
-                             embedding_init=nn.initializers.normal(stddev=0.02),
+                             embedding_init=with_axes(nn.initializers.normal(stddev=0.02),
+                                                      ("vocab", "embed")),
                              name="embedding")
         x = embedding(tokens)
         x = AddPositionEncoding(cfg.max_len, cfg.position, decode=cfg.decode,
@@ -72,5 +74,8 @@ class CausalLM(nn.Module):
             logits = embedding.attend(x)
         else:
             logits = nn.Dense(cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                              kernel_init=with_axes(nn.linear.default_kernel_init,
+                                                    ("embed", "vocab")),
+                              bias_init=with_axes(nn.initializers.zeros_init(), ("vocab",)),
                               name="logits")(x)
         return logits.astype(jnp.float32)
