@@ -168,7 +168,7 @@ def train_and_test(config, workdir: str, data) -> dict:
               f"{config.max_source_length} / {config.max_target_length} tokens; "
               f"{config.num_train_steps} steps of {config.batch_size}", file=sys.stderr)
     save_config(config, workdir)
-    mesh = tr.make_data_mesh()
+    mesh = tr.make_mesh(config.mesh)  # --config.mesh.fsdp=4 etc.
     result = tr.train(config, workdir, make_task(config, model, evaluate), train_iter,
                       eval_batches=eval_data, mesh=mesh)
     test_data = eval_batches(test_pairs, tokenizer, global_batch_size=config.eval_batch_size,

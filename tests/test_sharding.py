@@ -150,6 +150,7 @@ def test_megatron_and_fsdp_layout_of_the_weights():
 
 # --- same numbers on every mesh ----------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lm", "transformer"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_every_mesh_trains_like_one_device(kind, shape):
@@ -211,8 +212,9 @@ def test_data_parallel_default_replicates_the_state():
 def test_heads_that_do_not_divide_the_tensor_axis_are_named():
     task = st.make_task("lm")  # 4 heads on tensor = 8
     with pytest.raises(ValueError, match=r"parameter params/layers/layers/self_attention/"
-                                         r"(query|key|value)/kernel of shape \(1, 32, 4, 8\): "
-                                         r"dimension 2 \('(kv_)?heads', size 4\) is split over "
+                                         r"(query|key|value)/(kernel|bias) of shape "
+                                         r"\((1, 32, 4, 8|1, 4, 8)\): dimension \d "
+                                         r"\('(kv_)?heads', size 4\) is split over "
                                          r"mesh axis tensor of size 8"):
         tr.train_state_shardings(task.init_params, OPTIMIZER, mesh_of((1, 1, 8)))
 
@@ -272,6 +274,7 @@ def _losses(workdir):
     return [(r["step"], r["loss"]) for r in tr.read_metrics(str(workdir), "train")]
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_on_fsdp8_resumes_on_one_device_and_on_2x2x2(tmp_path):
     import shutil
     task = st.make_task("lm")
