@@ -12,6 +12,7 @@ import optax
 import pytest
 
 import sharding_tasks as st
+import tfx_jax as tfx
 from tfx_jax import train as tr
 from tfx_jax.logical_axes import recording_logical_axes, with_axes
 
@@ -146,6 +147,17 @@ def test_megatron_and_fsdp_layout_of_the_weights():
     assert spec(adam.nu["source_embedding"]["embedding"]) == ("tensor", "fsdp")
     assert spec(adam.count) == ()
     assert spec(shardings.step) == spec(shardings.rng) == ()
+
+
+def test_vit_weights_are_split_and_its_small_heads_stay_whole():
+    model = tfx.ViT(tfx.ViTConfig(image_size=8, patch_size=4, num_classes=10, num_layers=1,
+                                  **st.TINY))
+    init = lambda rng: model.init(rng, jnp.zeros((1, 8, 8, 3)))["params"]  # noqa: E731
+    shardings = tr.train_state_shardings(init, OPTIMIZER, mesh_of((1, 2, 4))).params
+    assert tuple(shardings["patch_embedding"]["kernel"].spec) == (None, None, None, "fsdp")
+    assert tuple(shardings["head"]["kernel"].spec) == ("fsdp", None)  # 10 classes: whole
+    assert tuple(shardings["encoder"]["layer_0"]["ffn"]["wi"]["kernel"].spec) == (
+        "fsdp", "tensor")
 
 
 # --- same numbers on every mesh ----------------------------------------------------------------
