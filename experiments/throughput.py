@@ -61,6 +61,18 @@ argument + output + temp - aliased bytes per device (``memory_analysis()``).
 Each model runs in its own subprocess (``--isolate``, default), because a
 device's peak never resets within a process.
 
+Meshes: ``--mesh=fsdp=4,tensor=2`` times the step on a ``data x fsdp x tensor``
+mesh (default: data parallel), with the state created directly sharded.
+``--memory_meshes="data=8;fsdp=8;fsdp=4,tensor=2"`` switches to a compile-only
+memory plan (``tfx_jax.train.memory``): for every model and mesh, the per-device
+bytes of params + optimizer state and the compiled step's ``memory_analysis``
+(argument / output / temp / alias, per device), without running anything, so
+it works on CPU with simulated devices (``xla_force_host_platform_device_count``).
+``--models=gpt1.3b`` is a GPT-3 XL-shaped causal LM (Brown et al. 2020: 24
+layers, d_model 2048, 16 heads, d_ff 8192, context 2048; 1.3B parameters),
+bf16 compute, f32 parameters and Adam, scanned + fully rematerialised layers
+and chunked attention; it is meant for the memory plan.
+
 Usage:
   python experiments/throughput.py --small                       # CPU / CI, seconds
   python experiments/throughput.py --models=vit --batch_size=256   # bf16 on GPU/TPU
@@ -103,8 +115,10 @@ from tfx_jax.train.flops import (PEAK_BF16_TFLOPS, attention_flops,  # noqa: E40
                                  causal_lm_forward_flops, feed_forward_flops,
                                  peak_tflops_per_device, training_flops,
                                  transformer_forward_flops, vit_forward_flops)
+from tfx_jax.train.memory import bytes_per_device, plan_train_memory  # noqa: E402
 
 MODELS = ("transformer", "vit", "gpt")
+MEMORY_MODELS = MODELS + ("gpt1.3b",)  # gpt1.3b: for --memory_meshes (compile only)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", list(MODELS), f"Which models to measure, from {MODELS}.")
@@ -137,6 +151,10 @@ flags.DEFINE_string("out_dir", os.path.join(_REPO_ROOT, "benchmarks", "results")
 flags.DEFINE_string("out_name", None, "File name stem (default: throughput_<platform>_"
                     "<device>_x<count>[_small]_<date>).")
 flags.DEFINE_string("worker_result", None, "Internal: measure one model, write its record here.")
+flags.DEFINE_string("mesh", "data=-1", "Mesh for timing, e.g. 'fsdp=4,tensor=2' (-1: the rest).")
+flags.DEFINE_string("memory_meshes", None, "Compile-only memory plan over these meshes, e.g. "
+                    "'data=8;fsdp=8;fsdp=4,tensor=2'; nothing is run.")
+flags.DEFINE_float("memory_budget_gib", 16.0, "Device memory the plan checks against (v5e: 16).")
 
 KNOB_FLAGS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_implementation",
               "fused_qkv", "grad_accum_steps", "donate")
@@ -261,8 +279,42 @@ def gpt_benchmark(knobs: dict, small: bool, batch_size: Optional[int] = None,
         model_flops_per_example=training_flops(causal_lm_forward_flops(cfg, length)))
 
 
+def gpt13b_benchmark(knobs: dict, small: bool, batch_size: Optional[int] = None,
+                     seq_len: Optional[int] = None, **_) -> Benchmark:
+    """GPT-3 XL shape (1.3B): 24 x 2048, 16 heads of 128, d_ff 8192 (memory plans)."""
+    knobs = {**knobs, "dtype": "bfloat16", "param_dtype": "float32",
+             "scan_layers": True, "remat_policy": "full", "attention_implementation": "chunked"}
+    if small:
+        return gpt_benchmark(knobs, small, batch_size=batch_size, seq_len=seq_len)
+    length = seq_len or 2048
+    cfg = tfx.CausalLMConfig(max_len=length, dropout_rate=0.0, vocab_size=50_304, d_model=2048,
+                             num_heads=16, d_ff=8192, num_layers=24, **knobs)
+    return Benchmark(
+        name="gpt1.3b", description="GPT-style 1.3B", unit="tokens",
+        task=_lm_task(tfx.CausalLM(cfg)),
+        make_batch=lambda rng, b: {"tokens": _random_tokens(rng, (b, length + 1),
+                                                            cfg.vocab_size)},
+        batch_size=batch_size or 8, sequence=str(length), items_per_example=length,
+        model_flops_per_example=training_flops(causal_lm_forward_flops(cfg, length)))
+
+
+def _lm_task(model) -> tr.Task:
+    def init_params(rng):
+        return model.init({"params": rng}, jnp.ones((1, model.config.max_len), jnp.int32))[
+            "params"]
+
+    def loss_fn(params, batch, rng, train):
+        logits = model.apply({"params": params}, batch["tokens"][:, :-1],
+                             deterministic=not train, rngs={"dropout": rng})
+        loss, num_tokens = tr.token_cross_entropy(logits, batch["tokens"][:, 1:])
+        return loss, {"weight": num_tokens}
+
+    return tr.Task(init_params, loss_fn)
+
+
 # name -> builder(knobs, small, batch_size=None, seq_len=None, image_size=None); None = default
 BENCHMARKS = {"transformer": transformer_benchmark, "vit": vit_benchmark, "gpt": gpt_benchmark}
+MEMORY_BENCHMARKS = {**BENCHMARKS, "gpt1.3b": gpt13b_benchmark}
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -290,7 +342,7 @@ def measure(bench: Benchmark, *, grad_accum_steps: int = 1, donate: bool = True,
             warmup: int = 2, repeats: int = 10, seed: int = 0,
             peak_tflops: Optional[float] = None) -> dict:
     """Compiles and times the library's train step for ``bench``; returns one record."""
-    mesh = tr.make_data_mesh()
+    mesh = tr.make_mesh(parse_mesh(FLAGS.mesh) if FLAGS.is_parsed() else None)
     tr.check_batch_size(bench.batch_size, mesh, what="--batch_size")
     config = tr.default_config()
     config.update(batch_size=bench.batch_size, schedule="constant", learning_rate=1e-4,
@@ -298,12 +350,13 @@ def measure(bench: Benchmark, *, grad_accum_steps: int = 1, donate: bool = True,
                   num_train_steps=grad_accum_steps * (warmup + repeats + 1), seed=seed)
     tr.validate_config(config)
     optimizer, schedule = tr.create_optimizer(config)
-    state = jax.jit(lambda: tr.create_train_state(bench.task.init_params, optimizer, seed),
-                    out_shardings=tr.replicated_sharding(mesh))()
+    shardings = tr.train_state_shardings(bench.task.init_params, optimizer, mesh)
+    state = tr.create_sharded_train_state(bench.task.init_params, optimizer, seed, shardings)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     batch = tr.shard_batch(bench.make_batch(np.random.default_rng(seed), bench.batch_size), mesh)
     train_step = tr.make_train_step(bench.task.loss_fn, optimizer, schedule, mesh,
-                                    grad_accum_steps=grad_accum_steps, donate=donate)
+                                    grad_accum_steps=grad_accum_steps, donate=donate,
+                                    state_shardings=shardings)
     start = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -345,6 +398,8 @@ def measure(bench: Benchmark, *, grad_accum_steps: int = 1, donate: bool = True,
         "peak_tflops_per_device": peak,
         "mfu": None if peak is None else achieved / (peak * 1e12 * mesh.devices.size),
         "peak_memory_bytes": memory_bytes, "memory_source": memory_source,
+        "mesh": "x".join(str(n) for n in mesh.devices.shape),
+        "state_bytes_per_device": bytes_per_device(state),
         "final_loss": float(metrics["loss"]), "finite": bool(metrics["finite"]),
     }
 
@@ -459,11 +514,102 @@ def write_results(records: list[dict], meta: dict, out_dir: str, name: str) -> l
     return [json_path, csv_path]
 
 
+# ----------------------------------------------------------------------------- memory plans
+def parse_mesh(text: str) -> dict:
+    """'fsdp=4,tensor=2' -> {"fsdp": 4, "tensor": 2} (axes left out have size 1)."""
+    mesh = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        axis, _, size = part.partition("=")
+        try:
+            mesh[axis.strip()] = int(size)
+        except ValueError:
+            raise app.UsageError(f"mesh entry {part!r} must be axis=size, e.g. fsdp=4") from None
+    if mesh and "data" not in mesh and -1 not in mesh.values():
+        mesh["data"] = -1
+    return mesh
+
+
+def plan_memory(name: str, mesh_config: dict, budget_gib: float) -> dict:
+    """Compile-only memory of one model on one mesh (see tfx_jax.train.memory)."""
+    try:
+        bench = MEMORY_BENCHMARKS[name](stack_knobs(jax.devices()[0].platform), FLAGS.small,
+                                        batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
+                                        image_size=FLAGS.image_size)
+        mesh = tr.make_mesh(mesh_config)
+        tr.check_batch_size(bench.batch_size, mesh, what="--batch_size")
+        config = tr.default_config()
+        config.update(schedule="constant", learning_rate=1e-4, warmup_steps=0,
+                      grad_accum_steps=FLAGS.grad_accum_steps)
+        optimizer, schedule = tr.create_optimizer(config)
+        start = time.perf_counter()
+        plan = plan_train_memory(bench.task, optimizer, schedule, mesh,
+                                 bench.make_batch(np.random.default_rng(0), bench.batch_size),
+                                 grad_accum_steps=FLAGS.grad_accum_steps)
+        plan["mesh"] = "x".join(str(v) for v in plan["mesh"].values())
+        return {"model": name, "description": bench.description, "status": "ok",
+                "batch_size": bench.batch_size, "sequence": bench.sequence, **plan,
+                "compile_s": time.perf_counter() - start, "budget_gib": budget_gib,
+                "fits": plan["compiled_total_bytes"] <= budget_gib * 2 ** 30}
+    except Exception as error:  # noqa: BLE001 -- reported per row
+        return {"model": name, "mesh": str(mesh_config), "status": _status_of(error)}
+
+
+def format_memory_table(records: list[dict]) -> str:
+    header = ("model", "params", "mesh (d x f x t)", "batch", "state MiB/dev", "args MiB",
+              "temp MiB", "peak MiB/dev", f"fits {FLAGS.memory_budget_gib:g} GiB", "status")
+    gib = lambda r, k: _fmt(r.get(k), ",.1f", 2 ** -20)  # noqa: E731
+    rows = [header] + [(
+        r.get("description", r["model"]), _fmt(r.get("params"), ",.2f", 1e-6) + "M",
+        r.get("mesh", ""), str(r.get("batch_size", "")), gib(r, "state_bytes_per_device"),
+        gib(r, "compiled_argument_bytes"), gib(r, "compiled_temp_bytes"),
+        gib(r, "compiled_total_bytes"),
+        "" if "fits" not in r else ("yes" if r["fits"] else "NO"), r["status"])
+        for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def memory_main() -> None:
+    unknown = [m for m in FLAGS.models if m not in MEMORY_MODELS]
+    if unknown or not FLAGS.models:
+        raise app.UsageError(f"--models must name some of {MEMORY_MODELS}, got {FLAGS.models}")
+    meshes = [parse_mesh(m) for m in FLAGS.memory_meshes.split(";") if m.strip()]
+    records = [plan_memory(name, mesh, FLAGS.memory_budget_gib)
+               for name in FLAGS.models for mesh in meshes]
+    machine = machine_info()
+    meta = {"benchmark": "compile-only memory plan of one training step per mesh",
+            "machine": machine, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "flags": {flag.name: flag.value for flag in FLAGS.get_flags_for_module(__name__)},
+            "note": "per device; total = argument + output + temp - alias (memory_analysis)"}
+    name = FLAGS.out_name or "_".join(["memory", machine["platform"],
+                                       f"x{machine['device_count']}",
+                                       *(["small"] if FLAGS.small else []), machine["date"][:10]])
+    print(format_memory_table(records))
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    json_path, csv_path = (os.path.join(FLAGS.out_dir, f"{name}.{ext}") for ext in ("json", "csv"))
+    with open(json_path, "w") as f:
+        json.dump({"meta": meta, "records": records}, f, indent=2)
+        f.write("\n")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in records for k in r)))
+        writer.writeheader()
+        writer.writerows(records)
+    print("wrote", json_path)
+    print("wrote", csv_path)
+    if any(r["status"] != "ok" for r in records):
+        sys.exit(1)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:  # keep JAX's backend-probing INFO lines out of the table
         logging.set_verbosity(logging.WARNING)
+    if FLAGS.memory_meshes:
+        memory_main()
+        return
     unknown = [m for m in FLAGS.models if m not in MODELS]
     if unknown or not FLAGS.models:
         raise app.UsageError(f"--models must name some of {MODELS}, got {FLAGS.models}")

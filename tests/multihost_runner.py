@@ -52,10 +52,14 @@ def main():
                 batches += batches[:1]
             return batches
 
-        tr.train(config, workdir, toy.make_task(),
-                 toy.make_train_iter(config.batch_size,
-                                     seconds_per_batch=f.seconds_per_batch),
-                 eval_batches=eval_batches)
+        result = tr.train(config, workdir, toy.make_task(),
+                          toy.make_train_iter(config.batch_size,
+                                              seconds_per_batch=f.seconds_per_batch),
+                          eval_batches=eval_batches)
+        embedding = result.state.params["Embed_0"]["embedding"]
+        print(f"process {jax.process_index()}: embedding {embedding.shape} sharded "
+              f"{tuple(embedding.sharding.spec)}, local shard "
+              f"{embedding.addressable_shards[0].data.shape}", flush=True)
 
     tr.launch.run(run, default_config=os.path.abspath(__file__))
 

@@ -175,6 +175,23 @@ def test_two_processes_train_like_one_process_on_the_global_batch(tmp_path, cach
     assert_params_close(restored_params(workdir), jax.device_get(reference.state.params))
 
 
+def test_fsdp_spanning_two_processes_trains_like_one_process(tmp_path, cache):
+    """``--config.mesh.fsdp=8``: every weight is split over the devices of both hosts."""
+    reference = reference_run(tmp_path / "reference", 4)  # one process, data parallel
+    workdir = tmp_path / "run"
+    job = Job(workdir, cache, "--config.num_train_steps=4", "--config.mesh.data=1",
+              "--config.mesh.fsdp=8", name="fsdp")
+    assert job.wait() == [0, 0], job.output(0) + job.output(1)
+    for i in range(NUM_PROCESSES):  # (vocab, embed) = (11, 8): embed split 8 ways, 4 per host
+        assert (f"process {i}: embedding (11, 8) sharded ('tensor', 'fsdp'), local shard "
+                f"(11, 1)" in job.output(i))
+    got, expected = losses(workdir), losses(tmp_path / "reference")
+    assert [s for s, _ in got] == [s for s, _ in expected] == [1, 2, 3, 4]
+    np.testing.assert_allclose([l for _, l in got], [l for _, l in expected], rtol=1e-5)
+    # the shards both hosts wrote restore as whole arrays in one process
+    assert_params_close(restored_params(workdir), jax.device_get(reference.state.params))
+
+
 def wait_for_step(workdir: Path, step: int, job: Job, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -150,3 +150,29 @@ def test_small_preset_runs_end_to_end_and_writes_results(tmp_path):
         rows = list(csv.DictReader(f))
     assert [row["model"] for row in rows] == ["transformer", "vit", "gpt"]
     assert all(f"flag_{k}" in rows[0] for k in KNOBS)
+
+
+@pytest.mark.slow
+def test_memory_plan_per_mesh_shows_the_state_split_over_fsdp_and_tensor(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # XLA_FLAGS from conftest: 8 CPU devices
+    done = subprocess.run(
+        [sys.executable, SCRIPT, "--small", "--models=gpt", "--batch_size=8",
+         "--memory_meshes=data=8;fsdp=8;fsdp=2,tensor=4", f"--out_dir={tmp_path}",
+         "--out_name=memory"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "state MiB/dev" in done.stdout and "peak MiB/dev" in done.stdout
+    records = {r["mesh"]: r for r in json.loads((tmp_path / "memory.json").read_text())[
+        "records"]}
+    assert set(records) == {"8x1x1", "1x8x1", "1x2x4"}
+    replicated = records["8x1x1"]
+    assert replicated["state_bytes_per_device"] == replicated["state_bytes_total"]
+    for mesh in ("1x8x1", "1x2x4"):  # 8-way split either way: ~1/8 of the bytes per device
+        r = records[mesh]
+        assert r["status"] == "ok" and r["state_bytes_total"] == replicated["state_bytes_total"]
+        # (+ the small replicated LayerNorms and biases of a tiny model)
+        assert r["state_bytes_per_device"] == pytest.approx(r["state_bytes_total"] / 8,
+                                                            rel=0.2)
+        # the compiled step's inputs per device shrink with the state (batch is tiny)
+        assert r["compiled_argument_bytes"] < 0.25 * replicated["compiled_argument_bytes"]
+    with open(tmp_path / "memory.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3

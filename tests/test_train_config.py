@@ -66,7 +66,7 @@ def test_experiment_configs_extend_the_defaults(name):
 
 def test_check_batch_size_names_key_and_device_count():
     mesh = tr.make_data_mesh()
-    assert mesh.devices.size == 8 and mesh.axis_names == ("data",)
+    assert mesh.devices.shape == (8, 1, 1) and mesh.axis_names == ("data", "fsdp", "tensor")
     tr.check_batch_size(64, mesh)
     with pytest.raises(ValueError, match=r"config.batch_size = 20 must be divisible by the "
                                          r"number of devices in the mesh \(8\)"):

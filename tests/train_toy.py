@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from tfx_jax import train as tr
+from tfx_jax.logical_axes import with_axes
 
 VOCAB = 11
 LENGTH = 6
@@ -24,11 +25,15 @@ NUM_EXAMPLES = 64
 
 
 class ToyTokenModel(nn.Module):
+    """Its weights carry logical axis names, so ``config.mesh.fsdp`` splits them."""
+
     @nn.compact
     def __call__(self, tokens, *, deterministic: bool):
-        x = nn.Embed(VOCAB, 8)(tokens)
+        x = nn.Embed(VOCAB, 8, embedding_init=with_axes(nn.linear.default_embed_init,
+                                                        ("vocab", "embed")))(tokens)
         x = nn.Dropout(0.1)(x, deterministic=deterministic)
-        return nn.Dense(VOCAB)(x)
+        return nn.Dense(VOCAB, kernel_init=with_axes(nn.linear.default_kernel_init,
+                                                     ("embed", "vocab")))(x)
 
 
 def _examples(seed: int = 0) -> list[dict]:

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tfx_jax.logical_axes import constrain, with_axes
 from tfx_jax.model_config import StackConfig
 from tfx_jax.multihead import MultiHeadAttention
 
@@ -39,12 +40,13 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        dense = lambda features, name: nn.Dense(  # noqa: E731
+        dense = lambda features, name, names: nn.Dense(  # noqa: E731
             features, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            kernel_init=nn.initializers.xavier_uniform(), name=name)
-        h = _ACTIVATIONS[cfg.activation](dense(cfg.d_ff, "wi")(x))
+            kernel_init=with_axes(nn.initializers.xavier_uniform(), names),
+            bias_init=with_axes(nn.initializers.zeros_init(), names[1:]), name=name)
+        h = _ACTIVATIONS[cfg.activation](dense(cfg.d_ff, "wi", ("embed", "mlp"))(x))
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
-        return dense(x.shape[-1], "wo")(h)
+        return dense(x.shape[-1], "wo", ("mlp", "embed"))(h)
 
 
 class TransformerBlock(nn.Module):
@@ -70,7 +72,9 @@ class TransformerBlock(nn.Module):
     def _residual(self, x, sublayer, name):
         cfg = self.config
         norm = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype,
-                            param_dtype=cfg.param_dtype, name=f"{name}_norm")
+                            param_dtype=cfg.param_dtype, name=f"{name}_norm",
+                            scale_init=with_axes(nn.initializers.ones_init(), ("norm",)),
+                            bias_init=with_axes(nn.initializers.zeros_init(), ("norm",)))
         dropout = nn.Dropout(cfg.dropout_rate)
         if cfg.pre_norm:
             return x + dropout(sublayer(norm(x)), deterministic=self.deterministic)
@@ -92,6 +96,7 @@ class TransformerBlock(nn.Module):
                  attention_args: Optional[dict] = None,
                  cross_attention_args: Optional[dict] = None):
         cfg = self.config
+        x = constrain(x)  # ("batch", "length", "embed") at block boundaries
         self_attention = self._attention("self_attention", decode=cfg.decode,
                                          rotary=cfg.rotary)
         x = self._residual(
@@ -107,7 +112,7 @@ class TransformerBlock(nn.Module):
                                    **(cross_attention_args or {})), "cross_attention")
         ffn = FeedForward(cfg, deterministic=self.deterministic, name="ffn")
         x = self._residual(x, ffn, "ffn")
-        return x, None
+        return constrain(x), None
 
 
 class BlockStack(nn.Module):
@@ -137,18 +142,22 @@ class BlockStack(nn.Module):
                              prevent_cse=not cfg.scan_layers)
         kwargs = dict(config=cfg, causal=self.causal, cross_attention=self.cross_attention,
                       deterministic=self.deterministic)
+        x = constrain(x)  # the stack's input: the embeddings (a gather from a split table)
         if cfg.scan_layers:
             # Caches stack on axis 1 so that every cache leaf keeps the batch on axis 0.
             scanned = nn.scan(block, variable_axes={"params": 0, "cache": 1},
                               split_rngs={"params": True, "dropout": True},
-                              in_axes=(nn.broadcast,) * 5, length=self.num_layers)
+                              in_axes=(nn.broadcast,) * 5, length=self.num_layers,
+                              metadata_params={nn.PARTITION_NAME: "layers"})
             x, _ = scanned(**kwargs, name="layers")(x, *args)
         else:
             for i in range(self.num_layers):
                 x, _ = block(**kwargs, name=f"layer_{i}")(x, *args)
         if cfg.pre_norm:
             x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype,
-                             param_dtype=cfg.param_dtype, name="final_norm")(x)
+                             param_dtype=cfg.param_dtype, name="final_norm",
+                             scale_init=with_axes(nn.initializers.ones_init(), ("norm",)),
+                             bias_init=with_axes(nn.initializers.zeros_init(), ("norm",)))(x)
         return x
 
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from tfx_jax.blocks import BlockStack
+from tfx_jax.logical_axes import with_axes
 from tfx_jax.model_config import POSITION_KINDS, StackConfig, _one_of, _positive
 from tfx_jax.position import SequenceLayout
 from tfx_jax.transformer import add_positions, check_tokens, self_attention_args
@@ -78,7 +79,8 @@ class CausalLM(nn.Module):
             *tokens.shape, positions, segment_ids)
         embedding = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
                              param_dtype=cfg.param_dtype,
-                             embedding_init=nn.initializers.normal(stddev=0.02),
+                             embedding_init=with_axes(nn.initializers.normal(stddev=0.02),
+                                                      ("vocab", "embed")),
                              name="embedding")
         x = embedding(tokens)
         x = add_positions(x, positions, cfg)
@@ -90,5 +92,8 @@ class CausalLM(nn.Module):
             logits = embedding.attend(x)
         else:
             logits = nn.Dense(cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                              kernel_init=with_axes(nn.linear.default_kernel_init,
+                                                    ("embed", "vocab")),
+                              bias_init=with_axes(nn.initializers.zeros_init(), ("vocab",)),
                               name="logits")(x)
         return logits.astype(jnp.float32)

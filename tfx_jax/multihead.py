@@ -35,6 +35,7 @@ from jax.experimental import checkify
 from tfx_jax.attention import (attention_weights, causal_mask, combine_masks,
                                dot_product_attention)
 from tfx_jax.rotary import apply_rotary
+from tfx_jax.logical_axes import with_axes
 
 
 class MultiHeadAttention(nn.Module):
@@ -76,9 +77,12 @@ class MultiHeadAttention(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.xavier_uniform()
 
-    def _dense(self, features, name, axis=-1):
+    def _dense(self, features, name, axis=-1, names=()):
+        bias_names = names[len(axis) if isinstance(axis, tuple) else 1:]  # logical axes
         return nn.DenseGeneral(features, axis=axis, use_bias=self.use_bias, dtype=self.dtype,
-                               param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                               param_dtype=self.param_dtype,
+                               kernel_init=with_axes(self.kernel_init, names),
+                               bias_init=with_axes(nn.initializers.zeros_init(), bias_names),
                                name=name)
 
     @nn.compact
@@ -132,12 +136,16 @@ class MultiHeadAttention(nn.Module):
             if num_kv_heads != self.num_heads:
                 raise ValueError(f"fused_qkv=True needs num_kv_heads == num_heads, got "
                                  f"num_kv_heads={num_kv_heads}, num_heads={self.num_heads}")
-            qkv = self._dense((3, self.num_heads, head_dim), "qkv")(inputs_q)
+            qkv = self._dense((3, self.num_heads, head_dim), "qkv",
+                              names=("embed", None, "heads", "kv"))(inputs_q)
             query, key, value = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         else:
-            query = self._dense((self.num_heads, head_dim), "query")(inputs_q)
-            key = self._dense((num_kv_heads, head_dim), "key")(inputs_kv)
-            value = self._dense((num_kv_heads, head_dim), "value")(inputs_kv)
+            query = self._dense((self.num_heads, head_dim), "query",
+                                names=("embed", "heads", "kv"))(inputs_q)
+            key = self._dense((num_kv_heads, head_dim), "key",
+                              names=("embed", "kv_heads", "kv"))(inputs_kv)
+            value = self._dense((num_kv_heads, head_dim), "value",
+                                names=("embed", "kv_heads", "kv"))(inputs_kv)
 
         if self.decode:
             if not self_attention:
@@ -174,7 +182,8 @@ class MultiHeadAttention(nn.Module):
                                     dropout_rate=dropout_rate, dropout_rng=dropout_rng,
                                     implementation=self.implementation, **structure)
         out_features = self.out_features or inputs_q.shape[-1]
-        return self._dense(out_features, "out", axis=(-2, -1))(out)  # W_o over all heads
+        return self._dense(out_features, "out", axis=(-2, -1),  # W_o over all heads
+                           names=("heads", "kv", "embed"))(out)
 
     def _extend_cache(self, query, key, value, mask, causal, q_segment_ids, positions):
         """Writes the new keys/values into the cache and returns the whole cache.

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tfx_jax.logical_axes import with_axes
+
 
 def sinusoidal_position_encoding(length: int, dim: int) -> jax.Array:
     """The paper's [length, dim] table of interleaved sines and cosines (float32)."""
@@ -65,7 +67,8 @@ class AddPositionEncoding(nn.Module):
         if self.kind == "sinusoidal":
             table = sinusoidal_position_encoding(self.max_len, dim)
         elif self.kind == "learned":
-            table = self.param("embedding", nn.initializers.normal(stddev=0.02),
+            table = self.param("embedding", with_axes(nn.initializers.normal(stddev=0.02),
+                                                      ("position", "embed")),
                                (self.max_len, dim), self.param_dtype)
         else:
             raise ValueError(f"position kind must be 'sinusoidal' or 'learned', got {self.kind!r}")

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from tfx_jax.blocks import BlockStack, padding_lengths
+from tfx_jax.logical_axes import with_axes
 from tfx_jax.model_config import POSITION_KINDS, StackConfig, _one_of, _positive
 from tfx_jax.position import AddPositionEncoding, SequenceLayout
 
@@ -151,6 +152,9 @@ class Decoder(nn.Module):
             logits = self.embedding.attend(y)
         else:
             logits = nn.Dense(cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                              kernel_init=with_axes(nn.linear.default_kernel_init,
+                                                    ("embed", "vocab")),
+                              bias_init=with_axes(nn.initializers.zeros_init(), ("vocab",)),
                               name="logits")(y)
         return logits.astype(jnp.float32)
 
@@ -171,7 +175,9 @@ class Transformer(nn.Module):
         def embedding(name):
             return nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
                             param_dtype=cfg.param_dtype,
-                            embedding_init=nn.initializers.normal(stddev=cfg.d_model ** -0.5),
+                            embedding_init=with_axes(
+                                nn.initializers.normal(stddev=cfg.d_model ** -0.5),
+                                ("vocab", "embed")),
                             name=name)
 
         if cfg.share_embeddings:

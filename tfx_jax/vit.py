@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from tfx_jax.blocks import BlockStack
+from tfx_jax.logical_axes import with_axes
 from tfx_jax.model_config import StackConfig, _one_of, _positive
 from tfx_jax.position import AddPositionEncoding
 
@@ -83,11 +84,15 @@ class ViT(nn.Module):
                             f"got dtype {images.dtype}")
         p = cfg.patch_size
         x = nn.Conv(cfg.d_model, (p, p), strides=(p, p), padding="VALID", dtype=cfg.dtype,
-                    param_dtype=cfg.param_dtype, name="patch_embedding")(images)
+                    param_dtype=cfg.param_dtype, name="patch_embedding",
+                    kernel_init=with_axes(nn.linear.default_kernel_init,
+                                          (None, None, None, "embed")),
+                    bias_init=with_axes(nn.initializers.zeros_init(), ("embed",)))(images)
         batch = x.shape[0]
         x = x.reshape(batch, -1, cfg.d_model)  # [B, num_patches, D]: patches as words
         if cfg.pool == "cls":
-            cls = self.param("cls", nn.initializers.zeros, (1, 1, cfg.d_model), cfg.param_dtype)
+            cls = self.param("cls", with_axes(nn.initializers.zeros, (None, None, "embed")),
+                             (1, 1, cfg.d_model), cfg.param_dtype)
             x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, cfg.d_model)).astype(x.dtype),
                                  x], axis=1)
         x = AddPositionEncoding(x.shape[1], "learned", param_dtype=cfg.param_dtype,
@@ -96,8 +101,13 @@ class ViT(nn.Module):
         x = BlockStack(cfg, cfg.num_layers, deterministic=deterministic, name="encoder")(x)
         x = x[:, 0] if cfg.pool == "cls" else x.mean(axis=1)
         if cfg.representation_size is not None:
-            x = jnp.tanh(nn.Dense(cfg.representation_size, dtype=cfg.dtype,
-                                  param_dtype=cfg.param_dtype, name="pre_logits")(x))
-        logits = nn.Dense(cfg.num_classes, kernel_init=nn.initializers.zeros, dtype=cfg.dtype,
-                          param_dtype=cfg.param_dtype, name="head")(x)
+            x = jnp.tanh(nn.Dense(
+                cfg.representation_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                kernel_init=with_axes(nn.initializers.lecun_normal(), ("embed", None)),
+                bias_init=with_axes(nn.initializers.zeros_init(), (None,)),
+                name="pre_logits")(x))
+        logits = nn.Dense(cfg.num_classes, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                          kernel_init=with_axes(nn.initializers.zeros, (None, "classes")),
+                          bias_init=with_axes(nn.initializers.zeros_init(), ("classes",)),
+                          name="head")(x)
         return logits.astype(jnp.float32)

@@ -26,13 +26,15 @@ from tfx_jax.train.losses import (classification_accuracy, classification_cross_
                                   token_accuracy, token_cross_entropy)
 from tfx_jax.train.loop import NonFiniteError, TrainResult, train
 from tfx_jax.train.mesh import (DATA_AXIS, batch_sharding, check_batch_size,
-                                initialize_distributed, make_data_mesh, replicated_sharding,
-                                shard_batch)
+                                initialize_distributed, make_data_mesh, make_mesh,
+                                replicated_sharding, shard_batch)
+from tfx_jax.train.partitioning import RULES, param_shardings
 from tfx_jax.train.metrics import MetricsWriter, average_metrics, read_metrics
 from tfx_jax.train.optimizers import create_optimizer
 from tfx_jax.train.preemption import Preempted, PreemptionWatcher
 from tfx_jax.train.schedules import create_learning_rate_schedule, transformer_schedule
-from tfx_jax.train.state import TrainState, abstract_train_state, create_train_state
+from tfx_jax.train.state import (TrainState, abstract_train_state, create_sharded_train_state,
+                                 create_train_state, train_state_shardings)
 from tfx_jax.train.step import make_eval_step, make_train_step
 from tfx_jax.train.task import Task
 
@@ -43,7 +45,8 @@ __all__ = [
     "batch_sharding", "check_batch_size", "classification_accuracy",
     "classification_cross_entropy", "create_learning_rate_schedule", "create_optimizer",
     "create_train_state", "default_config", "initialize_distributed", "load_config",
-    "make_data_mesh", "make_eval_step", "make_train_step", "read_metrics", "replicated_sharding",
+    "make_data_mesh", "make_eval_step", "make_mesh", "RULES", "param_shardings",
+    "create_sharded_train_state", "train_state_shardings", "make_train_step", "read_metrics", "replicated_sharding",
     "restore_params", "save_config", "shard_batch",
     "token_accuracy", "token_cross_entropy", "train", "transformer_schedule", "validate_config",
 ]

@@ -46,6 +46,7 @@ import os
 import sys
 from typing import Any, Callable, Mapping, Optional
 
+import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -53,9 +54,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from tfx_jax.train import checksums
-from tfx_jax.train.mesh import make_data_mesh, replicated_sharding
+from tfx_jax.train.mesh import make_data_mesh
+from tfx_jax.train.partitioning import param_shardings
 from tfx_jax.train.metrics import is_url
-from tfx_jax.train.state import TrainState
+from tfx_jax.train.state import TrainState, abstract_params_with_axes
 
 STATE_ITEM = "state"
 ITERATOR_ITEM = "data_iterator"
@@ -446,7 +448,9 @@ def restore_params(workdir: str, init_params: Callable[[jax.Array], Any], *,
       init_params: the Task's ``init_params(rng) -> params``; only traced
         (``jax.eval_shape``) for the expected shapes and dtypes.
       step: which checkpoint; default the latest.
-      mesh: the parameters are replicated over it (default: all devices).
+      mesh: the parameters are placed on it by the partitioning rules, as in
+        training (default: all devices on the ``data`` axis, i.e. replicated);
+        any mesh works, whatever mesh wrote the checkpoint.
 
     Raises:
       FileNotFoundError: the workdir has no checkpoint (names the directory).
@@ -458,10 +462,10 @@ def restore_params(workdir: str, init_params: Callable[[jax.Array], Any], *,
         raise FileNotFoundError(
             f"no trained model in workdir {workdir!r}: {directory} holds no checkpoint; "
             f"train one into this --workdir first")
-    sharding = replicated_sharding(make_data_mesh() if mesh is None else mesh)
-    shapes = jax.eval_shape(init_params, jax.random.PRNGKey(0))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                            shapes)
+    mesh = make_data_mesh() if mesh is None else mesh
+    boxed = abstract_params_with_axes(init_params)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            nn.meta.unbox(boxed), param_shardings(boxed, mesh))
     checkpointer = Checkpointer(workdir, async_save=False)
     try:
         return checkpointer.restore_params(abstract, step)

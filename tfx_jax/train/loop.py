@@ -30,12 +30,13 @@ from tfx_jax.train.batch_sizes import check_eval_batches
 from tfx_jax.train.checkpoint import Checkpointer, check_iterator_checkpointable
 from tfx_jax.train.early_stopping import EarlyStopping
 from tfx_jax.train.run_config import save_config, validate_config
-from tfx_jax.train.mesh import check_batch_size, make_data_mesh, replicated_sharding, shard_batch
+from tfx_jax.train.mesh import check_batch_size, make_mesh, shard_batch
 from tfx_jax.train.metrics import MetricsWriter, average_metrics
 from tfx_jax.train.optimizers import create_optimizer
 from tfx_jax.train.preemption import Preempted, PreemptionWatcher
 from tfx_jax.train.progress import make_progress_bar, print_summary
-from tfx_jax.train.state import TrainState, abstract_train_state, create_train_state
+from tfx_jax.train.state import (TrainState, abstract_train_state, create_sharded_train_state,
+                                 train_state_shardings)
 from tfx_jax.train.step import make_eval_step, make_train_step
 from tfx_jax.train.task import Batch, Task
 from tfx_jax.train.workdir_lock import hold_workdir_lock
@@ -164,7 +165,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
         finite pass per ``iter()``, e.g. a ``grain.MapDataset``) or a callable
         returning one. Their ``loss_fn(..., train=False)`` metrics are averaged
         (weighted by ``"weight"``) into the eval line.
-      mesh: default: all devices of all hosts on one ``data`` axis.
+      mesh: default: ``make_mesh(config.mesh)`` over all devices of all hosts.
+        Params and optimizer state are sharded over it by the partitioning
+        rules (``tfx_jax.train.partitioning``), created directly in shards.
 
     Raises:
       Preempted: SIGTERM arrived; a checkpoint at the current step was saved.
@@ -174,12 +177,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
     validate_config(config)
     check_iterator_checkpointable(train_iter)
     _check_eval_batches(eval_batches)
-    mesh = make_data_mesh() if mesh is None else mesh
+    mesh = make_mesh(config.mesh) if mesh is None else mesh
     check_batch_size(config.batch_size, mesh)
     check_eval_batches(eval_batches, mesh)
     optimizer, schedule = create_optimizer(config)
     if task.trainable is not None:  # fine-tuning: frozen parameters get zero updates
         optimizer = mask_optimizer(optimizer, task.trainable)
+    shardings = train_state_shardings(task.init_params, optimizer, mesh)  # checks the mesh
 
     release_lock = hold_workdir_lock(workdir)  # one run per workdir (workdir_lock.py)
     try:
@@ -194,13 +198,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
     try:
         if checkpointer.latest_step() is not None:
             state = checkpointer.restore(
-                abstract_train_state(task.init_params, optimizer, config.seed,
-                                     replicated_sharding(mesh)), train_iter)
+                abstract_train_state(task.init_params, optimizer, config.seed, shardings),
+                train_iter)
             _say(f"Resuming from the checkpoint at step {int(state.step)} in "
                  f"{checkpointer.directory}")
         else:
-            state = jax.jit(lambda: create_train_state(task.init_params, optimizer, config.seed),
-                            out_shardings=replicated_sharding(mesh))()
+            state = create_sharded_train_state(task.init_params, optimizer, config.seed,
+                                               shardings)
         start_step = int(jax.device_get(state.step))
         if start_step >= config.num_train_steps:
             _say(f"Nothing to do: the checkpoint is at step {start_step} and "
@@ -210,7 +214,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
         bar = make_progress_bar(config.num_train_steps, start_step, enabled=config.progress_bar)
         run = _Run(config, task, mesh, train_iter, eval_batches, checkpointer, writer, bar,
                    make_train_step(task.loss_fn, optimizer, schedule, mesh,
-                                   grad_accum_steps=config.grad_accum_steps))
+                                   grad_accum_steps=config.grad_accum_steps,
+                                   state_shardings=shardings), shardings.params)
         run.profiler = StepProfiler(config.get("profile_steps"), workdir, start_step)
         try:
             state = run.loop(state, start_step)
@@ -239,7 +244,7 @@ class _Run:
     """The per-step bookkeeping of :func:`train` (kept apart to keep ``train`` readable)."""
 
     def __init__(self, config, task, mesh, train_iter, eval_batches, checkpointer, writer,
-                 bar, train_step):
+                 bar, train_step, params_shardings=None):
         self.config = config
         self.task = task
         self.mesh = mesh
@@ -249,7 +254,7 @@ class _Run:
         self.writer = writer
         self.bar = bar
         self.train_step = train_step
-        self.eval_step = (make_eval_step(task.loss_fn, mesh)
+        self.eval_step = (make_eval_step(task.loss_fn, mesh, params_shardings)
                           if eval_batches is not None else None)
         self.window = _TrainWindow()
         self.meter = ThroughputMeter(task, config, mesh)

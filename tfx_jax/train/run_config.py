@@ -38,10 +38,17 @@ peak_tflops                0.0            peak TFLOP/s per device for ``mfu``; 0
                                           device kind (``train.flops``; CPU: no mfu)
 profile_steps              ""             jax.profiler trace into <workdir>/profile:
                                           "FIRST,LAST" steps or a count; "" = off
+mesh.data                  -1             data-parallel axis (-1: the remaining devices)
+mesh.fsdp                  1              FSDP axis: splits params/optimizer state
+mesh.tensor                1              tensor-parallel axis (heads, MLP, vocab)
 =========================  =============  ============================================
 
 Training holds ``<workdir>/.lock`` (:mod:`tfx_jax.train.workdir_lock`), so a
 second run on the same workdir stops at once naming the first.
+
+``config.mesh`` shapes the device mesh (``tfx_jax.train.make_mesh``):
+``data x fsdp x tensor`` must equal the number of devices (one axis may be
+-1), e.g. ``--config.mesh.fsdp=4``. The default is pure data parallelism.
 
 With ``grad_accum_steps = k`` one *step* is still one batch of ``batch_size``
 examples; the optimizer updates every ``k`` steps (effective batch
@@ -59,6 +66,8 @@ import json
 import jax
 import ml_collections
 from etils import epath
+
+from tfx_jax.train.partitioning import MESH_AXES
 
 CONFIG_FILE = "config.json"
 
@@ -97,6 +106,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.early_stopping_min_delta = 0.0
     config.peak_tflops = 0.0
     config.profile_steps = ""
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     return config
 
 
@@ -156,9 +166,27 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _require(config, "warmup_steps", config.warmup_steps < num_updates,
                  f"smaller than the number of optimizer updates ({num_updates}) for the "
                  f"'warmup_cosine' schedule")
+    _validate_mesh(config)
     if config.schedule == "transformer":
         _require(config, "warmup_steps", config.warmup_steps > 0,
                  "positive for the 'transformer' schedule")
+
+
+def _validate_mesh(config) -> None:
+    mesh = config.mesh
+    if not hasattr(mesh, "items"):
+        raise ValueError(f"config.mesh must be a mapping like {{'data': -1, 'fsdp': 1, "
+                         f"'tensor': 1}}, got {mesh!r}")
+    unknown = sorted(set(mesh.keys()) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"config.mesh has unknown axis name(s) {unknown}; the mesh axes are "
+                         f"{list(MESH_AXES)}")
+    for axis, size in mesh.items():
+        if not (_is_int(size) and (size > 0 or size == -1)):
+            raise ValueError(f"config.mesh.{axis} must be a positive integer or -1 (the "
+                             f"remaining devices), got {size!r}")
+    if list(mesh.values()).count(-1) > 1:
+        raise ValueError(f"config.mesh = {dict(mesh)}: at most one axis may be -1")
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:

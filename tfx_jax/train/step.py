@@ -1,8 +1,11 @@
 """The compiled train and eval steps: one ``jax.jit`` program over the device mesh.
 
-The train step takes the replicated :class:`TrainState` and a batch sharded on
-the ``data`` axis, and returns the next state and the step's metrics. The
-state's buffers are donated (by default), so the update happens in place on
+The train step takes the :class:`TrainState` (placed by ``state_shardings``:
+split over ``fsdp``/``tensor`` by the partitioning rules, or replicated) and a
+batch sharded on ``data`` x ``fsdp``, and returns the next state *with the same
+shardings* and the step's metrics. Inside, the models' activation constraints
+(``("batch", "length", "embed")`` at block boundaries) follow the same rules;
+GSPMD inserts the all-gathers and reduce-scatters. The state's buffers are donated (by default), so the update happens in place on
 device: the old state's arrays are consumed and must not be used again.
 
 Non-finite guard: when the loss or the global gradient norm is NaN/inf, the
@@ -14,7 +17,7 @@ the state, so it can never be checkpointed.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +25,7 @@ import optax
 from jax.sharding import Mesh
 
 from tfx_jax.train.mesh import batch_sharding, replicated_sharding
+from tfx_jax.train.partitioning import Rules, activation_sharding
 from tfx_jax.train.state import TrainState
 from tfx_jax.train.task import Batch, LossFn
 
@@ -47,7 +51,8 @@ def _call_loss_fn(loss_fn: LossFn, params, batch, rng, train: bool):
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, mesh: Mesh, *, grad_accum_steps: int = 1,
-                    donate: bool = True
+                    donate: bool = True, state_shardings: Optional[TrainState] = None,
+                    rules: Optional[Rules] = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Returns the jitted ``train_step(state, batch) -> (state, metrics)``.
 
@@ -59,11 +64,18 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     state into them: the params and optimizer state are held once instead of
     twice, with the same results. ``donate=False`` keeps the input state alive
     (to compare two steps from one state, or to measure donation's effect).
+
+    ``state_shardings`` (a TrainState of shardings, from
+    :func:`tfx_jax.train.train_state_shardings`) fixes where the state lives
+    before and after the step; default: replicated. ``rules`` are the
+    partitioning rules for activations (default
+    :data:`tfx_jax.train.partitioning.RULES`).
     """
 
     def train_step(state: TrainState, batch: Batch):
         def compute_loss(params):
-            return _call_loss_fn(loss_fn, params, batch, state.step_rng(), True)
+            with activation_sharding(mesh, rules):
+                return _call_loss_fn(loss_fn, params, batch, state.step_rng(), True)
 
         (loss, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
         grad_norm = optax.tree.norm(grads)
@@ -89,18 +101,25 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         return new_state, metrics
 
     replicated = replicated_sharding(mesh)
-    return jax.jit(train_step, in_shardings=(replicated, batch_sharding(mesh)),
-                   out_shardings=(replicated, replicated),
+    state_shardings = replicated if state_shardings is None else state_shardings
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding(mesh)),
+                   out_shardings=(state_shardings, replicated),
                    donate_argnums=0 if donate else ())
 
 
-def make_eval_step(loss_fn: LossFn, mesh: Mesh
+def make_eval_step(loss_fn: LossFn, mesh: Mesh, params_shardings: Any = None,
+                   rules: Optional[Rules] = None
                    ) -> Callable[[object, Batch, jax.Array], tuple[jax.Array, Metrics]]:
-    """Returns the jitted ``eval_step(params, batch, rng) -> (loss, metrics)`` (train=False)."""
+    """Returns the jitted ``eval_step(params, batch, rng) -> (loss, metrics)`` (train=False).
+
+    ``params_shardings``: where the params live (default: replicated).
+    """
 
     def eval_step(params, batch, rng):
-        return _call_loss_fn(loss_fn, params, batch, rng, False)
+        with activation_sharding(mesh, rules):
+            return _call_loss_fn(loss_fn, params, batch, rng, False)
 
     replicated = replicated_sharding(mesh)
-    return jax.jit(eval_step, in_shardings=(replicated, batch_sharding(mesh), replicated),
+    params_shardings = replicated if params_shardings is None else params_shardings
+    return jax.jit(eval_step, in_shardings=(params_shardings, batch_sharding(mesh), replicated),
                    out_shardings=replicated)

@@ -249,7 +249,7 @@ def train_and_test(config, workdir: str, data: Optional[TranslationData] = None,
 
     Returns the test scores, sources and hypotheses.
     """
-    mesh = tr.make_data_mesh() if mesh is None else mesh
+    mesh = tr.make_mesh(config.mesh) if mesh is None else mesh  # --config.mesh.fsdp=4 etc.
     check_config(config, mesh)
     with workdir_lock(workdir):
         ready = prepare(config, workdir, mesh, data)
