@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -47,6 +48,7 @@ from tfx_jax.apps.translation.evaluation import (make_evaluate, translate_eval_d
 from tfx_jax.apps.translation.inference import translate_texts
 from tfx_jax.apps.translation.task import transformer_config, translation_task
 from tfx_jax.data.length_caps import length_caps
+from tfx_jax.data.packing import compare_padding, padding_report
 from tfx_jax.data.text_pipeline import eval_batches, train_batches
 from tfx_jax.data.tokenizer import (SentencePieceTokenizer, load_or_train_tokenizer,
                                     tokenizer_path)
@@ -257,11 +259,11 @@ def train_and_test(config, workdir: str, data: Optional[TranslationData] = None,
             write_workdir_file(workdir, _tokenizer_name(config), ready.tokenizer_bytes)
         lengths = dict(max_source_length=config.max_source_length,
                        max_target_length=config.max_target_length)
-        train_iter = train_batches(ready.data.train, ready.tokenizer,
-                                   global_batch_size=config.batch_size, seed=config.seed,
-                                   drop_overlong=config.drop_overlong,
-                                   read_options=grain.ReadOptions(num_threads=config.data_threads),
-                                   **lengths)
+        make_batches = functools.partial(  # packing=True: several pairs per row (packing.py)
+            train_batches, ready.data.train, ready.tokenizer, global_batch_size=config.batch_size,
+            seed=config.seed, drop_overlong=config.drop_overlong,
+            read_options=grain.ReadOptions(num_threads=config.data_threads), **lengths)
+        train_iter = make_batches(packing=config.packing)
         eval_data = eval_batches(ready.data.eval, ready.tokenizer,
                                  global_batch_size=ready.eval_batch_size, **lengths)
         translation_metrics = make_evaluate(
@@ -277,6 +279,9 @@ def train_and_test(config, workdir: str, data: Optional[TranslationData] = None,
             f"pairs, vocabulary {ready.tokenizer.vocab_size}, rows of "
             f"{config.max_source_length} / {config.max_target_length} tokens; "
             f"{config.num_train_steps} steps of {config.batch_size}")
+        if jax.process_index() == 0:
+            say(padding_report("train rows", *compare_padding(
+                lambda packed: make_batches(packing=packed), ("inputs", "targets"))))
         result = tr.train(config, workdir, make_task(config, ready.model, evaluate), train_iter,
                           eval_batches=eval_data, mesh=mesh)
         test_data = eval_batches(data.test, ready.tokenizer,
