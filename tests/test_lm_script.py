@@ -13,9 +13,9 @@ import tensorflow_datasets as tfds
 from tests.scripts import experiment_config, load_script
 from tfx_jax import train as tr
 
+pytestmark = pytest.mark.slow  # end-to-end runs (small, still part of CI)
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 lm_script = load_script(str(ROOT / "experiments" / "lm.py"), "lm_experiment")
-MESH = None
 
 
 def one_device_mesh():
