@@ -292,7 +292,7 @@ def test_unshared_embeddings_have_separate_tables_and_output_layer():
     assert "logits" in params["decoder"]
 
 
-# --- which attention kernel the models reach on a GPU -----------------------------------------------
+# --- which attention kernel the models reach on a GPU ------------------------------------------
 
 def record_gpu_choices(monkeypatch):
     """Records what "auto" would pick on an H100 for every attention call the models make
