@@ -191,7 +191,9 @@ def test_auto_on_gpu_keeps_value_head_dim_other_than_query_off_cudnn():
 
 def test_auto_on_tpu_and_rocm_never_picks_cudnn():
     q = jnp.zeros((1, CHUNKED_MIN_LENGTH, 2, 64), jnp.bfloat16)
-    assert select_implementation(q, q, platform="tpu") == "chunked"
+    assert select_implementation(q, q, platform="tpu") == "splash"  # the Pallas TPU kernel
+    assert select_implementation(q, q, jnp.ones((1, 1, 1, q.shape[1]), bool),
+                                 platform="tpu") == "chunked"
     assert select_implementation(q, q, platform="gpu", compute_capability=None) == "chunked"
 
 

@@ -215,9 +215,11 @@ def test_script_trains_generates_and_evaluates_on_a_gs_workdir(tmp_path, data_di
         (line,) = tr.read_metrics(workdir, split="eval")
         assert line["weight"] == pytest.approx(355, rel=1e-5) and np.isfinite(line["image_nll"])
 
-        # generation reloads config.json, patch_vq.npz and the checkpoint from the bucket
-        dalle_script.generate(config, workdir, ["a handwritten seven", "the digit 3"], None)
-        assert "2 prompt(s) x 2 samples -> gs://tfx-test/dalle/generated/" in \
+        # generation reloads config.json, patch_vq.npz and the checkpoint from the bucket;
+        # the evaluation prompts, so that evaluate() below reuses the compiled sampler
+        texts = [text for _, text in evaluation_prompts(PROMPTS)]
+        dalle_script.generate(config, workdir, texts, None)
+        assert "10 prompt(s) x 2 samples -> gs://tfx-test/dalle/generated/" in \
             capsys.readouterr().out
         with pytest.raises(ValueError, match="classifier_workdir"):
             dalle_script.evaluate(config, workdir)
@@ -232,7 +234,7 @@ def test_script_trains_generates_and_evaluates_on_a_gs_workdir(tmp_path, data_di
     assert json.loads((local / "config.json").read_text())["image_tokenizer"] == "patch_vq"
     assert PatchVQTokenizer.load(str(local / "patch_vq.npz")).vocab_size <= 8
     assert json.loads((local / "generation_eval.json").read_text())["step"] == 2
-    with Image.open(local / "generated" / "a_handwritten_seven.png") as png:
+    with Image.open(local / "generated" / "a_handwritten_zero.png") as png:
         assert png.format == "PNG"
     assert (local / "checkpoints" / "2").is_dir()
     assert list((local / "tensorboard").iterdir())

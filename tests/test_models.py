@@ -141,14 +141,16 @@ def tiny_lm(**overrides):
                                            **{"num_layers": 2, **TINY, **overrides}))
 
 
-def test_lm_is_causal_and_cache_matches_full_pass():
-    model = tiny_lm()
+@pytest.mark.parametrize("overrides", [dict(), dict(num_layers=1, num_kv_heads=2),
+                                       dict(num_layers=1, position="rope")])
+def test_lm_is_causal_and_cache_matches_full_pass(overrides):
+    model = tiny_lm(**overrides)
     seq = tokens(11, (2, 8), high=40)
     variables = init(model, seq)
     full = model.apply(variables, seq)
     changed = model.apply(variables, seq.at[:, 5:].set(7))
     np.testing.assert_allclose(changed[:, :5], full[:, :5], atol=1e-5)
-    decoder = tiny_lm(decode=True)
+    decoder = tiny_lm(decode=True, **overrides)
     cache = decoder.init(jax.random.key(0), jnp.zeros((2, 8), jnp.int32))["cache"]
     got = cached_decode(decoder, {"params": variables["params"], "cache": cache},
                         lambda a, b: (seq[:, a:b],), 4, 8)
@@ -342,7 +344,7 @@ def test_unshared_embeddings_have_separate_tables_and_output_layer():
     assert "logits" in params["decoder"]
 
 
-# --- which attention kernel the models reach on a GPU -----------------------------------------------
+# --- which attention kernel the models reach on a GPU ------------------------------------------
 
 def record_gpu_choices(monkeypatch):
     """Records what "auto" would pick on an H100 for every attention call the models make

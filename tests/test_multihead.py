@@ -105,7 +105,10 @@ def test_grouped_query_attention_matches_numpy_with_shared_kv_heads():
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
     assert p["key"]["kernel"].shape == (16, 2, 4) and p["query"]["kernel"].shape == (16, 4, 4)
     xn = np.asarray(x, np.float64)
-    proj = lambda name: np.einsum("btd,dnh->btnh", xn, p[name]["kernel"]) + p[name]["bias"]  # noqa: E731
+
+    def proj(name):
+        return np.einsum("btd,dnh->btnh", xn, p[name]["kernel"]) + p[name]["bias"]
+
     # query heads 0, 1 share key/value head 0; heads 2, 3 share head 1
     shared = lambda name: np.repeat(proj(name), 2, axis=2)  # noqa: E731
     heads, _ = numpy_attention(proj("query"), shared("key"), shared("value"))

@@ -55,8 +55,8 @@ def test_positions_restart_per_segment_and_are_looked_up_per_token():
     x = jnp.zeros((1, 3, 6))
     sinus = tfx.AddPositionEncoding(max_len=9)
     out = sinus.apply({}, x, jnp.array([[4, 0, 8]]))
-    np.testing.assert_allclose(out[0], np.asarray(tfx.sinusoidal_position_encoding(9, 6))[[4, 0, 8]],
-                               atol=1e-7)
+    table = np.asarray(tfx.sinusoidal_position_encoding(9, 6))
+    np.testing.assert_allclose(out[0], table[[4, 0, 8]], atol=1e-7)
     with pytest.raises(ValueError, match=r"positions must lie in \[0, max_len=9\)"):
         sinus.apply({}, x, jnp.array([[0, 1, 9]]))
 

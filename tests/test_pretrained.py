@@ -319,6 +319,19 @@ def test_hf_gpt2_in_the_original_layout_unprefixed_with_mask_buffers(tmp_path):
         pretrained.load_hf(untied)
 
 
+def test_hf_bfloat16_safetensors_load_as_float32(tmp_path):
+    import ml_dtypes
+    from safetensors.flax import save_file as save_jax
+    directory = copied_hf(tmp_path, "hf_vit_classifier")
+    tensors = load_file(os.path.join(directory, "model.safetensors"))
+    save_jax({k: jnp.asarray(v, jnp.bfloat16) for k, v in tensors.items()},
+             os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    cfg, params = pretrained.load_hf(directory)
+    expected = tensors["classifier.weight"].astype(ml_dtypes.bfloat16).astype(np.float32).T
+    np.testing.assert_array_equal(params["head"]["kernel"], expected)
+    assert params["head"]["kernel"].dtype == np.float32
+
+
 def test_hf_unknown_architecture_and_unsupported_options(tmp_path):
     directory = copied_hf(tmp_path, "hf_gpt2",
                           edit_config=lambda c: c.update(architectures=["LlamaForCausalLM"],

@@ -55,7 +55,10 @@ def test_rotary_multihead_attention_matches_numpy():
     variables = mha.init(jax.random.key(0), x)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
     xn = np.asarray(x, np.float64)
-    proj = lambda name: np.einsum("btd,dnh->btnh", xn, p[name]["kernel"]) + p[name]["bias"]  # noqa: E731
+
+    def proj(name):
+        return np.einsum("btd,dnh->btnh", xn, p[name]["kernel"]) + p[name]["bias"]
+
     pos = np.asarray(positions)
     causal = np.tril(np.ones((6, 6), bool))
     heads, _ = numpy_attention(numpy_rotary(proj("query"), pos), numpy_rotary(proj("key"), pos),

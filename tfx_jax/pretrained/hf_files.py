@@ -1,7 +1,8 @@
 """Hugging Face model directories on disk: config.json + model.safetensors.
 
 Tensors are read and written with the ``safetensors`` package's NumPy API
-(no torch). A sharded checkpoint (``model.safetensors.index.json`` naming
+(no torch); bfloat16 tensors, which NumPy cannot name, are read through the
+package's Flax API and returned as float32. A sharded checkpoint (``model.safetensors.index.json`` naming
 several files) is read whole; files are written as one ``model.safetensors``
 with the ``{"format": "pt"}`` metadata transformers expects.
 """
@@ -49,11 +50,21 @@ def read_directory(directory: str) -> tuple[dict[str, Any], dict[str, np.ndarray
                                 f"checkpoints are read (convert pytorch_model.bin first)")
     tensors: dict[str, np.ndarray] = {}
     for path in files:
-        try:
-            tensors.update(load_file(path))
-        except Exception as error:  # SafetensorError, OSError
-            raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+        tensors.update(_load_tensors(path))
     return config, tensors
+
+
+def _load_tensors(path: str) -> dict[str, np.ndarray]:
+    try:
+        return load_file(path)
+    except TypeError as error:  # NumPy has no bfloat16: read with jax, return float32
+        if "bfloat16" not in str(error):
+            raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+    except Exception as error:  # SafetensorError, OSError
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+    from safetensors.flax import load_file as load_jax
+    return {name: np.asarray(value, np.float32 if value.dtype == "bfloat16" else value.dtype)
+            for name, value in load_jax(path).items()}
 
 
 def write_directory(directory: str, config: dict[str, Any],
