@@ -58,10 +58,11 @@ from jax import lax
 
 from tfx_jax.attention_dropout import dropout_seeds, keep_multiplier
 
-# Tile sizes: on a 2-core CPU (float32, 4 heads x 64, T = 2k and 4k, causal and
-# not) 512 x 256 was the fastest of 128..1024 in forward and forward+backward,
-# within noise of 512 x 512 and 256 x 256 (docs/attention_memory.md).
-DEFAULT_BLOCK_Q = 512
+# Tile sizes, from docs/attention_memory.md (2-core CPU, float32, 8 heads x 64,
+# forward+backward): 256 x 256 needed less temporary memory than 512 x 256 (22 vs
+# 33 MiB at T = 1k, 48 vs 57 MiB at 4k, equal at 16k) and ran faster at T = 1k and
+# 4k (under load; also ~2x in an interleaved comparison).
+DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_KV = 256
 
 
