@@ -58,11 +58,12 @@ from jax import lax
 
 from tfx_jax.attention_dropout import dropout_seeds, keep_multiplier
 
-# Tile sizes, from docs/attention_memory.md (2-core CPU, float32, 8 heads x 64,
-# forward+backward): 256 x 256 needed less temporary memory than 512 x 256 (22 vs
-# 33 MiB at T = 1k, 48 vs 57 MiB at 4k, equal at 16k) and ran faster at T = 1k and
-# 4k (under load; also ~2x in an interleaved comparison).
-DEFAULT_BLOCK_Q = 256
+# Tile sizes, from docs/attention_memory.md (2-core CPU, float32, 8 heads x 64):
+# interleaved in one process (best of 5), 512 x 256 was faster than 256 x 256 at 5 of
+# 6 points (T = 1k-4k, forward and forward+backward: up to 2x in forward, 10-20% in
+# forward+backward at 2k-4k); 256 x 256 needed 9-11 MiB less temporary memory (equal
+# at 16k). A sequential run under heavy load had favoured 256 x 256: noise.
+DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_KV = 256
 
 
