@@ -36,7 +36,7 @@ from tfx_jax.attention_splash import splash_attention, splash_unsupported_reason
 IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn", "splash")
 # "auto" switches from dense to chunked at this length. CPU measurements
 # (docs/attention_memory.md): from T = 512 on chunked was faster in both passes and
-# its gradient needed half the memory; below, one tile covers the whole sequence.
+# its gradient needed half the memory; below, a tile or two cover the whole sequence.
 CHUNKED_MIN_LENGTH = 512
 
 

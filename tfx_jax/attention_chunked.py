@@ -58,9 +58,11 @@ from jax import lax
 
 from tfx_jax.attention_dropout import dropout_seeds, keep_multiplier
 
-# Tile sizes: on a 2-core CPU (float32, 4 heads x 64, T = 2k and 4k, causal and
-# not) 512 x 256 was the fastest of 128..1024 in forward and forward+backward,
-# within noise of 512 x 512 and 256 x 256 (docs/attention_memory.md).
+# Tile sizes, from docs/attention_memory.md (2-core CPU, float32, 8 heads x 64):
+# interleaved in one process (best of 5), 512 x 256 was faster than 256 x 256 at 5 of
+# 6 points (T = 1k-4k, forward and forward+backward: up to 2x in forward, 10-20% in
+# forward+backward at 2k-4k); 256 x 256 needed 9-11 MiB less temporary memory (equal
+# at 16k). A sequential run under heavy load had favoured 256 x 256: noise.
 DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_KV = 256
 
