@@ -12,6 +12,8 @@ Models, the chapters of the story, one file each (``import tfx_jax as tfx``):
   multihead.py          multi-head attention with W_o and a key/value cache
   position.py           sinusoidal and learned positional encodings, per-token positions
   rotary.py             rotary position embeddings (RoPE) applied to queries and keys
+  logical_axes.py       logical names of parameter dimensions (embed, heads, mlp, vocab, ...)
+                        so a mesh can shard them; plain arrays unless the library records them
   model_config.py       model options: StackConfig (shared by every model), validators and
                         from_config_dict (an experiment's config.model -> a model config)
   blocks.py             the Transformer block (attention + FFN, residual, LayerNorm) and its stack
@@ -28,7 +30,8 @@ Library packages (import them explicitly):
                compiled step, Orbax checkpoints, metrics, preemption, the loop and the
                script launcher; see tfx_jax/train/__init__.py
   apps/        applications of models + data + train: classification, attention maps,
-               translation, DALL-E-style generation; see tfx_jax/apps/__init__.py
+               translation, language modelling, DALL-E-style generation; see
+               tfx_jax/apps/__init__.py
   pretrained/  released weights in and out (ViT .npz, Hugging Face safetensors)
 
 Scripts in experiments/ are thin: they parse flags and call an app. docs/ARCHITECTURE.md

@@ -13,5 +13,7 @@ Task with a factory of one shape, ``<app>_task(model_config, *, <sizes the data 
   dalle/              DALL-E-style text-to-image generation with a causal LM (image
                       tokenizers, prompts, the joint text+image stream, task, generation,
                       evaluation)
-  (apps other work adds, e.g. language_model/, are listed here)
+  language_model/     GPT-style language modelling: the built-in corpus (the Python
+                      standard library's source), packed pipelines, task with perplexity,
+                      sampling with temperature / top-k / top-p
 """

@@ -54,6 +54,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from tfx_jax.train import checksums
+from tfx_jax.train.checksums import path_name
 from tfx_jax.train.mesh import make_data_mesh
 from tfx_jax.train.partitioning import param_shardings
 from tfx_jax.train.metrics import is_url
@@ -110,22 +111,9 @@ def check_iterator_checkpointable(iterator) -> None:
             f"set_state(state) so checkpoints can resume it; use a Grain iterator")
 
 
-def _path_name(path) -> str:
-    """'params/dense/kernel' for a key path of dicts, dataclasses, tuples or namedtuples."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
-
-
 def _shapes_by_path(tree, is_leaf=None) -> dict[str, tuple]:
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
-    return {_path_name(path): tuple(leaf.shape) for path, leaf in leaves}
+    return {path_name(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def _mismatches(stored: dict, expected: dict) -> list[str]:

@@ -67,7 +67,8 @@ def _checksums(leaves):
     return [_leaf_checksum(x) for x in leaves]
 
 
-def _path_name(path) -> str:
+def path_name(path) -> str:
+    """'params/dense/kernel' for a key path of dicts, dataclasses, tuples or namedtuples."""
     parts = []
     for key in path:
         for attr in ("key", "name", "idx"):
@@ -86,7 +87,7 @@ def tree_checksums(tree: Any) -> dict[str, str]:
     # Each result is replicated; with several processes it is not fully addressable, so
     # read this host's copy.
     values = [np.asarray(v.addressable_data(0)) for v in _checksums(leaves)]
-    return {_path_name(path): "%08x%08x" % tuple(int(v) for v in value)
+    return {path_name(path): "%08x%08x" % tuple(int(v) for v in value)
             for (path, _), value in zip(flat, values)}
 
 
