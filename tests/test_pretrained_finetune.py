@@ -72,7 +72,7 @@ def test_frozen_parameters_do_not_change_after_a_step(mode):
     # a non-zero head, so that gradients reach the backbone (and the adapters)
     params["head"]["kernel"] = np.random.default_rng(1).normal(size=(32, 3)).astype(np.float32)
     finetuning = FineTuning(mode=mode, lora_rank=2)
-    task = classification_task(tfx.ViT(cfg), finetuning=finetuning, pretrained_params=params)
+    task = classification_task(cfg, finetuning=finetuning, pretrained_params=params)
     state = task.init_params(jax.random.key(0))
     optimizer = mask_optimizer(optax.adamw(1e-2, weight_decay=0.1), task.trainable)
     opt_state = optimizer.init(state)

@@ -186,7 +186,7 @@ REFUSALS = [
     Refusal("heads_do_not_divide_d_model", {"model.num_heads": 3},
             "TransformerConfig.d_model=16 is not divisible by num_heads=3"),
     Refusal("unknown_model_key", {"model.num_layer": 2},
-            "config.model has a key TransformerConfig does not know"),
+            "config.model has keys ['num_layer'] that TransformerConfig does not know"),
     Refusal("eval_batch_size_0", dict(eval_batch_size=0),
             "config.eval_batch_size must be a positive integer, got 0"),
     Refusal("epochs_and_steps", dict(num_epochs=2.0, num_train_steps=10),

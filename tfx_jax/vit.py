@@ -107,7 +107,9 @@ class ViT(nn.Module):
                 bias_init=with_axes(nn.initializers.zeros_init(), (None,)),
                 name="pre_logits")(x))
         logits = nn.Dense(cfg.num_classes, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                          kernel_init=with_axes(nn.initializers.zeros, (None, "classes")),
+                          kernel_init=with_axes(nn.initializers.zeros, (
+                              "embed" if cfg.representation_size is None else None,
+                              "classes")),
                           bias_init=with_axes(nn.initializers.zeros_init(), ("classes",)),
                           name="head")(x)
         return logits.astype(jnp.float32)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -65,8 +66,9 @@ class FineTuning:
                       else jax.tree.map(jnp.asarray, pretrained))
             if self.mode != "lora":
                 return params
-            adapters = lora.init_lora(jax.random.fold_in(rng, 1), params, rank=self.lora_rank,
-                                      targets=self.lora_targets)
+            # Adapters are small and stay replicated; the base keeps its logical axes.
+            adapters = lora.init_lora(jax.random.fold_in(rng, 1), nn.meta.unbox(params),
+                                      rank=self.lora_rank, targets=self.lora_targets)
             return {"model": params, "lora": adapters}
         return init
 

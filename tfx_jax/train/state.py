@@ -74,10 +74,39 @@ def train_state_shardings(init_params: Callable[[jax.Array], Any],
     params = param_shardings(boxed, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_shapes = jax.eval_shape(optimizer.init, nn.meta.unbox(boxed))
-    opt_state = optax.tree_map_params(optimizer, lambda _, sharding: sharding, opt_shapes, params,
-                                      transform_non_params=lambda _: replicated,
-                                      is_leaf=lambda x: isinstance(x, NamedSharding))
+    try:
+        opt_state = optax.tree_map_params(optimizer, lambda _, sharding: sharding, opt_shapes,
+                                          params, transform_non_params=lambda _: replicated,
+                                          is_leaf=lambda x: isinstance(x, NamedSharding))
+    except (ValueError, TypeError):  # e.g. multi_transform: frozen (masked) parameters
+        opt_state = _shardings_by_parameter_path(opt_shapes, nn.meta.unbox(boxed), params,
+                                                 replicated)
     return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated)
+
+
+def _shardings_by_parameter_path(opt_shapes: Any, param_shapes: Any, param_shardings: Any,
+                                 replicated: NamedSharding) -> Any:
+    """Optimizer-state shardings matched to parameters by key path, for any optimizer.
+
+    An optimizer keeps per-parameter state (Adam's moments) in subtrees with the
+    parameters' structure, so the key path of such a leaf *ends* with its
+    parameter's key path; it takes that parameter's sharding when the shapes
+    agree. Everything else (counts, scalars) is replicated.
+    """
+    by_path = {}
+    for (path, shape), sharding in zip(
+            jax.tree_util.tree_flatten_with_path(param_shapes)[0],
+            jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))):
+        by_path[tuple(path)] = (shape.shape, sharding)
+
+    def sharding_of(path, leaf):
+        for start in range(len(path)):
+            match = by_path.get(tuple(path[start:]))
+            if match is not None and match[0] == leaf.shape:
+                return match[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(sharding_of, opt_shapes)
 
 
 def create_sharded_train_state(init_params: Callable[[jax.Array], Any],

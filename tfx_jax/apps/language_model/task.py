@@ -31,6 +31,7 @@ from tfx_jax import train as tr
 from tfx_jax.apps.language_model.pipeline import lm_tokenizer_path
 from tfx_jax.data.tokenizer import SentencePieceTokenizer
 from tfx_jax.lm import CausalLM, CausalLMConfig
+from tfx_jax.model_config import from_config_dict
 from tfx_jax.train.flops import causal_lm_forward_flops, training_flops
 
 
@@ -38,20 +39,12 @@ def lm_config(model: Mapping[str, Any], *, vocab_size: int, max_len: int) -> Cau
     """A :class:`CausalLMConfig` from a config's ``model`` section (ConfigDict or dict).
 
     ``vocab_size`` comes from the tokenizer and ``max_len`` from ``config.max_len``;
-    fields set to None keep CausalLMConfig's default.
+    fields set to None keep CausalLMConfig's default. Unknown, derived or bad keys
+    are refused by :func:`tfx_jax.model_config.from_config_dict`.
     """
     fields = dict(model.to_dict() if hasattr(model, "to_dict") else model)
-    for name in ("vocab_size", "max_len", "decode"):
-        if name in fields:
-            raise ValueError(f"config.model.{name} is derived (tokenizer, config.max_len); "
-                             f"remove it from the model section")
-    known = {f.name for f in dataclasses.fields(CausalLMConfig)}
-    unknown = sorted(k for k, v in fields.items() if k not in known and v is not None)
-    if unknown:
-        raise ValueError(f"config.model has keys {unknown} that CausalLMConfig does not know; "
-                         f"known: {sorted(known)}")
-    fields = {k: v for k, v in fields.items() if v is not None and k in known}
-    return CausalLMConfig(vocab_size=vocab_size, max_len=max_len, **fields)
+    fields = {k: v for k, v in fields.items() if v is not None}
+    return from_config_dict(CausalLMConfig, fields, vocab_size=vocab_size, max_len=max_len)
 
 
 def packing_kwargs(batch: Mapping[str, Any]) -> dict:
