@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from absl import flags
 
+from tfx_jax import decoding
 from tfx_jax import train as tr
 from tfx_jax.apps.language_model import corpus as corpus_lib
 from tfx_jax.apps.language_model import pipeline, sampling
@@ -159,18 +160,18 @@ PROBS = np.array([0.5, 0.3, 0.15, 0.05])
                                          (1.0, [0, 1, 2, 3]), (0.01, [0])])
 def test_top_p_keeps_the_smallest_prefix_reaching_p(top_p, kept):
     logits = jnp.log(jnp.asarray(PROBS[[2, 0, 3, 1]]))  # shuffled: ranks are not positions
-    mask = np.asarray(sampling.top_k_top_p_mask(logits, top_p=top_p))
+    mask = np.asarray(decoding.top_k_top_p_mask(logits, top_p=top_p))
     assert sorted(np.flatnonzero(mask)) == sorted([2, 0, 3, 1].index(i) for i in kept)
 
 
 def test_top_k_then_top_p_renormalises_what_top_k_kept():
     logits = jnp.log(jnp.asarray(PROBS))
     # top-2 leaves 0.5 / 0.8 = 0.625 and 0.375: p = 0.6 keeps only the first
-    assert np.asarray(sampling.top_k_top_p_mask(logits, top_k=2, top_p=0.6)).tolist() == [
+    assert np.asarray(decoding.top_k_top_p_mask(logits, top_k=2, top_p=0.6)).tolist() == [
         True, False, False, False]
-    assert np.asarray(sampling.top_k_top_p_mask(logits, top_k=3)).tolist() == [
+    assert np.asarray(decoding.top_k_top_p_mask(logits, top_k=3)).tolist() == [
         True, True, True, False]
-    assert np.asarray(sampling.top_k_top_p_mask(logits, top_k=50)).all()  # k > vocabulary
+    assert np.asarray(decoding.top_k_top_p_mask(logits, top_k=50)).all()  # k > vocabulary
 
 
 def test_nucleus_sampling_draws_only_the_nucleus_with_renormalised_frequencies():
@@ -179,9 +180,9 @@ def test_nucleus_sampling_draws_only_the_nucleus_with_renormalised_frequencies()
     def step_fn(tokens, cache):  # a "model" whose next-token distribution is fixed
         return jnp.broadcast_to(logits, (tokens.shape[0], tokens.shape[1], 4)), cache
 
-    wrapped = sampling.filtered_step_fn(step_fn, temperature=1.0, top_k=None, top_p=0.7)
-    filtered, _ = wrapped(jnp.zeros((4000, 1), jnp.int32), None)
-    draws = np.asarray(jax.random.categorical(jax.random.key(0), filtered[:, -1]))
+    out = decoding.sample(step_fn, None, jnp.zeros((4000, 1), jnp.int32), 1,
+                          rng=jax.random.key(0), temperature=1.0, top_p=0.7)
+    draws = np.asarray(out[:, 1])
     assert set(draws.tolist()) == {0, 1}
     assert np.mean(draws == 0) == pytest.approx(0.5 / 0.8, abs=0.03)  # 0.625, 4000 draws
 

@@ -92,36 +92,67 @@ def left_pad(prompts: Sequence[Sequence[int]], *, pad_id: int = 0,
     return jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segment_ids)
 
 
-def _sample_logits(logits, rng, temperature, top_k):
-    """Draws a token from logits [N, V]: argmax at temperature 0, else softmax(l / T) on top-k."""
+def top_k_top_p_mask(logits: jax.Array, *, top_k: Optional[int] = None,
+                     top_p: Optional[float] = None) -> jax.Array:
+    """Bool mask [..., V] of the tokens top-k and then top-p keep (the argmax always stays).
+
+    Top-k keeps the k most likely tokens. Top-p (nucleus sampling, Holtzman et al.
+    2020) keeps token ``i`` when the probability of the tokens ranked above it
+    (after top-k, renormalised) is below ``p``: the smallest prefix of the ranking
+    whose mass reaches ``p``. Ties at a cut are all kept.
+    """
+    keep = jnp.ones(logits.shape, bool)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_best = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        keep = logits >= kth_best
+    if top_p is not None and top_p < 1.0:
+        ranked = jnp.sort(jnp.where(keep, logits, -jnp.inf), axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(ranked, axis=-1)
+        in_nucleus = (jnp.cumsum(probs, axis=-1) - probs < top_p).at[..., 0].set(True)
+        threshold = jnp.min(jnp.where(in_nucleus, ranked, jnp.inf), axis=-1, keepdims=True)
+        keep = keep & (logits >= threshold)
+    return keep
+
+
+def check_sampling_options(temperature: float, top_k: Optional[int] = None,
+                           top_p: Optional[float] = None) -> None:
+    """Raises ValueError naming a bad temperature, top_k or top_p."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None (off), got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None (off), got {top_p!r}")
+
+
+def _sample_logits(logits, rng, temperature, top_k, top_p):
+    """Draws a token from logits [N, V]: argmax at temperature 0, else softmax(l / T)
+    over the tokens top-k / top-p keep."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1)
     logits = logits / temperature
-    if top_k is not None:
-        kth_best = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth_best, NEG_INF, logits)
+    if top_k is not None or top_p is not None:
+        keep = top_k_top_p_mask(logits, top_k=top_k, top_p=top_p)
+        logits = jnp.where(keep, logits, NEG_INF)
     return jax.random.categorical(rng, logits, axis=-1)
 
 
 def sample(step_fn: StepFn, cache: Any, prompt: jax.Array, num_steps: int, *,
            rng: Optional[jax.Array] = None, temperature: float = 1.0,
-           top_k: Optional[int] = None, eos_id: Optional[int] = None,
-           prompt_kwargs: Optional[dict] = None) -> jax.Array:
+           top_k: Optional[int] = None, top_p: Optional[float] = None,
+           eos_id: Optional[int] = None, prompt_kwargs: Optional[dict] = None) -> jax.Array:
     """Continues ``prompt`` [N, P] by ``num_steps`` tokens; returns [N, P + num_steps].
 
     The prompt goes through the model in one call (filling the cache), then one
     token per step. ``temperature=0`` is greedy decoding; ``top_k`` keeps the k
-    most likely tokens before sampling. After ``eos_id`` a sequence emits ``eos_id``.
+    most likely tokens and ``top_p`` the nucleus before sampling (:func:`top_k_top_p_mask`). After ``eos_id`` a sequence emits ``eos_id``.
     ``prompt_kwargs`` are passed to the prompt's call only, ``step_fn(prompt, cache,
     **prompt_kwargs)`` (e.g. the positions and segment ids of :func:`left_pad`).
     A cache too short for P + num_steps - 1 tokens is refused before any work.
     """
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must have shape [batch, length >= 1], got {tuple(prompt.shape)}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k}")
+    check_sampling_options(temperature, top_k, top_p)
     if temperature > 0 and rng is None:
         raise ValueError("sampling with temperature > 0 needs an rng")
     if num_steps < 0:
@@ -132,7 +163,7 @@ def sample(step_fn: StepFn, cache: Any, prompt: jax.Array, num_steps: int, *,
     batch = prompt.shape[0]
     logits, cache = step_fn(prompt, cache, **(prompt_kwargs or {}))
     rng, first_rng = jax.random.split(rng)
-    token = _sample_logits(logits[:, -1], first_rng, temperature, top_k)
+    token = _sample_logits(logits[:, -1], first_rng, temperature, top_k, top_p)
     done = jnp.zeros((batch,), bool)
 
     def body(carry, step_rng):
@@ -141,7 +172,7 @@ def sample(step_fn: StepFn, cache: Any, prompt: jax.Array, num_steps: int, *,
             token = jnp.where(done, eos_id, token)
             done = done | (token == eos_id)
         logits, cache = step_fn(token[:, None], cache)
-        next_token = _sample_logits(logits[:, -1], step_rng, temperature, top_k)
+        next_token = _sample_logits(logits[:, -1], step_rng, temperature, top_k, top_p)
         return (next_token, done, cache), token
 
     if num_steps > 1:

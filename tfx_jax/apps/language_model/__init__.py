@@ -12,12 +12,12 @@
 from tfx_jax.apps.language_model.corpus import STDLIB, TextCorpus, open_corpus, stdlib_corpus
 from tfx_jax.apps.language_model.pipeline import (eval_batches, eval_windows,
                                                   load_or_train_lm_tokenizer, train_batches)
-from tfx_jax.apps.language_model.sampling import generate_texts, top_k_top_p_mask
+from tfx_jax.apps.language_model.sampling import generate_texts
 from tfx_jax.apps.language_model.task import (TrainedLM, lm_config, lm_task, load_trained_lm,
                                               make_evaluate, make_loss_fn)
 
 __all__ = [
     "STDLIB", "TextCorpus", "TrainedLM", "eval_batches", "eval_windows", "generate_texts",
     "lm_config", "lm_task", "load_or_train_lm_tokenizer", "load_trained_lm", "make_evaluate",
-    "make_loss_fn", "open_corpus", "stdlib_corpus", "top_k_top_p_mask", "train_batches",
+    "make_loss_fn", "open_corpus", "stdlib_corpus", "train_batches",
 ]

@@ -4,7 +4,8 @@ Nucleus (top-p) sampling (Holtzman et al. 2020, "The Curious Case of Neural
 Text Degeneration", sec. 3.1): draw from the smallest set of most likely tokens
 whose probability sums to at least ``p``, renormalised. The filters apply in
 the usual order: logits / temperature, then top-k, then top-p on what top-k
-kept (renormalised), then a draw. ``temperature=0`` is greedy decoding.
+kept (renormalised), then a draw (:func:`tfx_jax.decoding.top_k_top_p_mask`,
+used by :func:`tfx_jax.decoding.sample`). ``temperature=0`` is greedy decoding.
 
 The prompt ``[BOS] + ids`` goes through the decode-mode :class:`CausalLM` in one
 call (filling the caches), then one token per step
@@ -22,53 +23,6 @@ import numpy as np
 from tfx_jax import decoding
 from tfx_jax.data.tokenizer import BOS_ID, EOS_ID
 from tfx_jax.lm import CausalLM
-
-
-def top_k_top_p_mask(logits: jax.Array, *, top_k: Optional[int] = None,
-                     top_p: Optional[float] = None) -> jax.Array:
-    """Bool mask [..., V] of the tokens top-k and then top-p keep (the argmax always stays).
-
-    Top-p keeps token ``i`` when the probability of the tokens ranked above it
-    (after top-k, renormalised) is below ``p``: the smallest prefix of the
-    ranking whose mass reaches ``p``. Ties at the cut are all kept.
-    """
-    keep = jnp.ones(logits.shape, bool)
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth_best = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        keep = logits >= kth_best
-    if top_p is not None and top_p < 1.0:
-        masked = jnp.where(keep, logits, -jnp.inf)
-        ranked = jnp.sort(masked, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(ranked, axis=-1)
-        mass_above = jnp.cumsum(probs, axis=-1) - probs
-        in_nucleus = mass_above < top_p
-        in_nucleus = in_nucleus.at[..., 0].set(True)
-        threshold = jnp.min(jnp.where(in_nucleus, ranked, jnp.inf), axis=-1, keepdims=True)
-        keep = keep & (logits >= threshold)
-    return keep
-
-
-def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None (off), got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None (off), got {top_p!r}")
-
-
-def filtered_step_fn(step_fn, *, temperature: float, top_k: Optional[int],
-                     top_p: Optional[float]):
-    """Wraps a decoding step function so that its logits leave only the kept tokens."""
-    if temperature == 0 or (top_k is None and (top_p is None or top_p >= 1)):
-        return step_fn
-
-    def wrapped(tokens, cache):
-        logits, cache = step_fn(tokens, cache)
-        keep = top_k_top_p_mask(logits / temperature, top_k=top_k, top_p=top_p)
-        return jnp.where(keep, logits, decoding.NEG_INF), cache
-
-    return wrapped
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_steps", "temperature", "top_k",
@@ -90,9 +44,8 @@ def sample_continuations(model: CausalLM, params: Any, prompt: jax.Array, rng: j
                                         mutable=["cache"])
         return logits, mutated["cache"]
 
-    step_fn = filtered_step_fn(step_fn, temperature=temperature, top_k=top_k, top_p=top_p)
     return decoding.sample(step_fn, cache, prompt, num_steps, rng=rng, temperature=temperature,
-                           eos_id=EOS_ID)
+                           top_k=top_k, top_p=top_p, eos_id=EOS_ID)
 
 
 def prompt_ids(text: str, tokenizer, max_len: int) -> np.ndarray:
@@ -116,7 +69,7 @@ def generate_texts(model: CausalLM, params: Any, tokenizer, prompts: Sequence[st
     (``max_len``) ends. Deterministic given ``seed``. All prompts are checked
     (length, sampling options) before any decoding.
     """
-    check_sampling(temperature, top_k, top_p)
+    decoding.check_sampling_options(temperature, top_k, top_p)
     if num_tokens < 1 or num_samples < 1:
         raise ValueError(f"num_tokens and num_samples must be >= 1, got {num_tokens} and "
                          f"{num_samples}")
