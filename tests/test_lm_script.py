@@ -80,6 +80,10 @@ def test_profile_steps_values():
     for bad in ("15,10", "a,b", "-2", "1,2,3"):
         with pytest.raises(ValueError, match="config.profile_steps must be"):
             parse_profile_steps(bad, 0)
+    config = tr.default_config()  # the run config refuses a bad window before any work
+    config.profile_steps = "15,10"
+    with pytest.raises(ValueError, match="config.profile_steps must be"):
+        tr.validate_config(config)
 
 
 def test_generate_on_a_trained_workdir_and_its_errors(trained_workdir, capsys):

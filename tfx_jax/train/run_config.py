@@ -68,6 +68,7 @@ import ml_collections
 from etils import epath
 
 from tfx_jax.train.partitioning import MESH_AXES
+from tfx_jax.train.throughput import parse_profile_steps
 
 CONFIG_FILE = "config.json"
 
@@ -155,6 +156,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                  "a non-negative number (0 = off)")
     for key in ("b1", "b2"):
         _require(config, key, _is_number(config[key]) and 0 <= config[key] < 1, "in [0, 1)")
+    parse_profile_steps(config.profile_steps, start_step=0)  # a bad window fails here, not later
     if config.weight_decay > 0 and config.optimizer != "adamw":
         raise ValueError(
             f"config.weight_decay = {config.weight_decay} needs config.optimizer = 'adamw' "
