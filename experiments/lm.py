@@ -27,7 +27,7 @@ from tfx_jax import train as tr
 from tfx_jax.apps.language_model import (eval_batches, eval_windows, generate_texts, lm_config,
                                          lm_task, load_or_train_lm_tokenizer, load_trained_lm,
                                          make_evaluate, open_corpus, train_batches)
-from tfx_jax.data.packing import compare_padding, padding_report
+from tfx_jax.data.packing import choose_packing
 from tfx_jax.lm import CausalLM
 
 FLAGS = flags.FLAGS
@@ -87,14 +87,14 @@ def train(config, workdir: str, mesh=None) -> tr.TrainResult:
         max_len=config.max_len, seed=config.seed,
         num_packing_bins=config.num_packing_bins or None,
         read_options=grain.ReadOptions(num_threads=config.data_threads))
-    train_iter = make_batches(packing_enabled=config.packing)
+    packing = choose_packing(  # the same examples on every process: all decide alike
+        config.packing, lambda packed: make_batches(packing_enabled=packed, process_index=0,
+                                                    process_count=1), ("targets",))
+    train_iter = make_batches(packing_enabled=packing.enabled)
     _say(f"{corpus.description}; vocabulary {tokenizer.vocab_size}, rows of {config.max_len} "
          f"tokens, {len(windows)} held-out windows; {config.num_train_steps} steps of "
-         f"{config.batch_size} rows, packing {'on' if config.packing else 'off'}")
-    if jax.process_index() == 0:
-        unpacked, packed = compare_padding(lambda p: make_batches(packing_enabled=p),
-                                           ("targets",))
-        _say(padding_report(corpus.name, unpacked, packed))
+         f"{config.batch_size} rows")
+    _say(packing.report(corpus.name))
     result = tr.train(config, workdir, task, train_iter, mesh=mesh)
     if config.sample_prompts:
         print_samples(config.sample_prompts, generate_texts(

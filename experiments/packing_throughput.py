@@ -134,7 +134,8 @@ JOBS = {"translate": translate_job, "lm": lm_job}
 
 def measure(name: str, root: str) -> list[dict]:
     config, task, make_batches, keys, description = JOBS[name](os.path.join(root, name))
-    unpacked_pad, packed_pad = packing.compare_padding(make_batches, keys, num_batches=8)
+    choice = packing.choose_packing(True, make_batches, keys, num_batches=8)
+    unpacked_pad, packed_pad = choice.padding_unpacked, choice.padding_packed
     print(f"{name}: {description}\n  " + packing.padding_report(name, unpacked_pad, packed_pad),
           flush=True)
     windows = {False: [], True: []}
@@ -142,7 +143,7 @@ def measure(name: str, root: str) -> list[dict]:
         for packed in (False, True):
             workdir = os.path.join(root, f"{name}_{packed}_{round_index}")
             run_config = ml_collections.ConfigDict(config.to_dict())
-            run_config.packing = packed
+            run_config.packing = str(packed).lower()
             tr.train(run_config, workdir, task, make_batches(packed),
                      mesh=tr.make_data_mesh(jax.devices()[:1]))
             windows[packed] += tr.read_metrics(workdir, "train")[1:]  # first: compilation

@@ -61,7 +61,7 @@ def test_stdlib_corpus_trains_packed_with_speed_metrics(trained_workdir):
 
 
 def test_mock_lm1b_trains_a_step(tmp_path):
-    config = tiny_config(dataset="lm1b", packing=False, data_dir=str(tmp_path / "tfds"),
+    config = tiny_config(dataset="lm1b", packing="false", data_dir=str(tmp_path / "tfds"),
                          profile_steps="2,2",
                          model=dict(position="learned", num_kv_heads=None, num_layers=1,
                                     d_model=16, num_heads=2, d_ff=32, dropout_rate=0.0))

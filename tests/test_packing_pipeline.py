@@ -119,8 +119,48 @@ def test_packed_translation_batches_hold_whole_pairs():
                 assert source[-1] == EOS_ID and target[-1] == EOS_ID
                 seen.add((tokenizer.decode(source[:-1]), tokenizer.decode(target[:-1])))
     assert seen <= set(PAIRS) and len(seen) == len(PAIRS)  # every pair, each one intact
-    unpacked, packed = packing.compare_padding(_translation_batches, ("inputs", "targets"))
-    assert packed < unpacked / 2
+
+
+def _count_pairs_per_row(num_batches):
+    """Independent count: distinct non-zero segment ids of each packed row."""
+    it = _translation_batches(True)
+    counts = [len(np.unique(seg[seg > 0])) for _ in range(num_batches)
+              for seg in next(it)["inputs_segmentation"]]
+    return np.mean(counts)
+
+
+def test_auto_packs_rows_with_a_spread_of_lengths_and_counts_pairs_per_row():
+    choice = packing.choose_packing("auto", _translation_batches, ("inputs", "targets"))
+    assert choice.enabled and choice.gain >= packing.AUTO_MIN_GAIN
+    assert choice.padding_packed < choice.padding_unpacked / 2
+    assert choice.examples_per_row == pytest.approx(_count_pairs_per_row(4))
+    assert choice.examples_per_row >= 2
+    assert "packing on" in choice.report("rows") and "'auto'" in choice.report("rows")
+    # forced off: the same measurements, one example per row
+    off = packing.choose_packing("FALSE", _translation_batches, ("inputs", "targets"))
+    assert not off.enabled and off.examples_per_row == 1.0
+    assert off.padding_unpacked == choice.padding_unpacked
+    assert "packing off (config.packing = false)" in off.report("rows")
+
+
+def test_auto_does_not_pack_rows_that_are_nearly_full():
+    full = [("abcdefg", "hijklmn")] * 6 + [("abcdef", "hijklm")] * 2  # 7-8 of 8 slots used
+
+    def batches(packed):
+        return text_pipeline.train_batches(
+            full, CharTokenizer(), global_batch_size=2, max_source_length=8,
+            max_target_length=8, seed=0, packing=packed)
+
+    choice = packing.choose_packing("auto", batches, ("inputs", "targets"))
+    assert not choice.enabled and choice.gain < packing.AUTO_MIN_GAIN
+    assert choice.padding_unpacked < 0.1 and choice.examples_per_row == 1.0
+    assert packing.choose_packing(True, batches, ("inputs",)).enabled  # forced on
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None, "on"])
+def test_packing_setting_names_the_key(value):
+    with pytest.raises(ValueError, match="config.packing must be 'auto', 'true' or 'false'"):
+        packing.packing_setting(value)
 
 
 def test_packed_iterator_resumes_exactly():

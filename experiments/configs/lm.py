@@ -39,7 +39,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     # Rows and packing.
     config.max_len = 128          # tokens per row (the model's context)
-    config.packing = True         # several examples per row (segment ids + positions)
+    config.packing = "auto"       # several examples per row (segment ids + positions) when
+    #                               that gives >= 1.25x real tokens per row; "true"/"false"
     config.num_packing_bins = 0   # rows the packer fills at once; 0 = the local batch
     config.data_threads = 0       # Grain threads tokenizing; 0 = in the main thread
 

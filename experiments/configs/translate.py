@@ -65,8 +65,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.outlier_factor = 2.0
     config.drop_overlong = False  # True: leave too-long training pairs out instead
     # Several pairs per training row, source and target packed in parallel with segment
-    # ids and positions (tfx_jax.data.packing): fewer padding tokens per step.
-    config.packing = True
+    # ids and positions (tfx_jax.data.packing): fewer padding tokens per step. "auto" packs
+    # when that puts >= 1.25x more real tokens in a row (measured on the first batches;
+    # a corpus with a spread of lengths: yes; number_words, 13% padding: no); "true" /
+    # "false" force it.
+    config.packing = "auto"
 
     # Model: any TransformerConfig field except vocab_size / max_len (from the data).
     config.model = ml_collections.ConfigDict(dict(

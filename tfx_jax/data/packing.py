@@ -31,6 +31,7 @@ packing saves.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -133,39 +134,122 @@ def packed_training_batches(
     return iter(packed.batch(batch_size, drop_remainder=True).map(_with_valid))
 
 
+def _first_batches(batches, num_batches: int):
+    for _ in range(num_batches):
+        batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
+
+
 def padding_fraction(batches: Iterator[Mapping[str, np.ndarray]], keys: Sequence[str], *,
                      num_batches: int = 10, pad_id: int = 0) -> float:
     """Fraction of the ``keys`` token slots of the next ``num_batches`` batches that are padding.
 
     Consumes those batches from ``batches`` (pass a fresh iterator).
     """
-    pad = total = 0
-    for _ in range(num_batches):
-        batch = next(batches, None)
-        if batch is None:
-            break
+    return _measure(batches, keys, num_batches=num_batches, pad_id=pad_id)[0]
+
+
+def _measure(batches, keys: Sequence[str], *, num_batches: int,
+             pad_id: int = 0) -> tuple[float, float]:
+    """(padding fraction, mean examples per row) of the next ``num_batches`` batches."""
+    pad = total = rows = examples = 0
+    for batch in _first_batches(batches, num_batches):
         for key in keys:
             tokens = np.asarray(batch[key])
             pad += int((tokens == pad_id).sum())
             total += tokens.size
+        tokens = np.asarray(batch[keys[0]])
+        segments = batch.get(keys[0] + SEGMENTATION)
+        rows += tokens.shape[0]
+        examples += (int(np.asarray(segments).max(axis=-1).sum()) if segments is not None
+                     else int((tokens != pad_id).any(axis=-1).sum()))
     if total == 0:
         raise ValueError(f"no batches to measure padding on (keys {list(keys)})")
-    return pad / total
+    return pad / total, examples / rows
+
+
+def real_token_gain(unpacked: float, packed: float) -> float:
+    """Real tokens per packed row / per unpacked row, from the two padding fractions."""
+    return (1 - packed) / max(1 - unpacked, 1e-9)
 
 
 def padding_report(name: str, unpacked: float, packed: float) -> str:
     """One line for a script's startup: padding without and with packing, and the gain."""
-    gain = (1 - packed) / max(1 - unpacked, 1e-9)
     return (f"{name}: padding {unpacked:.1%} of token slots without packing, {packed:.1%} with "
-            f"packing ({gain:.2f}x real tokens per row)")
+            f"packing ({real_token_gain(unpacked, packed):.2f}x real tokens per row)")
 
 
-def compare_padding(make_batches: Callable[[bool], Iterator[Mapping[str, np.ndarray]]],
-                    keys: Sequence[str], *, num_batches: int = 4) -> tuple[float, float]:
-    """``(padding without packing, padding with packing)`` of a pipeline's first batches.
+AUTO = "auto"
+#: ``packing="auto"`` packs when packing puts at least this many times more real
+#: tokens in a row. Below it, packing is not worth what it costs: rows then hold a
+#: varying number of examples, and attention needs segment ids (which no cuDNN
+#: fused kernel takes, so GPUs fall back to the chunked kernel).
+AUTO_MIN_GAIN = 1.25
 
-    ``make_batches(packing)`` builds a fresh training iterator either way (the
-    run's own pipeline is not touched).
+
+@dataclasses.dataclass(frozen=True)
+class PackingChoice:
+    """Whether a run packs, and what its first batches showed either way."""
+
+    enabled: bool
+    setting: bool | str
+    padding_unpacked: float
+    padding_packed: float
+    examples_per_packed_row: float
+
+    @property
+    def gain(self) -> float:
+        return real_token_gain(self.padding_unpacked, self.padding_packed)
+
+    @property
+    def examples_per_row(self) -> float:
+        """Examples per training row as the run will see them (1 unpacked)."""
+        return self.examples_per_packed_row if self.enabled else 1.0
+
+    def report(self, name: str) -> str:
+        """One startup line: the padding either way, and the decision with its reason."""
+        if self.setting == AUTO:
+            why = (f"config.packing = 'auto': the gain is "
+                   f"{'at least' if self.enabled else 'below'} {AUTO_MIN_GAIN:g}x")
+        else:
+            why = f"config.packing = {str(self.setting).lower()}"
+        state = (f"on, {self.examples_per_packed_row:.1f} examples per row" if self.enabled
+                 else "off")
+        return (f"{padding_report(name, self.padding_unpacked, self.padding_packed)}; "
+                f"packing {state} ({why})")
+
+
+def packing_setting(value) -> bool | str:
+    """``config.packing`` as True, False or "auto".
+
+    The config field is a string (so ``--config.packing=false`` and ``=auto``
+    both parse): "true" / "false" in any case, or "auto"; Python bools pass.
     """
-    return tuple(padding_fraction(make_batches(packed), keys, num_batches=num_batches)
-                 for packed in (False, True))
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", AUTO):
+        return {"true": True, "false": False, AUTO: AUTO}[value.lower()]
+    raise ValueError(f"config.packing must be 'auto', 'true' or 'false', got {value!r}")
+
+
+def choose_packing(setting,
+                   make_batches: Callable[[bool], Iterator[Mapping[str, np.ndarray]]],
+                   keys: Sequence[str], *, num_batches: int = 4,
+                   min_gain: float = AUTO_MIN_GAIN) -> PackingChoice:
+    """Measures a pipeline's first batches both ways and decides ``"auto"``.
+
+    ``setting``: ``config.packing`` (see :func:`packing_setting`).
+    ``make_batches(packing)`` builds a fresh training iterator either way (the
+    run's own pipeline is not touched). In a multi-process run it must read the
+    same examples on every process (build it as process 0 of 1), so that every
+    process decides alike.
+    """
+    setting = packing_setting(setting)
+    unpacked, _ = _measure(make_batches(False), keys, num_batches=num_batches)
+    packed, examples_per_row = _measure(make_batches(True), keys, num_batches=num_batches)
+    enabled = (setting if isinstance(setting, bool)
+               else real_token_gain(unpacked, packed) >= min_gain)
+    return PackingChoice(enabled=enabled, setting=setting, padding_unpacked=unpacked,
+                         padding_packed=packed, examples_per_packed_row=examples_per_row)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import functools
 import math
 import os
 import shutil
@@ -48,7 +47,7 @@ from tfx_jax.apps.translation.evaluation import (make_evaluate, translate_eval_d
 from tfx_jax.apps.translation.inference import translate_texts
 from tfx_jax.apps.translation.task import transformer_config, translation_task
 from tfx_jax.data.length_caps import length_caps
-from tfx_jax.data.packing import compare_padding, padding_report
+from tfx_jax.data.packing import PackingChoice, choose_packing, packing_setting
 from tfx_jax.data.text_pipeline import eval_batches, train_batches
 from tfx_jax.data.tokenizer import (SentencePieceTokenizer, load_or_train_tokenizer,
                                     tokenizer_path)
@@ -121,15 +120,21 @@ def check_config(config, mesh) -> None:
              "length_percentile", config.length_percentile, "in (0, 100]")
     _require(_number(config.outlier_factor) and config.outlier_factor >= 1, "outlier_factor",
              config.outlier_factor, ">= 1")
+    packing_setting(config.packing)  # "auto", "true" or "false"
     _require(config.tsv_header in TSV_HEADER, "tsv_header", config.tsv_header,
              f"one of {tuple(TSV_HEADER)}")
     model_config(config, vocab_size=config.vocab_size)  # d_model % num_heads, unknown fields
     tr.check_batch_size(config.batch_size, mesh)
 
 
-def resolve_train_length(config, num_pairs: int, user_corpus: bool) -> str:
-    """Sets ``config.num_train_steps`` (steps, epochs or the default); returns a line saying so."""
-    steps_per_epoch = num_pairs / config.batch_size
+def resolve_train_length(config, num_pairs: int, user_corpus: bool,
+                         pairs_per_row: float = 1.0) -> str:
+    """Sets ``config.num_train_steps`` (steps, epochs or the default); returns a line saying so.
+
+    ``pairs_per_row``: training pairs per row (more than 1 when packed), so
+    that an epoch is still one pass over the pairs.
+    """
+    steps_per_epoch = num_pairs / (config.batch_size * pairs_per_row)
     auto = config.auto_train_length
     if config.num_epochs > 0:
         steps = math.ceil(config.num_epochs * steps_per_epoch)
@@ -147,7 +152,9 @@ def resolve_train_length(config, num_pairs: int, user_corpus: bool) -> str:
     accum = config.grad_accum_steps
     config.num_train_steps = max(accum, math.ceil(steps / accum) * accum)
     epochs = config.num_train_steps / steps_per_epoch
-    return (f"training length: {config.num_train_steps} steps of {config.batch_size} = "
+    rows = (f"{config.batch_size} rows of ~{pairs_per_row:.1f} pairs" if pairs_per_row != 1
+            else f"{config.batch_size}")
+    return (f"training length: {config.num_train_steps} steps of {rows} = "
             f"{epochs:.2f} epochs of {num_pairs} pairs ({how})")
 
 
@@ -212,6 +219,7 @@ class Prepared:
     tokenizer_bytes: Optional[bytes]
     model: object
     eval_batch_size: int
+    packing: PackingChoice
 
 
 def make_task(config, model, evaluate=None) -> tr.Task:
@@ -232,7 +240,16 @@ def prepare(config, workdir: str, mesh, data: Optional[TranslationData] = None) 
         config.max_source_length = config.max_source_length or caps.max_source_length
         config.max_target_length = config.max_target_length or caps.max_target_length
         say(caps.describe(config.drop_overlong))
-    say(resolve_train_length(config, len(data.train), data.user_corpus))
+    packing = choose_packing(  # the same pairs on every process: every process decides alike
+        config.packing, lambda packed: train_batches(
+            data.train, tokenizer, global_batch_size=config.batch_size, seed=config.seed,
+            max_source_length=config.max_source_length,
+            max_target_length=config.max_target_length, drop_overlong=config.drop_overlong,
+            packing=packed, process_index=0, process_count=1,
+            read_options=grain.ReadOptions(num_threads=0)), ("inputs", "targets"))
+    say(packing.report("train rows"))
+    say(resolve_train_length(config, len(data.train), data.user_corpus,
+                             packing.examples_per_row))
     model = model_config(config, tokenizer.vocab_size)
     tr.validate_config(config)
     eval_batch_size = padded_batch_size(config.eval_batch_size, mesh)
@@ -242,7 +259,7 @@ def prepare(config, workdir: str, mesh, data: Optional[TranslationData] = None) 
             f"devices; padding rows are not scored)")
     check_checkpoint_fits(workdir, make_task(config, model).init_params)
     return Prepared(data=data, tokenizer=tokenizer, tokenizer_bytes=tokenizer_bytes,
-                    model=model, eval_batch_size=eval_batch_size)
+                    model=model, eval_batch_size=eval_batch_size, packing=packing)
 
 
 def train_and_test(config, workdir: str, data: Optional[TranslationData] = None,
@@ -259,11 +276,11 @@ def train_and_test(config, workdir: str, data: Optional[TranslationData] = None,
             write_workdir_file(workdir, _tokenizer_name(config), ready.tokenizer_bytes)
         lengths = dict(max_source_length=config.max_source_length,
                        max_target_length=config.max_target_length)
-        make_batches = functools.partial(  # packing=True: several pairs per row (packing.py)
-            train_batches, ready.data.train, ready.tokenizer, global_batch_size=config.batch_size,
+        train_iter = train_batches(  # packed: several pairs per row (tfx_jax.data.packing)
+            ready.data.train, ready.tokenizer, global_batch_size=config.batch_size,
             seed=config.seed, drop_overlong=config.drop_overlong,
+            packing=ready.packing.enabled,
             read_options=grain.ReadOptions(num_threads=config.data_threads), **lengths)
-        train_iter = make_batches(packing=config.packing)
         eval_data = eval_batches(ready.data.eval, ready.tokenizer,
                                  global_batch_size=ready.eval_batch_size, **lengths)
         translation_metrics = make_evaluate(
@@ -279,9 +296,6 @@ def train_and_test(config, workdir: str, data: Optional[TranslationData] = None,
             f"pairs, vocabulary {ready.tokenizer.vocab_size}, rows of "
             f"{config.max_source_length} / {config.max_target_length} tokens; "
             f"{config.num_train_steps} steps of {config.batch_size}")
-        if jax.process_index() == 0:
-            say(padding_report("train rows", *compare_padding(
-                lambda packed: make_batches(packing=packed), ("inputs", "targets"))))
         result = tr.train(config, workdir, make_task(config, ready.model, evaluate), train_iter,
                           eval_batches=eval_data, mesh=mesh)
         test_data = eval_batches(data.test, ready.tokenizer,
