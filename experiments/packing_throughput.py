@@ -8,6 +8,10 @@ change of machine load hits both alike:
 * ``translate``: the translation main job -- experiments/configs/translate.py's
   model and rows on the built-in number_words data (English -> German number
   words), SentencePiece vocabulary as the script trains it;
+* ``translate_lists``: the same translation job on a corpus whose lengths
+  spread like sentence lengths (lists of 1, 2, ... numbers per line, mostly
+  short, a few long: experiments/make_number_lists_tsv.py, 20,000 pairs),
+  rows sized from the data as the script does for a user's TSV;
 * ``lm``: the LM job -- experiments/configs/lm.py's model and rows on the
   built-in corpus (the Python standard library's source).
 
@@ -17,7 +21,7 @@ the median over the timed windows (all metrics lines after the first, whose
 window holds the compilation) of all rounds. ``gain`` is packed / unpacked
 real tokens per second (the issue's target: >= 1.5).
 
-    python experiments/packing_throughput.py                 # both jobs, CPU: minutes
+    python experiments/packing_throughput.py                 # all jobs, CPU: minutes
     python experiments/packing_throughput.py --jobs=lm --steps=60
 
 Writes benchmarks/results/packing_throughput_<platform>_<date>.json and .csv.
@@ -49,7 +53,8 @@ from tfx_jax.apps import language_model as lm_app  # noqa: E402
 from tfx_jax.apps.translation import transformer_config, translation_task  # noqa: E402
 from tfx_jax.data import packing  # noqa: E402
 from tfx_jax.data.pair_sources import open_text_pairs  # noqa: E402
-from tfx_jax.data.text_pipeline import longest_pair  # noqa: E402
+from tfx_jax.data.length_caps import length_caps  # noqa: E402
+from tfx_jax.data.number_lists import number_list_pairs  # noqa: E402
 from tfx_jax.data.text_pipeline import train_batches as translation_batches  # noqa: E402
 from tfx_jax.data.tokenizer import load_or_train_tokenizer  # noqa: E402
 from tfx_jax.lm import CausalLM  # noqa: E402
@@ -66,7 +71,8 @@ def default_config(name: str) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-flags.DEFINE_list("jobs", ["translate", "lm"], "Jobs to measure: translate, lm.")
+flags.DEFINE_list("jobs", ["translate", "translate_lists", "lm"],
+                  "Jobs to measure: translate, translate_lists, lm.")
 flags.DEFINE_integer("steps", 30, "Train steps per run (metrics every steps / 3).")
 flags.DEFINE_integer("rounds", 1, "Alternations of (packing off, packing on) per job.")
 flags.DEFINE_string("data_dir", os.path.join(tempfile.gettempdir(), "tfx_jax_packing_tfds"),
@@ -85,14 +91,16 @@ def _run_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
-def translate_job(workdir: str):
-    """(config, task, make_batches(packing), keys) of the translation main job."""
+def _translation_job(workdir: str, pairs, name: str):
+    """(config, task, make_batches(packing), keys, description): translate.py's model and
+    rows (lengths from the data, as the script measures them) on ``pairs``."""
     config = _run_config(default_config("translate"))
-    pairs = open_text_pairs(config.dataset, "train", data_dir=FLAGS.data_dir, in_memory=True)
     tokenizer = load_or_train_tokenizer(pairs, workdir, vocab_size=config.vocab_size,
                                         model_type=config.tokenizer_type,
                                         split_digits=config.split_digits, seed=config.seed)
-    source, target = longest_pair(pairs, tokenizer, seed=config.seed)
+    caps = length_caps(pairs, tokenizer, percentile=config.length_percentile,
+                       outlier_factor=config.outlier_factor, seed=config.seed)
+    source, target = caps.max_source_length, caps.max_target_length
     config.update(max_source_length=source, max_target_length=target)
     model = transformer_config(config.model, vocab_size=tokenizer.vocab_size,
                                max_len=max(source, target))
@@ -106,7 +114,18 @@ def translate_job(workdir: str):
                                    read_options=grain.ReadOptions(num_threads=0))
 
     return config, task, make_batches, ("inputs", "targets"), (
-        f"number_words en->de, {len(pairs)} train pairs, rows {source}/{target}")
+        f"{name}, {len(pairs)} train pairs, rows {source}/{target}")
+
+
+def translate_job(workdir: str):
+    config = default_config("translate")
+    pairs = open_text_pairs(config.dataset, "train", data_dir=FLAGS.data_dir, in_memory=True)
+    return _translation_job(workdir, pairs, "number_words en->de")
+
+
+def translate_lists_job(workdir: str):
+    pairs = number_list_pairs(20_000, seed=0)
+    return _translation_job(workdir, pairs, "number lists en->de (make_number_lists_tsv.py)")
 
 
 def lm_job(workdir: str):
@@ -129,7 +148,7 @@ def lm_job(workdir: str):
         f"{corpus.description}; rows of {config.max_len}")
 
 
-JOBS = {"translate": translate_job, "lm": lm_job}
+JOBS = {"translate": translate_job, "translate_lists": translate_lists_job, "lm": lm_job}
 
 
 def measure(name: str, root: str) -> list[dict]:
@@ -185,10 +204,10 @@ def main(argv):
             "command": " ".join(["python", "experiments/packing_throughput.py", *sys.argv[1:]])}
     print(f"\n{device.device_kind}, load average {load_before[0]:.1f} -> "
           f"{meta['load_average_after'][0]:.1f}")
-    print(f"{'job':<10} {'packing':<8} {'padding':>8} {'steps/s':>8} {'examples/s':>11} "
+    print(f"{'job':<16} {'packing':<8} {'padding':>8} {'steps/s':>8} {'examples/s':>11} "
           f"{'real tokens/s':>14} {'gain':>6}")
     for r in records:
-        print(f"{r['job']:<10} {str(r['packing']):<8} {r['padding_fraction']:>8.1%} "
+        print(f"{r['job']:<16} {str(r['packing']):<8} {r['padding_fraction']:>8.1%} "
               f"{r['steps_per_sec']:>8.3f} {r['examples_per_sec']:>11.1f} "
               f"{r['tokens_per_sec']:>14,.0f} {r['gain'] if r['packing'] else 1.0:>5.2f}x")
     name = FLAGS.out_name or f"packing_throughput_{device.platform}_{meta['date'][:10]}"

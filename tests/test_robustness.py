@@ -124,7 +124,9 @@ def test_default_batch_sizes_on_8_devices_and_a_lone_messy_train_file(trained, c
     cut = sum(source.startswith(OUTLIER) for source, _ in train)
     assert cut >= 1 and f"{cut} of 288 pairs are longer and are cut to fit. warning: " \
                         f"outliers up to 30" in err
-    assert "training length: 2 steps of 128 = 0.89 epochs of 288 pairs" in err
+    # packing "auto": this file's lengths spread, so rows are packed and an epoch counts pairs
+    assert "packing on, 1.4 examples per row (config.packing = 'auto'" in err
+    assert "training length: 2 steps of 128 rows of ~1.4 pairs = 1.25 epochs of 288 pairs" in err
     assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "metrics.jsonl",
                                            "sentencepiece_bpe_40_split_digits.model",
                                            "tensorboard"]  # lock released
@@ -281,6 +283,13 @@ def test_training_length_follows_the_data(tmp_path, overrides, pairs_count, user
     said = ex.resolve_train_length(config, pairs_count, user)
     assert config.num_train_steps == steps
     assert said.startswith("training length: ") and line in said
+
+
+def test_an_epoch_of_packed_rows_is_one_pass_over_the_pairs(tmp_path):
+    config = tiny_config(tmp_path, num_train_steps=0, num_epochs=2.0)
+    said = ex.resolve_train_length(config, 10_000, True, pairs_per_row=2.5)
+    assert config.num_train_steps == 63  # ceil(2 * 10,000 / (128 rows * 2.5 pairs))
+    assert "63 steps of 128 rows of ~2.5 pairs = 2.02 epochs of 10000 pairs" in said
 
 
 def _script(*args):
