@@ -26,8 +26,12 @@ and emits all of them as soon as an example fits nowhere.
 :func:`tfx_jax.data.grain_batches.training_batches` (same seeded shuffle,
 epochs, process sharding and checkpointable iterator); a batch then holds as
 many examples as fit, not a fixed number, so the "examples of step k" property
-of the unpacked pipeline does not hold. :func:`padding_fraction` measures what
-packing saves.
+of the unpacked pipeline does not hold.
+
+Packing pays only when rows are mostly padding. :func:`choose_packing`
+measures a pipeline's first batches both ways and decides ``config.packing =
+"auto"``: pack when a row then holds at least :data:`AUTO_MIN_GAIN` times more
+real tokens.
 """
 from __future__ import annotations
 
