@@ -18,8 +18,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import sys
 
 import numpy as np
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+from tfx_jax.data.tsv_pairs import write_tsv_pairs  # noqa: E402
 
 FIRST_DAY = datetime.date(1900, 1, 1)
 NUM_DAYS = (datetime.date(2099, 12, 31) - FIRST_DAY).days + 1
@@ -36,12 +43,6 @@ def date_pair(date: datetime.date) -> tuple[str, str]:
     return date.isoformat(), f"the {ordinal(date.day)} of {date:%B} {date.year}"
 
 
-def write_tsv(path: str, dates) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for date in dates:
-            f.write("\t".join(date_pair(date)) + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out_dir", required=True)
@@ -53,8 +54,9 @@ def main() -> None:
         NUM_DAYS, size=args.train_size + args.eval_size, replace=False)
     dates = [FIRST_DAY + datetime.timedelta(days=int(d)) for d in offsets]
     os.makedirs(args.out_dir, exist_ok=True)
-    write_tsv(os.path.join(args.out_dir, "train.tsv"), dates[:args.train_size])
-    write_tsv(os.path.join(args.out_dir, "eval.tsv"), dates[args.train_size:])
+    pairs = [date_pair(date) for date in dates]
+    write_tsv_pairs(os.path.join(args.out_dir, "train.tsv"), pairs[:args.train_size])
+    write_tsv_pairs(os.path.join(args.out_dir, "eval.tsv"), pairs[args.train_size:])
     print(f"wrote {args.train_size} train and {args.eval_size} eval pairs to {args.out_dir}")
 
 

@@ -20,12 +20,7 @@ if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 from tfx_jax.data.number_lists import number_list_pairs  # noqa: E402
-
-
-def write_tsv(path: str, pairs) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for source, target in pairs:
-            f.write(f"{source}\t{target}\n")
+from tfx_jax.data.tsv_pairs import write_tsv_pairs  # noqa: E402
 
 
 def main() -> None:
@@ -40,8 +35,8 @@ def main() -> None:
     pairs = number_list_pairs(args.train_size + args.eval_size, mean_count=args.mean_count,
                               max_count=args.max_count, seed=args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
-    write_tsv(os.path.join(args.out_dir, "train.tsv"), pairs[:args.train_size])
-    write_tsv(os.path.join(args.out_dir, "eval.tsv"), pairs[args.train_size:])
+    write_tsv_pairs(os.path.join(args.out_dir, "train.tsv"), pairs[:args.train_size])
+    write_tsv_pairs(os.path.join(args.out_dir, "eval.tsv"), pairs[args.train_size:])
     print(f"wrote {args.train_size} train and {args.eval_size} eval pairs to {args.out_dir}")
 
 

@@ -34,3 +34,12 @@ def test_pairs_agree_item_by_item_and_counts_are_long_tailed():
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="mean_count must be >= 1"):
         number_list_pairs(3, mean_count=0.5)
+
+
+def test_written_tsv_reads_back_pair_for_pair(tmp_path):
+    from tfx_jax.data.tsv_pairs import TsvPairs, write_tsv_pairs
+    pairs = number_list_pairs(50, seed=2)
+    assert write_tsv_pairs(tmp_path / "lists.tsv", pairs) == 50
+    assert list(TsvPairs(tmp_path / "lists.tsv")) == pairs
+    with pytest.raises(ValueError, match="pair 1: the target 'a\\\\tb' is empty or holds a tab"):
+        write_tsv_pairs(tmp_path / "bad.tsv", [("x", "y"), ("x", "a\tb")])

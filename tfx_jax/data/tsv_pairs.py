@@ -41,8 +41,6 @@ def looks_like_header(source: str, target: str) -> bool:
     """True when both fields are column names (``source``/``target``, ``en``/``de``, ...)."""
     return all(_HEADER_FIELD.match(field.strip().lower()) for field in (source, target))
 
-from etils import epath
-
 
 class TsvPairs(collections.abc.Sequence):
     """Random-access ``(source_text, target_text)`` pairs read from a TSV file.
@@ -118,3 +116,21 @@ class TsvPairs(collections.abc.Sequence):
 
     def __getitem__(self, index):
         return self._pairs[index]
+
+
+def write_tsv_pairs(path: str | os.PathLike, pairs) -> int:
+    """Writes ``(source, target)`` pairs as a TSV file that :class:`TsvPairs` reads back.
+
+    Returns the number of pairs written. A side that is empty or holds a tab
+    or a line break would not read back as one pair: ValueError naming it.
+    """
+    lines = []
+    for index, (source, target) in enumerate(pairs):
+        for side, text in (("source", source), ("target", target)):
+            if not text or any(c in text for c in "\t\r\n"):
+                raise ValueError(f"pair {index}: the {side} {text!r} is empty or holds a tab "
+                                 f"or a line break")
+        lines.append(f"{source}\t{target}\n")
+    epath.Path(path).write_text("".join(lines), encoding="utf-8")
+    return len(lines)
+
