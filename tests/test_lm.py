@@ -190,7 +190,7 @@ def test_nucleus_sampling_draws_only_the_nucleus_with_renormalised_frequencies()
 def test_sampling_rejects_bad_options_and_overlong_prompts():
     model = _tiny_model(max_len=8)
     params = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
-    with pytest.raises(ValueError, match=r"prompt 'abcdefghij' is 11 tokens .*max_len=8"):
+    with pytest.raises(ValueError, match=r"prompt 2 'abcdefghij' is 11 tokens .*max_len=8"):
         sampling.generate_texts(model, params, CharTokenizer(), ["ab", "abcdefghij"],
                                 num_tokens=4)
     for bad, match in (({"top_p": 0.0}, "top_p must be in"), ({"top_k": 0}, "top_k must be"),
@@ -208,3 +208,60 @@ def test_generation_fills_the_context_at_most_and_is_seeded():
     assert len(first[0]) == 3
     for text in first[0]:
         assert text.startswith("abc") and len(text) <= 7  # BOS + 7 tokens fill max_len = 8
+
+
+# ------------------------------------------------------------ batched generation
+
+def _model_and_params(position, max_len=12):
+    model = CausalLM(CausalLMConfig(vocab_size=32, max_len=max_len, position=position, **TINY))
+    return model, model.init(jax.random.key(0), jnp.ones((1, max_len), jnp.int32))["params"]
+
+
+# prompts (with BOS) of 1 token, several tokens, and one that leaves 2 positions of max_len 12
+PROMPTS = [[BOS_ID], [BOS_ID, 5, 6, 7], [BOS_ID, *range(4, 13)], [BOS_ID, 9]]
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_batched_greedy_generation_continues_each_prompt_as_alone(position):
+    model, params = _model_and_params(position)
+    batch = sampling.generate_ids(model, params, PROMPTS, num_tokens=8, temperature=0.0)
+    # independent reference: each prompt alone, argmax of full (uncached) passes; a
+    # right-padded row of max_len gives the same logits up to its end (causality)
+    full_pass = jax.jit(lambda row: model.apply({"params": params}, row[None])[0])
+    for prompt, (row,) in zip(PROMPTS, batch):
+        seq, budget = list(prompt), min(8, 12 - len(prompt))
+        for _ in range(budget):
+            padded = jnp.asarray(seq + [0] * (12 - len(seq)), jnp.int32)
+            seq.append(int(jnp.argmax(full_pass(padded)[len(seq) - 1])))
+        expected = np.asarray(seq[len(prompt):])
+        eos = np.flatnonzero(expected == EOS_ID)
+        np.testing.assert_array_equal(row, expected[:eos[0]] if len(eos) else expected)
+    assert len(batch[2][0]) <= 2  # cut where its context (max_len 12) ends
+    assert len(batch[0][0]) == 8 or EOS_ID in batch[0][0]
+
+
+def test_sampled_rows_do_not_depend_on_the_other_prompts_of_the_batch():
+    model, params = _model_and_params("learned")
+    kwargs = dict(num_tokens=6, num_samples=2, seed=7, temperature=1.0, top_k=20, top_p=0.95)
+    batch = sampling.generate_ids(model, params, PROMPTS, **kwargs)
+    # other company, less left padding: prompts 1 and 3 alone in a batch of their own
+    fewer = sampling.generate_ids(model, params, [PROMPTS[1], PROMPTS[3]], **kwargs)
+    reordered = sampling.generate_ids(model, params, PROMPTS[::-1], **kwargs)[::-1]
+    for expected, got in [(batch[1], fewer[0]), (batch[3], fewer[1])] + list(zip(batch,
+                                                                                 reordered)):
+        for row, single in zip(expected, got):
+            np.testing.assert_array_equal(row, single)
+    assert any(not np.array_equal(a, b) for a, b in batch)  # samples of a prompt differ
+    other_seed = sampling.generate_ids(model, params, PROMPTS, **{**kwargs, "seed": 8})
+    assert any(not np.array_equal(a[0], b[0]) for a, b in zip(batch, other_seed))
+
+
+def test_per_row_keys_in_decoding_sample_are_checked():
+    def step_fn(tokens, cache):
+        return jnp.zeros((tokens.shape[0], tokens.shape[1], 4)), cache
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    with pytest.raises(ValueError, match="rng holds 3 keys .* batch of 2 rows"):
+        decoding.sample(step_fn, None, jnp.zeros((2, 1), jnp.int32), 2, rng=keys)
+    out = decoding.sample(step_fn, None, jnp.zeros((3, 1), jnp.int32), 2, rng=keys)
+    assert out.shape == (3, 3)
