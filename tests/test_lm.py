@@ -11,10 +11,11 @@ from absl import flags
 from tfx_jax import decoding
 from tfx_jax import train as tr
 from tfx_jax.apps.language_model import corpus as corpus_lib
-from tfx_jax.apps.language_model import pipeline, sampling
+from tfx_jax.apps.language_model import experiment, pipeline, sampling
 from tfx_jax.apps.language_model.task import lm_config, lm_task, make_evaluate
 from tfx_jax.data.tokenizer import BOS_ID, EOS_ID
 from tfx_jax.lm import CausalLM, CausalLMConfig
+from tests.scripts import experiment_config
 
 flags.FLAGS.mark_as_parsed()  # Grain reads absl flags
 
@@ -265,3 +266,33 @@ def test_per_row_keys_in_decoding_sample_are_checked():
         decoding.sample(step_fn, None, jnp.zeros((2, 1), jnp.int32), 2, rng=keys)
     out = decoding.sample(step_fn, None, jnp.zeros((3, 1), jnp.int32), 2, rng=keys)
     assert out.shape == (3, 3)
+
+
+# ------------------------------------------------------------------ the run's config
+
+@pytest.mark.parametrize("key, value, message", [
+    ("max_len", 1, "config.max_len must be an integer >= 2"),
+    ("vocab_size", 300, "config.vocab_size must be an integer >= 384"),
+    ("batch_size", 12, r"config.batch_size = 12 must be divisible by the number of devices"),
+    ("eval_batch_size", 4, r"config.eval_batch_size = 4 must be divisible"),
+    ("temperature", -0.5, "config.temperature must be a number >= 0"),
+    ("top_k", -1, "config.top_k must be an integer >= 0"),
+    ("top_p", 0.0, r"config.top_p must be in \(0, 1\]"),
+    ("top_p", 1.5, r"config.top_p must be in \(0, 1\]"),
+    ("num_generate_tokens", 0, "config.num_generate_tokens must be an integer >= 1"),
+    ("num_samples", 0, "config.num_samples must be an integer >= 1"),
+    ("packing", "yes", "config.packing must be 'auto', 'true' or 'false', got 'yes'"),
+    ("eval_fraction", 1.0, r"config.eval_fraction must be in \(0, 1\)"),
+    ("sample_prompts", ("def ", 3), "config.sample_prompts must be a tuple of strings"),
+    ("model.num_heads", 3, "num_heads"),
+    ("num_train_steps", 0, "config.num_train_steps"),
+])
+def test_check_config_names_the_bad_key_in_one_line(key, value, message):
+    mesh = tr.make_data_mesh(jax.devices()[:8])
+    config = experiment_config("lm")
+    experiment.check_config(config, mesh)  # the defaults pass on 8 devices
+    section, _, name = key.rpartition(".")
+    (config[section] if section else config)[name] = value
+    with pytest.raises(ValueError, match=message) as error:
+        experiment.check_config(config, mesh)
+    assert "\n" not in str(error.value)
