@@ -117,9 +117,15 @@ def _tiny_model(max_len=8, vocab=32):
     return CausalLM(CausalLMConfig(vocab_size=vocab, max_len=max_len, **TINY))
 
 
+def _init(model):
+    """Parameters (jitted: eager Flax init costs seconds on a loaded CPU)."""
+    return jax.jit(model.init)(jax.random.key(0),
+                               jnp.ones((1, model.config.max_len), jnp.int32))["params"]
+
+
 def test_eval_perplexity_is_exp_of_mean_token_nll():
     model = _tiny_model()
-    params = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+    params = _init(model)
     texts = ["abcdefghijk", "xyz", "mnop", "q"]
     windows = pipeline.eval_windows(texts, CharTokenizer(), max_len=8)
     data = pipeline.eval_batches(windows, global_batch_size=2, max_len=8)
@@ -127,9 +133,14 @@ def test_eval_perplexity_is_exp_of_mean_token_nll():
     metrics = make_evaluate(model, data)(params, 0, mesh)
     # by hand in float64: log-softmax of each window's logits at its real targets
     nlls, correct = [], []
-    for w in windows:
-        logits = np.asarray(model.apply({"params": params}, jnp.asarray(w[:-1])[None]),
-                            np.float64)[0]
+    # every window's logits in one call: right padding changes no earlier logit (causality)
+    rows = np.zeros((len(windows), 8), np.int32)
+    for row, w in zip(rows, windows):
+        row[:len(w) - 1] = w[:-1]
+    all_logits = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(rows)),
+                            np.float64)
+    for w, logits in zip(windows, all_logits):
+        logits = logits[:len(w) - 1]
         logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
                                keepdims=True)) - logits.max(-1, keepdims=True)
         nlls += [-logp[i, t] for i, t in enumerate(w[1:])]
@@ -190,7 +201,7 @@ def test_nucleus_sampling_draws_only_the_nucleus_with_renormalised_frequencies()
 
 def test_sampling_rejects_bad_options_and_overlong_prompts():
     model = _tiny_model(max_len=8)
-    params = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+    params = _init(model)
     with pytest.raises(ValueError, match=r"prompt 2 'abcdefghij' is 11 tokens .*max_len=8"):
         sampling.generate_texts(model, params, CharTokenizer(), ["ab", "abcdefghij"],
                                 num_tokens=4)
@@ -202,7 +213,7 @@ def test_sampling_rejects_bad_options_and_overlong_prompts():
 
 def test_generation_fills_the_context_at_most_and_is_seeded():
     model = _tiny_model(max_len=8)
-    params = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+    params = _init(model)
     kwargs = dict(num_tokens=50, num_samples=3, seed=1, temperature=1.0, top_p=0.9, top_k=10)
     first = sampling.generate_texts(model, params, CharTokenizer(), ["abc"], **kwargs)
     assert first == sampling.generate_texts(model, params, CharTokenizer(), ["abc"], **kwargs)
@@ -215,7 +226,7 @@ def test_generation_fills_the_context_at_most_and_is_seeded():
 
 def _model_and_params(position, max_len=12):
     model = CausalLM(CausalLMConfig(vocab_size=32, max_len=max_len, position=position, **TINY))
-    return model, model.init(jax.random.key(0), jnp.ones((1, max_len), jnp.int32))["params"]
+    return model, _init(model)
 
 
 # prompts (with BOS) of 1 token, several tokens, and one that leaves 2 positions of max_len 12
