@@ -50,9 +50,6 @@ from tfx_jax.train.checkpoint import check_checkpoint_fits
 from tfx_jax.train.run_config import CONFIG_FILE
 from tfx_jax.train.workdir_lock import workdir_lock
 
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "num_generate_tokens", "num_samples",
-                 "sample_seed")
-
 
 def say(message: str) -> None:
     """A line on stderr from process 0."""
