@@ -268,17 +268,6 @@ def test_sampled_rows_do_not_depend_on_the_other_prompts_of_the_batch():
     assert any(not np.array_equal(a[0], b[0]) for a, b in zip(batch, other_seed))
 
 
-def test_per_row_keys_in_decoding_sample_are_checked():
-    def step_fn(tokens, cache):
-        return jnp.zeros((tokens.shape[0], tokens.shape[1], 4)), cache
-
-    keys = jax.random.split(jax.random.key(0), 3)
-    with pytest.raises(ValueError, match="rng holds 3 keys .* batch of 2 rows"):
-        decoding.sample(step_fn, None, jnp.zeros((2, 1), jnp.int32), 2, rng=keys)
-    out = decoding.sample(step_fn, None, jnp.zeros((3, 1), jnp.int32), 2, rng=keys)
-    assert out.shape == (3, 3)
-
-
 # ------------------------------------------------------------------ the run's config
 
 @pytest.mark.parametrize("key, value, message", [
