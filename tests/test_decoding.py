@@ -163,8 +163,15 @@ def test_per_row_keys_make_each_row_independent_of_the_others():
         np.testing.assert_array_equal(batch[row], draw(prompts[row:row + 1],
                                                        keys[row:row + 1])[0])
     assert not np.array_equal(draw(prompts, keys[0])[1:], batch[1:])  # one key for all rows
+    calls = []
+
+    def counted_step(tokens, cache):
+        calls.append(tokens.shape)
+        return markov_step(table)(tokens, cache)
+
     with pytest.raises(ValueError, match="rng holds 3 keys .* batch of 2 rows"):
-        decoding.sample(markov_step(table), 0, prompts[:2], 2, rng=keys)
+        decoding.sample(counted_step, 0, prompts[:2], 2, rng=keys)
+    assert calls == []  # refused before the model ran
 
 
 def test_left_pad_puts_prompts_at_the_end_with_positions_and_segments():

@@ -177,11 +177,11 @@ def sample(step_fn: StepFn, cache: Any, prompt: jax.Array, num_steps: int, *,
     check_cache_fits(cache, prompt.shape[1] + max(num_steps - 1, 0),
                      f"sample (prompt of {prompt.shape[1]} + {num_steps} steps - 1)")
     rng = jax.random.key(0) if rng is None else rng
-    batch = prompt.shape[0]
-    logits, cache = step_fn(prompt, cache, **(prompt_kwargs or {}))
     if _per_row(rng) and rng.shape[0] != prompt.shape[0]:
         raise ValueError(f"rng holds {rng.shape[0]} keys (one per row) for a batch of "
                          f"{prompt.shape[0]} rows")
+    batch = prompt.shape[0]
+    logits, cache = step_fn(prompt, cache, **(prompt_kwargs or {}))
     rng, first_rng = _split(rng, 2)
     token = _sample_logits(logits[:, -1], first_rng, temperature, top_k, top_p)
     done = jnp.zeros((batch,), bool)
