@@ -151,6 +151,29 @@ def test_greedy_decoding_of_a_transformer_equals_argmax_of_full_passes():
     assert seqs.shape == (2, beams, 6) and np.isfinite(np.asarray(scores)).all()
 
 
+def test_per_row_keys_make_each_row_independent_of_the_others():
+    """With one key per row, a row's draws depend on its key only: the same in any batch."""
+    table = jax.random.normal(jax.random.key(1), (VOCAB, VOCAB))  # next token | last token
+    draw = jax.jit(lambda prompts, rng: decoding.sample(markov_step(table), 0, prompts, 12,
+                                                        rng=rng, temperature=1.0))
+    keys = jax.random.split(jax.random.key(0), 3)
+    prompts = jnp.array([[0], [2], [3]], jnp.int32)
+    batch = draw(prompts, keys)
+    for row in range(3):
+        np.testing.assert_array_equal(batch[row], draw(prompts[row:row + 1],
+                                                       keys[row:row + 1])[0])
+    assert not np.array_equal(draw(prompts, keys[0])[1:], batch[1:])  # one key for all rows
+    calls = []
+
+    def counted_step(tokens, cache):
+        calls.append(tokens.shape)
+        return markov_step(table)(tokens, cache)
+
+    with pytest.raises(ValueError, match="rng holds 3 keys .* batch of 2 rows"):
+        decoding.sample(counted_step, 0, prompts[:2], 2, rng=keys)
+    assert calls == []  # refused before the model ran
+
+
 def test_left_pad_puts_prompts_at_the_end_with_positions_and_segments():
     tokens, positions, segment_ids = decoding.left_pad([[7, 8], [3, 4, 5]], length=4)
     np.testing.assert_array_equal(tokens, [[0, 0, 7, 8], [0, 3, 4, 5]])

@@ -11,10 +11,11 @@ from absl import flags
 from tfx_jax import decoding
 from tfx_jax import train as tr
 from tfx_jax.apps.language_model import corpus as corpus_lib
-from tfx_jax.apps.language_model import pipeline, sampling
+from tfx_jax.apps.language_model import experiment, pipeline, sampling
 from tfx_jax.apps.language_model.task import lm_config, lm_task, make_evaluate
 from tfx_jax.data.tokenizer import BOS_ID, EOS_ID
 from tfx_jax.lm import CausalLM, CausalLMConfig
+from tests.scripts import experiment_config
 
 flags.FLAGS.mark_as_parsed()  # Grain reads absl flags
 
@@ -116,9 +117,15 @@ def _tiny_model(max_len=8, vocab=32):
     return CausalLM(CausalLMConfig(vocab_size=vocab, max_len=max_len, **TINY))
 
 
+def _init(model):
+    """Parameters (jitted: eager Flax init costs seconds on a loaded CPU)."""
+    return jax.jit(model.init)(jax.random.key(0),
+                               jnp.ones((1, model.config.max_len), jnp.int32))["params"]
+
+
 def test_eval_perplexity_is_exp_of_mean_token_nll():
     model = _tiny_model()
-    params = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+    params = _init(model)
     texts = ["abcdefghijk", "xyz", "mnop", "q"]
     windows = pipeline.eval_windows(texts, CharTokenizer(), max_len=8)
     data = pipeline.eval_batches(windows, global_batch_size=2, max_len=8)
@@ -126,9 +133,14 @@ def test_eval_perplexity_is_exp_of_mean_token_nll():
     metrics = make_evaluate(model, data)(params, 0, mesh)
     # by hand in float64: log-softmax of each window's logits at its real targets
     nlls, correct = [], []
-    for w in windows:
-        logits = np.asarray(model.apply({"params": params}, jnp.asarray(w[:-1])[None]),
-                            np.float64)[0]
+    # every window's logits in one call: right padding changes no earlier logit (causality)
+    rows = np.zeros((len(windows), 8), np.int32)
+    for row, w in zip(rows, windows):
+        row[:len(w) - 1] = w[:-1]
+    all_logits = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(rows)),
+                            np.float64)
+    for w, logits in zip(windows, all_logits):
+        logits = logits[:len(w) - 1]
         logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
                                keepdims=True)) - logits.max(-1, keepdims=True)
         nlls += [-logp[i, t] for i, t in enumerate(w[1:])]
@@ -189,8 +201,8 @@ def test_nucleus_sampling_draws_only_the_nucleus_with_renormalised_frequencies()
 
 def test_sampling_rejects_bad_options_and_overlong_prompts():
     model = _tiny_model(max_len=8)
-    params = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
-    with pytest.raises(ValueError, match=r"prompt 'abcdefghij' is 11 tokens .*max_len=8"):
+    params = _init(model)
+    with pytest.raises(ValueError, match=r"prompt 2 'abcdefghij' is 11 tokens .*max_len=8"):
         sampling.generate_texts(model, params, CharTokenizer(), ["ab", "abcdefghij"],
                                 num_tokens=4)
     for bad, match in (({"top_p": 0.0}, "top_p must be in"), ({"top_k": 0}, "top_k must be"),
@@ -201,10 +213,86 @@ def test_sampling_rejects_bad_options_and_overlong_prompts():
 
 def test_generation_fills_the_context_at_most_and_is_seeded():
     model = _tiny_model(max_len=8)
-    params = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+    params = _init(model)
     kwargs = dict(num_tokens=50, num_samples=3, seed=1, temperature=1.0, top_p=0.9, top_k=10)
     first = sampling.generate_texts(model, params, CharTokenizer(), ["abc"], **kwargs)
     assert first == sampling.generate_texts(model, params, CharTokenizer(), ["abc"], **kwargs)
     assert len(first[0]) == 3
     for text in first[0]:
         assert text.startswith("abc") and len(text) <= 7  # BOS + 7 tokens fill max_len = 8
+
+
+# ------------------------------------------------------------ batched generation
+
+def _model_and_params(position, max_len=12):
+    model = CausalLM(CausalLMConfig(vocab_size=32, max_len=max_len, position=position, **TINY))
+    return model, _init(model)
+
+
+# prompts (with BOS) of 1 token, several tokens, and one that leaves 2 positions of max_len 12
+PROMPTS = [[BOS_ID], [BOS_ID, 5, 6, 7], [BOS_ID, *range(4, 13)], [BOS_ID, 9]]
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_batched_greedy_generation_continues_each_prompt_as_alone(position):
+    model, params = _model_and_params(position)
+    batch = sampling.generate_ids(model, params, PROMPTS, num_tokens=8, temperature=0.0)
+    # independent reference: each prompt alone, argmax of full (uncached) passes; a
+    # right-padded row of max_len gives the same logits up to its end (causality)
+    full_pass = jax.jit(lambda row: model.apply({"params": params}, row[None])[0])
+    for prompt, (row,) in zip(PROMPTS, batch):
+        seq, budget = list(prompt), min(8, 12 - len(prompt))
+        for _ in range(budget):
+            padded = jnp.asarray(seq + [0] * (12 - len(seq)), jnp.int32)
+            seq.append(int(jnp.argmax(full_pass(padded)[len(seq) - 1])))
+        expected = np.asarray(seq[len(prompt):])
+        eos = np.flatnonzero(expected == EOS_ID)
+        np.testing.assert_array_equal(row, expected[:eos[0]] if len(eos) else expected)
+    assert len(batch[2][0]) <= 2  # cut where its context (max_len 12) ends
+    assert len(batch[0][0]) == 8 or EOS_ID in batch[0][0]
+
+
+def test_sampled_rows_do_not_depend_on_the_other_prompts_of_the_batch():
+    model, params = _model_and_params("learned")
+    kwargs = dict(num_tokens=6, num_samples=2, seed=7, temperature=1.0, top_k=20, top_p=0.95)
+    batch = sampling.generate_ids(model, params, PROMPTS, **kwargs)
+    # other company, less left padding: prompts 1 and 3 alone in a batch of their own
+    fewer = sampling.generate_ids(model, params, [PROMPTS[1], PROMPTS[3]], **kwargs)
+    reordered = sampling.generate_ids(model, params, PROMPTS[::-1], **kwargs)[::-1]
+    for expected, got in [(batch[1], fewer[0]), (batch[3], fewer[1])] + list(zip(batch,
+                                                                                 reordered)):
+        for row, single in zip(expected, got):
+            np.testing.assert_array_equal(row, single)
+    assert any(not np.array_equal(a, b) for a, b in batch)  # samples of a prompt differ
+    other_seed = sampling.generate_ids(model, params, PROMPTS, **{**kwargs, "seed": 8})
+    assert any(not np.array_equal(a[0], b[0]) for a, b in zip(batch, other_seed))
+
+
+# ------------------------------------------------------------------ the run's config
+
+@pytest.mark.parametrize("key, value, message", [
+    ("max_len", 1, "config.max_len must be an integer >= 2"),
+    ("vocab_size", 300, "config.vocab_size must be an integer >= 384"),
+    ("batch_size", 12, r"config.batch_size = 12 must be divisible by the number of devices"),
+    ("eval_batch_size", 4, r"config.eval_batch_size = 4 must be divisible"),
+    ("temperature", -0.5, "config.temperature must be a number >= 0"),
+    ("top_k", -1, "config.top_k must be an integer >= 0"),
+    ("top_p", 0.0, r"config.top_p must be in \(0, 1\]"),
+    ("top_p", 1.5, r"config.top_p must be in \(0, 1\]"),
+    ("num_generate_tokens", 0, "config.num_generate_tokens must be an integer >= 1"),
+    ("num_samples", 0, "config.num_samples must be an integer >= 1"),
+    ("packing", "yes", "config.packing must be 'auto', 'true' or 'false', got 'yes'"),
+    ("eval_fraction", 1.0, r"config.eval_fraction must be in \(0, 1\)"),
+    ("sample_prompts", ("def ", 3), "config.sample_prompts must be a tuple of strings"),
+    ("model.num_heads", 3, "num_heads"),
+    ("num_train_steps", 0, "config.num_train_steps"),
+])
+def test_check_config_names_the_bad_key_in_one_line(key, value, message):
+    mesh = tr.make_data_mesh(jax.devices()[:8])
+    config = experiment_config("lm")
+    experiment.check_config(config, mesh)  # the defaults pass on 8 devices
+    section, _, name = key.rpartition(".")
+    (config[section] if section else config)[name] = value
+    with pytest.raises(ValueError, match=message) as error:
+        experiment.check_config(config, mesh)
+    assert "\n" not in str(error.value)

@@ -1,5 +1,6 @@
 """Packing through the Tasks: packed rows give each example the loss it has alone, and no
-token's loss depends on another example of its row (gradient check)."""
+token's loss depends on another example of its row (gradient check). Models are initialised
+and differentiated under jit: eager Flax costs seconds per call on a loaded CPU."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,7 +43,7 @@ def test_packed_lm_loss_of_each_text_equals_its_loss_alone(overrides):
     max_len = 16
     model = CausalLM(CausalLMConfig(vocab_size=32, num_layers=1, max_len=max_len,
                                     **{**TINY, **overrides}))
-    params = model.init(RNG, jnp.ones((1, max_len), jnp.int32))["params"]
+    params = jax.jit(model.init)(RNG, jnp.ones((1, max_len), jnp.int32))["params"]
     loss_fn = jax.jit(lm_loss_fn(model), static_argnums=3)
     packed = next(pipeline.train_batches(texts, CharTokenizer(), global_batch_size=2,
                                          max_len=max_len, packing_enabled=True))
@@ -67,20 +68,21 @@ def test_no_lm_loss_depends_on_another_segment():
     max_len = 12
     model = CausalLM(CausalLMConfig(vocab_size=32, num_layers=1, max_len=max_len,
                                     tie_embeddings=False, **TINY))
-    params = model.init(RNG, jnp.ones((1, max_len), jnp.int32))["params"]
+    params = jax.jit(model.init)(RNG, jnp.ones((1, max_len), jnp.int32))["params"]
     # segment 1 uses tokens 4..8, segment 2 tokens 9..13 (no token in both)
     inputs = np.array([[2, 4, 5, 6, 7, 2, 9, 10, 11, 12, 13, 0]], np.int32)
     targets = np.array([[4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 1, 0]], np.int32)
     seg = np.array([[1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 0]], np.int32)
     pos = np.array([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0]], np.int32)
     loss_fn = lm_loss_fn(model)
+    grad_fn = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, RNG, False)[0]))
 
     def embedding_grad(segment, packed=True):
         batch = {"inputs": inputs, "targets": np.where(seg == segment, targets, 0)}
         if packed:
             batch.update(inputs_segmentation=seg, inputs_position=pos,
                          targets_segmentation=seg, targets_position=pos)
-        grads = jax.grad(lambda p: loss_fn(p, batch, RNG, False)[0])(params)
+        grads = grad_fn(params, batch)
         return np.abs(np.asarray(grads["embedding"]["embedding"])).sum(axis=1)
 
     first_rows, second_rows = [4, 5, 6, 7], [9, 10, 11, 12, 13]
@@ -97,7 +99,8 @@ def test_packed_translation_loss_of_each_pair_equals_its_loss_alone(overrides):
     cfg = TransformerConfig(vocab_size=32, num_encoder_layers=1, num_decoder_layers=1,
                             max_len=10, **{**TINY, **overrides})
     model = Transformer(cfg)
-    params = model.init(RNG, jnp.ones((1, 10), jnp.int32), jnp.ones((1, 10), jnp.int32))["params"]
+    params = jax.jit(model.init)(RNG, jnp.ones((1, 10), jnp.int32),
+                                 jnp.ones((1, 10), jnp.int32))["params"]
     loss_fn = jax.jit(translation_loss_fn(cfg, label_smoothing=0.1), static_argnums=3)
     packed = next(text_pipeline.train_batches(pairs, CharTokenizer(), global_batch_size=2,
                                               max_source_length=10, max_target_length=10,

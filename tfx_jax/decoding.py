@@ -125,6 +125,19 @@ def check_sampling_options(temperature: float, top_k: Optional[int] = None,
         raise ValueError(f"top_p must be in (0, 1] or None (off), got {top_p!r}")
 
 
+def _per_row(rng: jax.Array) -> bool:
+    """Whether ``rng`` is one key per row ([N] typed keys or [N, 2] raw uint32 keys)."""
+    typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    return rng.ndim == (1 if typed else 2)
+
+
+def _split(rng: jax.Array, num: int) -> jax.Array:
+    """``num`` keys from ``rng`` on axis 0 (each row's keys from its own key when per row)."""
+    if _per_row(rng):
+        return jnp.swapaxes(jax.vmap(lambda key: jax.random.split(key, num))(rng), 0, 1)
+    return jax.random.split(rng, num)
+
+
 def _sample_logits(logits, rng, temperature, top_k, top_p):
     """Draws a token from logits [N, V]: argmax at temperature 0, else softmax(l / T)
     over the tokens top-k / top-p keep."""
@@ -134,6 +147,8 @@ def _sample_logits(logits, rng, temperature, top_k, top_p):
     if top_k is not None or top_p is not None:
         keep = top_k_top_p_mask(logits, top_k=top_k, top_p=top_p)
         logits = jnp.where(keep, logits, NEG_INF)
+    if _per_row(rng):
+        return jax.vmap(jax.random.categorical)(rng, logits)
     return jax.random.categorical(rng, logits, axis=-1)
 
 
@@ -148,6 +163,8 @@ def sample(step_fn: StepFn, cache: Any, prompt: jax.Array, num_steps: int, *,
     most likely tokens and ``top_p`` the nucleus before sampling (:func:`top_k_top_p_mask`). After ``eos_id`` a sequence emits ``eos_id``.
     ``prompt_kwargs`` are passed to the prompt's call only, ``step_fn(prompt, cache,
     **prompt_kwargs)`` (e.g. the positions and segment ids of :func:`left_pad`).
+    ``rng`` is one key, or one key per row ([N] keys): then each row draws from
+    its own key only, so its tokens do not depend on the other rows of the batch.
     A cache too short for P + num_steps - 1 tokens is refused before any work.
     """
     if prompt.ndim != 2 or prompt.shape[1] < 1:
@@ -160,9 +177,12 @@ def sample(step_fn: StepFn, cache: Any, prompt: jax.Array, num_steps: int, *,
     check_cache_fits(cache, prompt.shape[1] + max(num_steps - 1, 0),
                      f"sample (prompt of {prompt.shape[1]} + {num_steps} steps - 1)")
     rng = jax.random.key(0) if rng is None else rng
+    if _per_row(rng) and rng.shape[0] != prompt.shape[0]:
+        raise ValueError(f"rng holds {rng.shape[0]} keys (one per row) for a batch of "
+                         f"{prompt.shape[0]} rows")
     batch = prompt.shape[0]
     logits, cache = step_fn(prompt, cache, **(prompt_kwargs or {}))
-    rng, first_rng = jax.random.split(rng)
+    rng, first_rng = _split(rng, 2)
     token = _sample_logits(logits[:, -1], first_rng, temperature, top_k, top_p)
     done = jnp.zeros((batch,), bool)
 
@@ -177,7 +197,7 @@ def sample(step_fn: StepFn, cache: Any, prompt: jax.Array, num_steps: int, *,
 
     if num_steps > 1:
         (last, done, _), tokens = jax.lax.scan(body, (token, done, cache),
-                                               jax.random.split(rng, num_steps - 1))
+                                               _split(rng, num_steps - 1))
         if eos_id is not None:
             last = jnp.where(done, eos_id, last)
         generated = jnp.concatenate([tokens.T, last[:, None]], axis=1)

@@ -3,21 +3,26 @@
 * ``corpus``: the built-in corpus (the Python standard library's source), a
   directory of text files, or a TFDS dataset such as lm1b.
 * ``pipeline``: SentencePiece tokenizer, packed training rows, eval windows.
-* ``task``: next-token loss, perplexity, the :class:`tfx_jax.train.Task`, and
-  :func:`load_trained_lm` for a trained workdir.
-* ``sampling``: temperature / top-k / top-p (nucleus) sampling with the KV cache.
+* ``task``: next-token loss, perplexity and the :class:`tfx_jax.train.Task`.
+* ``sampling``: temperature / top-k / top-p (nucleus) sampling with the KV
+  cache, every prompt in one left-padded batch.
+* ``experiment``: the whole run, checked before anything is written
+  (:func:`train`), and :func:`load_trained_lm` / :func:`generate` /
+  :func:`read_prompts` for a trained workdir.
 
-``experiments/lm.py`` trains, evaluates and samples with them (docs/lm.md).
+``experiments/lm.py`` is the thin script over ``experiment`` (docs/lm.md).
 """
 from tfx_jax.apps.language_model.corpus import STDLIB, TextCorpus, open_corpus, stdlib_corpus
 from tfx_jax.apps.language_model.pipeline import (eval_batches, eval_windows,
                                                   load_or_train_lm_tokenizer, train_batches)
-from tfx_jax.apps.language_model.sampling import generate_texts
-from tfx_jax.apps.language_model.task import (TrainedLM, lm_config, lm_task, load_trained_lm,
-                                              make_evaluate, make_loss_fn)
+from tfx_jax.apps.language_model.sampling import generate_ids, generate_texts
+from tfx_jax.apps.language_model.task import lm_config, lm_task, make_evaluate, make_loss_fn
+from tfx_jax.apps.language_model.experiment import (TrainedLM, check_config, generate,
+                                                    load_trained_lm, read_prompts, train)
 
 __all__ = [
-    "STDLIB", "TextCorpus", "TrainedLM", "eval_batches", "eval_windows", "generate_texts",
-    "lm_config", "lm_task", "load_or_train_lm_tokenizer", "load_trained_lm", "make_evaluate",
-    "make_loss_fn", "open_corpus", "stdlib_corpus", "train_batches",
+    "STDLIB", "TextCorpus", "TrainedLM", "check_config", "eval_batches", "eval_windows",
+    "generate", "generate_ids", "generate_texts", "lm_config", "lm_task",
+    "load_or_train_lm_tokenizer", "load_trained_lm", "make_evaluate", "make_loss_fn",
+    "open_corpus", "read_prompts", "stdlib_corpus", "train", "train_batches",
 ]

@@ -17,8 +17,6 @@ example sees only itself and starts at position 0.
 """
 from __future__ import annotations
 
-import dataclasses
-import os
 from collections.abc import Mapping
 from typing import Any, Iterable, Optional
 
@@ -28,8 +26,6 @@ import numpy as np
 import optax
 
 from tfx_jax import train as tr
-from tfx_jax.apps.language_model.pipeline import lm_tokenizer_path
-from tfx_jax.data.tokenizer import SentencePieceTokenizer
 from tfx_jax.lm import CausalLM, CausalLMConfig
 from tfx_jax.model_config import from_config_dict
 from tfx_jax.train.flops import causal_lm_forward_flops, training_flops
@@ -128,30 +124,3 @@ def lm_task(model: CausalLM, *, max_len: int, evaluate=None) -> tr.Task:
                    flops_per_example=training_flops(causal_lm_forward_flops(model.config,
                                                                             max_len)),
                    count_tokens=count_tokens)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainedLM:
-    """A trained LM from a workdir: its run config, model, parameters and tokenizer."""
-    config: Any
-    model: CausalLM
-    params: Any
-    tokenizer: Any
-
-
-def load_trained_lm(workdir: str, *, step: Optional[int] = None) -> TrainedLM:
-    """Rebuilds the LM trained in ``workdir`` (config.json, cached tokenizer, checkpoint).
-
-    Raises FileNotFoundError when the workdir holds no trained LM.
-    """
-    config = tr.load_config(workdir)
-    path = lm_tokenizer_path(workdir, config.vocab_size, config.tokenizer_type)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no tokenizer {path} in workdir {workdir!r}: is it a "
-                                f"training run of experiments/lm.py?")
-    tokenizer = SentencePieceTokenizer(path)
-    model = CausalLM(lm_config(config.model, vocab_size=tokenizer.vocab_size,
-                               max_len=config.max_len))
-    params = tr.restore_params(workdir, lm_task(model, max_len=config.max_len).init_params,
-                               step=step)
-    return TrainedLM(config=config, model=model, params=params, tokenizer=tokenizer)

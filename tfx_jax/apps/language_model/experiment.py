@@ -1,0 +1,335 @@
+"""The language-modelling experiment: check, prepare, train, sample; and sample a trained workdir.
+
+:func:`train` is what ``experiments/lm.py`` runs. As in the translation app,
+everything that can be refused is refused before anything is written, so a
+refused run leaves the workdir as it was:
+
+1. :func:`check_config`: training keys, rows (``max_len``), the tokenizer's
+   ``vocab_size``, the model section, both batch sizes against the mesh,
+   ``packing`` and the sampling keys. No data is read yet.
+2. The workdir lock (one run per workdir).
+3. :func:`prepare`: the corpus, the tokenizer (trained into a temporary
+   directory, or read from the workdir), the held-out windows and the packing
+   decision (:func:`tfx_jax.data.packing.choose_packing`: the first batches,
+   built as process 0 of 1 so that every process decides alike, measured with
+   and without packing), then :func:`tfx_jax.train.check_checkpoint_fits`.
+4. Only then the tokenizer is written into the workdir and
+   :func:`tfx_jax.train.train` writes config.json and checkpoints; samples of
+   ``config.sample_prompts`` are printed at the end.
+
+:func:`generate` continues prompts with the model a run left in a workdir
+(its config.json, tokenizer and latest parameters); :func:`read_prompts` reads
+prompts from the command line, a file (``@path``) or stdin (``-``).
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import math
+import os
+import shutil
+import sys
+import tempfile
+from typing import Optional, Sequence
+
+import grain
+import jax
+from etils import epath
+
+from tfx_jax import train as tr
+from tfx_jax.apps.language_model.corpus import TextCorpus, open_corpus
+from tfx_jax.apps.language_model.pipeline import (MIN_VOCAB_SIZE, eval_batches, eval_windows,
+                                                  lm_tokenizer_path,
+                                                  load_or_train_lm_tokenizer, train_batches)
+from tfx_jax.apps.language_model.sampling import generate_texts
+from tfx_jax.apps.language_model.task import lm_config, lm_task, make_evaluate
+from tfx_jax.data.packing import PackingChoice, choose_packing, packing_setting
+from tfx_jax.data.tokenizer import SentencePieceTokenizer
+from tfx_jax.lm import CausalLM
+from tfx_jax.train.checkpoint import check_checkpoint_fits
+from tfx_jax.train.run_config import CONFIG_FILE
+from tfx_jax.train.workdir_lock import workdir_lock
+
+
+def say(message: str) -> None:
+    """A line on stderr from process 0."""
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _require(ok: bool, key: str, value, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"config.{key} must be {expected}, got {value!r}")
+
+
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_sampling_config(config) -> None:
+    """The sampling keys (``--generate`` and the samples after training); ValueError naming one."""
+    _require(_number(config.temperature) and config.temperature >= 0, "temperature",
+             config.temperature, "a number >= 0 (0 = greedy)")
+    _require(_int(config.top_k) and config.top_k >= 0, "top_k", config.top_k,
+             "an integer >= 0 (0 = off)")
+    _require(_number(config.top_p) and 0 < config.top_p <= 1, "top_p", config.top_p,
+             "in (0, 1] (1 = off)")
+    for key in ("num_generate_tokens", "num_samples"):
+        _require(_int(config[key]) and config[key] >= 1, key, config[key], "an integer >= 1")
+    _require(_int(config.sample_seed), "sample_seed", config.sample_seed, "an integer")
+
+
+def check_config(config, mesh) -> None:
+    """One ValueError naming the first bad key; reads no data, writes nothing."""
+    tr.validate_config(config)
+    _require(_int(config.max_len) and config.max_len >= 2, "max_len", config.max_len,
+             "an integer >= 2 (tokens per row)")
+    _require(_int(config.vocab_size) and config.vocab_size >= MIN_VOCAB_SIZE, "vocab_size",
+             config.vocab_size, f"an integer >= {MIN_VOCAB_SIZE} (256 byte pieces, 4 reserved "
+             f"ids and the common characters)")
+    for key in ("eval_batch_size", "max_eval_examples", "tokenizer_max_chars"):
+        _require(_int(config[key]) and config[key] >= 1, key, config[key], "a positive integer")
+    for key in ("num_packing_bins", "data_threads"):
+        _require(_int(config[key]) and config[key] >= 0, key, config[key],
+                 "a non-negative integer (0 = default)")
+    _require(config.max_files is None or (_int(config.max_files) and config.max_files >= 1),
+             "max_files", config.max_files, "None (all) or a positive integer")
+    _require(_number(config.eval_fraction) and 0 < config.eval_fraction < 1, "eval_fraction",
+             config.eval_fraction, "in (0, 1)")
+    _require(isinstance(config.sample_prompts, (tuple, list))
+             and all(isinstance(p, str) for p in config.sample_prompts), "sample_prompts",
+             config.sample_prompts, "a tuple of strings (() = none)")
+    packing_setting(config.packing)  # "auto", "true" or "false"
+    check_sampling_config(config)
+    lm_config(config.model, vocab_size=config.vocab_size, max_len=config.max_len)
+    tr.check_batch_size(config.batch_size, mesh)
+    tr.check_batch_size(config.eval_batch_size, mesh, what="config.eval_batch_size")
+
+
+def sampling_kwargs(config) -> dict:
+    return dict(num_tokens=config.num_generate_tokens, num_samples=config.num_samples,
+                seed=config.sample_seed, temperature=config.temperature,
+                top_k=config.top_k or None, top_p=config.top_p if config.top_p < 1 else None)
+
+
+def print_samples(prompts: Sequence[str], samples: Sequence[Sequence[str]]) -> None:
+    """One block per sample, prompts in order (stdout, process 0)."""
+    if jax.process_index() != 0:
+        return
+    for prompt, texts in zip(prompts, samples):
+        for index, text in enumerate(texts):
+            print(f"--- sample {index + 1} of {prompt!r}\n{text}", flush=True)
+
+
+# ------------------------------------------------------------------------ the tokenizer
+
+def _local_copy_dir() -> str:
+    directory = tempfile.mkdtemp(prefix="tfx_jax_lm_tokenizer_")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory
+
+
+def _tokenizer_name(config) -> str:
+    return os.path.basename(lm_tokenizer_path("", config.vocab_size, config.tokenizer_type))
+
+
+def read_workdir_tokenizer(config, workdir: str) -> SentencePieceTokenizer:
+    """The tokenizer a run left in ``workdir`` (any epath filesystem)."""
+    source = epath.Path(workdir) / _tokenizer_name(config)
+    if not source.exists():
+        raise FileNotFoundError(f"no tokenizer {source} in workdir {workdir!r}: is it a "
+                                f"training run of experiments/lm.py?")
+    local = os.path.join(_local_copy_dir(), source.name)
+    with open(local, "wb") as f:
+        f.write(source.read_bytes())
+    return SentencePieceTokenizer(local)
+
+
+def workdir_tokenizer(config, workdir: str, texts: Sequence[str]):
+    """(tokenizer, bytes to write into the workdir later, or None when it is there already)."""
+    if (epath.Path(workdir) / _tokenizer_name(config)).exists():
+        return read_workdir_tokenizer(config, workdir), None
+    tokenizer = load_or_train_lm_tokenizer(texts, _local_copy_dir(),
+                                           vocab_size=config.vocab_size,
+                                           max_chars=config.tokenizer_max_chars,
+                                           seed=config.seed, model_type=config.tokenizer_type)
+    with open(tokenizer.model_path, "rb") as f:
+        return tokenizer, f.read()
+
+
+def write_workdir_file(workdir: str, name: str, content: bytes) -> None:
+    """Writes ``<workdir>/<name>`` (process 0), via a temporary name on a local disk."""
+    if jax.process_index() != 0:
+        return
+    directory = epath.Path(workdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    if "://" in os.fspath(workdir):
+        (directory / name).write_bytes(content)
+        return
+    partial = directory / f"{name}.tmp"
+    partial.write_bytes(content)
+    partial.rename(directory / name)
+
+
+# -------------------------------------------------------------------------- training
+
+@dataclasses.dataclass
+class Prepared:
+    """What :func:`prepare` read and decided; nothing of it is in the workdir yet."""
+    corpus: TextCorpus
+    tokenizer: SentencePieceTokenizer
+    tokenizer_bytes: Optional[bytes]
+    windows: list
+    model: CausalLM
+    packing: PackingChoice
+
+
+def make_train_batches(config, corpus: TextCorpus, tokenizer, *, packing: bool, **kwargs):
+    """The run's Grain training iterator (``kwargs``: process_index / count, read_options)."""
+    kwargs.setdefault("read_options", grain.ReadOptions(num_threads=config.data_threads))
+    return train_batches(corpus.train, tokenizer, global_batch_size=config.batch_size,
+                         max_len=config.max_len, seed=config.seed, packing_enabled=packing,
+                         num_packing_bins=config.num_packing_bins or None, **kwargs)
+
+
+def prepare(config, workdir: str) -> Prepared:
+    """Step 3 of the module docstring: reads data, decides packing, writes nothing."""
+    corpus = open_corpus(config.dataset, data_dir=config.data_dir,
+                         train_split=config.train_split, eval_split=config.eval_split,
+                         text_key=config.text_key, eval_fraction=config.eval_fraction,
+                         max_files=config.max_files)
+    tokenizer, tokenizer_bytes = workdir_tokenizer(config, workdir, corpus.train)
+    windows = eval_windows(corpus.eval, tokenizer, max_len=config.max_len,
+                           max_examples=config.max_eval_examples)
+    packing = choose_packing(  # the same examples on every process: every process decides alike
+        config.packing, lambda packed: make_train_batches(
+            config, corpus, tokenizer, packing=packed, process_index=0, process_count=1,
+            read_options=grain.ReadOptions(num_threads=0)), ("targets",))
+    model = CausalLM(lm_config(config.model, vocab_size=tokenizer.vocab_size,
+                               max_len=config.max_len))
+    check_checkpoint_fits(workdir, lm_task(model, max_len=config.max_len).init_params)
+    return Prepared(corpus=corpus, tokenizer=tokenizer, tokenizer_bytes=tokenizer_bytes,
+                    windows=windows, model=model, packing=packing)
+
+
+def train(config, workdir: str, mesh=None) -> tr.TrainResult:
+    """Checks, trains into ``workdir`` (resuming it), prints samples of ``sample_prompts``.
+
+    ``mesh`` defaults to ``config.mesh`` over every device of every host. Bad
+    config keys, an empty corpus or a checkpoint that does not fit the model
+    raise ValueError before anything is written.
+    """
+    mesh = tr.make_mesh(config.mesh) if mesh is None else mesh
+    check_config(config, mesh)
+    with workdir_lock(workdir):
+        ready = prepare(config, workdir)
+        if ready.tokenizer_bytes is not None:
+            write_workdir_file(workdir, _tokenizer_name(config), ready.tokenizer_bytes)
+        eval_data = eval_batches(ready.windows, global_batch_size=config.eval_batch_size,
+                                 max_len=config.max_len)
+        task = lm_task(ready.model, max_len=config.max_len,
+                       evaluate=make_evaluate(ready.model, eval_data,
+                                              num_examples=len(ready.windows)))
+        train_iter = make_train_batches(config, ready.corpus, ready.tokenizer,
+                                        packing=ready.packing.enabled)
+        say(f"{ready.corpus.description}; vocabulary {ready.tokenizer.vocab_size}, rows of "
+            f"{config.max_len} tokens, {len(ready.windows)} held-out windows; "
+            f"{config.num_train_steps} steps of {config.batch_size} rows")
+        say(ready.packing.report(ready.corpus.name))
+        result = tr.train(config, workdir, task, train_iter, mesh=mesh)
+    if config.sample_prompts:
+        print_samples(config.sample_prompts, generate_texts(
+            ready.model, result.state.params, ready.tokenizer, list(config.sample_prompts),
+            **sampling_kwargs(config)))
+    return result
+
+
+# ------------------------------------------------------------------------- sampling
+
+@dataclasses.dataclass(frozen=True)
+class TrainedLM:
+    """A trained LM from a workdir: its run config, model, parameters and tokenizer."""
+    config: object
+    model: CausalLM
+    params: object
+    tokenizer: SentencePieceTokenizer
+
+
+def load_trained_lm(workdir: str, *, step: Optional[int] = None) -> TrainedLM:
+    """The LM trained in ``workdir``: its config.json, tokenizer and parameters only.
+
+    Raises FileNotFoundError when the workdir holds no trained LM.
+    """
+    if not (epath.Path(workdir) / CONFIG_FILE).exists():
+        raise FileNotFoundError(f"no trained model in workdir {workdir!r} (no {CONFIG_FILE}); "
+                                f"train one first with `python experiments/lm.py "
+                                f"--workdir={workdir}`")
+    config = tr.load_config(workdir)
+    tokenizer = read_workdir_tokenizer(config, workdir)
+    model = CausalLM(lm_config(config.model, vocab_size=tokenizer.vocab_size,
+                               max_len=config.max_len))
+    params = tr.restore_params(workdir, lm_task(model, max_len=config.max_len).init_params,
+                               step=step)
+    return TrainedLM(config=config, model=model, params=params, tokenizer=tokenizer)
+
+
+def unescape_prompt(line: str) -> str:
+    r"""A prompt file's line as a prompt: ``\n`` becomes a newline and ``\\`` a backslash."""
+    out, index = [], 0
+    while index < len(line):
+        pair = line[index:index + 2]
+        if pair in ("\\n", "\\\\"):
+            out.append("\n" if pair == "\\n" else "\\")
+            index += 2
+        else:
+            out.append(line[index])
+            index += 1
+    return "".join(out)
+
+
+def read_prompts(specs: Sequence[str], stdin=None) -> list[str]:
+    r"""The prompts of ``--generate`` flags, in order.
+
+    ``"@path"``: one prompt per line of the file; ``"-"``: one per line of
+    ``stdin``. In both, ``\n`` (backslash, n) in a line is a newline of the
+    prompt, ``\\`` a backslash, and empty lines are skipped. Any other value
+    is one prompt as it is. Raises ValueError when no prompt is left and
+    FileNotFoundError for a missing file.
+    """
+    prompts = []
+    for spec in specs:
+        if spec == "-" or spec.startswith("@"):
+            if spec == "-":
+                lines = (stdin if stdin is not None else sys.stdin).read().splitlines()
+            else:
+                path = spec[1:]
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"--generate={spec}: no prompt file {path!r}")
+                with open(path, encoding="utf-8") as f:
+                    lines = f.read().splitlines()
+            prompts += [unescape_prompt(line) for line in lines if line]
+        else:
+            prompts.append(spec)
+    if not prompts:
+        raise ValueError(f"--generate={','.join(specs)} gave no prompts (empty file or "
+                         f"stdin); write one prompt per line")
+    return prompts
+
+
+def generate(config, workdir: str, prompts: Sequence[str]) -> list[list[str]]:
+    """Continues ``prompts`` (all in one batch) with the model in ``workdir``; prints them.
+
+    Of ``config`` only the sampling keys apply; they are checked first.
+    """
+    check_sampling_config(config)
+    if not prompts:
+        raise ValueError("no prompts to continue")
+    trained = load_trained_lm(workdir)
+    samples = generate_texts(trained.model, trained.params, trained.tokenizer, list(prompts),
+                             **sampling_kwargs(config))
+    print_samples(prompts, samples)
+    return samples
