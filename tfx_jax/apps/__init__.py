@@ -15,5 +15,6 @@ Task with a factory of one shape, ``<app>_task(model_config, *, <sizes the data 
                       evaluation)
   language_model/     GPT-style language modelling: the built-in corpus (the Python
                       standard library's source), packed pipelines, task with perplexity,
-                      sampling with temperature / top-k / top-p
+                      batched sampling with temperature / top-k / top-p, and the checked
+                      run (experiment: config checks, packing decision, --generate prompts)
 """

@@ -23,13 +23,10 @@ prompts from the command line, a file (``@path``) or stdin (``-``).
 """
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import math
 import os
-import shutil
 import sys
-import tempfile
 from typing import Optional, Sequence
 
 import grain
@@ -48,6 +45,8 @@ from tfx_jax.data.tokenizer import SentencePieceTokenizer
 from tfx_jax.lm import CausalLM
 from tfx_jax.train.checkpoint import check_checkpoint_fits
 from tfx_jax.train.run_config import CONFIG_FILE
+from tfx_jax.data.workdir_tokenizer import (read_workdir_tokenizer, workdir_tokenizer,
+                                            write_workdir_file)
 from tfx_jax.train.workdir_lock import workdir_lock
 
 
@@ -127,52 +126,22 @@ def print_samples(prompts: Sequence[str], samples: Sequence[Sequence[str]]) -> N
 
 # ------------------------------------------------------------------------ the tokenizer
 
-def _local_copy_dir() -> str:
-    directory = tempfile.mkdtemp(prefix="tfx_jax_lm_tokenizer_")
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    return directory
-
-
 def _tokenizer_name(config) -> str:
     return os.path.basename(lm_tokenizer_path("", config.vocab_size, config.tokenizer_type))
 
 
-def read_workdir_tokenizer(config, workdir: str) -> SentencePieceTokenizer:
-    """The tokenizer a run left in ``workdir`` (any epath filesystem)."""
-    source = epath.Path(workdir) / _tokenizer_name(config)
-    if not source.exists():
-        raise FileNotFoundError(f"no tokenizer {source} in workdir {workdir!r}: is it a "
-                                f"training run of experiments/lm.py?")
-    local = os.path.join(_local_copy_dir(), source.name)
-    with open(local, "wb") as f:
-        f.write(source.read_bytes())
-    return SentencePieceTokenizer(local)
+def read_tokenizer(config, workdir: str) -> SentencePieceTokenizer:
+    """The tokenizer an LM run left in ``workdir``."""
+    return read_workdir_tokenizer(workdir, _tokenizer_name(config),
+                                  hint=": is it a training run of experiments/lm.py?")
 
 
-def workdir_tokenizer(config, workdir: str, texts: Sequence[str]):
+def run_tokenizer(config, workdir: str, texts: Sequence[str]):
     """(tokenizer, bytes to write into the workdir later, or None when it is there already)."""
-    if (epath.Path(workdir) / _tokenizer_name(config)).exists():
-        return read_workdir_tokenizer(config, workdir), None
-    tokenizer = load_or_train_lm_tokenizer(texts, _local_copy_dir(),
-                                           vocab_size=config.vocab_size,
-                                           max_chars=config.tokenizer_max_chars,
-                                           seed=config.seed, model_type=config.tokenizer_type)
-    with open(tokenizer.model_path, "rb") as f:
-        return tokenizer, f.read()
-
-
-def write_workdir_file(workdir: str, name: str, content: bytes) -> None:
-    """Writes ``<workdir>/<name>`` (process 0), via a temporary name on a local disk."""
-    if jax.process_index() != 0:
-        return
-    directory = epath.Path(workdir)
-    directory.mkdir(parents=True, exist_ok=True)
-    if "://" in os.fspath(workdir):
-        (directory / name).write_bytes(content)
-        return
-    partial = directory / f"{name}.tmp"
-    partial.write_bytes(content)
-    partial.rename(directory / name)
+    return workdir_tokenizer(workdir, _tokenizer_name(config), lambda directory: (
+        load_or_train_lm_tokenizer(texts, directory, vocab_size=config.vocab_size,
+                                   max_chars=config.tokenizer_max_chars, seed=config.seed,
+                                   model_type=config.tokenizer_type)))
 
 
 # -------------------------------------------------------------------------- training
@@ -202,7 +171,7 @@ def prepare(config, workdir: str) -> Prepared:
                          train_split=config.train_split, eval_split=config.eval_split,
                          text_key=config.text_key, eval_fraction=config.eval_fraction,
                          max_files=config.max_files)
-    tokenizer, tokenizer_bytes = workdir_tokenizer(config, workdir, corpus.train)
+    tokenizer, tokenizer_bytes = run_tokenizer(config, workdir, corpus.train)
     windows = eval_windows(corpus.eval, tokenizer, max_len=config.max_len,
                            max_examples=config.max_eval_examples)
     packing = choose_packing(  # the same examples on every process: every process decides alike
@@ -269,7 +238,7 @@ def load_trained_lm(workdir: str, *, step: Optional[int] = None) -> TrainedLM:
                                 f"train one first with `python experiments/lm.py "
                                 f"--workdir={workdir}`")
     config = tr.load_config(workdir)
-    tokenizer = read_workdir_tokenizer(config, workdir)
+    tokenizer = read_tokenizer(config, workdir)
     model = CausalLM(lm_config(config.model, vocab_size=tokenizer.vocab_size,
                                max_len=config.max_len))
     params = tr.restore_params(workdir, lm_task(model, max_len=config.max_len).init_params,

@@ -25,13 +25,10 @@ run left; :func:`translate_lines` keeps one output line per input line.
 """
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from typing import Optional
 
@@ -55,6 +52,8 @@ from tfx_jax.train.batch_sizes import padded_batch_size
 from tfx_jax.train.checkpoint import check_checkpoint_fits
 from tfx_jax.train.progress import print_summary
 from tfx_jax.train.run_config import CONFIG_FILE
+from tfx_jax.data.workdir_tokenizer import (read_workdir_tokenizer, workdir_tokenizer,
+                                            write_workdir_file)
 from tfx_jax.train.workdir_lock import workdir_lock
 
 STARTED = time.monotonic()
@@ -160,53 +159,22 @@ def resolve_train_length(config, num_pairs: int, user_corpus: bool,
 
 # ------------------------------------------------------------------------ the tokenizer
 
-def _local_copy_dir() -> str:
-    directory = tempfile.mkdtemp(prefix="tfx_jax_tokenizer_")
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    return directory
-
-
 def _tokenizer_name(config) -> str:
     return os.path.basename(tokenizer_path("", config.vocab_size, config.tokenizer_type,
                                            config.split_digits))
 
 
-def read_workdir_tokenizer(config, workdir: str) -> SentencePieceTokenizer:
-    """The tokenizer a run left in ``workdir`` (any epath filesystem)."""
-    source = epath.Path(workdir) / _tokenizer_name(config)
-    if not source.exists():
-        raise FileNotFoundError(f"no tokenizer {source} in workdir {workdir!r}")
-    local = os.path.join(_local_copy_dir(), source.name)
-    with open(local, "wb") as f:
-        f.write(source.read_bytes())
-    return SentencePieceTokenizer(local)
+def read_tokenizer(config, workdir: str) -> SentencePieceTokenizer:
+    """The tokenizer a translation run left in ``workdir``."""
+    return read_workdir_tokenizer(workdir, _tokenizer_name(config))
 
 
-def workdir_tokenizer(config, workdir: str, train_pairs):
+def run_tokenizer(config, workdir: str, train_pairs):
     """(tokenizer, bytes to write into the workdir later or None if it is there already)."""
-    if (epath.Path(workdir) / _tokenizer_name(config)).exists():
-        return read_workdir_tokenizer(config, workdir), None
-    tokenizer = load_or_train_tokenizer(train_pairs, _local_copy_dir(),
-                                        vocab_size=config.vocab_size,
-                                        model_type=config.tokenizer_type,
-                                        split_digits=config.split_digits, seed=config.seed)
-    with open(tokenizer.model_path, "rb") as f:
-        return tokenizer, f.read()
-
-
-def write_workdir_file(workdir: str, name: str, content: bytes) -> None:
-    """Writes ``<workdir>/<name>`` through epath (process 0), via a temporary name when local."""
-    if jax.process_index() != 0:
-        return
-    directory = epath.Path(workdir)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / name
-    if "://" in os.fspath(workdir):
-        target.write_bytes(content)
-        return
-    partial = directory / f"{name}.tmp"
-    partial.write_bytes(content)
-    partial.rename(target)
+    return workdir_tokenizer(workdir, _tokenizer_name(config), lambda directory: (
+        load_or_train_tokenizer(train_pairs, directory, vocab_size=config.vocab_size,
+                                model_type=config.tokenizer_type,
+                                split_digits=config.split_digits, seed=config.seed)))
 
 
 # -------------------------------------------------------------------------- training
@@ -233,7 +201,7 @@ def prepare(config, workdir: str, mesh, data: Optional[TranslationData] = None) 
     data = open_data(config) if data is None else data
     for note in data.notes:
         say(note)
-    tokenizer, tokenizer_bytes = workdir_tokenizer(config, workdir, data.train)
+    tokenizer, tokenizer_bytes = run_tokenizer(config, workdir, data.train)
     if not (config.max_source_length and config.max_target_length):
         caps = length_caps(data.train, tokenizer, percentile=config.length_percentile,
                            outlier_factor=config.outlier_factor, seed=config.seed)
@@ -366,7 +334,7 @@ def load_translator(workdir: str, *, step: Optional[int] = None) -> Translator:
                                 f"{CONFIG_FILE}); train one first with "
                                 f"`python experiments/translate.py --workdir={workdir}`")
     config = tr.load_config(workdir)
-    tokenizer = read_workdir_tokenizer(config, workdir)
+    tokenizer = read_tokenizer(config, workdir)
     model = model_config(config, tokenizer.vocab_size)
     params = tr.restore_params(workdir, make_task(config, model).init_params, step=step)
     return Translator(config=config, model=model, params=params, tokenizer=tokenizer)
