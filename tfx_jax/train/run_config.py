@@ -201,13 +201,18 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
+def load_config(workdir: str, *, script: str | None = None) -> ml_collections.ConfigDict:
     """The config a run in ``workdir`` was trained with (see :func:`save_config`).
 
-    JSON has no tuples: sequence values come back as lists.
+    JSON has no tuples: sequence values come back as lists. Without one,
+    FileNotFoundError; ``script`` names the script that trains such a workdir.
     """
     path = epath.Path(workdir) / CONFIG_FILE
     if not path.exists():
+        if script:
+            raise FileNotFoundError(f"no trained model in workdir {workdir!r} (no "
+                                    f"{CONFIG_FILE}); train one first with `python {script} "
+                                    f"--workdir={workdir}`")
         raise FileNotFoundError(
             f"no {CONFIG_FILE} in workdir {workdir!r}: is it a training run's --workdir?")
     return ml_collections.ConfigDict(json.loads(path.read_text()))

@@ -31,7 +31,6 @@ from typing import Optional, Sequence
 
 import grain
 import jax
-from etils import epath
 
 from tfx_jax import train as tr
 from tfx_jax.apps.language_model.corpus import TextCorpus, open_corpus
@@ -44,7 +43,6 @@ from tfx_jax.data.packing import PackingChoice, choose_packing, packing_setting
 from tfx_jax.data.tokenizer import SentencePieceTokenizer
 from tfx_jax.lm import CausalLM
 from tfx_jax.train.checkpoint import check_checkpoint_fits
-from tfx_jax.train.run_config import CONFIG_FILE
 from tfx_jax.data.workdir_tokenizer import (read_workdir_tokenizer, workdir_tokenizer,
                                             write_workdir_file)
 from tfx_jax.train.workdir_lock import workdir_lock
@@ -233,11 +231,7 @@ def load_trained_lm(workdir: str, *, step: Optional[int] = None) -> TrainedLM:
 
     Raises FileNotFoundError when the workdir holds no trained LM.
     """
-    if not (epath.Path(workdir) / CONFIG_FILE).exists():
-        raise FileNotFoundError(f"no trained model in workdir {workdir!r} (no {CONFIG_FILE}); "
-                                f"train one first with `python experiments/lm.py "
-                                f"--workdir={workdir}`")
-    config = tr.load_config(workdir)
+    config = tr.load_config(workdir, script="experiments/lm.py")
     tokenizer = read_tokenizer(config, workdir)
     model = CausalLM(lm_config(config.model, vocab_size=tokenizer.vocab_size,
                                max_len=config.max_len))

@@ -34,7 +34,6 @@ from typing import Optional
 
 import grain
 import jax
-from etils import epath
 
 from tfx_jax import train as tr
 from tfx_jax.apps.translation.data import (TSV_HEADER, TranslationData, bleu_tokenize,
@@ -51,7 +50,6 @@ from tfx_jax.data.tokenizer import (SentencePieceTokenizer, load_or_train_tokeni
 from tfx_jax.train.batch_sizes import padded_batch_size
 from tfx_jax.train.checkpoint import check_checkpoint_fits
 from tfx_jax.train.progress import print_summary
-from tfx_jax.train.run_config import CONFIG_FILE
 from tfx_jax.data.workdir_tokenizer import (read_workdir_tokenizer, workdir_tokenizer,
                                             write_workdir_file)
 from tfx_jax.train.workdir_lock import workdir_lock
@@ -329,11 +327,7 @@ class Translator:
 
 def load_translator(workdir: str, *, step: Optional[int] = None) -> Translator:
     """The model trained in ``workdir``: its config.json, tokenizer and parameters only."""
-    if not (epath.Path(workdir) / CONFIG_FILE).exists():
-        raise FileNotFoundError(f"no trained model in workdir {workdir!r} (no "
-                                f"{CONFIG_FILE}); train one first with "
-                                f"`python experiments/translate.py --workdir={workdir}`")
-    config = tr.load_config(workdir)
+    config = tr.load_config(workdir, script="experiments/translate.py")
     tokenizer = read_tokenizer(config, workdir)
     model = model_config(config, tokenizer.vocab_size)
     params = tr.restore_params(workdir, make_task(config, model).init_params, step=step)
