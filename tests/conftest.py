@@ -22,6 +22,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _TEST_XLA_FLAGS = {"xla_force_host_platform_device_count": "8",
                    "xla_backend_optimization_level": "0"}
@@ -44,8 +46,35 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
+# Modules whose tests share an expensive module-scoped fixture (a trained workdir, a
+# prepared dataset). `pytest -n 2` hands tests out one by one ("load"), so both workers
+# would build such a fixture; these modules go to one worker as a whole instead.
+# (xdist's own --dist loadgroup marks do not work with pytest 9: it rewrites item._nodeid,
+# which pytest 9 no longer reads.)
+ONE_WORKER_MODULES = ("test_robustness.py", "test_train_loop.py", "test_data_text.py",
+                      "test_data_vision.py", "test_dalle_experiment.py",
+                      "test_vit_experiment.py", "test_bad_input.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "load":
+        return None  # an explicit --dist choice is kept
+    from xdist.scheduler import LoadScopeScheduling  # pylint: disable=import-outside-toplevel
+
+    class ModuleFixtureScheduling(LoadScopeScheduling):
+        """Like "load" (every test its own unit), but ONE_WORKER_MODULES are one unit each."""
+
+        def _split_scope(self, nodeid):
+            module = nodeid.split("::", 1)[0]
+            return module if os.path.basename(module) in ONE_WORKER_MODULES else nodeid
+
+    return ModuleFixtureScheduling(config, log)
+
+
 def pytest_configure(config):
-    # ... and this covers a jax imported by a plugin before this file ran.
+    # The cache: the environment variables above cover the processes that import jax
+    # later; this covers a jax imported by a plugin before this file ran.
     import jax  # pylint: disable=import-outside-toplevel
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
