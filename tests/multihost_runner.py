@@ -30,7 +30,9 @@ def main():
     # The backend must not start before the device count is known: read the flag by hand.
     devices = next((a.split("=", 1)[1] for a in sys.argv
                     if a.startswith("--devices_per_process=")), "4")
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # (no LLVM optimisation: compile time dominates these tiny runs, see tests/conftest.py)
+    os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                               "--xla_backend_optimization_level=0")
 
     import jax  # pylint: disable=import-outside-toplevel
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

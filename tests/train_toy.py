@@ -8,6 +8,7 @@ state goes through the checkpoints exactly as the experiments' pipelines do.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import flax.linen as nn
@@ -124,8 +125,11 @@ def use_compilation_cache(directory) -> None:
     """Lets the many short runs of the tests reuse compiled steps (JAX's persistent cache).
 
     Every ``train()`` call builds a new jitted step, so without it each run
-    recompiles the same program; compilation dominates these tiny runs.
+    recompiles the same program; compilation dominates these tiny runs. Under
+    pytest the session's cache (tests/conftest.py) is used instead of ``directory``:
+    JAX opens one cache directory per process, the first one set before a compile.
     """
+    directory = os.environ.get("TFX_JAX_TEST_COMPILATION_CACHE") or directory
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
