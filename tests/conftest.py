@@ -54,6 +54,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 ONE_WORKER_MODULES = ("test_robustness.py", "test_train_loop.py", "test_data_text.py",
                       "test_data_vision.py", "test_dalle_experiment.py",
                       "test_vit_experiment.py", "test_bad_input.py",
+                      "test_lm_script.py",  # its trained workdir
                       "test_sharding.py")  # its one-device reference losses, once
 
 
