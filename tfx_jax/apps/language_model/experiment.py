@@ -41,10 +41,10 @@ from tfx_jax.apps.language_model.sampling import generate_texts
 from tfx_jax.apps.language_model.task import lm_config, lm_task, make_evaluate
 from tfx_jax.data.packing import PackingChoice, choose_packing, packing_setting
 from tfx_jax.data.tokenizer import SentencePieceTokenizer
-from tfx_jax.lm import CausalLM
-from tfx_jax.train.checkpoint import check_checkpoint_fits
 from tfx_jax.data.workdir_tokenizer import (read_workdir_tokenizer, workdir_tokenizer,
                                             write_workdir_file)
+from tfx_jax.lm import CausalLM
+from tfx_jax.train.checkpoint import check_checkpoint_fits
 from tfx_jax.train.workdir_lock import workdir_lock
 
 

@@ -47,11 +47,11 @@ from tfx_jax.data.packing import PackingChoice, choose_packing, packing_setting
 from tfx_jax.data.text_pipeline import eval_batches, train_batches
 from tfx_jax.data.tokenizer import (SentencePieceTokenizer, load_or_train_tokenizer,
                                     tokenizer_path)
+from tfx_jax.data.workdir_tokenizer import (read_workdir_tokenizer, workdir_tokenizer,
+                                            write_workdir_file)
 from tfx_jax.train.batch_sizes import padded_batch_size
 from tfx_jax.train.checkpoint import check_checkpoint_fits
 from tfx_jax.train.progress import print_summary
-from tfx_jax.data.workdir_tokenizer import (read_workdir_tokenizer, workdir_tokenizer,
-                                            write_workdir_file)
 from tfx_jax.train.workdir_lock import workdir_lock
 
 STARTED = time.monotonic()
