@@ -202,6 +202,7 @@ class PackingChoice:
     padding_unpacked: float
     padding_packed: float
     examples_per_packed_row: float
+    min_gain: float = AUTO_MIN_GAIN  # what "auto" asked of the gain
 
     @property
     def gain(self) -> float:
@@ -216,7 +217,7 @@ class PackingChoice:
         """One startup line: the padding either way, and the decision with its reason."""
         if self.setting == AUTO:
             why = (f"config.packing = 'auto': the gain is "
-                   f"{'at least' if self.enabled else 'below'} {AUTO_MIN_GAIN:g}x")
+                   f"{'at least' if self.enabled else 'below'} {self.min_gain:g}x")
         else:
             why = f"config.packing = {str(self.setting).lower()}"
         state = (f"on, {self.examples_per_packed_row:.1f} examples per row" if self.enabled
@@ -256,4 +257,5 @@ def choose_packing(setting,
     enabled = (setting if isinstance(setting, bool)
                else real_token_gain(unpacked, packed) >= min_gain)
     return PackingChoice(enabled=enabled, setting=setting, padding_unpacked=unpacked,
-                         padding_packed=packed, examples_per_packed_row=examples_per_row)
+                         padding_packed=packed, examples_per_packed_row=examples_per_row,
+                         min_gain=min_gain)
