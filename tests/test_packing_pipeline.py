@@ -182,3 +182,11 @@ def test_packed_batches_split_over_processes():
         seed=3, packing=True, process_index=p, process_count=2)) for p in range(2)]
     assert all(r["inputs"].shape == (2, 8) for r in rows)
     assert not np.array_equal(rows[0]["inputs"], rows[1]["inputs"])  # each its own shard
+
+
+def test_a_packed_pipeline_that_drops_every_example_raises_instead_of_hanging():
+    batches = packing.packed_training_batches(
+        list(range(50)), global_batch_size=2, seed=0, transform=lambda example, rng: None,
+        lengths={"targets": 8}, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="skipped 100.00 %"):
+        next(batches)

@@ -69,6 +69,27 @@ def _is_kept(example) -> bool:
     return example is not None
 
 
+def shuffled_shard(source, *, seed: int, transform, process_index: int,
+                   process_count: int) -> grain.MapDataset:
+    """This process's share of ``source``, shuffled per epoch by ``seed``, repeated forever
+    and passed through ``transform(example, rng)`` (positions ``index::count``)."""
+    if len(source) == 0:
+        raise ValueError("cannot train on an empty data source")
+    return (grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+            .random_map(transform))[process_index::process_count]
+
+
+def kept_examples(dataset: grain.MapDataset,
+                  read_options: grain.ReadOptions | None) -> grain.IterDataset:
+    """``dataset`` without the examples its transform left out (None)."""
+    return dataset.to_iter_dataset(read_options, allow_nones=True).filter(_is_kept)
+
+
+def raising_if_all_dropped(dataset: grain.IterDataset) -> grain.IterDataset:
+    """``dataset`` with Grain raising when whole windows of examples are dropped."""
+    return grain.experimental.WithOptionsIterDataset(dataset, _RAISE_IF_ALL_DROPPED)
+
+
 def training_batches(
     source,
     *,
@@ -94,22 +115,13 @@ def training_batches(
     """
     index, count = process_shard(process_index, process_count)
     batch_size = local_batch_size(global_batch_size, count)
-    if len(source) == 0:
-        raise ValueError("cannot train on an empty data source")
-    dataset = (
-        grain.MapDataset.source(source)
-        .seed(seed)
-        .shuffle()
-        .repeat()
-        .random_map(functools.partial(_training_example, transform=transform))
-    )
-    dataset = dataset[index::count]
+    dataset = shuffled_shard(source, seed=seed,
+                             transform=functools.partial(_training_example, transform=transform),
+                             process_index=index, process_count=count)
     if not drop_nones:
         return iter(dataset.batch(batch_size, drop_remainder=True).to_iter_dataset(read_options))
-    dataset = (dataset.to_iter_dataset(read_options, allow_nones=True)
-               .filter(_is_kept)
-               .batch(batch_size, drop_remainder=True))
-    return iter(grain.experimental.WithOptionsIterDataset(dataset, _RAISE_IF_ALL_DROPPED))
+    return iter(raising_if_all_dropped(
+        kept_examples(dataset, read_options).batch(batch_size, drop_remainder=True)))
 
 
 def _evaluation_example(position, *, source, transform, padding):

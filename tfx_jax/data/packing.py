@@ -97,10 +97,6 @@ def _with_valid(batch: dict) -> dict:
     return {**batch, "valid": np.ones((first.shape[0],), np.bool_)}
 
 
-def _is_kept(example) -> bool:
-    return example is not None
-
-
 def packed_training_batches(
     source,
     *,
@@ -127,15 +123,13 @@ def packed_training_batches(
     lengths = _check_lengths(lengths)
     index, count = grain_batches.process_shard(process_index, process_count)
     batch_size = grain_batches.local_batch_size(global_batch_size, count)
-    if len(source) == 0:
-        raise ValueError("cannot train on an empty data source")
-    dataset = (grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-               .random_map(transform))
-    dataset = dataset[index::count].to_iter_dataset(read_options, allow_nones=True)
-    dataset = dataset.filter(_is_kept)
-    packed = pack_dataset(dataset, lengths, num_packing_bins=num_packing_bins or batch_size,
+    examples = grain_batches.kept_examples(grain_batches.shuffled_shard(
+        source, seed=seed, transform=transform, process_index=index, process_count=count),
+        read_options)
+    packed = pack_dataset(examples, lengths, num_packing_bins=num_packing_bins or batch_size,
                           seed=seed)
-    return iter(packed.batch(batch_size, drop_remainder=True).map(_with_valid))
+    return iter(grain_batches.raising_if_all_dropped(
+        packed.batch(batch_size, drop_remainder=True).map(_with_valid)))
 
 
 def _first_batches(batches, num_batches: int):
