@@ -28,10 +28,8 @@ Writes benchmarks/results/packing_throughput_<platform>_<date>.json and .csv.
 """
 from __future__ import annotations
 
-import csv
 import datetime
 import importlib.util
-import json
 import os
 import statistics
 import sys
@@ -58,6 +56,7 @@ from tfx_jax.data.number_lists import number_list_pairs  # noqa: E402
 from tfx_jax.data.text_pipeline import train_batches as translation_batches  # noqa: E402
 from tfx_jax.data.tokenizer import load_or_train_tokenizer  # noqa: E402
 from tfx_jax.lm import CausalLM  # noqa: E402
+from tfx_jax.train.results_files import write_results  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -211,16 +210,7 @@ def main(argv):
               f"{r['steps_per_sec']:>8.3f} {r['examples_per_sec']:>11.1f} "
               f"{r['tokens_per_sec']:>14,.0f} {r['gain'] if r['packing'] else 1.0:>5.2f}x")
     name = FLAGS.out_name or f"packing_throughput_{device.platform}_{meta['date'][:10]}"
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.out_dir, name + ".json"), "w") as f:
-        json.dump({"meta": meta, "records": records}, f, indent=2)
-    with open(os.path.join(FLAGS.out_dir, name + ".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*records[0], "date"])
-        writer.writeheader()
-        for r in records:
-            writer.writerow({**r, "date": meta["date"]})
-    print("wrote", os.path.join(FLAGS.out_dir, name + ".{json,csv}"))
-
+    print("wrote", *write_results(FLAGS.out_dir, name, meta, records, {"date": meta["date"]}))
 
 if __name__ == "__main__":
     app.run(main)

@@ -30,9 +30,7 @@ Writes benchmarks/results/step_overhead_<platform>_<date>.json and .csv.
 """
 from __future__ import annotations
 
-import csv
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -51,6 +49,7 @@ import optax  # noqa: E402
 
 import tfx_jax as tfx  # noqa: E402
 from tfx_jax import train as tr  # noqa: E402
+from tfx_jax.train.results_files import write_results  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("presets", ["activations", "parameters"], "Model sizes to measure: "
@@ -181,17 +180,9 @@ def main(argv):
               f"{r['min_ms']:>8.2f} {r['overhead']:>9.1%} {r['bytes_accessed_MB']:>13.1f} "
               f"{r['bytes_overhead']:>8.1%} {r['temp_MB']:>8.1f} {str(r['same_params_as_plain']):>5}")
     name = FLAGS.out_name or f"step_overhead_{device.platform}_{meta['date'][:10]}"
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.out_dir, name + ".json"), "w") as f:
-        json.dump({"meta": meta, "records": records}, f, indent=2)
-    with open(os.path.join(FLAGS.out_dir, name + ".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*records[0], "load_average_1m", "date"])
-        writer.writeheader()
-        for r in records:
-            writer.writerow({**r, "load_average_1m": meta["load_average"][0],
-                             "date": meta["date"]})
-    print("wrote", os.path.join(FLAGS.out_dir, name + ".{json,csv}"))
-
+    paths = write_results(FLAGS.out_dir, name, meta, records,
+                          {"load_average_1m": meta["load_average"][0], "date": meta["date"]})
+    print("wrote", *paths)
 
 if __name__ == "__main__":
     app.run(main)

@@ -116,6 +116,7 @@ from tfx_jax.train.flops import (PEAK_BF16_TFLOPS, attention_flops,  # noqa: E40
                                  peak_tflops_per_device, training_flops,
                                  transformer_forward_flops, vit_forward_flops)
 from tfx_jax.train.memory import bytes_per_device, plan_train_memory  # noqa: E402
+from tfx_jax.train.results_files import write_results  # noqa: E402
 
 MODELS = ("transformer", "vit", "gpt")
 MEMORY_MODELS = MODELS + ("gpt1.3b",)  # gpt1.3b: for --memory_meshes (compile only)
@@ -495,23 +496,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
-def write_results(records: list[dict], meta: dict, out_dir: str, name: str) -> list[str]:
-    os.makedirs(out_dir, exist_ok=True)
-    json_path, csv_path = (os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "csv"))
-    with open(json_path, "w") as f:
-        json.dump({"meta": meta, "records": records}, f, indent=2)
-        f.write("\n")
-    columns = list(dict.fromkeys(key for r in records for key in r))
+def write_throughput_results(records: list[dict], meta: dict, out_dir: str,
+                             name: str) -> list[str]:
     settings = {f"flag_{k}": v for k, v in meta["flags"].items() if k in KNOB_FLAGS}
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*columns, "device_kind", "device_count",
-                                               *settings, "date"])
-        writer.writeheader()
-        for r in records:
-            writer.writerow({**r, "device_kind": meta["machine"]["device_kind"],
-                             "device_count": meta["machine"]["device_count"], **settings,
-                             "date": meta["machine"]["date"]})
-    return [json_path, csv_path]
+    return write_results(out_dir, name, meta, records, {
+        "device_kind": meta["machine"]["device_kind"],
+        "device_count": meta["machine"]["device_count"], **settings,
+        "date": meta["machine"]["date"]})
 
 
 # ----------------------------------------------------------------------------- memory plans
@@ -635,7 +626,7 @@ def main(argv):
          f"x{machine['device_count']}", *(["small"] if FLAGS.small else []),
          machine["date"][:10]])
     print(format_table(records))
-    for path in write_results(records, meta, FLAGS.out_dir, name):
+    for path in write_throughput_results(records, meta, FLAGS.out_dir, name):
         print("wrote", path)
     if any(r["status"] != "ok" for r in records):
         sys.exit(1)
