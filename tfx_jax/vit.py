@@ -69,11 +69,20 @@ class ViTConfig(StackConfig):
 
 
 class ViT(nn.Module):
-    """``apply({"params": p}, images [B, H, W, C]) -> logits [B, num_classes]`` (float32)."""
+    """``apply({"params": p}, images [B, H, W, C]) -> logits [B, num_classes]`` (float32).
+
+    With ``return_intermediates=True`` it returns ``(logits, out)``, ``out`` a dict:
+      "patches": [B, num_patches, D] the patch embeddings (the stem's output);
+      "layers": [num_layers, B, T, D] each encoder block's output (T = patches + [CLS]);
+      "encoded": [B, T, D] the encoder's output (after the final LayerNorm);
+      "pre_logits": [B, D] (or [B, representation_size]) the vector the head reads.
+    Attention probabilities: see :class:`tfx_jax.MultiHeadAttention` (``mutable=["intermediates"]``).
+    """
     config: ViTConfig
 
     @nn.compact
-    def __call__(self, images: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(self, images: jax.Array, *, deterministic: bool = True,
+                 return_intermediates: bool = False):
         cfg = self.config
         expected = (cfg.image_size, cfg.image_size, cfg.num_channels)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
@@ -90,6 +99,7 @@ class ViT(nn.Module):
                     bias_init=with_axes(nn.initializers.zeros_init(), ("embed",)))(images)
         batch = x.shape[0]
         x = x.reshape(batch, -1, cfg.d_model)  # [B, num_patches, D]: patches as words
+        out = {"patches": x}
         if cfg.pool == "cls":
             cls = self.param("cls", with_axes(nn.initializers.zeros, (None, None, "embed")),
                              (1, 1, cfg.d_model), cfg.param_dtype)
@@ -98,7 +108,10 @@ class ViT(nn.Module):
         x = AddPositionEncoding(x.shape[1], "learned", param_dtype=cfg.param_dtype,
                                 name="position")(x)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-        x = BlockStack(cfg, cfg.num_layers, deterministic=deterministic, name="encoder")(x)
+        x = BlockStack(cfg, cfg.num_layers, deterministic=deterministic, name="encoder")(
+            x, return_intermediates=return_intermediates)
+        x, out["layers"] = x if return_intermediates else (x, None)
+        out["encoded"] = x
         x = x[:, 0] if cfg.pool == "cls" else x.mean(axis=1)
         if cfg.representation_size is not None:
             x = jnp.tanh(nn.Dense(
@@ -106,10 +119,11 @@ class ViT(nn.Module):
                 kernel_init=with_axes(nn.initializers.lecun_normal(), ("embed", None)),
                 bias_init=with_axes(nn.initializers.zeros_init(), (None,)),
                 name="pre_logits")(x))
+        out["pre_logits"] = x
         logits = nn.Dense(cfg.num_classes, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                           kernel_init=with_axes(nn.initializers.zeros, (
                               "embed" if cfg.representation_size is None else None,
                               "classes")),
                           bias_init=with_axes(nn.initializers.zeros_init(), ("classes",)),
-                          name="head")(x)
-        return logits.astype(jnp.float32)
+                          name="head")(x).astype(jnp.float32)
+        return (logits, out) if return_intermediates else logits
