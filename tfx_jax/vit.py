@@ -22,6 +22,10 @@ from tfx_jax.model_config import StackConfig, _one_of, _positive
 from tfx_jax.position import AddPositionEncoding
 
 POOLINGS = ("cls", "gap")
+# Named sizes: (d_model, num_layers, d_ff, num_heads). B, L, H: Dosovitskiy et al. 2021,
+# Table 1 (86M, 307M, 632M parameters); Ti, S: Touvron et al. 2021 (DeiT), Table 1 (5M, 22M).
+SIZES = {"Ti": (192, 12, 768, 3), "S": (384, 12, 1536, 6), "B": (768, 12, 3072, 12),
+         "L": (1024, 24, 4096, 16), "H": (1280, 32, 5120, 16)}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -62,6 +66,25 @@ class ViTConfig(StackConfig):
         _one_of(self, "pool", POOLINGS)
         if self.representation_size is not None:
             _positive(self, "representation_size")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ViTConfig":
+        """A named variant "<size>/<patch>", e.g. "B/16" (ViT-Base, 16x16 patches), "Ti/16",
+        "S/16", "L/16", "H/14", "B/32": the size is one of ``SIZES``, the patch any
+        side dividing ``image_size``. ``overrides`` set other fields (``num_classes``,
+        ``image_size``, ``dropout_rate``, ...); the defaults are 224x224 RGB, 1000 classes.
+
+        Parameter counts at the defaults: Ti/16 5.7M, S/16 22.1M, B/16 86.6M, L/16 304.3M,
+        H/14 632.0M (the papers print 5M, 22M, 86M, 632M; Table 1's 307M for ViT-L is
+        the count with 32x32 patches, L/32: 306.5M).
+        """
+        size, _, patch = name.partition("/")
+        if size not in SIZES or not patch.isdigit():
+            raise ValueError(f"ViT preset must be '<size>/<patch>' with size one of "
+                             f"{tuple(SIZES)} and an integer patch, e.g. 'B/16'; got {name!r}")
+        d_model, num_layers, d_ff, num_heads = SIZES[size]
+        return cls(**{**dict(d_model=d_model, num_layers=num_layers, d_ff=d_ff,
+                             num_heads=num_heads, patch_size=int(patch)), **overrides})
 
     @property
     def num_patches(self) -> int:
