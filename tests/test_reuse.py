@@ -6,6 +6,7 @@ the parameters, closed-form parameter counts, and the Linen apply (for the NNX b
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -37,8 +38,10 @@ def tiny_lm(**changes) -> tfx.CausalLM:
     return tfx.CausalLM(cfg.replace(**changes))
 
 
-def randomized(params, seed=0, scale=0.3):
-    """Every parameter drawn at random (zero-initialised heads would hide mistakes)."""
+def random_params(module, *inputs, seed=0, scale=0.3, **kwargs):
+    """Every parameter drawn at random (zero-initialised heads would hide mistakes), in
+    the shapes ``module.init`` gives (jax.eval_shape: nothing is compiled)."""
+    params = jax.eval_shape(partial(module.init, **kwargs), jax.random.key(0), *inputs)["params"]
     leaves, tree = jax.tree.flatten(params)
     rng = np.random.default_rng(seed)
     return jax.tree.unflatten(tree, [jnp.asarray(rng.normal(0, scale, x.shape), x.dtype)
@@ -101,7 +104,7 @@ def test_vit_intermediates_and_recorded_attention_match_numpy(scan_layers):
     # "chunked" asked for: recording runs the dense path and returns its own weights.
     model = tiny_vit(scan_layers=scan_layers, attention_implementation="chunked")
     images = np.random.default_rng(1).uniform(-1, 1, (2, 8, 8, 1)).astype(np.float32)
-    params = randomized(jax.jit(model.init)(jax.random.key(0), images)["params"])
+    params = random_params(model, images)
     reference = dict(params, encoder=unscanned(dict(params["encoder"]), 2)) if scan_layers \
         else params
     want_logits, want_out, want_weights = numpy_vit(reference, images, 2, 2)
@@ -131,7 +134,7 @@ def test_recording_computes_the_attention_softmax_once():
     # is computed from, not a second dense pass beside the forward one.
     mha = tfx.MultiHeadAttention(num_heads=2)
     x = jnp.ones((1, 4, 8))
-    variables = mha.init(jax.random.key(0), x)
+    variables = jax.eval_shape(mha.init, jax.random.key(0), x)
     jaxpr = jax.make_jaxpr(lambda v: mha.apply(v, x, mutable=["intermediates"]))(variables)
     exps = str(jaxpr).count(" exp ")
     assert exps == 1, f"{exps} exp ops in the recorded attention"
@@ -141,7 +144,7 @@ def test_transformer_intermediates_are_the_encoder_memory_and_decoder_states():
     model = tiny_transformer()
     source = np.array([[3, 4, 5, 0, 0], [6, 7, 8, 9, 2]], np.int32)
     target = np.array([[1, 5, 6, 0], [1, 9, 0, 0]], np.int32)
-    params = randomized(jax.jit(model.init)(jax.random.key(0), source, target)["params"])
+    params = random_params(model, source, target)
     logits, out = jax.jit(lambda p: model.apply({"params": p}, source, target,
                                                 return_intermediates=True))(params)
     assert sorted(out) == ["decoder_layers", "encoded", "encoder_layers", "pre_logits"]
@@ -155,15 +158,13 @@ def test_transformer_intermediates_are_the_encoder_memory_and_decoder_states():
                                rtol=1e-5, atol=1e-5)  # shared embedding (sec. 3.4)
     np.testing.assert_array_equal(logits, jax.jit(model.apply)({"params": params}, source,
                                                               target))
-    encoded = jax.jit(lambda p: model.apply({"params": p}, source, method="encode"))(params)
-    np.testing.assert_allclose(out["encoded"], encoded, atol=1e-6)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_lm_intermediates_feed_the_final_norm_and_the_tied_embedding(scan_layers):
     model = tiny_lm(scan_layers=scan_layers)
     tokens = np.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]], np.int32)
-    params = randomized(jax.jit(model.init)(jax.random.key(0), tokens)["params"])
+    params = random_params(model, tokens)
     logits, out = jax.jit(lambda p: model.apply({"params": p}, tokens,
                                                 return_intermediates=True))(params)
     assert sorted(out) == ["layers", "pre_logits"] and out["layers"].shape == (2, 2, 5, 16)
@@ -240,3 +241,96 @@ def test_transformer_presets_have_the_papers_parameter_counts():
     assert tfx.TransformerConfig.preset("base", vocab_size=100).vocab_size == 100
     with pytest.raises(ValueError, match="Transformer preset must be one of"):
         tfx.TransformerConfig.preset("large")
+
+
+# ---------------------------------------------------------------- Flax NNX
+def to_nnx(module: nn.Module, params, *inputs, **kwargs) -> nnx.Module:
+    """The Linen ``module`` as an NNX module holding ``params`` (the README's recipe):
+    variables shaped abstractly from the inputs (no initialisation), then filled."""
+    model = nnx.eval_shape(lambda: nnx.bridge.lazy_init(
+        nnx.bridge.ToNNX(module), *inputs, rngs=jax.random.key(0), **kwargs))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    return model
+
+
+def nnx_cases():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 13, (2, 5)).astype(np.int32)
+    target = rng.integers(1, 13, (2, 4)).astype(np.int32)
+    images = rng.uniform(-1, 1, (2, 8, 8, 1)).astype(np.float32)
+    x = rng.normal(size=(2, 5, 16)).astype(np.float32)
+    return {"attention": (tfx.MultiHeadAttention(num_heads=2), (x,), {"causal": True}),
+            "transformer": (tiny_transformer(num_encoder_layers=1, num_decoder_layers=1),
+                            (tokens, target), {}),
+            "vit": (tiny_vit(scan_layers=True), (images,), {}),
+            "lm": (tiny_lm(), (tokens,), {})}
+
+
+@pytest.mark.parametrize("name", ["attention", "transformer", "vit", "lm"])
+def test_nnx_bridge_gives_the_linen_outputs_and_the_same_optimizer_step(name):
+    module, inputs, kwargs = nnx_cases()[name]
+    params = random_params(module, *inputs, **kwargs)
+    model = to_nnx(module, params, *inputs, **kwargs)
+
+    def loss(outputs):  # any scalar of the outputs; squares weigh every output element
+        return jnp.mean(jnp.square(outputs)), outputs
+
+    tx = optax.sgd(0.1, momentum=0.9)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def nnx_step(model, optimizer):
+        (value, outputs), grads = nnx.value_and_grad(lambda m: loss(m(*inputs, **kwargs)),
+                                                     has_aux=True)(model)
+        optimizer.update(model, grads)
+        return value, outputs
+
+    @jax.jit
+    def linen_step(params):
+        (value, outputs), grads = jax.value_and_grad(
+            lambda p: loss(module.apply({"params": p}, *inputs, **kwargs)), has_aux=True)(params)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        return value, outputs, optax.apply_updates(params, updates)
+
+    want_loss, want_outputs, want_params = linen_step(params)
+    got_loss, got_outputs = nnx_step(model, optimizer)
+    np.testing.assert_allclose(got_outputs, want_outputs, atol=1e-6)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got, want_params)
+    moved = jax.tree_util.tree_map_with_path(
+        lambda path, a, b: bool(np.any(a != b)) or jax.tree_util.keystr(path), got, params)
+    # Every parameter took the step, but key biases: the softmax ignores a shift of all
+    # of a query's scores, so their gradient is zero.
+    assert [m for m in jax.tree.leaves(moved) if m is not True and "['key']['bias']" not in m] \
+        == []
+
+
+def test_nnx_module_composes_a_bridged_backbone_with_its_intermediates():
+    images = np.random.default_rng(2).uniform(-1, 1, (2, 8, 8, 1)).astype(np.float32)
+
+    class Probe(nnx.Module):  # a linear probe on a ViT's pre-logits, written in NNX
+        def __init__(self, rngs: nnx.Rngs):
+            self.backbone = nnx.bridge.ToNNX(tiny_vit(), rngs=rngs)
+            self.linear = nnx.Linear(16, 3, rngs=rngs)
+
+        def __call__(self, x):
+            _, out = self.backbone(x, return_intermediates=True)
+            return self.linear(out["pre_logits"])
+
+    model = nnx.jit(lambda: nnx.bridge.lazy_init(Probe(nnx.Rngs(0)), images))()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    _, out = jax.jit(lambda p: tiny_vit().apply({"params": p}, images,
+                                                return_intermediates=True))(params["backbone"])
+    want = np.asarray(out["pre_logits"]) @ params["linear"]["kernel"] + params["linear"]["bias"]
+    np.testing.assert_allclose(nnx.jit(lambda m: m(images))(model), want, atol=1e-5)
+    # Methods of a bridged module (here Transformer.encode) are its methods in NNX.
+    transformer, (tokens, target), _ = nnx_cases()["transformer"]
+    weights = random_params(transformer, tokens, target)
+    bridged = to_nnx(transformer, weights, tokens, target)
+    np.testing.assert_allclose(
+        nnx.jit(lambda m: m.encode(tokens))(bridged),
+        jax.jit(lambda p: transformer.apply({"params": p}, tokens, method="encode"))(weights),
+        atol=1e-6)
