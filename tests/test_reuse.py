@@ -6,6 +6,8 @@ the parameters, closed-form parameter counts, and the Linen apply (for the NNX b
 from __future__ import annotations
 
 import math
+import pathlib
+import re
 from functools import partial
 
 import flax.linen as nn
@@ -334,3 +336,22 @@ def test_nnx_module_composes_a_bridged_backbone_with_its_intermediates():
         nnx.jit(lambda m: m.encode(tokens))(bridged),
         jax.jit(lambda p: transformer.apply({"params": p}, tokens, method="encode"))(weights),
         atol=1e-6)
+
+
+def test_readme_section_runs():
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Use the modules in your own JAX code"):]
+    section = section[:section.index("\n## ", 3)]
+    code = "\n".join(re.findall(r"```python\n(.*?)```", section, re.S))
+    assert code.count('"Ti/16", image_size=32') == 1
+    code = code.replace('"Ti/16", image_size=32', '"Ti/16", num_layers=2, image_size=32')  # fast
+    namespace = {}
+    exec(compile(code, "<README>", "exec"), namespace)
+    weights = np.asarray(namespace["weights"])
+    assert weights.shape == (2, 3, 5, 5)  # [B, heads, 4 patches + CLS, ...]
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
+    assert namespace["out"]["layers"].shape == (2, 2, 16, 64)
+    assert np.isfinite(float(namespace["loss"]))
+    moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), namespace["params"],
+                         namespace["linen_params"])
+    assert any(jax.tree.leaves(moved))
