@@ -61,9 +61,10 @@ class TransformerBlock(nn.Module):
 
     Called as ``block(x, mask, encoded, cross_mask, attention_args,
     cross_attention_args) -> (x, None)`` (``(x, x)`` with ``emit_output``); the
-    ``(carry, output)`` form lets ``nn.scan`` run the layers and stack their outputs. ``attention_args`` / ``cross_attention_args`` are
-    dicts of keyword arguments for the two :class:`MultiHeadAttention` calls
-    (segment ids, lengths, positions): padding and packing as structure.
+    ``(carry, output)`` form lets ``nn.scan`` run the layers and stack their
+    outputs. ``attention_args`` / ``cross_attention_args`` are dicts of keyword
+    arguments for the two :class:`MultiHeadAttention` calls (segment ids, lengths,
+    positions): padding and packing as structure.
     """
     config: StackConfig
     causal: bool = False

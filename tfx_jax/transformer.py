@@ -199,7 +199,8 @@ class Transformer(nn.Module):
       "pre_logits": [B, T, D] the decoder output the vocabulary projection reads.
     ``encode`` returns ``(encoded, {"encoder_layers": ...})`` and ``decode``
     ``(logits, {"decoder_layers": ..., "pre_logits": ...})`` when asked the same way.
-    Attention probabilities: see :class:`tfx_jax.MultiHeadAttention` (``mutable=["intermediates"]``).
+    Attention probabilities: applied with ``mutable=["intermediates"]``, see
+    :class:`tfx_jax.MultiHeadAttention`.
     """
     config: TransformerConfig
 

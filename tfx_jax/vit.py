@@ -99,7 +99,8 @@ class ViT(nn.Module):
       "layers": [num_layers, B, T, D] each encoder block's output (T = patches + [CLS]);
       "encoded": [B, T, D] the encoder's output (after the final LayerNorm);
       "pre_logits": [B, D] (or [B, representation_size]) the vector the head reads.
-    Attention probabilities: see :class:`tfx_jax.MultiHeadAttention` (``mutable=["intermediates"]``).
+    Attention probabilities: applied with ``mutable=["intermediates"]``, see
+    :class:`tfx_jax.MultiHeadAttention`.
     """
     config: ViTConfig
 
