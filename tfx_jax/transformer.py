@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from tfx_jax.blocks import BlockStack, padding_lengths
+from tfx_jax.errors import ConfigError
 from tfx_jax.logical_axes import with_axes
 from tfx_jax.model_config import POSITION_KINDS, StackConfig, _one_of, _positive
 from tfx_jax.position import AddPositionEncoding, SequenceLayout
@@ -79,7 +80,7 @@ class TransformerConfig(StackConfig):
         sizes = {"base": dict(d_model=512, d_ff=2048, num_heads=8, dropout_rate=0.1),
                  "big": dict(d_model=1024, d_ff=4096, num_heads=16, dropout_rate=0.3)}
         if name not in sizes:
-            raise ValueError(f"Transformer preset must be one of {tuple(sizes)}, got {name!r}")
+            raise ConfigError(f"Transformer preset must be one of {tuple(sizes)}, got {name!r}")
         return cls(**{**sizes[name], "vocab_size": 37000, "num_encoder_layers": 6,
                       "num_decoder_layers": 6, "pre_norm": False, "activation": "relu",
                       "position": "sinusoidal", "share_embeddings": True, **overrides})

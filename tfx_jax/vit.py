@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from tfx_jax.blocks import BlockStack
+from tfx_jax.errors import ConfigError
 from tfx_jax.logical_axes import with_axes
 from tfx_jax.model_config import StackConfig, _one_of, _positive
 from tfx_jax.position import AddPositionEncoding
@@ -61,7 +62,7 @@ class ViTConfig(StackConfig):
         super().__post_init__()
         _positive(self, "image_size", "patch_size", "num_channels", "num_classes", "num_layers")
         if self.image_size % self.patch_size:
-            raise ValueError(f"ViTConfig.patch_size={self.patch_size} does not divide "
+            raise ConfigError(f"ViTConfig.patch_size={self.patch_size} does not divide "
                              f"image_size={self.image_size}")
         _one_of(self, "pool", POOLINGS)
         if self.representation_size is not None:
@@ -80,7 +81,7 @@ class ViTConfig(StackConfig):
         """
         size, _, patch = name.partition("/")
         if size not in SIZES or not patch.isdigit():
-            raise ValueError(f"ViT preset must be '<size>/<patch>' with size one of "
+            raise ConfigError(f"ViT preset must be '<size>/<patch>' with size one of "
                              f"{tuple(SIZES)} and an integer patch, e.g. 'B/16'; got {name!r}")
         d_model, num_layers, d_ff, num_heads = SIZES[size]
         return cls(**{**dict(d_model=d_model, num_layers=num_layers, d_ff=d_ff,
