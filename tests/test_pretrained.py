@@ -334,9 +334,9 @@ def test_hf_bfloat16_safetensors_load_as_float32(tmp_path):
 
 def test_hf_unknown_architecture_and_unsupported_options(tmp_path):
     directory = copied_hf(tmp_path, "hf_gpt2",
-                          edit_config=lambda c: c.update(architectures=["LlamaForCausalLM"],
-                                                         model_type="llama"))
-    with pytest.raises(ValueError, match=r"architectures=\['LlamaForCausalLM'\].*not supported"):
+                          edit_config=lambda c: c.update(architectures=["MambaForCausalLM"],
+                                                         model_type="mamba"))
+    with pytest.raises(ValueError, match=r"architectures=\['MambaForCausalLM'\].*not supported"):
         pretrained.load_hf(directory)
     directory = copied_hf(tmp_path / "b", "hf_gpt2",
                           edit_config=lambda c: c.update(activation_function="silu"))

@@ -22,6 +22,12 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from tfx_jax.errors import DataError
+
+
+class MissingFileError(DataError, FileNotFoundError):
+    """A model directory, its config.json or one of its weight files is not there."""
+
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -32,10 +38,10 @@ def read_config(directory: str) -> dict[str, Any]:
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"directory must be a path, got {type(directory).__name__}")
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no Hugging Face model directory at {directory!r}")
+        raise MissingFileError(f"no Hugging Face model directory at {directory!r}")
     config_path = os.path.join(directory, CONFIG)
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{directory}: no {CONFIG} (a Hugging Face model directory has "
+        raise MissingFileError(f"{directory}: no {CONFIG} (a Hugging Face model directory has "
                                 f"{CONFIG} and {WEIGHTS})")
     try:
         with open(config_path) as f:
@@ -58,11 +64,11 @@ def weight_files(directory: str) -> list[str]:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         files = [os.path.join(directory, shard) for shard in shards]
     else:
-        raise FileNotFoundError(f"{directory}: no {WEIGHTS} (or {INDEX}); only safetensors "
+        raise MissingFileError(f"{directory}: no {WEIGHTS} (or {INDEX}); only safetensors "
                                 f"checkpoints are read (convert pytorch_model.bin first)")
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
-        raise FileNotFoundError(f"{index} names shard {os.path.basename(missing[0])}, which is "
+        raise MissingFileError(f"{index} names shard {os.path.basename(missing[0])}, which is "
                                 f"not in {directory} ({len(missing)} of {len(files)} missing)")
     return files
 
