@@ -186,7 +186,8 @@ def config_to_hf(cfg: CausalLMConfig) -> dict[str, Any]:
     if family == "mistral":
         config["sliding_window"] = cfg.sliding_window
     if family in ("gemma2", "gemma3"):
-        config.update(query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+        scalar = cfg.query_pre_attn_scalar  # an int in transformers' config classes
+        config.update(query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
                       attn_logit_softcapping=cfg.attention_logit_soft_cap,
                       final_logit_softcapping=cfg.final_logit_soft_cap,
                       sliding_window=cfg.sliding_window,
