@@ -242,3 +242,29 @@ def test_soft_capped_chunked_attention_equals_dense_with_gradients():
         with pytest.raises(ValueError, match="takes no logit_soft_cap"):
             tfx.dot_product_attention(q, k, v, logit_soft_cap=2.0,
                                       implementation=implementation)
+
+
+def test_checkpoint_tokenizer_and_its_special_ids():
+    tokenizer = pretrained.load_tokenizer(str(FIXTURES / "llama"))
+    config = json.loads((FIXTURES / "llama" / "config.json").read_text())
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (
+        config["bos_token_id"], config["eos_token_id"], config["pad_token_id"])
+    text = "the lazy fox rotates keys"
+    ids = tokenizer.encode(text, add_bos=True)
+    assert ids[0] == tokenizer.bos_id and tokenizer.bos_id not in ids[1:]
+    assert ids == tokenizer.tokenizer.encode(text).ids  # the file's own BOS post-processor
+    assert tokenizer.decode(ids) == text and max(ids) < config["vocab_size"]
+    with pytest.raises(UserError, match="no tokenizer.json"):
+        pretrained.load_tokenizer(str(FIXTURES / "qwen2"))
+
+
+def test_lora_adapts_every_projection_of_a_gated_decoder(loaded):
+    from tfx_jax.train import lora
+    cfg, params = loaded["llama"]
+    adapters = lora.init_lora(jax.random.key(0), params, rank=2)
+    adapted = set(adapters["layers"]["layer_0"]["self_attention"]) | set(
+        adapters["layers"]["layer_0"]["ffn"])
+    assert adapted == {"query", "key", "value", "out", "wi_0", "wi_1", "wo"}
+    merged = lora.merge_lora(params, adapters, alpha=4.0)  # B = 0: the same model
+    tokens = GOLDEN["llama/tokens"]
+    assert relative_error(logits_of(cfg, merged, tokens), "llama") <= 1e-5

@@ -174,3 +174,78 @@ def write_directory(directory: str, config: dict[str, Any],
     with open(os.path.join(directory, INDEX), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         f.write("\n")
+
+
+TOKENIZER = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+class CheckpointTokenizer:
+    """A checkpoint's ``tokenizer.json`` (Hugging Face ``tokenizers``) with its special ids.
+
+    ``encode(text)`` gives the ids of the text alone (no special tokens; ``add_bos=True``
+    puts ``bos_id`` first); ``decode(ids)`` drops special tokens. ``bos_id`` /
+    ``eos_id`` / ``pad_id`` (None when the checkpoint has none) come from
+    tokenizer_config.json's ``bos_token`` / ``eos_token`` / ``pad_token``, else from
+    config.json / generation_config.json's ``*_token_id``; ``eos_ids`` holds every
+    end-of-sequence id (Llama 3 lists several).
+    """
+
+    def __init__(self, directory: str):
+        import tokenizers
+        path = os.path.join(str(directory), TOKENIZER)
+        if not os.path.isfile(path):
+            raise MissingFileError(f"{directory}: no {TOKENIZER}; only fast tokenizers are read "
+                                   f"(save one with transformers' AutoTokenizer first)")
+        try:
+            self.tokenizer = tokenizers.Tokenizer.from_file(path)
+        except Exception as error:  # tokenizers raises a plain Exception
+            raise DataError(f"{path}: not a readable tokenizers file "
+                            f"({str(error).splitlines()[0]})") from None
+        ids = {}
+        for file in ("generation_config.json", CONFIG):  # config.json wins over generation
+            ids.update({k: v for k, v in _json(os.path.join(str(directory), file)).items()
+                        if k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                        and v is not None})
+        special = _json(os.path.join(str(directory), TOKENIZER_CONFIG))
+        for role in ("bos", "eos", "pad"):
+            token = special.get(f"{role}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            if token is not None and self.tokenizer.token_to_id(token) is not None:
+                ids[f"{role}_token_id"] = self.tokenizer.token_to_id(token)
+        eos = ids.get("eos_token_id")
+        self.eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        self.bos_id = ids.get("bos_token_id")
+        self.eos_id = self.eos_ids[0] if self.eos_ids else None
+        self.pad_id = ids.get("pad_token_id")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if add_bos:
+            if self.bos_id is None:
+                raise DataError("add_bos=True, but this checkpoint's tokenizer has no BOS token")
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON ({error})") from None
+    return value if isinstance(value, dict) else {}
+
+
+def load_tokenizer(directory: str) -> CheckpointTokenizer:
+    """The tokenizer of a Hugging Face model directory (``tokenizer.json``)."""
+    return CheckpointTokenizer(directory)
