@@ -268,3 +268,29 @@ def test_lora_adapts_every_projection_of_a_gated_decoder(loaded):
     merged = lora.merge_lora(params, adapters, alpha=4.0)  # B = 0: the same model
     tokens = GOLDEN["llama/tokens"]
     assert relative_error(logits_of(cfg, merged, tokens), "llama") <= 1e-5
+
+
+def test_lm_generate_straight_from_a_checkpoint_directory(loaded, tmp_path, capsys):
+    """experiments/lm.py --generate --config.init_from=HF_DIR: the checkpoint's tokenizer and
+    special ids, greedy tokens = argmax of full forward passes (no cache)."""
+    import ml_collections
+    from tfx_jax.apps.language_model import experiment
+    config = ml_collections.ConfigDict(dict(
+        init_from=str(FIXTURES / "llama"), temperature=0.0, top_k=0, top_p=1.0,
+        num_generate_tokens=4, num_samples=1, sample_seed=0))
+    prompts = ["the quick brown", "keys"]
+    samples = experiment.generate(config, str(tmp_path / "unused"), prompts)
+    cfg, params = loaded["llama"]
+    tokenizer = pretrained.load_tokenizer(str(FIXTURES / "llama"))
+    forward = jax.jit(lambda t: tfx.CausalLM(cfg).apply({"params": params}, t))
+    for prompt, (text,) in zip(prompts, samples):
+        ids = tokenizer.encode(prompt, add_bos=True)
+        for _ in range(4):  # right padding is invisible to earlier positions (causal)
+            padded = np.zeros((1, 16), np.int32)
+            padded[0, :len(ids)] = ids
+            ids.append(int(np.argmax(forward(jnp.asarray(padded))[0, len(ids) - 1])))
+            if ids[-1] == tokenizer.eos_id:
+                ids.pop()
+                break
+        assert text == tokenizer.decode(ids[1:])
+    assert f"--- sample 1 of {prompts[0]!r}" in capsys.readouterr().out
