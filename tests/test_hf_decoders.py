@@ -294,3 +294,18 @@ def test_lm_generate_straight_from_a_checkpoint_directory(loaded, tmp_path, caps
                 break
         assert text == tokenizer.decode(ids[1:])
     assert f"--- sample 1 of {prompts[0]!r}" in capsys.readouterr().out
+
+
+def test_save_hf_of_a_config_built_by_hand(tmp_path):
+    """Defaults left implicit (num_kv_heads, head_dim, layer_types) still save and load back."""
+    cfg = tfx.CausalLMConfig(vocab_size=64, num_layers=2, max_len=32, d_model=16, num_heads=2,
+                             d_ff=32, position="rope", norm="rms_norm", mlp="gated",
+                             activation="silu", use_bias=False, sliding_window=4)
+    params = tfx.CausalLM(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    pretrained.save_hf(cfg, params, str(tmp_path))
+    back, back_params = pretrained.load_hf(str(tmp_path))
+    tokens = jnp.arange(12)[None] % 64
+    np.testing.assert_array_equal(logits_of(back, back_params, tokens),
+                                  logits_of(cfg, params, tokens))
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [
+        "MistralForCausalLM"]

@@ -41,8 +41,7 @@ MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                "gemma3_text": "Gemma3ForCausalLM"}
-_HF_MODEL_TYPE = {family: model_type for model_type, architecture in MODEL_TYPES.items()
-                  for a, family in ARCHITECTURES.items() if a == architecture}
+_HF_MODEL_TYPE = {ARCHITECTURES[a]: model_type for model_type, a in MODEL_TYPES.items()}
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu",
                 "gelu_new": "gelu", "gelu_fast": "gelu", "gelu": "gelu_exact"}
 _TO_HF_ACT = {"silu": "silu", "gelu": "gelu_pytorch_tanh", "gelu_exact": "gelu"}
@@ -195,14 +194,28 @@ def config_to_hf(cfg: CausalLMConfig) -> dict[str, Any]:
                                    for i in range(cfg.num_layers)])
     if family == "gemma3":
         config["rope_local_base_freq"] = cfg.local_rope_base or cfg.rope_base
-    back = config_from_hf(config, architecture, "save_hf")
-    differ = [f"{f.name}={getattr(cfg, f.name)!r} ({architecture} has "
-              f"{getattr(back, f.name)!r})" for f in dataclasses.fields(cfg)
-              if f.name not in _RUNTIME and getattr(cfg, f.name) != getattr(back, f.name)]
+    ours, back = _meaning(cfg), _meaning(config_from_hf(config, architecture, "save_hf"))
+    differ = [f"{name}={value!r} ({architecture} has {back[name]!r})"
+              for name, value in ours.items() if value != back[name]]
     if differ:
         raise ConfigError(f"save_hf: this CausalLMConfig has no {architecture} equivalent: "
                           f"{'; '.join(differ)}")
     return config
+
+
+def _meaning(cfg: CausalLMConfig) -> dict[str, Any]:
+    """The fields that define the model, defaults made explicit (None heads = num_heads, ...)."""
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+              if f.name not in _RUNTIME}
+    types = tuple(cfg.layer_type(i, cfg.num_layers) for i in range(cfg.num_layers))
+    fields.update(num_kv_heads=cfg.num_kv_heads or cfg.num_heads,
+                  head_dim=cfg.attention_head_dim,
+                  qkv_bias=cfg.use_bias if cfg.qkv_bias is None else cfg.qkv_bias,
+                  layer_types=types if "sliding" in types else None,
+                  sliding_window=cfg.sliding_window if "sliding" in types else None,
+                  local_rope_base=(cfg.local_rope_base, None) if cfg.local_rope_base
+                  else (cfg.rope_base, cfg.rope_scaling))
+    return fields
 
 
 @dataclasses.dataclass(frozen=True)
