@@ -115,7 +115,7 @@ def test_llama3_rope_scaling_past_the_original_context(loaded):
     assert np.abs(unscaled[:, late] - ref[:, late]).max() > 1e-2 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3"])
 def test_greedy_decoding_with_the_cache_gives_transformers_tokens(loaded, family):
     cfg, params = loaded[family]
     expected = GOLDEN[f"{family}/generated"]
