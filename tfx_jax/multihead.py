@@ -57,8 +57,8 @@ class MultiHeadAttention(nn.Module):
       rotary: apply rotary position embeddings to queries and keys (self-attention).
       rope_base: base of the rotary frequencies (RoFormer: 10000).
       rope_scaling: frequency scaling of the rotary embeddings (``rotary.py``).
-      qkv_bias: biases on the query/key/value projections; None = use_bias (which
-        then covers the output projection only).
+      qkv_bias: biases on the query/key/value projections; None = use_bias (the output
+        projection's bias always follows use_bias; Qwen 2: qkv_bias=True, use_bias=False).
       qk_norm: ``qk_norm(name)`` builds the per-head norm applied to queries and keys
         (over head_dim) before the rotation (Qwen 3, Gemma 3); None = none.
       local_window: w >= 0: a query at position i sees keys i - w ... i only
