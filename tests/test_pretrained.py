@@ -334,9 +334,9 @@ def test_hf_bfloat16_safetensors_load_as_float32(tmp_path):
 
 def test_hf_unknown_architecture_and_unsupported_options(tmp_path):
     directory = copied_hf(tmp_path, "hf_gpt2",
-                          edit_config=lambda c: c.update(architectures=["LlamaForCausalLM"],
-                                                         model_type="llama"))
-    with pytest.raises(ValueError, match=r"architectures=\['LlamaForCausalLM'\].*not supported"):
+                          edit_config=lambda c: c.update(architectures=["MambaForCausalLM"],
+                                                         model_type="mamba"))
+    with pytest.raises(ValueError, match=r"architectures=\['MambaForCausalLM'\].*not supported"):
         pretrained.load_hf(directory)
     directory = copied_hf(tmp_path / "b", "hf_gpt2",
                           edit_config=lambda c: c.update(activation_function="silu"))
@@ -380,7 +380,8 @@ def test_readme_and_docs_snippets_run_and_cached_sampling_matches_full_forward(m
     section = readme[readme.index("## Pretrained weights"):]
     section = section[:section.index("\n## ", 3)]
     blocks = python_blocks(section) + python_blocks((ROOT / "docs" / "pretrained.md").read_text())
-    blocks = [b.replace("/tmp/tfx_gpt2", str(tmp_path / "gpt2")) for b in blocks
+    blocks = [b.replace("/tmp/tfx_gpt2", str(tmp_path / "gpt2")).replace(
+        "/tmp/tfx_llama", str(tmp_path / "llama")) for b in blocks
               if "path, *," not in b  # the API summary is a signature, not code
               and "not run by the tests" not in b]
     assert len(blocks) >= 6
@@ -388,6 +389,8 @@ def test_readme_and_docs_snippets_run_and_cached_sampling_matches_full_forward(m
     for block in blocks:
         exec(compile(block, "<snippet>", "exec"), namespace)
     assert (tmp_path / "gpt2" / "model.safetensors").is_file()
+    assert pretrained.load_hf(str(tmp_path / "llama"))[0] == namespace["lm_cfg"]
+    assert namespace["lm_logits"].shape[-1] == namespace["lm_cfg"].vocab_size
     tokens, prompt = np.asarray(namespace["tokens"]), np.asarray(namespace["prompt"])
     assert tokens.shape == (2, 11) and (tokens[:, :3] == prompt).all()
     # greedy decoding through the cache == argmax of full forward passes (causal: pad freely)

@@ -138,13 +138,22 @@ def _check_window(local_window):
     return (None if left is None else int(left), None if right is None else int(right))
 
 
-def _check_scalars(dropout_rate, scale):
+def _check_scalars(dropout_rate, scale, logit_soft_cap=None):
     if not isinstance(dropout_rate, numbers.Real) or not 0.0 <= float(dropout_rate) < 1.0:
         raise ValueError(f"dropout_rate must be a float in [0, 1), got {dropout_rate!r}")
     if scale is not None and (not isinstance(scale, numbers.Real) or
                               not math.isfinite(float(scale))):
         raise ValueError(f"scale must be a finite float (None = 1/sqrt(head_dim)), "
                          f"got {scale!r}")
+    if logit_soft_cap is not None and (not isinstance(logit_soft_cap, numbers.Real) or
+                                       not 0.0 < float(logit_soft_cap) < math.inf):
+        raise ValueError(f"logit_soft_cap must be a finite float > 0 (None = no cap), "
+                         f"got {logit_soft_cap!r}")
+
+
+def soft_cap(scores: jax.Array, cap: Optional[float]) -> jax.Array:
+    """cap * tanh(scores / cap): scores squashed into (-cap, cap) (Gemma 2; None = as is)."""
+    return scores if cap is None else cap * jnp.tanh(scores / cap)
 
 
 def causal_mask(q_length: int, kv_length: int, q_offset: int | jax.Array = 0) -> jax.Array:
@@ -219,8 +228,8 @@ def _full_mask(query, key, mask, causal, q_segment_ids=None, kv_segment_ids=None
         lengths_mask(t, s, q_lengths, kv_lengths))
 
 
-def _dense_weights(query, key, mask, bias, scale):
-    """softmax(scale * Q K^T + bias) in float32 over the allowed keys, [B, N, T, S].
+def _dense_weights(query, key, mask, bias, scale, logit_soft_cap=None):
+    """softmax(soft_cap(scale * Q K^T) + bias) in float32 over the allowed keys, [B, N, T, S].
 
     Grouped-query: query [B,T,K*G,H] against key [B,S,K,H] is one einsum over the
     shared key head (no repeated K). A query whose keys are all masked gets an
@@ -232,6 +241,7 @@ def _dense_weights(query, key, mask, bias, scale):
     grouped = query.reshape(b, t, num_kv_heads, n // num_kv_heads, h)
     scores = jnp.einsum("btkgh,bskh->bkgts", grouped, key,
                         preferred_element_type=jnp.float32).reshape(b, n, t, s) * scale
+    scores = soft_cap(scores, logit_soft_cap)
     if bias is not None:
         scores = scores + bias.astype(jnp.float32)
     if mask is None:
@@ -248,7 +258,8 @@ def attention_weights(query: jax.Array, key: jax.Array, mask: Optional[jax.Array
                       kv_segment_ids: Optional[jax.Array] = None, local_window=None,
                       bias: Optional[jax.Array] = None, scale: Optional[float] = None,
                       q_lengths: Optional[jax.Array] = None,
-                      kv_lengths: Optional[jax.Array] = None) -> jax.Array:
+                      kv_lengths: Optional[jax.Array] = None,
+                      logit_soft_cap: Optional[float] = None) -> jax.Array:
     """The attention probabilities softmax(scale * Q K^T + bias), shape [B, N, T, S].
 
     Same masking arguments as `dot_product_attention` (key may have fewer heads
@@ -259,20 +270,21 @@ def attention_weights(query: jax.Array, key: jax.Array, mask: Optional[jax.Array
     q_segment_ids = _as_array(q_segment_ids, "q_segment_ids")
     kv_segment_ids = _as_array(kv_segment_ids, "kv_segment_ids")
     _check_inputs(query, key, key, mask, bias)
-    _check_scalars(0.0, scale)
+    _check_scalars(0.0, scale, logit_soft_cap)
     q_segment_ids, kv_segment_ids = _check_segment_ids(query, key, q_segment_ids, kv_segment_ids)
     _check_lengths(query, q_lengths, kv_lengths)
     local_window = _check_window(local_window)
     mask = _full_mask(query, key, mask, causal, q_segment_ids, kv_segment_ids, local_window,
                       *_clamped_lengths(query, key, q_lengths, kv_lengths))
-    return _dense_weights(query, key, mask, bias, scale)
+    return _dense_weights(query, key, mask, bias, scale, logit_soft_cap)
 
 
-def _dense_attention(query, key, value, mask, bias, scale, dropout_rate, dropout_rng):
+def _dense_attention(query, key, value, mask, bias, scale, dropout_rate, dropout_rng,
+                     logit_soft_cap=None):
     """Materialises the [B, N, T, S] weights, then takes the weighted sum of values.
 
     Returns (output, weights before dropout)."""
-    probabilities = weights = _dense_weights(query, key, mask, bias, scale)
+    probabilities = weights = _dense_weights(query, key, mask, bias, scale, logit_soft_cap)
     if dropout_rate > 0.0:
         if dropout_rng is None:
             raise ValueError(f"attention dropout_rate={dropout_rate} > 0 needs a dropout_rng")
@@ -325,10 +337,13 @@ def _padding_shared(q_segment_ids, kv_segment_ids, q_lengths, kv_lengths) -> boo
 def _unsupported_reason(implementation, query, key, *, mask, bias, causal, dropout_rate,
                         q_segment_ids, local_window, value_head_dim, platform=None,
                         compute_capability=None, kv_segment_ids=None, q_lengths=None,
-                        kv_lengths=None) -> Optional[str]:
+                        kv_lengths=None, logit_soft_cap=None) -> Optional[str]:
     """None if `implementation` runs these inputs, else a sentence naming why not."""
     if implementation == "dense":
         return None
+    if logit_soft_cap is not None and implementation in ("cudnn", "splash"):
+        return (f"implementation={implementation!r} takes no logit_soft_cap (its fused kernel "
+                f"here applies none); use implementation='dense' or 'chunked'")
     if bias is not None:
         return (f"implementation={implementation!r} takes no additive bias (only 'dense' "
                 f"materialises the scores it is added to); use implementation='dense'")
@@ -355,11 +370,13 @@ def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0,
                           compute_capability: Optional[str] = None,
                           value_head_dim: Optional[int] = None,
                           q_segment_ids=None, kv_segment_ids=None, local_window=None,
-                          bias=None, scale=None, q_lengths=None, kv_lengths=None) -> str:
+                          bias=None, scale=None, q_lengths=None, kv_lengths=None,
+                          logit_soft_cap=None) -> str:
     """What "auto" resolves to for these inputs (the same arguments as
     `dot_product_attention`; only their shapes, dtypes and presence matter).
 
     1. an additive ``bias`` -> "dense" (the only implementation that takes one);
+       a ``logit_soft_cap`` rules out "splash" and "cudnn";
     2. a TPU, lengths multiples of 128, no mask array and no dropout, padding (if
        any) shared by queries and keys -> "splash" (the Pallas TPU kernel);
     3. an NVIDIA GPU (sm80+), float16/bfloat16, a cuDNN head_dim, no mask array, no
@@ -385,7 +402,7 @@ def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0,
                   q_segment_ids=q_segment_ids, local_window=local_window,
                   value_head_dim=value_head_dim, platform=platform,
                   compute_capability=compute_capability, kv_segment_ids=kv_segment_ids,
-                  q_lengths=q_lengths, kv_lengths=kv_lengths)
+                  q_lengths=q_lengths, kv_lengths=kv_lengths, logit_soft_cap=logit_soft_cap)
     if platform == "tpu" and _unsupported_reason("splash", query, key, **common) is None:
         return "splash"
     if _unsupported_reason("cudnn", query, key, **common) is None:
@@ -406,6 +423,7 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                           implementation: str = "auto",
                           q_lengths: Optional[jax.Array] = None,
                           kv_lengths: Optional[jax.Array] = None,
+                          logit_soft_cap: Optional[float] = None,
                           block_q: int = DEFAULT_BLOCK_Q,
                           block_kv: int = DEFAULT_BLOCK_KV,
                           return_weights: bool = False):
@@ -440,6 +458,9 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
         memory-lean alternative to a padding mask. Query i of sequence b is real
         iff i < q_lengths[b] (other queries return zeros); key j iff j < kv_lengths[b].
         Values are clamped to [0, length].
+      logit_soft_cap: optional c > 0: the scaled scores become c * tanh(scores / c)
+        before masking and softmax (Gemma 2's attention logit soft-capping; "dense"
+        and "chunked" only).
       block_q, block_kv: tile sizes of "chunked" (ignored by the others).
       return_weights: return ``(output, weights)``, ``weights`` being the float32
         [B, N, T, S] probabilities the output was computed from (before attention
@@ -458,7 +479,7 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     kv_segment_ids = _as_array(kv_segment_ids, "kv_segment_ids")
     _check_inputs(query, key, value, mask, bias)
     _check_lengths(query, q_lengths, kv_lengths)
-    _check_scalars(dropout_rate, scale)
+    _check_scalars(dropout_rate, scale, logit_soft_cap)
     q_segment_ids, kv_segment_ids = _check_segment_ids(query, key, q_segment_ids, kv_segment_ids)
     local_window = _check_window(local_window)
     if dropout_rate > 0.0 and dropout_rng is None:
@@ -467,12 +488,13 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
         implementation = select_implementation(
             query, key, mask, causal, dropout_rate, value_head_dim=value.shape[-1],
             q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-            local_window=local_window, bias=bias, q_lengths=q_lengths, kv_lengths=kv_lengths)
+            local_window=local_window, bias=bias, q_lengths=q_lengths, kv_lengths=kv_lengths,
+            logit_soft_cap=logit_soft_cap)
     reason = _unsupported_reason(
         implementation, query, key, mask=mask, bias=bias, causal=causal,
         dropout_rate=dropout_rate, q_segment_ids=q_segment_ids, local_window=local_window,
         value_head_dim=value.shape[-1], kv_segment_ids=kv_segment_ids, q_lengths=q_lengths,
-        kv_lengths=kv_lengths)
+        kv_lengths=kv_lengths, logit_soft_cap=logit_soft_cap)
     if reason is not None:
         raise ValueError(f"implementation={implementation!r} cannot run here: {reason}")
     q_lengths, kv_lengths = _clamped_lengths(query, key, q_lengths, kv_lengths)
@@ -482,14 +504,15 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
         mask = _full_mask(query, key, mask, causal, q_segment_ids, kv_segment_ids,
                           local_window, q_lengths, kv_lengths)
         out, weights = _dense_attention(query, key, value, mask, bias, scale, dropout_rate,
-                                        dropout_rng)
+                                        dropout_rng, logit_soft_cap)
         return (out, weights) if return_weights else out
     if implementation == "chunked":
         return chunked_attention(query, key, value, mask, causal=causal, q_lengths=q_lengths,
                                  kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
                                  kv_segment_ids=kv_segment_ids, local_window=local_window,
                                  scale=scale, dropout_rate=dropout_rate,
-                                 dropout_rng=dropout_rng, block_q=block_q, block_kv=block_kv)
+                                 dropout_rng=dropout_rng, logit_soft_cap=logit_soft_cap,
+                                 block_q=block_q, block_kv=block_kv)
     if implementation == "splash":
         return splash_attention(query, key, value, causal=causal, local_window=local_window,
                                 scale=scale, q_segment_ids=q_segment_ids,

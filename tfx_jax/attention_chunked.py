@@ -81,6 +81,7 @@ class _Blocking(NamedTuple):
     right: Optional[int]
     scale: float
     dropout_rate: float
+    soft_cap: Optional[float] = None  # scores -> c tanh(scores / c) before masking
 
 
 def _q_to_blocks(x: jax.Array, block: int, num_kv_heads: int) -> jax.Array:
@@ -220,9 +221,11 @@ def _q_block_range(blocking: _Blocking, j, live_q, live_kv):
 
 
 def _masked_scores(blocking: _Blocking, i, j, q_i, k_j, extras: _Extras):
-    """Tile (i, j) of scale * Q K^T in float32, -inf where attention is not allowed."""
+    """Tile (i, j) of soft_cap(scale * Q K^T) in float32, -inf where attention is not allowed."""
     s = jnp.einsum("bkgqh,bkth->bkgqt", q_i, k_j,
                    preferred_element_type=jnp.float32) * blocking.scale
+    if blocking.soft_cap is not None:
+        s = blocking.soft_cap * jnp.tanh(s / blocking.soft_cap)
     valid = _block_mask(blocking, i, j, extras)
     return s if valid is None else jnp.where(valid, s, -jnp.inf)
 
@@ -313,7 +316,11 @@ def _backward(blocking: _Blocking, residuals, d_out):
             d_p = d_p if drop is None else d_p * drop
             d_v = d_v + jnp.einsum("bkgqt,bkgqh->bkth", p_dropped.astype(do_i.dtype), do_i,
                                    preferred_element_type=jnp.float32)
-            d_s = (p * (d_p - delta_i[..., None]) * blocking.scale).astype(q.dtype)
+            d_s = p * (d_p - delta_i[..., None]) * blocking.scale
+            if blocking.soft_cap is not None:  # d(c tanh(x / c))/dx = 1 - tanh^2
+                d_s = d_s * (1.0 - jnp.square(
+                    jnp.where(jnp.isfinite(s), s, 0.0) / blocking.soft_cap))
+            d_s = d_s.astype(q.dtype)
             d_q_i = jnp.einsum("bkgqt,bkth->bkgqh", d_s, k_j, preferred_element_type=jnp.float32)
             d_q = lax.dynamic_update_index_in_dim(
                 d_q, lax.dynamic_index_in_dim(d_q, i, keepdims=False) + d_q_i, i, axis=0)
@@ -364,6 +371,7 @@ def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                       scale: Optional[float] = None,
                       dropout_rate: float = 0.0,
                       dropout_rng: Optional[jax.Array] = None,
+                      logit_soft_cap: Optional[float] = None,
                       block_q: int = DEFAULT_BLOCK_Q,
                       block_kv: int = DEFAULT_BLOCK_KV) -> jax.Array:
     """softmax(scale * Q K^T) V computed tile by tile; returns [B, T, N, H].
@@ -380,7 +388,9 @@ def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     ignored); ``q_segment_ids`` / ``kv_segment_ids`` ([B, T] / [B, S] ints) let a
     query see only keys with its id, id 0 being padding (it sees nothing).
     Queries that can attend to no key return zeros. ``dropout_rate`` drops
-    attention weights with a mask regenerated per tile from ``dropout_rng``.
+    attention weights with a mask regenerated per tile from ``dropout_rng``;
+    ``logit_soft_cap`` c replaces each score by c * tanh(score / c) (forward and
+    gradient).
     ``block_q`` / ``block_kv`` are tile sizes (clipped to the sequence lengths);
     they trade loop overhead against tile memory.
     """
@@ -398,7 +408,8 @@ def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     blocking = _Blocking(q_length=t, kv_length=s, block_q=block_q, block_kv=block_kv,
                          left=left, right=right,
                          scale=float(1.0 / math.sqrt(h) if scale is None else scale),
-                         dropout_rate=float(dropout_rate))
+                         dropout_rate=float(dropout_rate),
+                         soft_cap=None if logit_soft_cap is None else float(logit_soft_cap))
     q = _q_to_blocks(query, block_q, num_kv_heads)
     k, v = _kv_to_blocks(key, block_kv), _kv_to_blocks(value, block_kv)
     if q_lengths is not None:

@@ -11,20 +11,28 @@ while most later models normalise first (pre-LN): x = x + Dropout(Sublayer(Layer
 The same block is the encoder layer (self-attention + FFN), the decoder layer
 (causal self-attention + cross-attention to the encoder + FFN) and the
 GPT/DALL-E layer (causal self-attention + FFN).
+
+The later decoders (Llama, Mistral, Qwen, Gemma) change parts of the block,
+each an option of :class:`StackConfig`: RMSNorm in place of LayerNorm, a gated
+feed-forward network (SwiGLU / GeGLU), a norm on each sub-layer's output too
+("sandwich", Gemma 2/3), a per-head norm of queries and keys, and per-layer
+attention: a sliding window on some layers, with its own rotary base.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tfx_jax.errors import ConfigError
 from tfx_jax.logical_axes import constrain, with_axes
 from tfx_jax.model_config import StackConfig
 from tfx_jax.multihead import MultiHeadAttention
 
-_ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "gelu_exact": lambda x: nn.gelu(x, False)}
+_ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "gelu_exact": lambda x: nn.gelu(x, False),
+                "silu": nn.silu}
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -32,8 +40,52 @@ _REMAT_POLICIES = {
 }
 
 
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * w.
+
+    No centring and no bias. Normalised in float32; with ``scale_offset`` 0 the
+    result is cast to ``dtype`` and multiplied by w (Llama), with 1 it is
+    multiplied by (1 + w) in float32 and then cast (Gemma stores w around 0).
+    """
+    epsilon: float = 1e-6
+    scale_offset: float = 0.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.zeros_init() if self.scale_offset else nn.initializers.ones_init()
+        scale = self.param("scale", with_axes(init, ("norm",)), (x.shape[-1],),
+                           self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+                                + self.epsilon)
+        if self.scale_offset:
+            return (y * (self.scale_offset + scale.astype(jnp.float32))).astype(self.dtype)
+        return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def make_norm(cfg: StackConfig, name: str) -> nn.Module:
+    """The stack's norm (``cfg.norm``: LayerNorm or RMSNorm) as a module named ``name``."""
+    if cfg.norm == "rms_norm":
+        return RMSNorm(epsilon=cfg.layer_norm_epsilon, scale_offset=cfg.norm_scale_offset,
+                       dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+    if cfg.norm_scale_offset:
+        raise ConfigError(f"norm_scale_offset={cfg.norm_scale_offset} applies to "
+                          f"norm='rms_norm' only")
+    return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype,
+                        param_dtype=cfg.param_dtype, name=name,
+                        scale_init=with_axes(nn.initializers.ones_init(), ("norm",)),
+                        bias_init=with_axes(nn.initializers.zeros_init(), ("norm",)))
+
+
 class FeedForward(nn.Module):
-    """Position-wise feed-forward network FFN(x) = act(x W1 + b1) W2 + b2 (sec. 3.3)."""
+    """Position-wise feed-forward network FFN(x) = act(x W1 + b1) W2 + b2 (sec. 3.3).
+
+    With ``mlp="gated"``: (act(x W_gate) * (x W_up)) W_down (Shazeer 2020, "GLU
+    Variants Improve Transformer"), the gate and up projections named ``wi_0``
+    and ``wi_1``, the down projection ``wo``.
+    """
     config: StackConfig
     deterministic: bool = True
 
@@ -44,7 +96,12 @@ class FeedForward(nn.Module):
             features, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             kernel_init=with_axes(nn.initializers.xavier_uniform(), names),
             bias_init=with_axes(nn.initializers.zeros_init(), names[1:]), name=name)
-        h = _ACTIVATIONS[cfg.activation](dense(cfg.d_ff, "wi", ("embed", "mlp"))(x))
+        act = _ACTIVATIONS[cfg.activation]
+        if cfg.mlp == "gated":
+            h = act(dense(cfg.d_ff, "wi_0", ("embed", "mlp"))(x)) * dense(
+                cfg.d_ff, "wi_1", ("embed", "mlp"))(x)
+        else:
+            h = act(dense(cfg.d_ff, "wi", ("embed", "mlp"))(x))
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
         return dense(x.shape[-1], "wo", ("mlp", "embed"))(h)
 
@@ -58,6 +115,8 @@ class TransformerBlock(nn.Module):
       cross_attention: add a sub-layer attending to an encoder's output.
       deterministic: disable dropout.
       emit_output: also return the block's output as the scan output (intermediates).
+      layer_type: "full" or "sliding" (self-attention within ``cfg.sliding_window``,
+        rotary base ``cfg.local_rope_base`` if set).
 
     Called as ``block(x, mask, encoded, cross_mask, attention_args,
     cross_attention_args) -> (x, None)`` (``(x, x)`` with ``emit_output``); the
@@ -71,25 +130,36 @@ class TransformerBlock(nn.Module):
     cross_attention: bool = False
     deterministic: bool = True
     emit_output: bool = False
+    layer_type: str = "full"
 
     def _residual(self, x, sublayer, name):
         cfg = self.config
-        norm = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype,
-                            param_dtype=cfg.param_dtype, name=f"{name}_norm",
-                            scale_init=with_axes(nn.initializers.ones_init(), ("norm",)),
-                            bias_init=with_axes(nn.initializers.zeros_init(), ("norm",)))
+        norm = make_norm(cfg, f"{name}_norm")
         dropout = nn.Dropout(cfg.dropout_rate)
         if cfg.pre_norm:
-            return x + dropout(sublayer(norm(x)), deterministic=self.deterministic)
+            h = sublayer(norm(x))
+            if cfg.sandwich_norm:
+                h = make_norm(cfg, f"{name}_post_norm")(h)
+            return x + dropout(h, deterministic=self.deterministic)
         return norm(x + dropout(sublayer(x), deterministic=self.deterministic))
 
     def _attention(self, name, decode, rotary=False):
         cfg = self.config
+        local = name == "self_attention" and self.layer_type == "sliding"
+        own_rope = local and cfg.local_rope_base is not None
         return MultiHeadAttention(
             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+            qkv_features=cfg.head_dim and cfg.num_heads * cfg.head_dim,
             dropout_rate=cfg.attention_dropout_rate,
-            use_bias=cfg.use_bias, fused_qkv=cfg.fused_qkv, decode=decode,
-            rotary=rotary, rope_base=cfg.rope_base,
+            use_bias=cfg.use_bias, qkv_bias=cfg.qkv_bias, fused_qkv=cfg.fused_qkv,
+            decode=decode, rotary=rotary,
+            rope_base=cfg.local_rope_base if own_rope else cfg.rope_base,
+            rope_scaling=None if own_rope else cfg.rope_scaling,
+            qk_norm=(lambda norm_name: make_norm(cfg, norm_name)) if cfg.qk_norm else None,
+            local_window=cfg.sliding_window - 1 if local else None,
+            scale=(None if cfg.query_pre_attn_scalar is None
+                   else cfg.query_pre_attn_scalar ** -0.5),
+            logit_soft_cap=cfg.attention_logit_soft_cap,
             implementation=cfg.attention_implementation, dtype=cfg.dtype,
             param_dtype=cfg.param_dtype, name=name)
 
@@ -124,9 +194,11 @@ class BlockStack(nn.Module):
     With ``scan_layers`` the parameters of all layers are stacked on a leading
     axis of size N and XLA compiles the layer once (fast compiles for deep
     models); ``remat_policy`` recomputes activations in the backward pass to
-    trade compute for memory. A final LayerNorm closes a pre-LN stack.
-    Attention weights recorded with ``mutable=["intermediates"]`` are stacked on a
-    leading layer axis under ``layers`` when scanned, kept per ``layer_<i>`` otherwise.
+    trade compute for memory. A final norm closes a pre-LN stack. Layers of
+    different types (``cfg.layer_types``) run as a Python loop: ``nn.scan`` needs
+    identical layers. Attention weights recorded with ``mutable=["intermediates"]``
+    are stacked on a leading layer axis under ``layers`` when scanned, kept per
+    ``layer_<i>`` otherwise.
     """
     config: StackConfig
     num_layers: int
@@ -152,7 +224,12 @@ class BlockStack(nn.Module):
         kwargs = dict(config=cfg, causal=self.causal, cross_attention=self.cross_attention,
                       deterministic=self.deterministic, emit_output=return_intermediates)
         x = constrain(x)  # the stack's input: the embeddings (a gather from a split table)
+        types = [cfg.layer_type(i, self.num_layers) for i in range(self.num_layers)]
         if cfg.scan_layers:
+            if len(set(types)) > 1:
+                raise ConfigError(f"scan_layers=True needs identical layers; layer_types mixes "
+                                  f"{sorted(set(types))}: set scan_layers=False")
+            kwargs["layer_type"] = types[0]
             # Caches stack on axis 1 so that every cache leaf keeps the batch on axis 0.
             scanned = nn.scan(block, variable_axes={"params": 0, "cache": 1, "intermediates": 0},
                               split_rngs={"params": True, "dropout": True},
@@ -162,14 +239,11 @@ class BlockStack(nn.Module):
         else:
             layers = []
             for i in range(self.num_layers):
-                x, output = block(**kwargs, name=f"layer_{i}")(x, *args)
+                x, output = block(**kwargs, layer_type=types[i], name=f"layer_{i}")(x, *args)
                 layers.append(output)
             layers = jnp.stack(layers) if return_intermediates else None
         if cfg.pre_norm:
-            x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype,
-                             param_dtype=cfg.param_dtype, name="final_norm",
-                             scale_init=with_axes(nn.initializers.ones_init(), ("norm",)),
-                             bias_init=with_axes(nn.initializers.zeros_init(), ("norm",)))(x)
+            x = make_norm(cfg, "final_norm")(x)
         return (x, layers) if return_intermediates else x
 
 

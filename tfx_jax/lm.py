@@ -12,16 +12,24 @@ document) and left-padded batches of prompts of different lengths (padding as
 segment 0, real tokens numbered from position 0) both give every token the
 logits it has when its sequence is run alone, in the full pass and in cached
 decoding (the cache keeps each key's segment id).
+
+The same model, with the block options of :class:`StackConfig`, is Llama,
+Mistral, Qwen 2/3 and Gemma 1/2/3 (``CausalLMConfig.preset(name)`` gives the
+released sizes; ``tfx_jax.pretrained.load_hf`` reads their checkpoints).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tfx_jax.attention import soft_cap
 from tfx_jax.blocks import BlockStack
+from tfx_jax.errors import ConfigError
 from tfx_jax.logical_axes import with_axes
 from tfx_jax.model_config import POSITION_KINDS, StackConfig, _one_of, _positive
 from tfx_jax.position import SequenceLayout
@@ -36,9 +44,15 @@ class CausalLMConfig(StackConfig):
       vocab_size: token vocabulary size.
       num_layers: number of causal blocks.
       max_len: longest sequence (context window).
-      tie_embeddings: reuse the token embedding as the output projection.
+      tie_embeddings: reuse the token embedding as the output projection; else a
+        separate ``logits`` projection (with a bias if ``use_bias``).
       position: "learned" (GPT), "sinusoidal" or "rope" (rotary embeddings applied to
         queries and keys in every layer, RoFormer/Llama; no additive embedding).
+      scale_embeddings: multiply the token embeddings by sqrt(d_model) (Gemma).
+      final_logit_soft_cap: c > 0: logits become c * tanh(logits / c) (Gemma 2: 30).
+
+    ``CausalLMConfig.preset(name, **changes)`` gives the released models' shapes
+    (``PRESETS``).
     """
     vocab_size: int
     num_layers: int = 12
@@ -47,11 +61,86 @@ class CausalLMConfig(StackConfig):
     position: str = "learned"
     pre_norm: bool = True
     activation: str = "gelu"
+    scale_embeddings: bool = False
+    final_logit_soft_cap: Optional[float] = None
 
     def __post_init__(self):
         super().__post_init__()
         _positive(self, "vocab_size", "num_layers", "max_len")
         _one_of(self, "position", POSITION_KINDS)
+        cap = self.final_logit_soft_cap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float))
+                                or cap <= 0):
+            raise ConfigError(f"CausalLMConfig.final_logit_soft_cap must be a positive number "
+                              f"or None, got {cap!r}")
+        for i in range(self.num_layers):  # layer_types must match num_layers
+            self.layer_type(i, self.num_layers)
+        if self.rope_scaling is not None and self.position != "rope":
+            raise ConfigError(f"CausalLMConfig.rope_scaling needs position='rope', got "
+                              f"position={self.position!r}")
+
+    @classmethod
+    def preset(cls, name: str, **changes: Any) -> "CausalLMConfig":
+        """The config of a released model (``PRESETS``), with ``changes`` applied.
+
+        E.g. ``CausalLMConfig.preset("llama3.2-1b", max_len=4096, dtype="bfloat16")``.
+        Dropout is 0 (as the released models are fine-tuned).
+        """
+        if name not in PRESETS:
+            raise ConfigError(f"unknown CausalLMConfig preset {name!r}; known: {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **changes})
+
+
+def _llama(**fields):
+    return {**dict(position="rope", norm="rms_norm", mlp="gated", activation="silu",
+                   use_bias=False, dropout_rate=0.0, pre_norm=True), **fields}
+
+
+def _gemma(**fields):
+    return _llama(**{**dict(activation="gelu", norm_scale_offset=1.0, scale_embeddings=True,
+                            layer_norm_epsilon=1e-6, tie_embeddings=True), **fields})
+
+
+def _pattern(num_layers, every):
+    """Gemma's layer pattern: every ``every``-th layer full, the others sliding."""
+    return tuple("full" if (i + 1) % every == 0 else "sliding" for i in range(num_layers))
+
+
+_LLAMA3_SCALING = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0,
+                       original_max_position_embeddings=8192)
+# Shapes from each model's config.json on the Hugging Face Hub.
+PRESETS = {
+    "gpt2": dict(vocab_size=50257, num_layers=12, max_len=1024, d_model=768, num_heads=12,
+                 d_ff=3072, layer_norm_epsilon=1e-5, activation="gelu", dropout_rate=0.0),
+    "llama3.1-8b": _llama(vocab_size=128256, num_layers=32, max_len=131072, d_model=4096,
+                          num_heads=32, num_kv_heads=8, d_ff=14336, layer_norm_epsilon=1e-5,
+                          rope_base=500000.0, tie_embeddings=False,
+                          rope_scaling=dict(_LLAMA3_SCALING, factor=8.0)),
+    "llama3.2-1b": _llama(vocab_size=128256, num_layers=16, max_len=131072, d_model=2048,
+                          num_heads=32, num_kv_heads=8, head_dim=64, d_ff=8192,
+                          layer_norm_epsilon=1e-5, rope_base=500000.0, tie_embeddings=True,
+                          rope_scaling=dict(_LLAMA3_SCALING, factor=32.0)),
+    "mistral-7b": _llama(vocab_size=32000, num_layers=32, max_len=32768, d_model=4096,
+                         num_heads=32, num_kv_heads=8, d_ff=14336, layer_norm_epsilon=1e-5,
+                         rope_base=10000.0, tie_embeddings=False, sliding_window=4096),
+    "qwen2.5-0.5b": _llama(vocab_size=151936, num_layers=24, max_len=32768, d_model=896,
+                           num_heads=14, num_kv_heads=2, d_ff=4864, layer_norm_epsilon=1e-6,
+                           rope_base=1000000.0, tie_embeddings=True, qkv_bias=True),
+    "qwen3-0.6b": _llama(vocab_size=151936, num_layers=28, max_len=40960, d_model=1024,
+                         num_heads=16, num_kv_heads=8, head_dim=128, d_ff=3072,
+                         layer_norm_epsilon=1e-6, rope_base=1000000.0, tie_embeddings=True,
+                         qk_norm=True),
+    "gemma2-2b": _gemma(vocab_size=256000, num_layers=26, max_len=8192, d_model=2304,
+                        num_heads=8, num_kv_heads=4, head_dim=256, d_ff=9216,
+                        sandwich_norm=True, query_pre_attn_scalar=256.0,
+                        attention_logit_soft_cap=50.0, final_logit_soft_cap=30.0,
+                        sliding_window=4096, layer_types=_pattern(26, 2)),
+    "gemma3-1b": _gemma(vocab_size=262144, num_layers=26, max_len=32768, d_model=1152,
+                        num_heads=4, num_kv_heads=1, head_dim=256, d_ff=6912,
+                        sandwich_norm=True, qk_norm=True, query_pre_attn_scalar=256.0,
+                        rope_base=1000000.0, local_rope_base=10000.0, sliding_window=512,
+                        layer_types=_pattern(26, 6)),
+}
 
 
 class CausalLM(nn.Module):
@@ -87,6 +176,8 @@ class CausalLM(nn.Module):
                                                       ("vocab", "embed")),
                              name="embedding")
         x = embedding(tokens)
+        if cfg.scale_embeddings:
+            x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
         x = add_positions(x, positions, cfg)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = BlockStack(cfg, cfg.num_layers, causal=True, deterministic=deterministic,
@@ -97,10 +188,11 @@ class CausalLM(nn.Module):
         if cfg.tie_embeddings:
             logits = embedding.attend(x)
         else:
-            logits = nn.Dense(cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            logits = nn.Dense(cfg.vocab_size, use_bias=cfg.use_bias, dtype=cfg.dtype,
+                              param_dtype=cfg.param_dtype,
                               kernel_init=with_axes(nn.linear.default_kernel_init,
                                                     ("embed", "vocab")),
                               bias_init=with_axes(nn.initializers.zeros_init(), ("vocab",)),
                               name="logits")(x)
-        logits = logits.astype(jnp.float32)
+        logits = soft_cap(logits.astype(jnp.float32), cfg.final_logit_soft_cap)
         return (logits, {"layers": layers, "pre_logits": x}) if return_intermediates else logits

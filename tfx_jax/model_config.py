@@ -13,9 +13,15 @@ from typing import Any, Optional, TypeVar
 
 import jax.numpy as jnp
 
-ACTIVATIONS = ("relu", "gelu", "gelu_exact")  # gelu: tanh approximation; gelu_exact: erf
+from tfx_jax.errors import ConfigError
+from tfx_jax.rotary import rope_scaling_items
+
+ACTIVATIONS = ("relu", "gelu", "gelu_exact", "silu")  # gelu: tanh approx.; gelu_exact: erf
 ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn", "splash")
 POSITION_KINDS = ("sinusoidal", "learned", "rope")
+NORMS = ("layer_norm", "rms_norm")
+MLPS = ("dense", "gated")
+LAYER_TYPES = ("full", "sliding")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Set by the code that decodes (inference), never by a training config's ``model`` section.
@@ -85,7 +91,40 @@ class StackConfig:
       dtype: computation dtype (e.g. "bfloat16" on TPU); param_dtype: parameters'.
       decode: autoregressive mode with key/value caches.
       rope_base: base of the rotary frequencies theta_i = rope_base^(-2i/d_k) when a
-        model's ``position`` is "rope" (RoFormer: 10000).
+        model's ``position`` is "rope" (RoFormer: 10000; Llama 3: 500000).
+      rope_scaling: None, or a mapping stretching the rotary frequencies for long
+        contexts: ``{"rope_type": "linear", "factor": f}`` or ``{"rope_type": "llama3",
+        "factor", "low_freq_factor", "high_freq_factor",
+        "original_max_position_embeddings"}`` (see ``rotary.py``); kept as sorted
+        (key, value) pairs. Other types raise ConfigError by name.
+
+    The options below express the decoders of Llama, Mistral, Qwen and Gemma (their
+    defaults are the original Transformer / GPT-2 block):
+
+      head_dim: size of each attention head; None = d_model / num_heads. Gemma and
+        Qwen 3 use num_heads * head_dim != d_model.
+      norm: "layer_norm" (mean and variance, scale and bias) or "rms_norm" (Zhang &
+        Sennrich 2019: x / sqrt(mean(x^2) + eps) * scale, no bias; Llama).
+      norm_scale_offset: the norms multiply by (norm_scale_offset + scale): 0 for the
+        usual scale, 1 for Gemma's RMSNorm whose stored weight w scales by (1 + w).
+      mlp: "dense" (act(x W1) W2) or "gated" (GLU variants, Shazeer 2020:
+        (act(x W_gate) * x W_up) W_down; SwiGLU with activation="silu", GeGLU with "gelu").
+      qkv_bias: biases on the query/key/value projections; None = use_bias (Qwen 2:
+        True with use_bias=False, i.e. no bias on the output or MLP projections).
+      qk_norm: a per-head norm (kind ``norm``, over head_dim) on queries and keys
+        before the rotation (Qwen 3, Gemma 3).
+      sandwich_norm: also normalise each sub-layer's output before the residual sum
+        (Gemma 2 and 3: x + norm(f(norm(x)))).
+      query_pre_attn_scalar: scores are scaled by query_pre_attn_scalar^-0.5 instead of
+        head_dim^-0.5 (Gemma 2 and 3).
+      attention_logit_soft_cap: scores become c * tanh(scores / c) before the softmax
+        (Gemma 2: 50); needs the "dense" or "chunked" attention implementation.
+      sliding_window: w > 0: a query at position i sees keys j with i - w < j <= i in
+        the layers of type "sliding" (Mistral, Gemma 2 and 3; Hugging Face's meaning).
+      layer_types: one "full" or "sliding" per layer; None = all "sliding" when
+        sliding_window is set (Mistral), else all "full".
+      local_rope_base: rope base of the "sliding" layers, which then use no
+        rope_scaling (Gemma 3: 10000 local, rope_base 1e6 global); None = as the others.
     """
     d_model: int = 512
     num_heads: int = 8
@@ -105,10 +144,25 @@ class StackConfig:
     param_dtype: Any = jnp.float32
     decode: bool = False
     rope_base: float = 10000.0
+    rope_scaling: Any = None
+    head_dim: Optional[int] = None
+    norm: str = "layer_norm"
+    norm_scale_offset: float = 0.0
+    mlp: str = "dense"
+    qkv_bias: Optional[bool] = None
+    qk_norm: bool = False
+    sandwich_norm: bool = False
+    query_pre_attn_scalar: Optional[float] = None
+    attention_logit_soft_cap: Optional[float] = None
+    sliding_window: Optional[int] = None
+    layer_types: Optional[tuple] = None
+    local_rope_base: Optional[float] = None
 
     def __post_init__(self):
         _positive(self, "d_model", "num_heads", "d_ff")
-        if self.d_model % self.num_heads:
+        if self.head_dim is not None:
+            _positive(self, "head_dim")
+        elif self.d_model % self.num_heads:
             raise ValueError(f"{type(self).__name__}.d_model={self.d_model} is not divisible by "
                              f"num_heads={self.num_heads}")
         if self.num_kv_heads is not None:
@@ -127,6 +181,40 @@ class StackConfig:
         _one_of(self, "remat_policy", REMAT_POLICIES)
         _dtype(self, "dtype")
         _dtype(self, "param_dtype")
+        _one_of(self, "norm", NORMS)
+        _one_of(self, "mlp", MLPS)
+        object.__setattr__(self, "rope_scaling", rope_scaling_items(self.rope_scaling))
+        for name in ("query_pre_attn_scalar", "attention_logit_soft_cap", "local_rope_base"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(
+                    value, (int, float)) or value <= 0):
+                raise ConfigError(f"{type(self).__name__}.{name} must be a positive number or "
+                                  f"None, got {value!r}")
+        if self.sliding_window is not None:
+            _positive(self, "sliding_window")
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad:
+                raise ConfigError(f"{type(self).__name__}.layer_types has {bad}; each layer is "
+                                  f"one of {LAYER_TYPES}")
+            if "sliding" in self.layer_types and self.sliding_window is None:
+                raise ConfigError(f"{type(self).__name__}.layer_types has 'sliding' layers "
+                                  f"but sliding_window is None")
+
+    def layer_type(self, index: int, num_layers: int) -> str:
+        """"full" or "sliding": the attention of layer ``index`` of a stack of ``num_layers``."""
+        if self.layer_types is None:
+            return "full" if self.sliding_window is None else "sliding"
+        if len(self.layer_types) != num_layers:
+            raise ConfigError(f"{type(self).__name__}.layer_types has {len(self.layer_types)} "
+                              f"entries for a stack of {num_layers} layers")
+        return self.layer_types[index]
+
+    @property
+    def attention_head_dim(self) -> int:
+        """Each attention head's size: head_dim, or d_model / num_heads."""
+        return self.head_dim or self.d_model // self.num_heads
 
     @property
     def rotary(self) -> bool:

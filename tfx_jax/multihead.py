@@ -55,6 +55,15 @@ class MultiHeadAttention(nn.Module):
       decode: keep a key/value cache and attend from the next positions only.
       rotary: apply rotary position embeddings to queries and keys (self-attention).
       rope_base: base of the rotary frequencies (RoFormer: 10000).
+      rope_scaling: frequency scaling of the rotary embeddings (``rotary.py``).
+      qkv_bias: biases on the query/key/value projections; None = use_bias (the output
+        projection's bias always follows use_bias; Qwen 2: qkv_bias=True, use_bias=False).
+      qk_norm: ``qk_norm(name)`` builds the per-head norm applied to queries and keys
+        (over head_dim) before the rotation (Qwen 3, Gemma 3); None = none.
+      local_window: w >= 0: a query at position i sees keys i - w ... i only
+        (sliding-window self-attention); None = all.
+      scale: multiplies Q K^T; None = 1/sqrt(head_dim).
+      logit_soft_cap: scores become c * tanh(scores / c) (Gemma 2); None = as is.
       implementation: attention core ("auto", "dense", "chunked", "cudnn", ...).
       dtype: computation dtype (e.g. bfloat16); param_dtype: parameter dtype.
 
@@ -74,14 +83,21 @@ class MultiHeadAttention(nn.Module):
     decode: bool = False
     rotary: bool = False
     rope_base: float = 10000.0
+    rope_scaling: Any = None
+    qkv_bias: Optional[bool] = None
+    qk_norm: Optional[Any] = None
+    local_window: Optional[int] = None
+    scale: Optional[float] = None
+    logit_soft_cap: Optional[float] = None
     implementation: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.xavier_uniform()
 
-    def _dense(self, features, name, axis=-1, names=()):
+    def _dense(self, features, name, axis=-1, names=(), use_bias=None):
         bias_names = names[len(axis) if isinstance(axis, tuple) else 1:]  # logical axes
-        return nn.DenseGeneral(features, axis=axis, use_bias=self.use_bias, dtype=self.dtype,
+        use_bias = self.use_bias if use_bias is None else use_bias
+        return nn.DenseGeneral(features, axis=axis, use_bias=use_bias, dtype=self.dtype,
                                param_dtype=self.param_dtype,
                                kernel_init=with_axes(self.kernel_init, names),
                                bias_init=with_axes(nn.initializers.zeros_init(), bias_names),
@@ -138,16 +154,20 @@ class MultiHeadAttention(nn.Module):
             if num_kv_heads != self.num_heads:
                 raise ValueError(f"fused_qkv=True needs num_kv_heads == num_heads, got "
                                  f"num_kv_heads={num_kv_heads}, num_heads={self.num_heads}")
-            qkv = self._dense((3, self.num_heads, head_dim), "qkv",
+            qkv = self._dense((3, self.num_heads, head_dim), "qkv", use_bias=self.qkv_bias,
                               names=("embed", None, "heads", "kv"))(inputs_q)
             query, key, value = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         else:
-            query = self._dense((self.num_heads, head_dim), "query",
+            query = self._dense((self.num_heads, head_dim), "query", use_bias=self.qkv_bias,
                                 names=("embed", "heads", "kv"))(inputs_q)
-            key = self._dense((num_kv_heads, head_dim), "key",
+            key = self._dense((num_kv_heads, head_dim), "key", use_bias=self.qkv_bias,
                               names=("embed", "kv_heads", "kv"))(inputs_kv)
-            value = self._dense((num_kv_heads, head_dim), "value",
+            value = self._dense((num_kv_heads, head_dim), "value", use_bias=self.qkv_bias,
                                 names=("embed", "kv_heads", "kv"))(inputs_kv)
+        if self.qk_norm is not None:
+            query = self.qk_norm("query_norm")(query)
+            key = self.qk_norm("key_norm")(key)
+        window = None if self.local_window is None else (self.local_window, None)
 
         if self.decode:
             if not self_attention:
@@ -158,15 +178,16 @@ class MultiHeadAttention(nn.Module):
                                  "not q_lengths/kv_lengths")
             query, key, value, mask = self._extend_cache(query, key, value, mask, causal,
                                                          q_segment_ids, positions)
-            causal, q_segment_ids, kv_segment_ids = False, None, None  # folded into the mask
+            # causal, segments and window are folded into the mask
+            causal, q_segment_ids, kv_segment_ids, window = False, None, None, None
         elif self.rotary:
             if not self_attention:
                 raise ValueError("rotary=True applies to self-attention only (queries and "
                                  "keys share positions)")
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(query.shape[1]), query.shape[:2])
-            query = apply_rotary(query, positions, self.rope_base)
-            key = apply_rotary(key, positions, self.rope_base)
+            query = apply_rotary(query, positions, self.rope_base, self.rope_scaling)
+            key = apply_rotary(key, positions, self.rope_base, self.rope_scaling)
 
         structure = {k: v for k, v in dict(q_segment_ids=q_segment_ids,
                                            kv_segment_ids=kv_segment_ids, q_lengths=q_lengths,
@@ -180,6 +201,8 @@ class MultiHeadAttention(nn.Module):
         record = self.is_mutable_collection("intermediates")
         out = dot_product_attention(query, key, value, mask, causal=causal,
                                     dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                                    local_window=window, scale=self.scale,
+                                    logit_soft_cap=self.logit_soft_cap,
                                     implementation="dense" if record else self.implementation,
                                     return_weights=record, **structure)
         if record:
@@ -216,11 +239,12 @@ class MultiHeadAttention(nn.Module):
         if self.rotary:
             if positions is None:
                 positions = index + jnp.broadcast_to(jnp.arange(length), (batch, length))
-            query = apply_rotary(query, positions, self.rope_base)
-            key = apply_rotary(key, positions, self.rope_base)
+            query = apply_rotary(query, positions, self.rope_base, self.rope_scaling)
+            key = apply_rotary(key, positions, self.rope_base, self.rope_scaling)
         if not is_initialized:
             visible = combine_masks(mask, segment_mask(q_segment_ids, q_segment_ids),
-                                    causal_mask(length, length) if causal else None)
+                                    causal_mask(length, length) if causal else None,
+                                    self._window(length, length, 0))
             return query, key, value, visible
         max_length = cached_key.value.shape[1]
         if batch != cached_key.value.shape[0] or length > max_length:
@@ -246,8 +270,16 @@ class MultiHeadAttention(nn.Module):
         cache_index.value = cache_index.value + length
         # Query t (at cache slot index + t) sees cached keys 0 .. index + t of its segment.
         visible = combine_masks(mask, causal_mask(length, max_length, q_offset=index),
-                                segment_mask(q_segment_ids, cached_segments.value))
+                                segment_mask(q_segment_ids, cached_segments.value),
+                                self._window(length, max_length, index))
         return query, cached_key.value, cached_value.value, visible
+
+    def _window(self, q_length, kv_length, q_offset):
+        """[T, S] local-window mask of queries at cache slots q_offset.. (None: no window)."""
+        if self.local_window is None:
+            return None
+        q_pos = jnp.arange(q_length)[:, None] + q_offset
+        return jnp.arange(kv_length)[None, :] >= q_pos - self.local_window
 
 
 def segment_mask(q_segment_ids: Optional[jax.Array],

@@ -67,6 +67,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 250
 
     # Sampling (--generate, and the samples printed after training).
+    # a Hugging Face decoder directory (Llama, Mistral, Qwen, Gemma, GPT-2 with tokenizer.json):
+    # --generate continues prompts with it and its own tokenizer ("" = the workdir's model)
+    config.init_from = ""
     config.sample_prompts = ("def ",)  # printed after training; () = none
     config.num_generate_tokens = 96
     config.num_samples = 1

@@ -2,8 +2,11 @@
 
     from tfx_jax import pretrained
     cfg, params = pretrained.load_vit_npz(path, num_classes=None, image_size=None)
-    cfg, params = pretrained.load_hf(directory)        # config.json + model.safetensors
+    cfg, params = pretrained.load_hf(directory)        # config.json + *.safetensors
+    cfg, params = pretrained.load_hf(directory, mesh=mesh)  # each device reads its block
     pretrained.save_hf(cfg, params, directory)         # loadable by transformers
+    tokenizer = pretrained.load_tokenizer(directory)   # tokenizer.json + BOS/EOS/pad ids
+    cfg = tfx.CausalLMConfig.preset("llama3.2-1b")     # released shapes, no weights
 
 The returned ``cfg`` is a :class:`tfx_jax.ViTConfig` or
 :class:`tfx_jax.CausalLMConfig`; ``params`` go straight into
@@ -16,15 +19,17 @@ checkpoint families each loader accepts.
   posemb.py     2-D interpolation of ViT position embeddings
   vit_adapt.py  a new zero head / another resolution for fine-tuning
   vit_npz.py    google-research/vision_transformer and big_vision .npz files
-  hf_files.py   config.json + safetensors on disk
+  hf_files.py   config.json + safetensors (lazy, sharded) + tokenizer.json on disk
   hf_gpt2.py    GPT2LMHeadModel <-> CausalLM tensor map
+  hf_decoders.py  Llama / Mistral / Qwen2 / Qwen3 / Gemma 1-3 <-> CausalLM config and tensors
   hf_vit.py     ViTModel / ViTForImageClassification <-> ViT tensor map
   hf.py         load_hf / save_hf
 """
 from tfx_jax.pretrained.hf import load_hf, save_hf
+from tfx_jax.pretrained.hf_files import CheckpointTokenizer, load_tokenizer
 from tfx_jax.pretrained.layers import from_scan, to_scan
 from tfx_jax.pretrained.posemb import resize_position_embedding
 from tfx_jax.pretrained.vit_npz import load_vit_npz
 
-__all__ = ["from_scan", "load_hf", "load_vit_npz", "resize_position_embedding", "save_hf",
-           "to_scan"]
+__all__ = ["CheckpointTokenizer", "from_scan", "load_hf", "load_tokenizer", "load_vit_npz",
+           "resize_position_embedding", "save_hf", "to_scan"]

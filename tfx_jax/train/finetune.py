@@ -96,7 +96,7 @@ def parameter_counts(task: Any, rng: Any = None) -> tuple[int, int]:
 
 # module name -> (number of input axes of its kernel, kernel rank without stacked layers)
 KERNELS = {"query": (1, 3), "key": (1, 3), "value": (1, 3), "qkv": (1, 4), "out": (2, 3),
-           "wi": (1, 2), "wo": (1, 2)}
+           "wi": (1, 2), "wi_0": (1, 2), "wi_1": (1, 2), "wo": (1, 2)}  # wi_0/1: gated MLP
 PARENTS = ("self_attention", "cross_attention", "ffn")
 TARGETS = tuple(KERNELS)
 

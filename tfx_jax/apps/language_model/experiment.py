@@ -43,7 +43,9 @@ from tfx_jax.data.packing import PackingChoice, choose_packing, packing_setting
 from tfx_jax.data.tokenizer import SentencePieceTokenizer
 from tfx_jax.data.workdir_tokenizer import (read_workdir_tokenizer, workdir_tokenizer,
                                             write_workdir_file)
-from tfx_jax.lm import CausalLM
+from tfx_jax import pretrained
+from tfx_jax.errors import ConfigError
+from tfx_jax.lm import CausalLM, CausalLMConfig
 from tfx_jax.train.checkpoint import check_checkpoint_fits
 from tfx_jax.train.checkpoint import workdir_lock
 
@@ -83,6 +85,9 @@ def check_sampling_config(config) -> None:
 def check_config(config, mesh) -> None:
     """One ValueError naming the first bad key; reads no data, writes nothing."""
     tr.validate_config(config)
+    _require(not config.get("init_from"), "init_from", config.get("init_from"),
+             "'' when training (training from a checkpoint is not implemented yet; "
+             "--generate continues prompts with it)")
     _require(_int(config.max_len) and config.max_len >= 2, "max_len", config.max_len,
              "an integer >= 2 (tokens per row)")
     _require(_int(config.vocab_size) and config.vocab_size >= MIN_VOCAB_SIZE, "vocab_size",
@@ -283,15 +288,27 @@ def read_prompts(specs: Sequence[str], stdin=None) -> list[str]:
     return prompts
 
 
-def generate(config, workdir: str, prompts: Sequence[str]) -> list[list[str]]:
-    """Continues ``prompts`` (all in one batch) with the model in ``workdir``; prints them.
+def load_checkpoint_lm(directory: str) -> TrainedLM:
+    """A Hugging Face decoder directory (``pretrained.load_hf``) with its ``tokenizer.json``."""
+    cfg, params = pretrained.load_hf(directory)
+    if not isinstance(cfg, CausalLMConfig):
+        raise ConfigError(f"config.init_from={directory!r} holds a {type(cfg).__name__} "
+                          f"checkpoint, not a causal LM")
+    return TrainedLM(config=None, model=CausalLM(cfg), params=params,
+                     tokenizer=pretrained.load_tokenizer(directory))
 
-    Of ``config`` only the sampling keys apply; they are checked first.
+
+def generate(config, workdir: str, prompts: Sequence[str]) -> list[list[str]]:
+    """Continues ``prompts`` (all in one batch) with the model in ``workdir``, or with the
+    Hugging Face checkpoint ``config.init_from`` when set; prints them.
+
+    Of ``config`` only the sampling keys (and ``init_from``) apply; they are checked first.
     """
     check_sampling_config(config)
     if not prompts:
         raise ValueError("no prompts to continue")
-    trained = load_trained_lm(workdir)
+    init_from = config.get("init_from")
+    trained = load_checkpoint_lm(init_from) if init_from else load_trained_lm(workdir)
     samples = generate_texts(trained.model, trained.params, trained.tokenizer, list(prompts),
                              **sampling_kwargs(config))
     print_samples(prompts, samples)

@@ -50,11 +50,12 @@ def _decode_cache(model: CausalLM, batch: int, length: int) -> Any:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_steps", "temperature", "top_k",
-                                             "top_p"))
+                                             "top_p", "eos_id"))
 def sample_continuations(model: CausalLM, params: Any, tokens: jax.Array, positions: jax.Array,
                          segment_ids: jax.Array, rngs: jax.Array, *, num_steps: int,
                          temperature: float = 1.0, top_k: Optional[int] = None,
-                         top_p: Optional[float] = None) -> jax.Array:
+                         top_p: Optional[float] = None,
+                         eos_id: Optional[int] = EOS_ID) -> jax.Array:
     """Left-padded prompts ``tokens`` [N, L] (with their ``positions`` / ``segment_ids``
     from :func:`tfx_jax.decoding.left_pad`) continued by ``num_steps`` tokens: [N, L + steps].
 
@@ -70,14 +71,15 @@ def sample_continuations(model: CausalLM, params: Any, tokens: jax.Array, positi
         return logits, mutated["cache"]
 
     return decoding.sample(step_fn, cache, tokens, num_steps, rng=rngs, temperature=temperature,
-                           top_k=top_k, top_p=top_p, eos_id=EOS_ID,
+                           top_k=top_k, top_p=top_p, eos_id=eos_id,
                            prompt_kwargs=dict(positions=positions, segment_ids=segment_ids))
 
 
-def prompt_ids(text: str, tokenizer, max_len: int, *, number: Optional[int] = None
-               ) -> np.ndarray:
-    """``[BOS] + ids`` of a prompt; ValueError when it leaves no room in the context."""
-    ids = np.asarray([BOS_ID, *tokenizer.encode(text)], np.int32)
+def prompt_ids(text: str, tokenizer, max_len: int, *, number: Optional[int] = None,
+               bos_id: Optional[int] = BOS_ID) -> np.ndarray:
+    """``[BOS] + ids`` of a prompt (no BOS if ``bos_id`` is None); ValueError when it leaves
+    no room in the context."""
+    ids = np.asarray([*([] if bos_id is None else [bos_id]), *tokenizer.encode(text)], np.int32)
     if len(ids) >= max_len:
         which = f"prompt {number} " if number is not None else "prompt "
         raise ValueError(f"{which}{text[:40]!r}{'...' if len(text) > 40 else ''} is "
@@ -101,7 +103,8 @@ def row_keys(seed: int, prompts: Sequence[np.ndarray], num_samples: int) -> jax.
 def generate_ids(model: CausalLM, params: Any, prompts: Sequence[Sequence[int]], *,
                  num_tokens: int, num_samples: int = 1, seed: int = 0,
                  temperature: float = 1.0, top_k: Optional[int] = None,
-                 top_p: Optional[float] = None) -> list[list[np.ndarray]]:
+                 top_p: Optional[float] = None, eos_id: Optional[int] = EOS_ID,
+                 pad_id: int = PAD_ID) -> list[list[np.ndarray]]:
     """The generated ids (EOS and what follows cut off) of ``num_samples`` rows per prompt.
 
     ``prompts``: token ids, each starting with BOS and shorter than ``max_len``.
@@ -122,18 +125,18 @@ def generate_ids(model: CausalLM, params: Any, prompts: Sequence[Sequence[int]],
                          f"max_len={max_len} leaves room for at most {max_len - 1}")
     budgets = [min(num_tokens, max_len - len(p)) for p in prompts]
     rows = [p for p in prompts for _ in range(num_samples)]
-    tokens, positions, segment_ids = decoding.left_pad(rows, pad_id=PAD_ID)
+    tokens, positions, segment_ids = decoding.left_pad(rows, pad_id=pad_id)
     padded = tokens.shape[1]
     sequences = np.asarray(sample_continuations(
         model, params, tokens, positions, segment_ids, row_keys(seed, prompts, num_samples),
         num_steps=max(budgets), temperature=float(temperature), top_k=top_k,
-        top_p=None if top_p is None else float(top_p)))
+        top_p=None if top_p is None else float(top_p), eos_id=eos_id))
     outputs = []
     for index, budget in enumerate(budgets):
         samples = []
         for row in sequences[index * num_samples:(index + 1) * num_samples]:
             generated = row[padded:padded + budget]
-            eos = np.flatnonzero(generated == EOS_ID)
+            eos = np.flatnonzero(generated == eos_id) if eos_id is not None else []
             samples.append(generated[:eos[0]] if len(eos) else generated)
         outputs.append(samples)
     return outputs
@@ -146,16 +149,23 @@ def generate_texts(model: CausalLM, params: Any, tokenizer, prompts: Sequence[st
     """``num_samples`` continuations (the prompt's text, then the generated text) of each prompt.
 
     See :func:`generate_ids`. All prompts are checked (length, sampling
-    options) before any decoding.
+    options) before any decoding. A tokenizer with ``bos_id`` / ``eos_id`` /
+    ``pad_id`` attributes (a checkpoint's, ``pretrained.load_tokenizer``) brings
+    its own special ids; otherwise the project tokenizer's are used.
     """
+    bos_id = getattr(tokenizer, "bos_id", BOS_ID)
+    eos_id = getattr(tokenizer, "eos_id", EOS_ID)
+    pad_id = getattr(tokenizer, "pad_id", PAD_ID)
+    pad_id = next((i for i in (pad_id, eos_id) if i is not None), 0)  # padding is masked
     decoding.check_sampling_options(temperature, top_k, top_p)
     if not prompts:
         raise ValueError("no prompts to continue")
     max_len = model.config.max_len
-    encoded = [prompt_ids(text, tokenizer, max_len, number=i + 1 if len(prompts) > 1 else None)
-               for i, text in enumerate(prompts)]
+    encoded = [prompt_ids(text, tokenizer, max_len, number=i + 1 if len(prompts) > 1 else None,
+                          bos_id=bos_id) for i, text in enumerate(prompts)]
     generated = generate_ids(model, params, encoded, num_tokens=num_tokens,
                              num_samples=num_samples, seed=seed, temperature=temperature,
-                             top_k=top_k, top_p=top_p)
-    return [[tokenizer.decode(np.concatenate([ids[1:], row])) for row in rows]
+                             top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id)
+    start = 0 if bos_id is None else 1
+    return [[tokenizer.decode(np.concatenate([ids[start:], row])) for row in rows]
             for ids, rows in zip(encoded, generated)]
