@@ -310,8 +310,8 @@ def forward_blocks(blocking: _Blocking, q, k, v, extras: _Extras,
     live_q, live_kv = _live_block_counts(blocking, num_q_blocks, num_kv_blocks, extras)
     value_dim = v.shape[-1]
 
-    def query_block(_, inputs):
-        i, q_i, start = inputs
+    def query_block(start, inputs):
+        i, q_i = inputs
 
         def key_block(j, carry):
             m, l, acc = carry
@@ -331,16 +331,28 @@ def forward_blocks(blocking: _Blocking, q, k, v, extras: _Extras,
                 "bkgqt,bkth->bkgqh", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
             return m_new, l, acc
 
-        if start is None:
-            start = (jnp.full((b, nk, g, bq), -jnp.inf, jnp.float32),
-                     jnp.zeros((b, nk, g, bq), jnp.float32),
-                     jnp.zeros((b, nk, g, bq, value_dim), jnp.float32))
         lo, hi = _kv_block_range(blocking, i, live_q, live_kv, extras)
-        m, l, acc = lax.fori_loop(lo, hi, key_block, tuple(start))
-        return None, (_finish(m, l, acc, v.dtype) if state is None else (m, l, acc))
+        return lax.fori_loop(lo, hi, key_block, start)
 
-    _, result = lax.scan(query_block, None, (jnp.arange(num_q_blocks), q, state))
-    return result if state is None else SoftmaxState(*result)
+    def fresh_query_block(_, inputs):
+        i, q_i = inputs
+        start = (jnp.full((b, nk, g, bq), -jnp.inf, jnp.float32),
+                 jnp.zeros((b, nk, g, bq), jnp.float32),
+                 jnp.zeros((b, nk, g, bq, value_dim), jnp.float32))
+        return None, _finish(*query_block(start, (i, q_i)), v.dtype)
+
+    def continued_query_block(state, inputs):
+        # The state is the scan's carry, updated block by block in place (as xs and ys
+        # it would be two copies).
+        i = inputs[0]
+        start = tuple(lax.dynamic_index_in_dim(x, i, keepdims=False) for x in state)
+        return tuple(lax.dynamic_update_index_in_dim(x, new, i, axis=0) for x, new in
+                     zip(state, query_block(start, inputs))), None
+
+    if state is None:
+        return lax.scan(fresh_query_block, None, (jnp.arange(num_q_blocks), q))[1]
+    return SoftmaxState(*lax.scan(continued_query_block, tuple(state),
+                                  (jnp.arange(num_q_blocks), q))[0])
 
 
 def _forward(blocking: _Blocking, q, k, v, extras: _Extras):
@@ -361,8 +373,7 @@ def backward_blocks(blocking: _Blocking, q, k, v, extras: _Extras, d_out, lse, d
     num_kv_blocks = k.shape[0]
     live_q, live_kv = _live_block_counts(blocking, num_q_blocks, num_kv_blocks, extras)
 
-    def key_block(d_q, inputs):
-        j, k_j, v_j, d_kv_j = inputs
+    def key_block(j, k_j, v_j, d_q, d_k, d_v):
 
         def query_block(i, carry):
             d_q, d_k, d_v = carry
@@ -386,16 +397,30 @@ def backward_blocks(blocking: _Blocking, q, k, v, extras: _Extras, d_out, lse, d
                                    preferred_element_type=jnp.float32)
             return d_q, d_k, d_v
 
-        if d_kv_j is None:
-            d_kv_j = (jnp.zeros(k_j.shape, jnp.float32), jnp.zeros(v_j.shape, jnp.float32))
         lo, hi = _q_block_range(blocking, j, live_q, live_kv, extras)
-        d_q, d_k, d_v = lax.fori_loop(lo, hi, query_block, (d_q,) + tuple(d_kv_j))
-        if d_kv is None:
-            d_k, d_v = d_k.astype(k.dtype), d_v.astype(v.dtype)
-        return d_q, (d_k, d_v)
+        return lax.fori_loop(lo, hi, query_block, (d_q, d_k, d_v))
 
-    d_q, (d_k, d_v) = lax.scan(key_block, d_q, (jnp.arange(num_kv_blocks), k, v, d_kv))
-    return d_q, d_k, d_v
+    def fresh_key_block(d_q, inputs):
+        j, k_j, v_j = inputs
+        d_q, d_k, d_v = key_block(j, k_j, v_j, d_q, jnp.zeros(k_j.shape, jnp.float32),
+                                  jnp.zeros(v_j.shape, jnp.float32))
+        return d_q, (d_k.astype(k.dtype), d_v.astype(v.dtype))
+
+    def continued_key_block(carry, inputs):
+        # dK, dV accumulate in the scan's carry, in place (see forward_blocks).
+        d_q, d_k, d_v = carry
+        j, k_j, v_j = inputs
+        d_q, d_k_j, d_v_j = key_block(j, k_j, v_j, d_q,
+                                      *(lax.dynamic_index_in_dim(x, j, keepdims=False)
+                                        for x in (d_k, d_v)))
+        return (d_q, lax.dynamic_update_index_in_dim(d_k, d_k_j, j, axis=0),
+                lax.dynamic_update_index_in_dim(d_v, d_v_j, j, axis=0)), None
+
+    inputs = (jnp.arange(num_kv_blocks), k, v)
+    if d_kv is None:
+        d_q, (d_k, d_v) = lax.scan(fresh_key_block, d_q, inputs)
+        return d_q, d_k, d_v
+    return lax.scan(continued_key_block, (d_q,) + tuple(d_kv), inputs)[0]
 
 
 def softmax_delta(out, d_out):

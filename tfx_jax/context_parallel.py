@@ -94,85 +94,80 @@ def context_size(mesh, axis_name: str = CONTEXT_AXIS) -> int:
 
 
 # --- the zig-zag reorder (inside shard_map, on [B, L, ...] local arrays) ------------------------
+#
+# With load balancing a device's positions are two runs: chunks d and 2P-1-d of 2P. Its
+# natural half k (chunk 2d + k) goes to the device that holds that chunk, by one ppermute
+# per k; each is a permutation of the devices. Device d keeps the runs in the order they
+# arrive, so run k holds chunk d when k + d is even and chunk 2P-1-d otherwise (see
+# _chunk_of): only the positions depend on the device, no data is selected or copied.
 
 def _zigzag_perms(size: int):
-    """For half k of each device e (natural chunk 2e + k), the ppermute pairs
-    (e, device that holds the chunk zig-zagged): chunk c < P goes to device c,
-    chunk c >= P to device 2P-1-c. Each is a permutation of the devices."""
-    def home(c):
+    """The ppermute pairs (e, holder of chunk 2e + k) for k = 0, 1."""
+    def holder(c):
         return c if c < size else 2 * size - 1 - c
-    return tuple(tuple((e, home(2 * e + k)) for e in range(size)) for k in (0, 1))
+    return tuple(tuple((e, holder(2 * e + k)) for e in range(size)) for k in (0, 1))
 
 
-def _halves(x):
-    h = x.shape[1] // 2
-    return x[:, :h], x[:, h:]
-
-
-def _to_zigzag(plan: _Plan, x):
-    """Natural local chunks (2d, 2d+1) -> zig-zagged ones (d, 2P-1-d)."""
-    if x is None:
-        return None
-    received = [lax.ppermute(half, plan.axis_name, perm)
-                for half, perm in zip(_halves(x), _zigzag_perms(plan.size))]
-    # The chunk from ppermute k lands in slot k XOR (d mod 2) (see _zigzag_perms).
-    even = lax.axis_index(plan.axis_name) % 2 == 0
-    return jnp.concatenate([jnp.where(even, received[0], received[1]),
-                            jnp.where(even, received[1], received[0])], axis=1)
-
-
-def _from_zigzag(plan: _Plan, x):
-    """The inverse of _to_zigzag."""
-    first, second = _halves(x)
-    even = lax.axis_index(plan.axis_name) % 2 == 0
-    sends = (jnp.where(even, first, second), jnp.where(even, second, first))
-    back = [lax.ppermute(send, plan.axis_name, tuple((d, e) for e, d in perm))
-            for send, perm in zip(sends, _zigzag_perms(plan.size))]
-    return jnp.concatenate(back, axis=1)
-
-
-def _gathered_to_natural(plan: _Plan, x):
-    """All-gathered [B, S, ...] in device order -> natural position order."""
+def _chunk_of(plan: _Plan, device, k):
+    """Which of the sequence's chunks (of ``runs * P``) run k of ``device`` holds."""
     if plan.runs == 1:
-        return x
-    b, s = x.shape[:2]
-    x = x.reshape((b, plan.size, 2, s // (2 * plan.size)) + x.shape[2:])
-    return jnp.concatenate([x[:, :, 0], x[:, ::-1, 1]], axis=1).reshape((b, s) + x.shape[4:])
-
-
-def _natural_to_gathered(plan: _Plan, x):
-    """The inverse of _gathered_to_natural."""
-    if plan.runs == 1:
-        return x
-    b, s = x.shape[:2]
-    x = x.reshape((b, 2 * plan.size, s // (2 * plan.size)) + x.shape[2:])
-    x = jnp.stack([x[:, :plan.size], x[:, plan.size:][:, ::-1]], axis=2)
-    return x.reshape((b, s) + x.shape[4:])
+        return device
+    mirrored = 2 * plan.size - 1 - device
+    if isinstance(device, int):
+        return device if (device + k) % 2 == 0 else mirrored
+    return jnp.where((device + k) % 2 == 0, device, mirrored)
 
 
 def _run_starts(plan: _Plan, device, run: int):
     """Absolute position of the first token of each of ``device``'s runs."""
+    return tuple(_chunk_of(plan, device, k) * run for k in range(plan.runs))
+
+
+def _to_runs(plan: _Plan, x):
+    """A device's natural [B, L, ...] block -> its runs (zig-zagged when balanced)."""
+    if x is None or plan.runs == 1:
+        return (x,) * plan.runs
+    h = x.shape[1] // 2
+    return tuple(lax.ppermute(half, plan.axis_name, perm)
+                 for half, perm in zip((x[:, :h], x[:, h:]), _zigzag_perms(plan.size)))
+
+
+def _from_runs(plan: _Plan, runs):
+    """The inverse of _to_runs: the device's natural [B, L, ...] block."""
     if plan.runs == 1:
-        return (device * run,)
-    return (device * run, (2 * plan.size - 1 - device) * run)
+        return runs[0]
+    return jnp.concatenate([lax.ppermute(run, plan.axis_name, tuple((d, e) for e, d in perm))
+                            for run, perm in zip(runs, _zigzag_perms(plan.size))], axis=1)
+
+
+def _gather_order(plan: _Plan):
+    """For each chunk of the sequence in order, the (run, device) holding it."""
+    where = {_chunk_of(plan, d, k): (k, d) for k in range(plan.runs) for d in range(plan.size)}
+    return [where[c] for c in range(plan.runs * plan.size)]
+
+
+def _all_gather(plan: _Plan, runs):
+    """all_gather: every device's runs -> the whole sequence [B, S, ...] in order."""
+    if runs[0] is None:
+        return None
+    run = runs[0].shape[1]
+    gathered = [lax.all_gather(r, plan.axis_name, axis=1, tiled=True) for r in runs]
+    return jnp.concatenate([gathered[k][:, d * run:(d + 1) * run]
+                            for k, d in _gather_order(plan)], axis=1)
+
+
+def _reduce_scatter(plan: _Plan, x, run: int):
+    """The transpose of _all_gather: sums [B, S, ...] over the devices, each keeping its runs."""
+    def chunk(c):
+        return x[:, c * run:(c + 1) * run]
+    return tuple(
+        lax.psum_scatter(jnp.concatenate([chunk(_chunk_of(plan, d, k)) for d in range(plan.size)],
+                                         axis=1),
+                         plan.axis_name, scatter_dimension=1, tiled=True)
+        for k in range(plan.runs))
 
 
 # --- per-device pieces ---------------------------------------------------------------------------
-
-def _split_runs(plan: _Plan, x):
-    if x is None:
-        return (None,) * plan.runs
-    return _halves(x) if plan.runs == 2 else (x,)
-
-
-def _q_blocks(plan: _Plan, x, num_kv_heads):
-    return tuple(_q_to_blocks(r, plan.blocking.block_q, num_kv_heads)
-                 for r in _split_runs(plan, x))
-
-
-def _id_blocks(plan: _Plan, ids, block):
-    return tuple(_ids_to_blocks(r, block) for r in _split_runs(plan, ids))
-
 
 def _pair_extras(q_ids, kv_ids, q_start, kv_start) -> _Extras:
     return _Extras(mask=None, q_lengths=None, kv_lengths=None, q_segments=q_ids,
@@ -180,20 +175,14 @@ def _pair_extras(q_ids, kv_ids, q_start, kv_start) -> _Extras:
                    kv_offset=kv_start)
 
 
-def _gathered_kv(plan: _Plan, k, v, kv_ids):
-    """all_gather: the whole sequence's K, V (and ids) as one blocked run."""
-    gather = lambda x: None if x is None else _gathered_to_natural(
-        plan, lax.all_gather(x, plan.axis_name, axis=1, tiled=True))
+def _kv_blocks(plan: _Plan, k_runs, v_runs, id_runs):
+    """The key/value blocks a device starts from: its own runs (ring) or all (all_gather)."""
+    if plan.strategy == "all_gather":
+        k_runs, v_runs, id_runs = ((_all_gather(plan, r),) for r in (k_runs, v_runs, id_runs))
     bk = plan.blocking.block_kv
-    return ((_kv_to_blocks(gather(k), bk),), (_kv_to_blocks(gather(v), bk),),
-            (_ids_to_blocks(gather(kv_ids), bk),))
-
-
-def _local_kv(plan: _Plan, k, v, kv_ids):
-    bk = plan.blocking.block_kv
-    return (tuple(_kv_to_blocks(r, bk) for r in _split_runs(plan, k)),
-            tuple(_kv_to_blocks(r, bk) for r in _split_runs(plan, v)),
-            _id_blocks(plan, kv_ids, bk))
+    return (tuple(_kv_to_blocks(r, bk) for r in k_runs),
+            tuple(_kv_to_blocks(r, bk) for r in v_runs),
+            tuple(_ids_to_blocks(r, bk) for r in id_runs))
 
 
 def _visit(plan: _Plan, compute, carry, moving, device, returning=None):
@@ -220,15 +209,14 @@ def _visit(plan: _Plan, compute, carry, moving, device, returning=None):
 
 
 def _local_forward(plan: _Plan, q, k, v, q_ids, kv_ids):
-    """One device: (out [B, L, N, H_v] natural order, lse [runs, nq, B, K, G, bq])."""
+    """One device: out [B, L, N, H_v] (natural order) and the backward's residuals."""
     device = lax.axis_index(plan.axis_name)
-    if plan.runs == 2:
-        q, k, v, q_ids, kv_ids = (_to_zigzag(plan, x) for x in (q, k, v, q_ids, kv_ids))
+    runs = tuple(_to_runs(plan, x) for x in (q, k, v, q_ids, kv_ids))
+    q_runs, _, _, q_id_runs, _ = runs
     num_kv_heads = k.shape[2]
-    q_blocks = _q_blocks(plan, q, num_kv_heads)
-    q_id_blocks = _id_blocks(plan, q_ids, plan.blocking.block_q)
+    q_blocks = tuple(_q_to_blocks(r, plan.blocking.block_q, num_kv_heads) for r in q_runs)
+    q_id_blocks = tuple(_ids_to_blocks(r, plan.blocking.block_q) for r in q_id_runs)
     q_starts = _run_starts(plan, device, plan.q_run)
-    kv = (_gathered_kv if plan.strategy == "all_gather" else _local_kv)(plan, k, v, kv_ids)
 
     def compute(states, moving, kv_starts):
         k_blocks, v_blocks, kv_id_blocks = moving
@@ -241,27 +229,26 @@ def _local_forward(plan: _Plan, q, k, v, q_ids, kv_ids):
         return tuple(states), moving
 
     states = tuple(empty_state(q_a, v.shape[-1]) for q_a in q_blocks)
-    states, _ = _visit(plan, compute, states, kv, device)
+    states, _ = _visit(plan, compute, states, _kv_blocks(plan, *runs[1:3], runs[4]), device)
     outs, lses = zip(*(finish(state, v.dtype) for state in states))
-    out = jnp.concatenate([_q_from_blocks(o, plan.q_run) for o in outs], axis=1)
-    return (_from_zigzag(plan, out) if plan.runs == 2 else out), jnp.stack(lses)
+    out = _from_runs(plan, [_q_from_blocks(o, plan.q_run) for o in outs])
+    return out, (runs, jnp.stack(lses))
 
 
-def _local_backward(plan: _Plan, q, k, v, q_ids, kv_ids, out, lse, d_out):
-    """One device: (dQ, dK, dV) for its local blocks, natural order."""
+def _local_backward(plan: _Plan, runs, lse, out, d_out):
+    """One device: (dQ, dK, dV) of its natural blocks."""
     device = lax.axis_index(plan.axis_name)
-    if plan.runs == 2:
-        q, k, v, q_ids, kv_ids, out, d_out = (
-            _to_zigzag(plan, x) for x in (q, k, v, q_ids, kv_ids, out, d_out))
-    num_kv_heads = k.shape[2]
-    q_blocks = _q_blocks(plan, q, num_kv_heads)
-    do_blocks = _q_blocks(plan, d_out, num_kv_heads)
-    deltas = tuple(softmax_delta(o, do) for o, do in zip(_q_blocks(plan, out, num_kv_heads),
-                                                        do_blocks))
-    q_id_blocks = _id_blocks(plan, q_ids, plan.blocking.block_q)
+    q_runs, k_runs, v_runs, q_id_runs, kv_id_runs = runs
+    num_kv_heads = k_runs[0].shape[2]
+    bq = plan.blocking.block_q
+    to_q_blocks = lambda xs: tuple(_q_to_blocks(r, bq, num_kv_heads) for r in xs)
+    q_blocks, do_blocks = to_q_blocks(q_runs), to_q_blocks(_to_runs(plan, d_out))
+    # rowsum(dO * O), [B, L, N] -> blocks [nq, B, K, G, bq] (a trailing unit head dim).
+    deltas = tuple(_q_to_blocks(r[..., None], bq, num_kv_heads)[..., 0] for r in
+                   _to_runs(plan, softmax_delta(out, d_out)))
+    q_id_blocks = tuple(_ids_to_blocks(r, bq) for r in q_id_runs)
     q_starts = _run_starts(plan, device, plan.q_run)
-    k_blocks, v_blocks, kv_id_blocks = (
-        _gathered_kv if plan.strategy == "all_gather" else _local_kv)(plan, k, v, kv_ids)
+    k_blocks, v_blocks, kv_id_blocks = _kv_blocks(plan, k_runs, v_runs, kv_id_runs)
     zeros = lambda blocks: tuple(jnp.zeros(x.shape, jnp.float32) for x in blocks)
 
     def compute(d_q, moving, kv_starts):
@@ -278,28 +265,25 @@ def _local_backward(plan: _Plan, q, k, v, q_ids, kv_ids, out, lse, d_out):
     moving = (k_blocks, v_blocks, kv_id_blocks, zeros(k_blocks), zeros(v_blocks))
     d_q, moving = _visit(plan, compute, zeros(q_blocks), moving, device,
                          returning=lambda m: m[3:])
-    d_k, d_v = moving[-2:]
-    d_q = jnp.concatenate([_q_from_blocks(x, plan.q_run) for x in d_q], axis=1)
+    dtypes = (q_runs[0].dtype, k_runs[0].dtype, v_runs[0].dtype)
+    d_q = [_q_from_blocks(x, plan.q_run) for x in d_q]
     if plan.strategy == "all_gather":
-        length = plan.blocking.kv_length
-        d_k, d_v = (lax.psum_scatter(_natural_to_gathered(plan, _kv_from_blocks(x[0], length)),
-                                     plan.axis_name, scatter_dimension=1, tiled=True)
-                    for x in (d_k, d_v))
+        d_k, d_v = (_reduce_scatter(plan, _kv_from_blocks(x[0], plan.blocking.kv_length),
+                                    plan.kv_run) for x in moving[-2:])
     else:
-        d_k, d_v = (jnp.concatenate([_kv_from_blocks(x, plan.kv_run) for x in runs], axis=1)
-                    for runs in (d_k, d_v))
-    if plan.runs == 2:
-        d_q, d_k, d_v = (_from_zigzag(plan, x) for x in (d_q, d_k, d_v))
-    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+        d_k, d_v = ([_kv_from_blocks(x, plan.kv_run) for x in xs] for xs in moving[-2:])
+    return tuple(_from_runs(plan, x).astype(dtype) for x, dtype in zip((d_q, d_k, d_v), dtypes))
 
 
 # --- the sharded, differentiable function ---------------------------------------------------------
 
-def _specs(plan: _Plan):
+def _specs(plan: _Plan, has_ids: bool):
     seq = PartitionSpec(plan.batch_axes, plan.axis_name, plan.heads_axis, None)
-    ids = PartitionSpec(plan.batch_axes, plan.axis_name)
+    ids = PartitionSpec(plan.batch_axes, plan.axis_name) if has_ids else None
     lse = PartitionSpec(None, plan.axis_name, plan.batch_axes, plan.heads_axis, None, None)
-    return seq, ids, lse
+    run = lambda spec: (spec,) * plan.runs
+    residuals = ((run(seq), run(seq), run(seq), run(ids), run(ids)), lse)
+    return seq, ids, residuals
 
 
 def _shard_map(plan: _Plan, fn, in_specs, out_specs):
@@ -308,8 +292,8 @@ def _shard_map(plan: _Plan, fn, in_specs, out_specs):
 
 
 def _sharded_forward(plan, q, k, v, q_ids, kv_ids):
-    seq, ids, lse = _specs(plan)
-    return _shard_map(plan, _local_forward, (seq, seq, seq, ids, ids), (seq, lse))(
+    seq, ids, residuals = _specs(plan, q_ids is not None)
+    return _shard_map(plan, _local_forward, (seq, seq, seq, ids, ids), (seq, residuals))(
         q, k, v, q_ids, kv_ids)
 
 
@@ -319,14 +303,15 @@ def _context_parallel(plan, q, k, v, q_ids, kv_ids):
 
 
 def _context_parallel_fwd(plan, q, k, v, q_ids, kv_ids):
-    out, lse = _sharded_forward(plan, q, k, v, q_ids, kv_ids)
-    return out, (q, k, v, q_ids, kv_ids, out, lse)
+    out, residuals = _sharded_forward(plan, q, k, v, q_ids, kv_ids)
+    return out, (residuals, out, q_ids is not None)
 
 
-def _context_parallel_bwd(plan, residuals, d_out):
-    seq, ids, lse = _specs(plan)
-    d_q, d_k, d_v = _shard_map(plan, _local_backward, (seq, seq, seq, ids, ids, seq, lse, seq),
-                               (seq, seq, seq))(*residuals, d_out)
+def _context_parallel_bwd(plan, saved, d_out):
+    (runs, lse), out, has_ids = saved
+    seq, _, residuals = _specs(plan, has_ids)
+    d_q, d_k, d_v = _shard_map(plan, _local_backward, residuals + (seq, seq), (seq, seq, seq))(
+        runs, lse, out, d_out)
     return d_q, d_k, d_v, None, None
 
 
