@@ -185,27 +185,23 @@ def _kv_blocks(plan: _Plan, k_runs, v_runs, id_runs):
             tuple(_ids_to_blocks(r, bk) for r in id_runs))
 
 
-def _visit(plan: _Plan, compute, carry, moving, device, returning=None):
+def _visit(plan: _Plan, compute, carry, moving, device):
     """Calls ``compute(carry, moving, kv_starts) -> (carry, moving)`` once per key/value
-    block: ring: for the block from each device in turn, passing ``moving`` to the
-    next device between calls (and ``returning(moving)`` once more at the end, home);
+    block: ring: for the block from each device in turn, passing ``moving`` on to the
+    next device after each call (the P-th pass brings every block home: the
+    backward needs that for dK/dV; the forward's last pass is one transfer in P
+    that a peeled last step would save at twice the compiled code);
     all_gather: once, for the gathered keys starting at position 0."""
     if plan.strategy == "all_gather":
         return compute(carry, moving, (0,))
     shift = tuple((i, (i + 1) % plan.size) for i in range(plan.size))
 
     def step(s, state):
-        carry, moving = state
-        carry, moving = compute(carry, moving, _run_starts(plan, (device - s) % plan.size,
-                                                           plan.kv_run))
+        carry, moving = compute(*state, _run_starts(plan, (device - s) % plan.size,
+                                                    plan.kv_run))
         return carry, lax.ppermute(moving, plan.axis_name, shift)
 
-    carry, moving = lax.fori_loop(0, plan.size - 1, step, (carry, moving))
-    carry, moving = compute(carry, moving, _run_starts(plan, (device + 1) % plan.size,
-                                                       plan.kv_run))
-    if returning is not None:
-        moving = lax.ppermute(returning(moving), plan.axis_name, shift)
-    return carry, moving
+    return lax.fori_loop(0, plan.size, step, (carry, moving))
 
 
 def _local_forward(plan: _Plan, q, k, v, q_ids, kv_ids):
@@ -263,8 +259,7 @@ def _local_backward(plan: _Plan, runs, lse, out, d_out):
         return tuple(d_q), (k_blocks, v_blocks, kv_id_blocks, tuple(d_k), tuple(d_v))
 
     moving = (k_blocks, v_blocks, kv_id_blocks, zeros(k_blocks), zeros(v_blocks))
-    d_q, moving = _visit(plan, compute, zeros(q_blocks), moving, device,
-                         returning=lambda m: m[3:])
+    d_q, moving = _visit(plan, compute, zeros(q_blocks), moving, device)
     dtypes = (q_runs[0].dtype, k_runs[0].dtype, v_runs[0].dtype)
     d_q = [_q_from_blocks(x, plan.q_run) for x in d_q]
     if plan.strategy == "all_gather":
@@ -421,35 +416,42 @@ def context_parallel_attention(query: jax.Array, key: jax.Array, value: jax.Arra
     return _context_parallel(plan, query, key, value, q_segment_ids, kv_segment_ids)
 
 
-def tile_counts(query_shape, key_shape, *, context: int, strategy: str = "ring",
-                causal: bool = False, local_window=None, load_balance: bool = True,
-                block_q: int = DEFAULT_BLOCK_Q, block_kv: int = DEFAULT_BLOCK_KV) -> list[int]:
+def tile_counts(query_shape, key_shape, *, mesh, axis_name: str = CONTEXT_AXIS,
+                strategy: str = "ring", causal: bool = False, local_window=None,
+                load_balance: bool = True, block_q: int = DEFAULT_BLOCK_Q,
+                block_kv: int = DEFAULT_BLOCK_KV) -> list[int]:
     """(query tile, key tile) pairs each device's forward pass computes, per device.
 
-    Evaluates the loop bounds the kernel itself uses (``_kv_block_range`` with the
-    devices' absolute offsets), so it is the work done, not an estimate: each
-    tile is ``block_q x block_kv`` scores and two matmuls per head.
+    Runs the attention's own visiting order (``_visit``: which device's keys, at
+    which absolute positions, at each ring step) on ``mesh``, counting at each
+    visit the key tiles the chunked kernel's loop bounds (``_kv_block_range``)
+    let each query tile see: the work done, not an estimate. A tile is ``block_q
+    x block_kv`` scores and two matmuls per head; the backward pass visits the
+    same pairs.
     """
-    mesh = jax.sharding.AbstractMesh((context,), (CONTEXT_AXIS,))
-    plan = _make_plan(tuple(query_shape), tuple(key_shape), mesh=mesh, axis_name=CONTEXT_AXIS,
+    plan = _make_plan(tuple(query_shape), tuple(key_shape), mesh=mesh, axis_name=axis_name,
                       strategy=strategy, causal=causal,
                       local_window=_attention._check_window(local_window), scale=1.0,
                       load_balance=load_balance, block_q=block_q, block_kv=block_kv)
     bl = plan.blocking
-    num_q = -(-plan.q_run // bl.block_q)
-    num_kv = -(-bl.kv_length // bl.block_kv)
-    counts = []
-    for device in range(context):
-        sources = [device] if strategy == "all_gather" else range(context)
-        total = 0
-        for source in sources:
-            kv_starts = (0,) if strategy == "all_gather" else _run_starts(plan, source,
-                                                                          plan.kv_run)
-            for q_start in _run_starts(plan, device, plan.q_run):
+    num_q, num_kv = -(-plan.q_run // bl.block_q), -(-bl.kv_length // bl.block_kv)
+    query_tiles = jnp.arange(num_q)
+
+    def count(moving):
+        device = lax.axis_index(axis_name)
+        q_starts = _run_starts(plan, device, plan.q_run)
+
+        def compute(total, moving, kv_starts):
+            for q_start in q_starts:
                 for kv_start in kv_starts:
-                    extras = _pair_extras(None, None, q_start, kv_start)
-                    for i in range(num_q):
-                        lo, hi = _kv_block_range(bl, i, num_q, num_kv, extras)
-                        total += max(0, int(hi) - int(lo))
-        counts.append(total)
-    return counts
+                    lo, hi = _kv_block_range(bl, query_tiles, num_q, num_kv,
+                                             _pair_extras(None, None, q_start, kv_start))
+                    total += jnp.sum(jnp.maximum(jnp.broadcast_to(hi - lo, (num_q,)), 0))
+            return total, moving
+
+        return _visit(plan, compute, jnp.zeros((), jnp.int32), moving, device)[0][None]
+
+    counts = jax.jit(jax.shard_map(count, mesh=mesh, in_specs=PartitionSpec(),
+                                   out_specs=PartitionSpec(axis_name), check_vma=False))(
+        jnp.zeros((), jnp.int32))
+    return [int(c) for c in counts]
