@@ -165,3 +165,45 @@ def test_bad_input_is_one_clear_error(call, message):
     q, k, v, _ = inputs(call.pop("t", 48), call.pop("s", None))
     with pytest.raises(ConfigError, match=message):
         tfx.context_parallel_attention(q, k, v, mesh=make_mesh(MESHES[4]), **call)
+
+
+# --- the models: MultiHeadAttention dispatches under a mesh with a context axis ------------------
+
+def under_mesh(mesh, fn, *args):
+    """``fn(*args)`` traced with ``mesh`` active, as the training library traces its step."""
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+    return jax.jit(traced)(*jax.device_put(args, NamedSharding(mesh, PartitionSpec())))
+
+
+def test_causal_lm_under_a_context_mesh_gives_the_one_device_loss_and_gradients():
+    config = tfx.CausalLMConfig(vocab_size=32, num_layers=1, d_model=16, num_heads=4,
+                                num_kv_heads=2, d_ff=32, max_len=32, position="rope")
+    model = tfx.CausalLM(config)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, 32, (2, 32)), jnp.int32)
+    segment_ids = jnp.asarray(np.repeat([[1, 2, 3, 0]], 8, axis=1).repeat(2, 0), jnp.int32)
+    params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+
+    def loss(params, tokens, segment_ids):
+        logits = model.apply({"params": params}, tokens, segment_ids=segment_ids)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * (segment_ids > 0))
+
+    one_device = jax.jit(jax.value_and_grad(loss))(params, tokens, segment_ids)
+    mesh = make_mesh({"data": 2, "context": 4})
+    split = under_mesh(mesh, jax.value_and_grad(loss), params, tokens, segment_ids)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), split, one_device)
+    traced = str(jax.make_jaxpr(lambda *a: under_mesh(mesh, loss, *a))(params, tokens,
+                                                                       segment_ids))
+    assert "ppermute" in traced and "shard_map" in traced  # the ring really ran
+
+
+def test_context_mesh_with_an_implementation_that_cannot_split_is_one_clear_error():
+    mha = tfx.MultiHeadAttention(num_heads=2, implementation="dense")
+    x = jnp.zeros((2, 16, 8))
+    params = mha.init(jax.random.key(0), x)
+    with pytest.raises(ConfigError, match=r"implementation='dense' cannot run with the "
+                                          r"sequence split over the mesh's context axis \(4 "
+                                          r"devices\); use 'auto' or 'chunked'"):
+        under_mesh(make_mesh({"data": 2, "context": 4}), lambda p, x: mha.apply(p, x),
+                   params, x)
