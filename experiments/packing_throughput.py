@@ -56,7 +56,7 @@ from tfx_jax.data.number_lists import number_list_pairs  # noqa: E402
 from tfx_jax.data.text_pipeline import train_batches as translation_batches  # noqa: E402
 from tfx_jax.data.tokenizer import load_or_train_tokenizer  # noqa: E402
 from tfx_jax.lm import CausalLM  # noqa: E402
-from tfx_jax.train.results_files import write_results  # noqa: E402
+from tfx_jax.train.metrics import write_results  # noqa: E402
 
 FLAGS = flags.FLAGS
 

@@ -49,7 +49,7 @@ import optax  # noqa: E402
 
 import tfx_jax as tfx  # noqa: E402
 from tfx_jax import train as tr  # noqa: E402
-from tfx_jax.train.results_files import write_results  # noqa: E402
+from tfx_jax.train.metrics import write_results  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("presets", ["activations", "parameters"], "Model sizes to measure: "

@@ -22,7 +22,7 @@ is one optimizer update (``--grad_accum_steps`` micro-batches of
 ``--batch_size``), closed by ``jax.block_until_ready``. ``step_time_s`` is the
 median repeat divided by ``grad_accum_steps``, i.e. the time of one batch.
 
-FLOP convention (``model_flops_per_step``, counted by ``tfx_jax.train.flops``,
+FLOP convention (``model_flops_per_step``, counted by ``tfx_jax.train.perf``,
 which the training loop uses for its ``mfu`` too): every matrix multiplication
 counts 2 FLOPs per multiply-add; element-wise work (softmax, LayerNorm, activations,
 biases, the optimizer) and embedding look-ups count 0. One training step is
@@ -64,7 +64,7 @@ device's peak never resets within a process.
 Meshes: ``--mesh=fsdp=4,tensor=2`` times the step on a ``data x fsdp x tensor``
 mesh (default: data parallel), with the state created directly sharded.
 ``--memory_meshes="data=8;fsdp=8;fsdp=4,tensor=2"`` switches to a compile-only
-memory plan (``tfx_jax.train.memory``): for every model and mesh, the per-device
+memory plan (``tfx_jax.train.perf``): for every model and mesh, the per-device
 bytes of params + optimizer state and the compiled step's ``memory_analysis``
 (argument / output / temp / alias, per device), without running anything, so
 it works on CPU with simulated devices (``xla_force_host_platform_device_count``).
@@ -111,12 +111,12 @@ import numpy as np  # noqa: E402
 import tfx_jax as tfx  # noqa: E402
 from tfx_jax import train as tr  # noqa: E402
 from tfx_jax.model_config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES  # noqa: E402
-from tfx_jax.train.flops import (PEAK_BF16_TFLOPS, attention_flops,  # noqa: E402,F401
+from tfx_jax.train.perf import (PEAK_BF16_TFLOPS, attention_flops,  # noqa: E402,F401
                                  causal_lm_forward_flops, feed_forward_flops,
                                  peak_tflops_per_device, training_flops,
                                  transformer_forward_flops, vit_forward_flops)
-from tfx_jax.train.memory import bytes_per_device, plan_train_memory  # noqa: E402
-from tfx_jax.train.results_files import write_results  # noqa: E402
+from tfx_jax.train.perf import bytes_per_device, plan_train_memory  # noqa: E402
+from tfx_jax.train.metrics import write_results  # noqa: E402
 
 MODELS = ("transformer", "vit", "gpt")
 MEMORY_MODELS = MODELS + ("gpt1.3b",)  # gpt1.3b: for --memory_meshes (compile only)
@@ -521,7 +521,7 @@ def parse_mesh(text: str) -> dict:
 
 
 def plan_memory(name: str, mesh_config: dict, budget_gib: float) -> dict:
-    """Compile-only memory of one model on one mesh (see tfx_jax.train.memory)."""
+    """Compile-only memory of one model on one mesh (see tfx_jax.train.perf)."""
     try:
         bench = MEMORY_BENCHMARKS[name](stack_knobs(jax.devices()[0].platform), FLAGS.small,
                                         batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,

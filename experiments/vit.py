@@ -33,7 +33,7 @@ from tfx_jax.data.image_files import load_image_files
 from tfx_jax.data.image_pipeline import (eval_image_batches, image_input_shape,
                                          train_image_batches)
 from tfx_jax.data.image_preprocess import denormalize_images
-from tfx_jax.train.trainable import parameter_counts
+from tfx_jax.train.finetune import parameter_counts
 
 FLAGS = flags.FLAGS
 

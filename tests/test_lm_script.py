@@ -133,7 +133,7 @@ def test_mock_lm1b_trains_a_step(tmp_path):
 
 
 def test_profile_steps_values():
-    from tfx_jax.train.throughput import parse_profile_steps
+    from tfx_jax.train.perf import parse_profile_steps
     assert parse_profile_steps("", 0) is None and parse_profile_steps(0, 0) is None
     assert parse_profile_steps("10,15", 0) == (10, 15)
     assert parse_profile_steps("3", 100) == (102, 104)  # 3 steps after the compiling one

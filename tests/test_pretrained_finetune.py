@@ -12,9 +12,9 @@ from tests.scripts import experiment_config, load_script
 from tfx_jax import pretrained
 from tfx_jax import train as tr
 from tfx_jax.apps.classification import classification_task, load_classifier
-from tfx_jax.train import lora
+from tfx_jax.train import finetune
 from tfx_jax.train.finetune import FineTuning
-from tfx_jax.train.trainable import count_parameters, mask_optimizer
+from tfx_jax.train.finetune import count_parameters, mask_optimizer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "pretrained"
@@ -28,11 +28,11 @@ def leaves(tree):
 
 def test_lora_with_zero_b_is_the_base_model_and_merges_w_plus_scaled_ab():
     cfg, params = pretrained.load_vit_npz(NPZ)
-    adapters = lora.init_lora(jax.random.key(0), params, rank=4)
+    adapters = finetune.init_lora(jax.random.key(0), params, rank=4)
     adapted = sorted(jax.tree_util.keystr(p) for p, _ in
                      jax.tree_util.tree_flatten_with_path(adapters)[0] if "lora_a" in str(p))
     assert len(adapted) == 2 * 6  # q, k, v, out, wi, wo in each of 2 layers
-    merged = lora.merge_lora(params, adapters, alpha=8.0)
+    merged = finetune.merge_lora(params, adapters, alpha=8.0)
     base, out = leaves(params), leaves(merged)
     assert base.keys() == out.keys()
     for name in base:  # B = 0: bit for bit the pre-trained parameters
@@ -41,7 +41,7 @@ def test_lora_with_zero_b_is_the_base_model_and_merges_w_plus_scaled_ab():
     rng = np.random.default_rng(0)
     adapters = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32),
                             adapters)
-    merged = lora.merge_lora(params, adapters, alpha=8.0)
+    merged = finetune.merge_lora(params, adapters, alpha=8.0)
     for module, shape in (("query", (32, 2, 16)), ("out", (2, 16, 32)), ("wi", (32, 64))):
         sub = "ffn" if module == "wi" else "self_attention"
         w = np.asarray(params["encoder"]["layer_1"][sub][module]["kernel"], np.float64)
@@ -57,13 +57,13 @@ def test_lora_on_scanned_fused_layers_keeps_the_layer_axis():
                              d_ff=32, scan_layers=True, fused_qkv=True)
     shapes = jax.eval_shape(lambda: tfx.CausalLM(cfg).init(jax.random.key(0),
                                                            jnp.ones((1, 8), jnp.int32)))
-    adapters = lora.init_lora(jax.random.key(1), shapes["params"], rank=2)
+    adapters = finetune.init_lora(jax.random.key(1), shapes["params"], rank=2)
     qkv = adapters["layers"]["layers"]["self_attention"]["qkv"]
     assert qkv["lora_a"].shape == (3, 16, 2) and qkv["lora_b"].shape == (3, 2, 3 * 16)
     with pytest.raises(ValueError, match="LoRA rank must be a positive int"):
-        lora.init_lora(jax.random.key(1), shapes["params"], rank=0)
+        finetune.init_lora(jax.random.key(1), shapes["params"], rank=0)
     with pytest.raises(ValueError, match=r"LoRA targets \['embedding'\]"):
-        lora.init_lora(jax.random.key(1), shapes["params"], rank=2, targets=("embedding",))
+        finetune.init_lora(jax.random.key(1), shapes["params"], rank=2, targets=("embedding",))
 
 
 @pytest.mark.parametrize("mode", ["frozen", "lora"])

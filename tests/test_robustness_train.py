@@ -21,8 +21,8 @@ import pytest
 
 import train_toy as toy
 from tfx_jax import train as tr
-from tfx_jax.train import checksums, launch, workdir_lock
-from tfx_jax.train.early_stopping import EarlyStopping
+from tfx_jax.train import checkpoint, launch
+from tfx_jax.train.loop import EarlyStopping
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -69,7 +69,7 @@ def dead_pid() -> int:
 
 def write_lock(workdir: Path, pid: int, host: str = None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / workdir_lock.LOCK_FILE).write_text(json.dumps(
+    (workdir / checkpoint.LOCK_FILE).write_text(json.dumps(
         {"host": host or socket.gethostname(), "pid": pid, "since": "earlier"}))
 
 
@@ -90,28 +90,28 @@ def test_lock_held_on_another_host_is_not_taken_over(tmp_path, capsys):
     write_lock(workdir, dead_pid(), host="some-other-host")
     assert run_as_script(lambda: train(workdir)) == 2
     assert "on host some-other-host" in capsys.readouterr().err
-    assert "another host" in str(pytest.raises(workdir_lock.WorkdirLocked,
-                                               workdir_lock.acquire, str(workdir)).value)
+    assert "another host" in str(pytest.raises(checkpoint.WorkdirLocked,
+                                               checkpoint.acquire, str(workdir)).value)
 
 
 def test_stale_lock_is_taken_over_with_a_message_and_released(tmp_path, capsys):
     workdir = tmp_path / "run"
     pid = dead_pid()
     write_lock(workdir, pid)
-    with workdir_lock.workdir_lock(str(workdir)):
-        holder = json.loads((workdir / workdir_lock.LOCK_FILE).read_text())
+    with checkpoint.workdir_lock(str(workdir)):
+        holder = json.loads((workdir / checkpoint.LOCK_FILE).read_text())
         assert holder["pid"] == os.getpid()
-        with workdir_lock.workdir_lock(str(workdir)):  # re-entrant in one process
+        with checkpoint.workdir_lock(str(workdir)):  # re-entrant in one process
             pass
-        assert (workdir / workdir_lock.LOCK_FILE).exists()
+        assert (workdir / checkpoint.LOCK_FILE).exists()
     assert f"stale lock of workdir {workdir} left by process {pid}" in capsys.readouterr().err
-    assert not (workdir / workdir_lock.LOCK_FILE).exists()  # released
+    assert not (workdir / checkpoint.LOCK_FILE).exists()  # released
     assert digests(workdir) == {}
 
 
 def test_a_run_refused_for_its_lock_leaves_no_new_directory(tmp_path):
     workdir = tmp_path / "new"
-    with workdir_lock.workdir_lock(str(workdir)):
+    with checkpoint.workdir_lock(str(workdir)):
         assert (workdir / ".lock").exists()
     assert not workdir.exists()  # created by the lock only: removed with it
 
@@ -132,7 +132,7 @@ def test_second_process_on_a_workdir_fails_then_takes_over_after_sigkill(tmp_pat
     workdir = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(TESTS_DIR.parent))
     holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(workdir),
-                               workdir_lock.__file__], env=env,
+                               checkpoint.__file__], env=env,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -148,7 +148,7 @@ def test_second_process_on_a_workdir_fails_then_takes_over_after_sigkill(tmp_pat
     result = train(workdir, num_train_steps=2)  # the lock of the killed process is stale
     assert int(result.state.step) == 2
     assert f"left by process {holder.pid}" in capsys.readouterr().err
-    assert not (workdir / workdir_lock.LOCK_FILE).exists()
+    assert not (workdir / checkpoint.LOCK_FILE).exists()
 
 
 # --- Ctrl-C ---------------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ def test_sigint_saves_a_checkpoint_and_exits_130_with_one_line(tmp_path, tmp_pat
     assert last.startswith("Stopped: interrupted (SIGINT): saved a checkpoint at step ")
     step = int(last.split("at step ")[1].split()[0])
     assert 1 <= step < 200 and os.listdir(workdir / "checkpoints") == [str(step)]
-    assert not (workdir / workdir_lock.LOCK_FILE).exists()
+    assert not (workdir / checkpoint.LOCK_FILE).exists()
 
 
 # --- corrupt bytes --------------------------------------------------------------------------------
@@ -207,16 +207,16 @@ def test_checksums_are_independent_of_sharding_and_catch_one_changed_element():
     x = np.arange(64 * 3, dtype=np.float32).reshape(64, 3)
     sharded = jax.device_put(x, tr.batch_sharding(mesh))
     replicated = jax.device_put(x, tr.replicated_sharding(mesh))
-    assert checksums.tree_checksums({"x": sharded}) == checksums.tree_checksums({"x": replicated})
+    assert checkpoint.tree_checksums({"x": sharded}) == checkpoint.tree_checksums({"x": replicated})
     changed = x.copy()
     changed[17, 2] = np.nextafter(changed[17, 2], np.float32(1e9))  # one ulp
     swapped = x.copy()
     swapped[[0, 1]] = swapped[[1, 0]]
-    reference = checksums.tree_checksums({"x": x})["x"]
-    assert checksums.tree_checksums({"x": changed})["x"] != reference
-    assert checksums.tree_checksums({"x": swapped})["x"] != reference
+    reference = checkpoint.tree_checksums({"x": x})["x"]
+    assert checkpoint.tree_checksums({"x": changed})["x"] != reference
+    assert checkpoint.tree_checksums({"x": swapped})["x"] != reference
     for dtype in (np.int8, np.uint16, np.float16, np.bool_, np.int32):
-        assert len(checksums.tree_checksums({"y": np.ones(5, dtype)})["y"]) == 16
+        assert len(checkpoint.tree_checksums({"y": np.ones(5, dtype)})["y"]) == 16
 
 
 def test_corrupt_latest_checkpoint_is_refused_moved_aside_and_the_previous_restores(tmp_path,
@@ -338,7 +338,7 @@ def test_full_disk_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     assert run_as_script(lambda: train(tmp_path / "run", num_train_steps=2)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: [Errno 28] No space left on device")
-    assert not (tmp_path / "run" / workdir_lock.LOCK_FILE).exists()  # released
+    assert not (tmp_path / "run" / checkpoint.LOCK_FILE).exists()  # released
 
 
 def test_read_only_workdir_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
@@ -346,7 +346,7 @@ def test_read_only_workdir_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     real_open = os.open
 
     def read_only(path, flags, *args):
-        if str(path).endswith(workdir_lock.LOCK_FILE):
+        if str(path).endswith(checkpoint.LOCK_FILE):
             raise OSError(errno.EROFS, "Read-only file system", path)
         return real_open(path, flags, *args)
     monkeypatch.setattr(os, "open", read_only)

@@ -1,17 +1,50 @@
-"""The library's exception types for user mistakes (a bug in tfx_jax keeps its own type)."""
+"""The user's mistakes, as the library's own exception types.
+
+A run can fail because of what the user gave it (a config value, a data file, a
+workdir) or because of a bug in this library. The scripts print the first kind
+as one ``error: <message>`` line with exit code 2, since the message says what
+to fix; the second kind keeps its traceback, so a bug is never reported as the
+user's fault. Checks raise these types; nothing else is turned into a one-line
+error (a ``ValueError`` from deep inside JAX is a bug until proven otherwise).
+
+  UserError       the base: something the user can fix
+  ConfigError     a config key's value, or a combination of values
+  DataError       a dataset, data file or prompt that cannot be used as given
+  WorkdirError    a workdir that cannot be used: locked, of another script, unwritable
+
+:func:`require` is the one way to state a check; :func:`say` the one way a run
+tells its user what it decided (one line, flushed, process 0 only).
+"""
+from __future__ import annotations
+
+import sys
+
+import jax
 
 
 class UserError(Exception):
-    """A mistake in what the user asked for; the message names it in one line."""
+    """Something the user gave the run is wrong; the message says what and how to fix it."""
 
 
-class ConfigError(UserError):
-    """A configuration (or argument combination) the library cannot run."""
+class ConfigError(UserError, ValueError):
+    """A config value (or combination of values) that cannot work."""
 
 
-class DataError(UserError):
-    """Input data that does not have the expected form."""
+class DataError(UserError, ValueError):
+    """Data that cannot be used as given: a missing, empty or malformed file or dataset."""
 
 
 class WorkdirError(UserError):
-    """A working directory that cannot be used as asked."""
+    """A workdir that cannot be used: locked by another run, made by another script, unwritable."""
+
+
+def require(ok: bool, message: str, error: type[UserError] = ConfigError) -> None:
+    """Raises ``error(message)`` unless ``ok``: the one way a check is written."""
+    if not ok:
+        raise error(message)
+
+
+def say(message: str) -> None:
+    """Prints one line of what the run decided or did (process 0 only, flushed at once)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)

@@ -22,7 +22,7 @@ classes    ViT classification outputs
 plus ``None`` for dimensions never split (a patch kernel's height, width and
 channels, the 3 of a fused QKV kernel). Activations are constrained at block
 boundaries to ``("batch", "length", "embed")``. The names mean nothing on
-their own: a rules table (``tfx_jax.train.partitioning.RULES``) maps them to
+their own: a rules table (``tfx_jax.train.mesh.RULES``) maps them to
 mesh axes. Without rules and a mesh every constraint is a no-op.
 
 Plain pytrees by default: ``model.init`` returns plain arrays, as it did

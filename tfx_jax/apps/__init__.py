@@ -3,7 +3,7 @@
 Each app holds what its script in experiments/ needs, so the script stays thin. An app
 builds its model config with ``tfx_jax.model_config.from_config_dict`` and its training
 Task with a factory of one shape, ``<app>_task(model_config, *, <sizes the data fixed>,
-<loss options>, evaluate=None) -> tfx_jax.train.Task`` (see tfx_jax/train/task.py).
+<loss options>, evaluate=None) -> tfx_jax.train.Task`` (see tfx_jax/train/state.py).
 
   classification.py   image classification task and inference (ViT on digits / TFDS images)
   attention_maps.py   [CLS] -> patch attention maps of a trained ViT

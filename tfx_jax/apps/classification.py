@@ -36,8 +36,8 @@ from tfx_jax.model_config import from_config_dict
 from tfx_jax.pretrained.tree import flatten, unflatten
 from tfx_jax.pretrained.vit_adapt import adapt_vit
 from tfx_jax.train.finetune import MODES, FineTuning
-from tfx_jax.train.task import EvaluateFn
-from tfx_jax.train.flops import training_flops, vit_forward_flops
+from tfx_jax.train.state import EvaluateFn
+from tfx_jax.train.perf import training_flops, vit_forward_flops
 from tfx_jax.vit import ViT, ViTConfig
 
 # ViTConfig fields a checkpoint fixes (written into config.model by setup_finetuning).

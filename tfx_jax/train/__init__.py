@@ -5,41 +5,37 @@ An experiment supplies a :class:`Task` (``init_params``, ``loss_fn``, optional
 data iterator, and calls :func:`train`. See docs/training.md and docs/ARCHITECTURE.md.
 
   run_config.py   run options: default_config, validate_config, config.json save/load
-  task.py         the Task contract between an app and the loop
   launch.py       one entry point for scripts: flags, multi-host start, exit codes
-  mesh.py         the device mesh and sharding of process-local batches
-  optimizers.py   Adam / AdamW with clipping and gradient accumulation
-  schedules.py    learning-rate schedules (the paper's eq. 3, warmup-cosine, constant)
-  losses.py       label-smoothed cross-entropies and accuracies
-  state.py        the train state pytree and its abstract (shape-only) twin
-  step.py         the jit-compiled train and eval steps
-  checkpoint.py   Orbax checkpoints of state + data iterator; restore_params for inference
-  metrics.py      metrics.jsonl and TensorBoard (event_files.py: event files on gs://)
-  preemption.py   SIGTERM -> checkpoint now and exit
-  progress.py     the progress bar and the final summary table
-  loop.py         train(): the loop that ties these together
+  mesh.py         the device mesh, the one partitioning RULES table, batch sharding and sizes
+  optim.py        optimizers (Adam/AdamW, clipping, accumulation), learning-rate schedules
+                  (the paper's eq. 3, warmup-cosine, constant), losses and accuracies
+  finetune.py     what to train: trainable-parameter masks, LoRA adapters, FineTuning
+  state.py        the Task contract, the train state pytree (and its abstract twin), the
+                  jit-compiled train and eval steps
+  checkpoint.py   Orbax checkpoints of state + data iterator, per-array checksums, the
+                  workdir lock; restore_params for inference
+  metrics.py      metrics.jsonl, TensorBoard event files (also on gs://), the progress bar
+                  and summary table, benchmark results files
+  perf.py         FLOPs per step, throughput and MFU, memory estimates
+  loop.py         train(): the loop that ties these together, early stopping, preemption
 """
-from tfx_jax.train.checkpoint import Checkpointer, restore_params
 from tfx_jax.train import launch
-from tfx_jax.train.run_config import default_config, load_config, save_config, validate_config
-from tfx_jax.train.losses import (classification_accuracy, classification_cross_entropy,
-                                  token_accuracy, token_cross_entropy)
-from tfx_jax.train.loop import NonFiniteError, TrainResult, train
-from tfx_jax.train.mesh import (DATA_AXIS, batch_sharding, check_batch_size,
-                                initialize_distributed, make_data_mesh, make_mesh,
+from tfx_jax.train.checkpoint import Checkpointer, restore_params
+from tfx_jax.train.loop import NonFiniteError, Preempted, PreemptionWatcher, TrainResult, train
+from tfx_jax.train.mesh import (RULES, batch_sharding, check_batch_size,
+                                initialize_distributed, make_data_mesh, make_mesh, param_shardings,
                                 replicated_sharding, shard_batch)
-from tfx_jax.train.partitioning import RULES, param_shardings
 from tfx_jax.train.metrics import MetricsWriter, average_metrics, read_metrics
-from tfx_jax.train.optimizers import create_optimizer
-from tfx_jax.train.preemption import Preempted, PreemptionWatcher
-from tfx_jax.train.schedules import create_learning_rate_schedule, transformer_schedule
-from tfx_jax.train.state import (TrainState, abstract_train_state, create_sharded_train_state,
-                                 create_train_state, train_state_shardings)
-from tfx_jax.train.step import make_eval_step, make_train_step
-from tfx_jax.train.task import Task
+from tfx_jax.train.optim import (classification_accuracy, classification_cross_entropy,
+                                 create_learning_rate_schedule, create_optimizer, token_accuracy,
+                                 token_cross_entropy, transformer_schedule)
+from tfx_jax.train.run_config import default_config, load_config, save_config, validate_config
+from tfx_jax.train.state import (Task, TrainState, abstract_train_state, create_sharded_train_state,
+                                 create_train_state, make_eval_step, make_train_step,
+                                 train_state_shardings)
 
 __all__ = [
-    "Checkpointer", "DATA_AXIS", "launch", "MetricsWriter", "NonFiniteError", "Preempted",
+    "Checkpointer", "launch", "MetricsWriter", "NonFiniteError", "Preempted",
     "PreemptionWatcher", "Task", "TrainResult", "TrainState", "abstract_train_state",
     "average_metrics",
     "batch_sharding", "check_batch_size", "classification_accuracy",

@@ -20,7 +20,7 @@ to ``<step>`` when complete, so a process killed mid-save leaves only a
 temporary directory, which is never restored (the training loop deletes it).
 
 Every save also stores a checksum of each array of the state
-(``<step>/checksums``, :mod:`tfx_jax.train.checksums`). Restoring recomputes
+(``<step>/checksums``, :mod:`tfx_jax.train.checkpoint`). Restoring recomputes
 them; a step whose bytes changed since it was written (disk or copy errors,
 hand edits) raises :class:`CorruptCheckpointError` naming the step and the
 arrays. Restoring the *latest* step then falls back to the newest good one:
@@ -36,30 +36,40 @@ best state; :meth:`Checkpointer.best_step` names it.
 For inference (prediction, decoding, evaluation) :func:`restore_params` reads
 only the model parameters of a workdir's latest checkpoint: no optimizer
 state (so no optimizer config is needed) and no data iterator.
+
+Also in this module: A checksum per array of the train state, so corrupt checkpoint bytes are caught on restore.
+
+Also in this module: One run per workdir: process 0 holds ``<workdir>/.lock`` (host and pid) while it runs.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
+import datetime
+import errno
+import functools
+import json
 import logging
 import math
 import os
+import socket
 import sys
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from tfx_jax.train import checksums
-from tfx_jax.train.checksums import path_name
-from tfx_jax.train.mesh import make_data_mesh
-from tfx_jax.train.partitioning import param_shardings
+from tfx_jax.train.mesh import make_data_mesh, param_shardings
 from tfx_jax.train.metrics import is_url
 from tfx_jax.train.state import TrainState, abstract_params_with_axes
 
+# --- checkpoint -------------------------------------------------------------------------
 STATE_ITEM = "state"
 ITERATOR_ITEM = "data_iterator"
 CHECKSUM_ITEM = "checksums"
@@ -220,7 +230,7 @@ class Checkpointer:
             args=ocp.args.Composite(**{
                 STATE_ITEM: ocp.args.StandardSave(state),
                 ITERATOR_ITEM: ocp.args.JsonSave(iterator_state),
-                CHECKSUM_ITEM: ocp.args.JsonSave(checksums.tree_checksums(state))}))
+                CHECKSUM_ITEM: ocp.args.JsonSave(tree_checksums(state))}))
 
     def restore(self, abstract_state: TrainState, data_iterator=None,
                 step: Optional[int] = None) -> TrainState:
@@ -342,7 +352,7 @@ class Checkpointer:
         return (epath.Path(self.directory) / str(step) / CHECKSUM_ITEM).exists()
 
     def _verify(self, step: int, stored: Mapping[str, str], restored: Any) -> None:
-        bad = checksums.mismatching(dict(stored), checksums.tree_checksums(restored))
+        bad = mismatching(dict(stored), tree_checksums(restored))
         if bad:
             raise CorruptCheckpointError(step, os.path.join(self.directory, str(step)), bad)
 
@@ -459,3 +469,259 @@ def restore_params(workdir: str, init_params: Callable[[jax.Array], Any], *,
         return checkpointer.restore_params(abstract, step)
     finally:
         checkpointer.close()
+
+
+# --- checksums --------------------------------------------------------------------------
+# A checksum per array of the train state, so corrupt checkpoint bytes are caught on restore.
+#
+# Orbax's array files carry no checksum of their own, and a byte flipped in an
+# uncompressed chunk restores "successfully" as a wrong value (the run then
+# diverges, or stalls on NaN, long after the cause). :func:`tree_checksums`
+# gives every array a 64-bit fingerprint computed *on device*, under ``jit``:
+#
+#     c1 = sum_i  u_i * w_i          (mod 2^32)
+#     c2 = sum_i  mix(u_i ^ v_i)     (mod 2^32)
+#
+# where ``u_i`` is element ``i``'s bit pattern as an unsigned integer and
+# ``w_i``, ``v_i`` are pseudo-random functions of the position ``i``. Sums of
+# unsigned integers modulo 2^32 do not depend on the order of addition, so the
+# fingerprint is the same for any sharding, device count or host count (a
+# checkpoint written on 8 devices verifies on 1); a changed element or two
+# swapped elements change it with probability about 1 - 2^-32 per sum.
+
+_GOLDEN = 0x9E3779B1
+_MIX = 0x85EBCA6B
+
+
+def _mix(x: jax.Array) -> jax.Array:
+    """A cheap 32-bit avalanche (the finaliser of MurmurHash3)."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(_MIX)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32).reshape(-1)
+    size = x.dtype.itemsize
+    if size == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    if size in (1, 2):
+        unsigned = jnp.uint8 if size == 1 else jnp.uint16
+        return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+    if size == 8:  # a trailing axis of two 32-bit halves
+        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    raise TypeError(f"no checksum for dtype {x.dtype}")
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    u = _as_uint32(x)
+    index = jnp.arange(u.size, dtype=jnp.uint32)
+    weights = _mix(index * jnp.uint32(_GOLDEN) + jnp.uint32(1)) | jnp.uint32(1)
+    first = jnp.sum(u * weights, dtype=jnp.uint32)
+    second = jnp.sum(_mix(u ^ _mix(index + jnp.uint32(_MIX))), dtype=jnp.uint32)
+    return jnp.stack([first, second])
+
+
+@functools.partial(jax.jit)
+def _checksums(leaves):
+    return [_leaf_checksum(x) for x in leaves]
+
+
+def path_name(path) -> str:
+    """'params/dense/kernel' for a key path of dicts, dataclasses, tuples or namedtuples."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def tree_checksums(tree: Any) -> dict[str, str]:
+    """``{"params/dense/kernel": "0123abcd89ef4567", ...}`` for every array leaf of ``tree``."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    leaves = [leaf for _, leaf in flat]
+    # Each result is replicated; with several processes it is not fully addressable, so
+    # read this host's copy.
+    values = [np.asarray(v.addressable_data(0)) for v in _checksums(leaves)]
+    return {path_name(path): "%08x%08x" % tuple(int(v) for v in value)
+            for (path, _), value in zip(flat, values)}
+
+
+def mismatching(stored: dict[str, str], restored: dict[str, str]) -> list[str]:
+    """Paths whose checksum differs (paths missing on one side are left to the shape check)."""
+    return sorted(path for path in stored.keys() & restored.keys()
+                  if stored[path] != restored[path])
+
+
+# --- workdir lock -----------------------------------------------------------------------
+# One run per workdir: process 0 holds ``<workdir>/.lock`` (host and pid) while it runs.
+#
+# Two runs writing into one workdir interleave their checkpoints, config.json and
+# metrics.jsonl without either noticing. :func:`workdir_lock` makes the second
+# one stop at once with one line naming the holder::
+#
+#     WorkdirLocked: workdir /tmp/run is in use by process 4242 on host tpu-vm-0 (since
+#     2026-12-02 07:10:03 UTC; lock file /tmp/run/.lock) ...
+#
+# The lock file is created atomically (``O_CREAT | O_EXCL``) on local disks and
+# removed when the run ends, however it ends (an exception, SIGTERM, SIGINT).
+# A lock left by a process that was killed (SIGKILL, power loss) is *stale*:
+# when its host is this host and its pid is no longer alive, the next run takes
+# it over and says so. A lock held from another host cannot be checked from
+# here; the message says how to remove it by hand.
+#
+# Locking is re-entrant within a process (the translation app locks before it
+# writes its tokenizer, and :func:`tfx_jax.train.train` locks again inside) and
+# is taken by process 0 only: the other hosts of a multi-host run write into the
+# same workdir on purpose. Object stores (``gs://``) have no exclusive create;
+# there the check-then-write leaves a small race window, still catching the
+# common mistake of starting the same command twice.
+
+LOCK_FILE = ".lock"
+
+_held: dict[str, int] = {}  # lock path -> nesting depth, in this process
+
+
+class WorkdirLocked(RuntimeError):
+    """Another live process holds the workdir."""
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def _describe(holder: dict) -> str:
+    return f"process {holder.get('pid')} on host {holder.get('host')} (since {holder.get('since')})"
+
+
+def _read_holder(path: epath.Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _create(path: epath.Path, content: str) -> bool:
+    """Writes ``content`` to ``path`` unless it exists; False if it does."""
+    if _is_url(os.fspath(path)):
+        if path.exists():
+            return False
+        path.write_text(content)
+        return True
+    try:
+        fd = os.open(os.fspath(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(content)
+    return True
+
+
+def _check_directory(workdir: str, directory: epath.Path) -> None:
+    """A one-line error for a workdir that is a file or cannot be written."""
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"workdir {workdir!r} is a file, not a directory; "
+                                 f"pass a directory for --workdir")
+
+
+def acquire(workdir: str) -> tuple[epath.Path, bool]:
+    """Takes the lock (process 0); returns (lock path, whether the workdir was created)."""
+    directory = epath.Path(workdir)
+    _check_directory(workdir, directory)
+    created = not directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except PermissionError as e:
+        raise PermissionError(f"cannot create workdir {workdir!r}: permission denied") from e
+    path = directory / LOCK_FILE
+    me = {"host": socket.gethostname(), "pid": os.getpid(),
+          "since": datetime.datetime.now(datetime.timezone.utc).strftime(
+              "%Y-%m-%d %H:%M:%S UTC")}
+    content = json.dumps(me) + "\n"
+    for _ in range(2):
+        try:
+            if _create(path, content):
+                return path, created
+        except PermissionError as e:
+            raise PermissionError(f"workdir {workdir!r} is not writable (permission denied "
+                                  f"creating {path})") from e
+        except OSError as e:
+            if e.errno == errno.EROFS:
+                raise PermissionError(f"workdir {workdir!r} is on a read-only file "
+                                      f"system") from e
+            raise
+        holder = _read_holder(path)
+        local = holder.get("host") == me["host"]
+        pid = holder.get("pid")
+        if local and isinstance(pid, int) and pid != me["pid"] and not _pid_alive(pid):
+            print(f"Taking over the stale lock of workdir {workdir} left by "
+                  f"{_describe(holder)}: that process is no longer running", file=sys.stderr, flush=True)
+            path.unlink(missing_ok=True)
+            continue
+        where = "" if local else " (another host: check there, then delete the file by hand)"
+        raise WorkdirLocked(
+            f"workdir {workdir} is in use by {_describe(holder)}{where}; lock file {path}. "
+            f"Wait for that run to end or use another --workdir.")
+    raise WorkdirLocked(f"could not take the lock {path} of workdir {workdir}")
+
+
+def release(path: epath.Path, directory_created: bool) -> None:
+    path.unlink(missing_ok=True)
+    if directory_created:  # leave no empty workdir behind a run that wrote nothing
+        parent = path.parent
+        try:
+            if not any(parent.iterdir()):
+                parent.rmdir()
+        except OSError:
+            pass
+
+
+def hold_workdir_lock(workdir: str) -> Callable[[], None]:
+    """Takes :func:`workdir_lock` now; returns the function that releases it."""
+    held = workdir_lock(workdir)
+    held.__enter__()  # pylint: disable=unnecessary-dunder-call
+    return lambda: held.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+    """Holds ``<workdir>/.lock`` for the duration (process 0; re-entrant in a process)."""
+    if jax.process_index() != 0:
+        yield
+        return
+    key = os.fspath(epath.Path(workdir) / LOCK_FILE)
+    if not _is_url(key):
+        key = os.path.abspath(key)
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
+    path, created = acquire(workdir)
+    _held[key] = 1
+    try:
+        yield
+    finally:
+        del _held[key]
+        release(path, created)

@@ -6,26 +6,176 @@ Three modes, the usual ones for transfer learning:
 * ``"frozen"``: the backbone is frozen, only the new parameters (the new
   head) train -- a linear probe;
 * ``"lora"``: the backbone is frozen, low-rank adapters on its attention and
-  MLP kernels train together with the new head (:mod:`tfx_jax.train.lora`).
+  MLP kernels train together with the new head (:mod:`tfx_jax.train.finetune`).
   The train state's parameters are then ``{"model": ..., "lora": ...}`` and
   :meth:`FineTuning.model_params` merges them for ``model.apply``.
 
 A :class:`FineTuning` gives a :class:`tfx_jax.train.Task` its
 ``init_params`` (from the checkpoint), the parameters to apply, and the
-``trainable`` mask the loop hands to :func:`tfx_jax.train.trainable.mask_optimizer`.
+``trainable`` mask the loop hands to :func:`tfx_jax.train.finetune.mask_optimizer`.
+
+Also in this module: LoRA: low-rank adapters on a frozen model's attention and MLP kernels.
+
+Also in this module: Training only part of the parameters: masks, the masked optimizer, parameter counts.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
-from tfx_jax.train import lora
-from tfx_jax.train.trainable import Mask, mask_by_top_level
+# --- trainable --------------------------------------------------------------------------
+# Training only part of the parameters: masks, the masked optimizer, parameter counts.
+#
+# Fine-tuning often freezes most of a pre-trained model (a linear probe trains
+# the new head only; LoRA trains its adapters and the head). The frozen
+# parameters get exactly zero updates: the optimizer is
+# ``optax.multi_transform`` with ``optax.set_to_zero()`` for them, so neither
+# the gradient step nor weight decay touches them, and they need no optimizer
+# state (Adam's two moments exist for the trained parameters only).
 
+Mask = Any  # a pytree of bools with the parameters' structure (True = trained)
+
+
+def mask_optimizer(optimizer: optax.GradientTransformation,
+                   trainable: Callable[[Any], Mask]) -> optax.GradientTransformation:
+    """``optimizer`` on the parameters ``trainable(params)`` marks True; zero updates elsewhere."""
+    def labels(params):
+        return jax.tree.map(lambda t: "train" if t else "freeze", trainable(params))
+
+    return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
+
+
+def count_parameters(params: Any, mask: Mask = None) -> int:
+    """Number of scalars in ``params`` (only where ``mask`` is True, if given)."""
+    sizes = jax.tree.map(lambda x: int(np.prod(x.shape)), params)
+    if mask is not None:
+        sizes = jax.tree.map(lambda s, t: s if t else 0, sizes, mask)
+    return int(sum(jax.tree.leaves(sizes)))
+
+
+def mask_by_top_level(params: Any, trained: tuple[str, ...]) -> Mask:
+    """True for every leaf under a top-level key in ``trained``, False elsewhere."""
+    return {name: jax.tree.map(lambda _, t=name in trained: t, value)
+            for name, value in params.items()}
+
+
+def parameter_counts(task: Any, rng: Any = None) -> tuple[int, int]:
+    """(trained, total) scalar counts of a Task's parameters (shapes only, nothing computed)."""
+    shapes = jax.eval_shape(task.init_params, jax.random.key(0) if rng is None else rng)
+    trained = count_parameters(shapes, None if task.trainable is None else task.trainable(shapes))
+    return trained, count_parameters(shapes)
+
+
+# --- lora -------------------------------------------------------------------------------
+# LoRA: low-rank adapters on a frozen model's attention and MLP kernels.
+#
+# Hu et al. (2021), "LoRA: Low-Rank Adaptation of Large Language Models":
+# freeze the pre-trained weight W and learn a low-rank update,
+#
+#     h = x (W + (alpha / r) A B),   A [in, r] random Gaussian,  B [r, out] zero,
+#
+# so that at the start of training the adapted model *is* the pre-trained model
+# (B = 0), and only r * (in + out) numbers per adapted matrix are trained. The
+# paper adapts the attention projections; adapting the MLP too is common
+# practice (QLoRA) and is on by default here.
+#
+# Functional, like everything in this library: :func:`init_lora` reads a
+# parameter tree and returns the adapters (a tree mirroring the adapted modules:
+# ``{..., "self_attention": {"query": {"lora_a": A, "lora_b": B}}}``);
+# :func:`merge_lora` returns the parameters with every adapted kernel replaced
+# by W + (alpha / r) A B, ready for ``model.apply``. Kernels of any of our
+# layouts are handled: multi-head kernels [D, heads, head_dim] / [heads,
+# head_dim, D] / fused [D, 3, heads, head_dim] are flattened to matrices, and
+# ``nn.scan``-stacked layers keep their leading layer axis.
+
+# module name -> (number of input axes of its kernel, kernel rank without stacked layers)
+KERNELS = {"query": (1, 3), "key": (1, 3), "value": (1, 3), "qkv": (1, 4), "out": (2, 3),
+           "wi": (1, 2), "wo": (1, 2)}
+PARENTS = ("self_attention", "cross_attention", "ffn")
+TARGETS = tuple(KERNELS)
+
+
+def _check(rank, targets):
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise ValueError(f"LoRA rank must be a positive int, got {rank!r}")
+    unknown = sorted(set(targets) - set(KERNELS))
+    if unknown:
+        raise ValueError(f"LoRA targets {unknown} are not adaptable kernels; "
+                         f"choose from {TARGETS}")
+
+
+def _adapted(params: Any, targets: Sequence[str], parent: str = ""):
+    """Yields (path, kernel) of every kernel to adapt."""
+    for name, value in params.items():
+        if not hasattr(value, "items"):
+            continue
+        if name in targets and parent in PARENTS and "kernel" in value:
+            yield (name,), value["kernel"]
+        else:
+            for path, kernel in _adapted(value, targets, name):
+                yield (name, *path), kernel
+
+
+def _shape(name: str, kernel_shape) -> tuple[tuple, int, int]:
+    """(stacked layer axes, input size, output size) of a kernel."""
+    in_axes, ndim = KERNELS[name]
+    stack = tuple(kernel_shape[:len(kernel_shape) - ndim])
+    own = kernel_shape[len(stack):]
+    fan_in = 1
+    for d in own[:in_axes]:
+        fan_in *= d
+    fan_out = 1
+    for d in own[in_axes:]:
+        fan_out *= d
+    return stack, fan_in, fan_out
+
+
+def init_lora(rng: jax.Array, params: Any, *, rank: int,
+              targets: Sequence[str] = TARGETS) -> dict:
+    """Adapters for every target kernel: A ~ N(0, 1/in) [.., in, rank], B = 0 [.., rank, out]."""
+    _check(rank, targets)
+    adapters: dict = {}
+    found = list(_adapted(params, tuple(targets)))
+    if not found:
+        raise ValueError(f"no kernel of the modules {tuple(targets)} under "
+                         f"{PARENTS} in the parameters; nothing to adapt")
+    for index, (path, kernel) in enumerate(found):
+        stack, fan_in, fan_out = _shape(path[-1], kernel.shape)
+        a = jax.random.normal(jax.random.fold_in(rng, index), (*stack, fan_in, rank),
+                              jnp.float32) / jnp.sqrt(jnp.float32(fan_in))
+        node = adapters
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = {"lora_a": a.astype(kernel.dtype),
+                          "lora_b": jnp.zeros((*stack, rank, fan_out), kernel.dtype)}
+    return adapters
+
+
+def merge_lora(params: Any, adapters: Any, *, alpha: float) -> Any:
+    """``params`` with each adapted kernel W replaced by W + (alpha / r) A B."""
+    merged = dict(params)
+    for name, adapter in adapters.items():
+        if name not in params:
+            raise ValueError(f"LoRA adapter for {name!r} has no parameters to adapt; "
+                             f"parameter keys are {sorted(params)}")
+        if "lora_a" in adapter:
+            kernel = params[name]["kernel"]
+            a, b = adapter["lora_a"], adapter["lora_b"]
+            delta = jnp.matmul(a, b) * (alpha / a.shape[-1])
+            merged[name] = {**params[name],
+                            "kernel": kernel + delta.reshape(kernel.shape).astype(kernel.dtype)}
+        else:
+            merged[name] = merge_lora(params[name], adapter, alpha=alpha)
+    return merged
+
+
+# --- finetune ---------------------------------------------------------------------------
 MODES = ("full", "frozen", "lora")
 
 
@@ -46,13 +196,13 @@ class FineTuning:
     new: tuple[str, ...] = ("head",)
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    lora_targets: tuple[str, ...] = lora.TARGETS
+    lora_targets: tuple[str, ...] = TARGETS
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"fine-tuning mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "lora":
-            lora._check(self.lora_rank, self.lora_targets)
+            _check(self.lora_rank, self.lora_targets)
 
     def init_params(self, base_init: Callable[[jax.Array], Any],
                     pretrained: Optional[Any] = None) -> Callable[[jax.Array], Any]:
@@ -67,7 +217,7 @@ class FineTuning:
             if self.mode != "lora":
                 return params
             # Adapters are small and stay replicated; the base keeps its logical axes.
-            adapters = lora.init_lora(jax.random.fold_in(rng, 1), nn.meta.unbox(params),
+            adapters = init_lora(jax.random.fold_in(rng, 1), nn.meta.unbox(params),
                                       rank=self.lora_rank, targets=self.lora_targets)
             return {"model": params, "lora": adapters}
         return init
@@ -76,7 +226,7 @@ class FineTuning:
         """The parameters ``model.apply`` takes (LoRA adapters merged into the kernels)."""
         if self.mode != "lora":
             return params
-        return lora.merge_lora(params["model"], params["lora"], alpha=self.lora_alpha)
+        return merge_lora(params["model"], params["lora"], alpha=self.lora_alpha)
 
     def trainable(self, params: Any) -> Mask:
         """True on the parameters that train."""

@@ -30,10 +30,9 @@ from typing import Callable, Iterator
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tfx_jax.train.loop import NonFiniteError
+from tfx_jax.train.checkpoint import WorkdirLocked
+from tfx_jax.train.loop import INTERRUPT_EXIT_CODE, NonFiniteError, Preempted
 from tfx_jax.train.mesh import initialize_distributed
-from tfx_jax.train.preemption import INTERRUPT_EXIT_CODE, Preempted
-from tfx_jax.train.workdir_lock import WorkdirLocked
 
 NONFINITE_EXIT_CODE = 3
 USER_ERROR_EXIT_CODE = 2

@@ -11,14 +11,21 @@ checkpoint, or raises :class:`Preempted` / :class:`NonFiniteError`.
 Step numbering: ``step`` is the number of batches trained on, so the metrics
 line ``{"step": 100, ...}`` describes steps 91..100 (with log_every_steps =
 10) and the checkpoint "100" holds the state after 100 batches.
+
+Also in this module: Stop training when an eval metric has stopped improving ("early stopping").
+
+Also in this module: Preemption: turn SIGTERM (and Ctrl-C) into "checkpoint now and exit" at the next step.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import signal
 import sys
+import threading
 import time
-from typing import Callable, Iterable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import jax
 import ml_collections
@@ -26,24 +33,19 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from tfx_jax.train.batch_sizes import check_eval_batches
-from tfx_jax.train.checkpoint import Checkpointer, check_iterator_checkpointable
-from tfx_jax.train.early_stopping import EarlyStopping
+from tfx_jax.train.checkpoint import Checkpointer, check_iterator_checkpointable, hold_workdir_lock
+from tfx_jax.train.finetune import mask_optimizer
+from tfx_jax.train.mesh import check_batch_size, check_eval_batches, make_mesh, shard_batch
+from tfx_jax.train.metrics import MetricsWriter, average_metrics, make_progress_bar, print_summary
+from tfx_jax.train.optim import create_optimizer
+from tfx_jax.train.perf import StepProfiler, ThroughputMeter
 from tfx_jax.train.run_config import save_config, validate_config
-from tfx_jax.train.mesh import check_batch_size, make_mesh, shard_batch
-from tfx_jax.train.metrics import MetricsWriter, average_metrics
-from tfx_jax.train.optimizers import create_optimizer
-from tfx_jax.train.preemption import Preempted, PreemptionWatcher
-from tfx_jax.train.progress import make_progress_bar, print_summary
-from tfx_jax.train.state import (TrainState, abstract_train_state, create_sharded_train_state,
+from tfx_jax.train.state import (Batch, Task, TrainState, abstract_train_state,
+                                 create_sharded_train_state, make_eval_step, make_train_step,
                                  train_state_shardings)
-from tfx_jax.train.step import make_eval_step, make_train_step
-from tfx_jax.train.task import Batch, Task
-from tfx_jax.train.workdir_lock import hold_workdir_lock
-from tfx_jax.train.trainable import mask_optimizer
-from tfx_jax.train.throughput import StepProfiler, ThroughputMeter
 
 
+# --- loop -------------------------------------------------------------------------------
 class NonFiniteError(FloatingPointError):
     """A step had a NaN/inf loss or gradient norm and ``skip_nonfinite_updates`` is False."""
 
@@ -167,7 +169,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
         (weighted by ``"weight"``) into the eval line.
       mesh: default: ``make_mesh(config.mesh)`` over all devices of all hosts.
         Params and optimizer state are sharded over it by the partitioning
-        rules (``tfx_jax.train.partitioning``), created directly in shards.
+        rules (``tfx_jax.train.mesh``), created directly in shards.
 
     Raises:
       Preempted: SIGTERM arrived; a checkpoint at the current step was saved.
@@ -185,7 +187,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
         optimizer = mask_optimizer(optimizer, task.trainable)
     shardings = train_state_shardings(task.init_params, optimizer, mesh)  # checks the mesh
 
-    release_lock = hold_workdir_lock(workdir)  # one run per workdir (workdir_lock.py)
+    release_lock = hold_workdir_lock(workdir)  # one run per workdir (checkpoint.py)
     try:
         checkpointer = Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep,
                                     async_save=config.async_checkpointing,
@@ -376,3 +378,136 @@ class _Run:
         metrics = self.last_eval if self.last_eval.get("step") == step else None
         self.checkpointer.save(state, self.train_iter, metrics=metrics)
         self.window.paused_seconds += time.perf_counter() - started
+
+
+# --- early stopping ---------------------------------------------------------------------
+# Stop training when an eval metric has stopped improving ("early stopping").
+#
+# With ``config.early_stopping_patience = p > 0`` the loop stops after ``p``
+# evaluations in a row without a new best ``config.best_metric`` (lower is
+# better for ``best_metric_mode = "min"``, higher for ``"max"``), saves a
+# checkpoint at that step and returns normally. Improvements smaller than
+# ``config.early_stopping_min_delta`` do not count.
+
+class EarlyStopping:
+    """Counts evaluations since the best value of one metric."""
+
+    def __init__(self, metric: str, mode: str = "min", patience: int = 0,
+                 min_delta: float = 0.0):
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.metric = metric
+        self.sign = 1.0 if mode == "min" else -1.0
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best: Optional[float] = None
+        self.best_step: Optional[int] = None
+        self.evals_since_best = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.patience > 0 and bool(self.metric)
+
+    def update(self, step: int, metrics: Mapping[str, float]) -> bool:
+        """Records one evaluation; True when the run should stop."""
+        value = metrics.get(self.metric)
+        if not self.enabled or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if self.best is None or self.sign * (self.best - value) > self.min_delta:
+            self.best, self.best_step, self.evals_since_best = float(value), step, 0
+            return False
+        self.evals_since_best += 1
+        return self.evals_since_best >= self.patience
+
+    def message(self, step: int) -> str:
+        return (f"Early stopping at step {step}: eval {self.metric} has not improved for "
+                f"{self.evals_since_best} evaluations (best {self.best:.4g} at step "
+                f"{self.best_step}; config.early_stopping_patience = {self.patience})")
+
+
+# --- preemption -------------------------------------------------------------------------
+# Preemption: turn SIGTERM (and Ctrl-C) into "checkpoint now and exit" at the next step.
+#
+# Cloud TPU/GPU VMs (and Kubernetes, SLURM) announce preemption with SIGTERM
+# and kill the process some seconds later. :class:`PreemptionWatcher` records
+# the signal; the loop asks :meth:`PreemptionWatcher.should_stop` after every
+# step, and on True saves a checkpoint at the current step, waits for it, and
+# raises :class:`Preempted`. Rerunning the same command resumes from it.
+#
+# Ctrl-C (SIGINT) is treated the same way: the step finishes, a checkpoint is
+# saved and the script exits with 130 (128 + SIGINT) and one line. A second
+# Ctrl-C while that happens interrupts at once (Python's KeyboardInterrupt).
+#
+# Multi-host runs need every host to stop at the *same* step (the save is a
+# collective). There JAX's own preemption service, started by
+# ``jax.distributed.initialize``, catches SIGTERM and Orbax's
+# ``CheckpointManager.reached_preemption(step)`` tells all hosts together; the
+# watcher then leaves SIGTERM to JAX and only asks Orbax.
+
+EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
+INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT
+
+
+class Preempted(Exception):
+    """Raised by the loop after it saved a checkpoint because of a preemption notice.
+
+    Scripts let it propagate or ``sys.exit(Preempted.exit_code)``; either way the
+    process ends with a non-zero status and rerunning the same command resumes.
+    """
+    exit_code = EXIT_CODE
+
+    def __init__(self, step: int, checkpoint_dir: str, signal_name: str = "SIGTERM"):
+        self.step = step
+        self.checkpoint_dir = checkpoint_dir
+        self.signal_name = signal_name
+        self.exit_code = INTERRUPT_EXIT_CODE if signal_name == "SIGINT" else EXIT_CODE
+        what = "interrupted" if signal_name == "SIGINT" else "preempted"
+        super().__init__(
+            f"{what} ({signal_name}): saved a checkpoint at step {step} in {checkpoint_dir}; "
+            f"rerun the same command to resume")
+
+
+class PreemptionWatcher:
+    """Context manager that notes SIGTERM and SIGINT while a run is in progress."""
+
+    def __init__(self, reached_sync_point: Optional[Callable[[int], bool]] = None):
+        """``reached_sync_point(step)``: Orbax's multi-host check, used when process_count > 1."""
+        self._reached_sync_point = reached_sync_point
+        self._requested = threading.Event()
+        self._previous_handlers: dict = {}
+        self.signal_name = "SIGTERM"
+
+    def _on_signal(self, signum, frame):
+        del frame
+        self.signal_name = signal.Signals(signum).name
+        self._requested.set()
+        if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
+            signal.signal(signal.SIGINT, self._previous_handlers.get(
+                signal.SIGINT, signal.default_int_handler))
+
+    def __enter__(self) -> "PreemptionWatcher":
+        # Several processes: JAX's preemption service owns SIGTERM, and a Ctrl-C seen by
+        # one host only cannot stop all hosts at one step, so it stays a KeyboardInterrupt.
+        if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+            return self
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    def request(self, signal_name: str = "SIGTERM") -> None:
+        """Marks a preemption as requested (what SIGTERM / SIGINT do)."""
+        self.signal_name = signal_name
+        self._requested.set()
+
+    def should_stop(self, step: int) -> bool:
+        """True once SIGTERM arrived (or, multi-host, all hosts reached the sync point)."""
+        if self._requested.is_set():
+            return True
+        if jax.process_count() > 1 and self._reached_sync_point is not None:
+            return bool(self._reached_sync_point(step))
+        return False

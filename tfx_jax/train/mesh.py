@@ -4,7 +4,7 @@
 ``config.mesh``). The train step is one ``jax.jit`` program over it (GSPMD):
 batches are split over ``data`` x ``fsdp``; parameters and optimizer state
 are split over ``fsdp`` (their ``embed`` axis) and ``tensor`` (heads, MLP
-hidden, vocab) by the rules in :mod:`tfx_jax.train.partitioning`, and are
+hidden, vocab) by the rules in :mod:`tfx_jax.train.mesh`, and are
 replicated over ``data``. XLA inserts every collective itself (gradient
 all-reduce / reduce-scatter, FSDP all-gathers, Megatron all-reduces). The
 default ``{"data": -1, "fsdp": 1, "tensor": 1}`` is pure data parallelism.
@@ -15,20 +15,24 @@ Each host feeds only its own slice of the global batch (its *process-local*
 batch, leading dim ``global_batch // jax.process_count()``);
 ``jax.make_array_from_process_local_data`` stitches the slices into one global
 array without copying data between hosts.
+
+Also in this module: The one rules table from logical axis names to mesh axes, and the shardings it gives.
+
+Also in this module: Every batch size checked against the mesh before the first step, not at the first eval.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tfx_jax.train.partitioning import MESH_AXES, batch_parallelism, batch_partition
-
-DATA_AXIS = "data"
+# --- mesh -------------------------------------------------------------------------------
 
 
 def initialize_distributed(coordinator_address: Optional[str] = None,
@@ -176,3 +180,169 @@ def _local_batch_shards(mesh: Mesh) -> int:
     batch_dims = [i for i, a in enumerate(mesh.axis_names) if a in ("data", "fsdp")]
     here = np.vectorize(lambda d: d.process_index == jax.process_index())(mesh.devices)
     return len({tuple(index[i] for i in batch_dims) for index in zip(*np.nonzero(here))})
+
+
+# --- partitioning -----------------------------------------------------------------------
+# The one rules table from logical axis names to mesh axes, and the shardings it gives.
+#
+# Models name their parameter dimensions (``tfx_jax.logical_axes``); this table
+# says which mesh axis splits each name. Rules are tried in order and a mesh axis
+# is used at most once per array (Flax's ``nn.logical_to_mesh_axes``), so an
+# activation ``("batch", "length", "embed")`` puts the batch on ``data`` x
+# ``fsdp`` and leaves ``embed`` whole, while a weight ``("embed", "mlp")`` is
+# split over ``fsdp`` (its large axis: FSDP / ZeRO-3, Rajbhandari et al. 2020)
+# and ``tensor`` (Megatron-LM, Shoeybi et al. 2019: column-parallel W1/Q/K/V,
+# row-parallel W2/W_o, vocab-parallel embedding and logits).
+#
+# Replicated on purpose: LayerNorm scales/biases (``norm``), the per-head width
+# (``kv``), learned position rows and ViT class outputs: they are tiny, and
+# splitting them would only add collectives. Mesh axes a mesh lacks are dropped
+# (a 1-D ``("data",)`` mesh gives pure data parallelism).
+
+DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
+MESH_AXES = (DATA, FSDP, TENSOR)
+BATCH_AXES = (DATA, FSDP)
+
+Rules = Sequence[tuple[str, Any]]
+
+RULES: Rules = (
+    ("batch", BATCH_AXES),  # activations: the batch over every data-parallel device
+    ("length", None),
+    ("embed", FSDP),        # weights: FSDP splits d_model (activations: fsdp is taken by batch)
+    ("mlp", TENSOR),
+    ("heads", TENSOR),
+    ("kv_heads", TENSOR),
+    ("vocab", TENSOR),
+    ("kv", None),
+    ("layers", None),
+    ("norm", None),
+    ("position", None),
+    ("classes", None),
+)
+
+
+def _mesh_axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def rules_for_mesh(mesh: Mesh, rules: Optional[Rules] = None) -> tuple:
+    """``rules`` (default :data:`RULES`) without the mesh axes ``mesh`` does not have."""
+    out = []
+    for name, entry in (RULES if rules is None else rules):
+        kept = tuple(a for a in _mesh_axes(entry) if a in mesh.axis_names)
+        out.append((name, None if not kept else kept[0] if len(kept) == 1 else kept))
+    return tuple(out)
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
+def _path(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                    for k in path)
+
+
+def param_shardings(abstract_params: Any, mesh: Mesh, rules: Optional[Rules] = None,
+                    *, what: str = "params") -> Any:
+    """NamedShardings for a params tree from ``jax.eval_shape`` under recorded axes.
+
+    Boxed leaves (``nn.LogicallyPartitioned``) are placed by the rules; plain
+    leaves (a model without names) are replicated. Raises ValueError, before
+    anything is computed, for a logical name the rules do not know and for a
+    mesh axis that does not divide the dimension it splits (naming the
+    parameter, its shape, the logical name and the mesh axis).
+    """
+    rules = rules_for_mesh(mesh, rules)
+    known = {name for name, _ in rules}
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+
+    def place(path, leaf):
+        if not _is_box(leaf):
+            return NamedSharding(mesh, PartitionSpec())
+        shape, names = tuple(leaf.value.shape), tuple(leaf.names)
+        name = f"{what}/{_path(path)}"
+        unknown = [n for n in names if isinstance(n, str) and n not in known]
+        if unknown:
+            raise ValueError(
+                f"parameter {name} (shape {shape}) has logical axis name(s) {unknown} that the "
+                f"partitioning rules do not know; known names: {sorted(known)}")
+        if len(names) != len(shape):
+            raise ValueError(f"parameter {name} has shape {shape} but {len(names)} logical "
+                             f"axis names {names}")
+        spec = nn.logical_to_mesh_axes(names, rules)
+        for dim, (size, logical, entry) in enumerate(zip(shape, names, spec)):
+            axes = _mesh_axes(entry)
+            split = int(np.prod([sizes[a] for a in axes])) if axes else 1
+            if size % split:
+                raise ValueError(
+                    f"parameter {name} of shape {shape}: dimension {dim} ({logical!r}, size "
+                    f"{size}) is split over mesh axis {'x'.join(axes)} of size {split}, "
+                    f"which does not divide it; change config.mesh or the model size")
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(place, abstract_params, is_leaf=_is_box)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Optional[Rules] = None) -> Iterator[None]:
+    """Inside a traced function: makes the models' ``constrain(...)`` calls real constraints."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
+            nn.logical_axis_rules(rules_for_mesh(mesh, rules)):
+        yield
+
+
+def batch_partition(mesh: Mesh) -> PartitionSpec:
+    """The batch dimension over the mesh's data-parallel axes (``data`` x ``fsdp``)."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    return PartitionSpec(axes if axes else None)
+
+
+def batch_parallelism(mesh: Mesh) -> int:
+    """How many ways the batch is split: the product of the ``data`` and ``fsdp`` sizes."""
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+    return int(np.prod([sizes[a] for a in BATCH_AXES if a in sizes]))
+
+
+# --- batch sizes ------------------------------------------------------------------------
+# Every batch size checked against the mesh before the first step, not at the first eval.
+#
+# The training batch is checked by :func:`tfx_jax.train.mesh.check_batch_size`.
+# Evaluation batches come from the experiment; :func:`check_eval_batches` reads
+# the first one before training and refuses a leading dimension that does not
+# split over this host's devices (which would otherwise fail only at the first
+# evaluation, after the work of a whole eval interval). :func:`padded_batch_size`
+# is what pipelines use to avoid that: round an eval/test/predict batch up to a
+# multiple of the device count; the extra rows are padding with ``valid=False``.
+
+def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
+    """``batch_size`` rounded up to a multiple of the mesh's devices (and processes)."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+    multiple = int(np.lcm(mesh.devices.size, jax.process_count()))
+    return -(-batch_size // multiple) * multiple
+
+
+def check_eval_batches(eval_batches, mesh: Mesh) -> None:
+    """ValueError if the first eval batch's rows do not split over this host's devices.
+
+    Re-iterable eval batches only: a callable that builds them is not called
+    before its first evaluation (building the pipeline may be its whole cost).
+    """
+    if eval_batches is None or callable(eval_batches):
+        return
+    batches = iter(eval_batches)
+    first = next(batches, None)
+    if first is None:
+        return
+    local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(first)[0]:
+        rows = np.shape(leaf)[0] if np.ndim(leaf) else 0
+        if rows == 0 or rows % local_devices:
+            raise ValueError(
+                f"eval batches have {rows} rows per process (batch{jax.tree_util.keystr(path)} "
+                f"of shape {np.shape(leaf)}), not divisible by this host's {local_devices} "
+                f"device(s) in the mesh; pad the eval batch to a multiple of the device count "
+                f"(tfx_jax.train.mesh.padded_batch_size)")

@@ -16,20 +16,31 @@ A workdir may be a URL such as ``gs://bucket/run`` (shared by all hosts of a
 multi-host run); files are then reached through ``etils.epath`` (needs gcsfs
 for GCS). Object stores cannot append, so there the file is rewritten whole
 at each write (one small write per log line).
+
+Also in this module: What a person watching the run sees: a tqdm bar while training, a summary table at the end.
+
+Also in this module: TensorBoard event files on object stores, written through ``etils.epath``.
+
+Also in this module: A benchmark's results as two files: ``<name>.json`` (its settings and every record) and
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
+import sys
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 from etils import epath
+from tqdm import tqdm
 
-from tfx_jax.train.task import WEIGHT_KEY
+from tfx_jax.train.state import WEIGHT_KEY
 
+# --- metrics ----------------------------------------------------------------------------
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -119,8 +130,7 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
             if is_url(workdir):
-                from tfx_jax.train import event_files  # pylint: disable=import-outside-toplevel
-                event_files.route_through_epath(workdir)
+                route_through_epath(workdir)
             self._tensorboard = SummaryWriter(
                 os.path.join(workdir, TENSORBOARD_DIR),
                 purge_step=start_step + 1 if start_step > 0 else None)
@@ -148,3 +158,113 @@ class MetricsWriter:
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
+
+
+# --- progress ---------------------------------------------------------------------------
+# What a person watching the run sees: a tqdm bar while training, a summary table at the end.
+#
+# The bar shows the latest logged loss and the step rate; it is shown only on
+# process 0 and only when stderr is a terminal (so log files stay clean).
+
+def make_progress_bar(total_steps: int, start_step: int, *, enabled: bool = True) -> tqdm:
+    show = enabled and jax.process_index() == 0 and sys.stderr.isatty()
+    return tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                dynamic_ncols=True, disable=not show)
+
+
+def format_summary(title: str, rows: Mapping[str, Mapping[str, object]]) -> str:
+    """A plain-text table: one row per split, one column per metric name."""
+    columns = []
+    for metrics in rows.values():
+        columns += [name for name in metrics if name not in columns]
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.6g}"
+        return "-" if value is None else str(value)
+
+    table = [["split"] + columns]
+    table += [[split] + [cell(metrics.get(name)) for name in columns]
+              for split, metrics in rows.items()]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
+                       enumerate(zip(row, widths))) for row in table]
+    rule = "-" * len(lines[0])
+    return "\n".join([title, rule, lines[0], rule, *lines[1:], rule])
+
+
+def print_summary(title: str, rows: Mapping[str, Mapping[str, object]],
+                  file: Optional[object] = None) -> None:
+    """Prints :func:`format_summary` on process 0."""
+    if jax.process_index() == 0:
+        print(format_summary(title, rows), file=file or sys.stdout, flush=True)
+
+
+# --- event files ------------------------------------------------------------------------
+# TensorBoard event files on object stores, written through ``etils.epath``.
+#
+# tensorboardX writes event files with ``open`` for local paths and with its own
+# clients for ``gs://`` (google-cloud-storage) and ``s3://`` (boto3). A run's
+# workdir reaches every other file through ``etils.epath``, so the event files
+# do too: :func:`route_through_epath` registers a tensorboardX writer for the
+# workdir's scheme that keeps the file's bytes and rewrites the object at each
+# flush (an object store cannot append), as tensorboardX's own GCS writer does.
+
+class _EpathEventFile:
+    """A tensorboardX record writer whose flush rewrites the whole file through epath."""
+
+    def __init__(self, path: str):
+        self._path = epath.Path(path)
+        self._buffer = io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self._buffer.write(data)
+
+    def flush(self) -> None:
+        self._path.write_bytes(self._buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _EpathEventFiles:
+    """A tensorboardX writer factory (``open`` and ``directory_check``) on epath."""
+
+    def open(self, path: str) -> _EpathEventFile:
+        return _EpathEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def route_through_epath(url: str) -> None:
+    """Makes tensorboardX write files under ``url``'s scheme (``gs``, ``s3``, ...) via epath."""
+    scheme = url.split("://", 1)[0]
+    from tensorboardX import record_writer  # pylint: disable=import-outside-toplevel
+    record_writer.register_writer_factory(scheme, _EpathEventFiles())
+
+
+# --- results files ----------------------------------------------------------------------
+# A benchmark's results as two files: ``<name>.json`` (its settings and every record) and
+# ``<name>.csv`` (one row per record, for spreadsheets and plots).
+
+def write_results(out_dir: str, name: str, meta: dict, records: list[dict],
+                  csv_columns: dict | None = None) -> list[str]:
+    """Writes ``{"meta": meta, "records": records}`` as JSON and the records as CSV.
+
+    ``csv_columns``: values repeated on every CSV row (the date, the device, ...),
+    since the CSV has no room for ``meta``. Returns the two paths.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    json_path, csv_path = (os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "csv"))
+    with open(json_path, "w") as f:
+        json.dump({"meta": meta, "records": records}, f, indent=2)
+        f.write("\n")
+    extra = dict(csv_columns or {})
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*columns, *extra])
+        writer.writeheader()
+        for record in records:
+            writer.writerow({**record, **extra})
+    return [json_path, csv_path]

@@ -35,7 +35,7 @@ early_stopping_patience    0              stop after N evals without a new best
                                           best_metric (0 = off)
 early_stopping_min_delta   0.0            smaller improvements do not count
 peak_tflops                0.0            peak TFLOP/s per device for ``mfu``; 0 = by
-                                          device kind (``train.flops``; CPU: no mfu)
+                                          device kind (``train/perf.py``; CPU: no mfu)
 profile_steps              ""             jax.profiler trace into <workdir>/profile:
                                           "FIRST,LAST" steps or a count; "" = off
 mesh.data                  -1             data-parallel axis (-1: the remaining devices)
@@ -43,7 +43,7 @@ mesh.fsdp                  1              FSDP axis: splits params/optimizer sta
 mesh.tensor                1              tensor-parallel axis (heads, MLP, vocab)
 =========================  =============  ============================================
 
-Training holds ``<workdir>/.lock`` (:mod:`tfx_jax.train.workdir_lock`), so a
+Training holds ``<workdir>/.lock`` (:mod:`tfx_jax.train.checkpoint`), so a
 second run on the same workdir stops at once naming the first.
 
 ``config.mesh`` shapes the device mesh (``tfx_jax.train.make_mesh``):
@@ -67,8 +67,8 @@ import jax
 import ml_collections
 from etils import epath
 
-from tfx_jax.train.partitioning import MESH_AXES
-from tfx_jax.train.throughput import parse_profile_steps
+from tfx_jax.train.mesh import MESH_AXES
+from tfx_jax.train.perf import parse_profile_steps
 
 CONFIG_FILE = "config.json"
 

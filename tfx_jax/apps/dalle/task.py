@@ -36,8 +36,8 @@ from tfx_jax.apps.dalle.patch_vq import PatchVQTokenizer
 from tfx_jax.apps.dalle.prompts import DigitPrompts
 from tfx_jax.lm import CausalLM, CausalLMConfig
 from tfx_jax.model_config import from_config_dict
-from tfx_jax.train.task import EvaluateFn
-from tfx_jax.train.flops import causal_lm_forward_flops, training_flops
+from tfx_jax.train.state import EvaluateFn
+from tfx_jax.train.perf import causal_lm_forward_flops, training_flops
 
 IMAGE_TOKENIZERS = ("gray_levels", "patch_vq")
 PATCH_VQ_FILE = "patch_vq.npz"

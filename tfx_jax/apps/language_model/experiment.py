@@ -45,7 +45,7 @@ from tfx_jax.data.workdir_tokenizer import (read_workdir_tokenizer, workdir_toke
                                             write_workdir_file)
 from tfx_jax.lm import CausalLM
 from tfx_jax.train.checkpoint import check_checkpoint_fits
-from tfx_jax.train.workdir_lock import workdir_lock
+from tfx_jax.train.checkpoint import workdir_lock
 
 
 def say(message: str) -> None:

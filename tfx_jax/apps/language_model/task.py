@@ -28,7 +28,7 @@ import optax
 from tfx_jax import train as tr
 from tfx_jax.lm import CausalLM, CausalLMConfig
 from tfx_jax.model_config import from_config_dict
-from tfx_jax.train.flops import causal_lm_forward_flops, training_flops
+from tfx_jax.train.perf import causal_lm_forward_flops, training_flops
 
 
 def lm_config(model: Mapping[str, Any], *, vocab_size: int, max_len: int) -> CausalLMConfig:

@@ -49,10 +49,10 @@ from tfx_jax.data.tokenizer import (SentencePieceTokenizer, load_or_train_tokeni
                                     tokenizer_path)
 from tfx_jax.data.workdir_tokenizer import (read_workdir_tokenizer, workdir_tokenizer,
                                             write_workdir_file)
-from tfx_jax.train.batch_sizes import padded_batch_size
+from tfx_jax.train.mesh import padded_batch_size
 from tfx_jax.train.checkpoint import check_checkpoint_fits
-from tfx_jax.train.progress import print_summary
-from tfx_jax.train.workdir_lock import workdir_lock
+from tfx_jax.train.metrics import print_summary
+from tfx_jax.train.checkpoint import workdir_lock
 
 STARTED = time.monotonic()
 

@@ -23,8 +23,8 @@ import numpy as np
 from tfx_jax.data.tokenizer import BOS_ID
 from tfx_jax.model_config import from_config_dict
 from tfx_jax.train import Task, token_accuracy, token_cross_entropy
-from tfx_jax.train.flops import training_flops, transformer_forward_flops
-from tfx_jax.train.task import EvaluateFn
+from tfx_jax.train.perf import training_flops, transformer_forward_flops
+from tfx_jax.train.state import EvaluateFn
 from tfx_jax.transformer import Transformer, TransformerConfig
 
 
