@@ -408,9 +408,10 @@ def context_parallel_attention(query: jax.Array, key: jax.Array, value: jax.Arra
     if q_lengths is not None or kv_lengths is not None:
         q_segment_ids = _segments_with_lengths(q_segment_ids, q_lengths, t, b)
         kv_segment_ids = _segments_with_lengths(kv_segment_ids, kv_lengths, s, b)
-    if q_segment_ids is not None:
-        q_segment_ids = jnp.asarray(q_segment_ids, jnp.int32)
-        kv_segment_ids = jnp.asarray(kv_segment_ids, jnp.int32)
+    if q_segment_ids is not None or kv_segment_ids is not None:  # both, or neither
+        q_segment_ids, kv_segment_ids = (
+            jnp.ones((b, length), jnp.int32) if ids is None else jnp.asarray(ids, jnp.int32)
+            for ids, length in ((q_segment_ids, t), (kv_segment_ids, s)))
     if b == 0:
         return jnp.zeros(query.shape[:3] + value.shape[3:], value.dtype)
     return _context_parallel(plan, query, key, value, q_segment_ids, kv_segment_ids)
