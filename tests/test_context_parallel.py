@@ -54,11 +54,11 @@ def assert_matches_dense(context, strategy, *, t=48, s=None, causal=False, b=2, 
     mesh = make_mesh(MESHES[context])
     q, key, value, d_out = inputs(t, s, b=b, n=n, k=k)
     sharded = NamedSharding(mesh, PartitionSpec(None, "context"))
-    cp = jax.jit(lambda *xs: value_and_grads(
-        lambda q, k, v: tfx.context_parallel_attention(
-            q, k, v, mesh=mesh, strategy=strategy, causal=causal, block_q=block,
-            block_kv=block, load_balance=load_balance, **options), *xs))(*(jax.device_put(x, sharded)
-                                                 for x in (q, key, value, d_out)))
+    attend = lambda q, k, v: tfx.context_parallel_attention(
+        q, k, v, mesh=mesh, strategy=strategy, causal=causal, block_q=block, block_kv=block,
+        load_balance=load_balance, **options)
+    cp = jax.jit(lambda *xs: value_and_grads(attend, *xs))(
+        *(jax.device_put(x, sharded) for x in (q, key, value, d_out)))
     dense = value_and_grads(lambda q, k, v: dot_product_attention(
         q, k, v, causal=causal, implementation="dense", **options), q, key, value, d_out)
     for name, got, want in zip(("out", "d_q", "d_k", "d_v"), cp, dense):

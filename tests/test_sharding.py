@@ -77,7 +77,7 @@ def test_bad_mesh_config_is_one_clear_error(mesh_config, message):
 
 def test_config_mesh_is_validated_with_the_rest_of_the_config():
     config = tr.default_config()
-    assert dict(config.mesh) == {"data": -1, "fsdp": 1, "tensor": 1}
+    assert dict(config.mesh) == {"data": -1, "fsdp": 1, "context": 1, "tensor": 1}
     tr.validate_config(config)
     config.mesh.fsdp = 0
     with pytest.raises(ValueError, match=r"config.mesh.fsdp must be a positive integer or -1"):
