@@ -214,23 +214,7 @@ def test_context_mesh_with_an_implementation_that_cannot_split_is_one_clear_erro
 # --- training: config.mesh.context splits the sequence in the train step ------------------------
 
 BATCH = 8
-
-
-def train_config(num_train_steps, **mesh):
-    import tfx_jax.train as tr
-    config = tr.default_config()
-    config.batch_size, config.num_train_steps = BATCH, num_train_steps
-    config.learning_rate, config.schedule, config.warmup_steps = 1e-2, "constant", 0
-    config.log_every_steps, config.eval_every_steps = 1, 0
-    config.checkpoint_every_steps, config.async_checkpointing = 0, False
-    config.progress_bar = False
-    config.mesh.update(mesh)
-    return config
-
-
-def train_losses(workdir):
-    import tfx_jax.train as tr
-    return [(r["step"], r["loss"]) for r in tr.read_metrics(str(workdir), "train")]
+train_config, train_losses = st.train_config, st.train_losses
 
 
 @pytest.mark.slow
