@@ -269,8 +269,10 @@ def attention_weights(query: jax.Array, key: jax.Array, mask: Optional[jax.Array
 
 
 def _dense_attention(query, key, value, mask, bias, scale, dropout_rate, dropout_rng):
-    """Materialises the [B, N, T, S] weights, then takes the weighted sum of values."""
-    weights = _dense_weights(query, key, mask, bias, scale)
+    """Materialises the [B, N, T, S] weights, then takes the weighted sum of values.
+
+    Returns (output, weights before dropout)."""
+    probabilities = weights = _dense_weights(query, key, mask, bias, scale)
     if dropout_rate > 0.0:
         if dropout_rng is None:
             raise ValueError(f"attention dropout_rate={dropout_rate} > 0 needs a dropout_rng")
@@ -282,7 +284,7 @@ def _dense_attention(query, key, value, mask, bias, scale, dropout_rate, dropout
     grouped = weights.reshape(b, num_kv_heads, n // num_kv_heads, t, s)
     out = jnp.einsum("bkgts,bskh->btkgh", grouped.astype(value.dtype), value,
                      preferred_element_type=jnp.float32)
-    return out.reshape(b, t, n, value.shape[-1]).astype(value.dtype)
+    return out.reshape(b, t, n, value.shape[-1]).astype(value.dtype), probabilities
 
 
 def _check_lengths(query, q_lengths, kv_lengths):
@@ -405,7 +407,8 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                           q_lengths: Optional[jax.Array] = None,
                           kv_lengths: Optional[jax.Array] = None,
                           block_q: int = DEFAULT_BLOCK_Q,
-                          block_kv: int = DEFAULT_BLOCK_KV) -> jax.Array:
+                          block_kv: int = DEFAULT_BLOCK_KV,
+                          return_weights: bool = False):
     """softmax(scale * Q K^T + bias) V for every head; returns [B, T, N, H] in value's dtype.
 
     Args:
@@ -438,9 +441,18 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
         iff i < q_lengths[b] (other queries return zeros); key j iff j < kv_lengths[b].
         Values are clamped to [0, length].
       block_q, block_kv: tile sizes of "chunked" (ignored by the others).
+      return_weights: return ``(output, weights)``, ``weights`` being the float32
+        [B, N, T, S] probabilities the output was computed from (before attention
+        dropout). Only the dense path materialises them: ``implementation`` must be
+        "dense" or "auto" (which then runs "dense", whatever the inputs).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if return_weights:
+        if implementation not in ("auto", "dense"):
+            raise ValueError(f"return_weights=True needs the dense path (it materialises the "
+                             f"weights); got implementation={implementation!r}")
+        implementation = "dense"
     mask, bias = _as_array(mask, "mask"), _as_array(bias, "bias")
     q_segment_ids = _as_array(q_segment_ids, "q_segment_ids")
     kv_segment_ids = _as_array(kv_segment_ids, "kv_segment_ids")
@@ -464,12 +476,14 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     if reason is not None:
         raise ValueError(f"implementation={implementation!r} cannot run here: {reason}")
     q_lengths, kv_lengths = _clamped_lengths(query, key, q_lengths, kv_lengths)
-    if query.shape[0] == 0:  # an empty batch: an empty result
+    if query.shape[0] == 0 and not return_weights:  # an empty batch: an empty result
         return jnp.zeros(query.shape[:3] + value.shape[3:], value.dtype)
     if implementation == "dense":
         mask = _full_mask(query, key, mask, causal, q_segment_ids, kv_segment_ids,
                           local_window, q_lengths, kv_lengths)
-        return _dense_attention(query, key, value, mask, bias, scale, dropout_rate, dropout_rng)
+        out, weights = _dense_attention(query, key, value, mask, bias, scale, dropout_rate,
+                                        dropout_rng)
+        return (out, weights) if return_weights else out
     if implementation == "chunked":
         return chunked_attention(query, key, value, mask, causal=causal, q_lengths=q_lengths,
                                  kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,

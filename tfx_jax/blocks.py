@@ -57,17 +57,20 @@ class TransformerBlock(nn.Module):
       causal: self-attention may not look ahead (decoder, language model).
       cross_attention: add a sub-layer attending to an encoder's output.
       deterministic: disable dropout.
+      emit_output: also return the block's output as the scan output (intermediates).
 
     Called as ``block(x, mask, encoded, cross_mask, attention_args,
-    cross_attention_args) -> (x, None)``; the ``(carry, output)`` form lets
-    ``nn.scan`` run the layers. ``attention_args`` / ``cross_attention_args`` are
-    dicts of keyword arguments for the two :class:`MultiHeadAttention` calls
-    (segment ids, lengths, positions): padding and packing as structure.
+    cross_attention_args) -> (x, None)`` (``(x, x)`` with ``emit_output``); the
+    ``(carry, output)`` form lets ``nn.scan`` run the layers and stack their
+    outputs. ``attention_args`` / ``cross_attention_args`` are dicts of keyword
+    arguments for the two :class:`MultiHeadAttention` calls (segment ids, lengths,
+    positions): padding and packing as structure.
     """
     config: StackConfig
     causal: bool = False
     cross_attention: bool = False
     deterministic: bool = True
+    emit_output: bool = False
 
     def _residual(self, x, sublayer, name):
         cfg = self.config
@@ -111,8 +114,8 @@ class TransformerBlock(nn.Module):
                 x, lambda h: cross(h, encoded, mask=cross_mask, deterministic=self.deterministic,
                                    **(cross_attention_args or {})), "cross_attention")
         ffn = FeedForward(cfg, deterministic=self.deterministic, name="ffn")
-        x = self._residual(x, ffn, "ffn")
-        return constrain(x), None
+        x = constrain(self._residual(x, ffn, "ffn"))
+        return x, (x if self.emit_output else None)
 
 
 class BlockStack(nn.Module):
@@ -122,6 +125,8 @@ class BlockStack(nn.Module):
     axis of size N and XLA compiles the layer once (fast compiles for deep
     models); ``remat_policy`` recomputes activations in the backward pass to
     trade compute for memory. A final LayerNorm closes a pre-LN stack.
+    Attention weights recorded with ``mutable=["intermediates"]`` are stacked on a
+    leading layer axis under ``layers`` when scanned, kept per ``layer_<i>`` otherwise.
     """
     config: StackConfig
     num_layers: int
@@ -131,9 +136,13 @@ class BlockStack(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask=None, encoded=None, cross_mask=None, *, attention_args=None,
-                 cross_attention_args=None):
+                 cross_attention_args=None, return_intermediates: bool = False):
         """``attention_args`` / ``cross_attention_args``: keyword arguments (arrays or None)
-        for every layer's self- / cross-attention, e.g. ``dict(q_segment_ids=s, positions=p)``."""
+        for every layer's self- / cross-attention, e.g. ``dict(q_segment_ids=s, positions=p)``.
+
+        Returns the stack's output [B, T, D]; with ``return_intermediates`` the pair
+        ``(output, layers)``, ``layers`` [num_layers, B, T, D] holding each block's
+        output (the residual stream before the final LayerNorm)."""
         cfg = self.config
         args = (mask, encoded, cross_mask, attention_args, cross_attention_args)
         block = TransformerBlock
@@ -141,24 +150,27 @@ class BlockStack(nn.Module):
             block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat_policy],
                              prevent_cse=not cfg.scan_layers)
         kwargs = dict(config=cfg, causal=self.causal, cross_attention=self.cross_attention,
-                      deterministic=self.deterministic)
+                      deterministic=self.deterministic, emit_output=return_intermediates)
         x = constrain(x)  # the stack's input: the embeddings (a gather from a split table)
         if cfg.scan_layers:
             # Caches stack on axis 1 so that every cache leaf keeps the batch on axis 0.
-            scanned = nn.scan(block, variable_axes={"params": 0, "cache": 1},
+            scanned = nn.scan(block, variable_axes={"params": 0, "cache": 1, "intermediates": 0},
                               split_rngs={"params": True, "dropout": True},
                               in_axes=(nn.broadcast,) * 5, length=self.num_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = scanned(**kwargs, name="layers")(x, *args)
+            x, layers = scanned(**kwargs, name="layers")(x, *args)
         else:
+            layers = []
             for i in range(self.num_layers):
-                x, _ = block(**kwargs, name=f"layer_{i}")(x, *args)
+                x, output = block(**kwargs, name=f"layer_{i}")(x, *args)
+                layers.append(output)
+            layers = jnp.stack(layers) if return_intermediates else None
         if cfg.pre_norm:
             x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype,
                              param_dtype=cfg.param_dtype, name="final_norm",
                              scale_init=with_axes(nn.initializers.ones_init(), ("norm",)),
                              bias_init=with_axes(nn.initializers.zeros_init(), ("norm",)))(x)
-        return x
+        return (x, layers) if return_intermediates else x
 
 
 def key_padding_mask(key_tokens: jax.Array, pad_id: int = 0) -> jax.Array:

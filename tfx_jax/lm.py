@@ -67,12 +67,16 @@ class CausalLM(nn.Module):
     their positions and segment ids, see ``decoding.left_pad``) and one token at a
     time with ``mutable=["cache"]``; later tokens continue each row's positions
     and segment.
+
+    With ``return_intermediates=True`` it returns ``(logits, out)``, ``out`` a dict:
+    "layers" [num_layers, B, T, D] each block's output and "pre_logits" [B, T, D]
+    the stack's output the vocabulary projection reads.
     """
     config: CausalLMConfig
 
     @nn.compact
     def __call__(self, tokens: jax.Array, *, positions=None, segment_ids=None,
-                 deterministic: bool = True) -> jax.Array:
+                 deterministic: bool = True, return_intermediates: bool = False):
         cfg = self.config
         check_tokens("tokens", tokens, cfg.max_len)
         positions, segment_ids = SequenceLayout(cfg.decode, name="positions")(
@@ -87,7 +91,9 @@ class CausalLM(nn.Module):
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = BlockStack(cfg, cfg.num_layers, causal=True, deterministic=deterministic,
                        name="layers")(x, attention_args=self_attention_args(
-                           segment_ids, positions, cfg))
+                           segment_ids, positions, cfg),
+                           return_intermediates=return_intermediates)
+        x, layers = x if return_intermediates else (x, None)
         if cfg.tie_embeddings:
             logits = embedding.attend(x)
         else:
@@ -96,4 +102,5 @@ class CausalLM(nn.Module):
                                                     ("embed", "vocab")),
                               bias_init=with_axes(nn.initializers.zeros_init(), ("vocab",)),
                               name="logits")(x)
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        return (logits, {"layers": layers, "pre_logits": x}) if return_intermediates else logits

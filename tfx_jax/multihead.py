@@ -36,8 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 
-from tfx_jax.attention import (attention_weights, causal_mask, combine_masks,
-                               dot_product_attention)
+from tfx_jax.attention import causal_mask, combine_masks, dot_product_attention
 from tfx_jax.context_parallel import context_parallel_attention, context_size
 from tfx_jax.errors import ConfigError
 from tfx_jax.rotary import apply_rotary
@@ -65,8 +64,11 @@ class MultiHeadAttention(nn.Module):
       implementation: attention core ("auto", "dense", "chunked", "cudnn", ...).
       dtype: computation dtype (e.g. bfloat16); param_dtype: parameter dtype.
 
-    Applied with ``mutable=["intermediates"]`` it also records its attention
-    probabilities [B, N, T, S] as ``intermediates/.../attention_weights``.
+    Applied with ``mutable=["intermediates"]`` it runs the dense attention path
+    (whatever ``implementation`` says: only it materialises the [B, N, T, S]
+    probabilities) and records the float32 probabilities its output is computed
+    from (before attention dropout) as ``intermediates/.../attention_weights``.
+    Without that collection nothing is recorded and ``implementation`` applies.
     """
     num_heads: int
     num_kv_heads: Optional[int] = None
@@ -175,23 +177,25 @@ class MultiHeadAttention(nn.Module):
         structure = {k: v for k, v in dict(q_segment_ids=q_segment_ids,
                                            kv_segment_ids=kv_segment_ids, q_lengths=q_lengths,
                                            kv_lengths=kv_lengths).items() if v is not None}
-        if self.is_mutable_collection("intermediates"):
-            # Inspection only (apply(..., mutable=["intermediates"])): the [B, N, T, S]
-            # probabilities, computed densely on request and never otherwise.
-            self.sow("intermediates", "attention_weights",
-                     attention_weights(query, key, mask, causal=causal, **structure))
         dropout_rng = None
         dropout_rate = 0.0 if deterministic else self.dropout_rate
         if dropout_rate > 0.0:
             dropout_rng = self.make_rng("dropout")
+        # Inspection (apply(..., mutable=["intermediates"])) runs the dense path and
+        # records the very weights the output is computed from; otherwise none exist.
+        record = self.is_mutable_collection("intermediates")
         mesh = jax.sharding.get_abstract_mesh()
-        if context_size(mesh) > 1 and not self.decode:
+        if context_size(mesh) > 1 and not (self.decode or record):
             out = self._context_parallel(query, key, value, mesh, mask, causal, dropout_rate,
                                          structure)
         else:
-            out = dot_product_attention(query, key, value, mask, causal=causal,
-                                        dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                                        implementation=self.implementation, **structure)
+            out = dot_product_attention(
+                query, key, value, mask, causal=causal, dropout_rate=dropout_rate,
+                dropout_rng=dropout_rng, implementation="dense" if record else self.implementation,
+                return_weights=record, **structure)
+        if record:
+            out, weights = out
+            self.sow("intermediates", "attention_weights", weights)
         out_features = self.out_features or inputs_q.shape[-1]
         return self._dense(out_features, "out", axis=(-2, -1),  # W_o over all heads
                            names=("heads", "kv", "embed"))(out)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from tfx_jax.blocks import BlockStack, padding_lengths
+from tfx_jax.errors import ConfigError
 from tfx_jax.logical_axes import with_axes
 from tfx_jax.model_config import POSITION_KINDS, StackConfig, _one_of, _positive
 from tfx_jax.position import AddPositionEncoding, SequenceLayout
@@ -63,6 +64,26 @@ class TransformerConfig(StackConfig):
         super().__post_init__()
         _positive(self, "vocab_size", "num_encoder_layers", "num_decoder_layers", "max_len")
         _one_of(self, "position", POSITION_KINDS)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "TransformerConfig":
+        """The paper's "base" or "big" model (Vaswani et al. 2017, Table 3).
+
+        base: d_model 512, d_ff 2048, h 8, N 6, P_drop 0.1; big: d_model 1024, d_ff 4096,
+        h 16, N 6, P_drop 0.3 (EN-DE). Post-LN, ReLU, sinusoidal positions, one shared
+        embedding matrix. ``vocab_size`` defaults to 37000, the paper's shared
+        source/target BPE vocabulary for WMT 2014 English-German (sec. 5.1); ``overrides``
+        set it and any other field. Parameter counts at 37000 tokens: base 63.1M, big
+        214.2M (Table 3 prints 65M and 213M; no single vocabulary gives both with
+        shared embeddings).
+        """
+        sizes = {"base": dict(d_model=512, d_ff=2048, num_heads=8, dropout_rate=0.1),
+                 "big": dict(d_model=1024, d_ff=4096, num_heads=16, dropout_rate=0.3)}
+        if name not in sizes:
+            raise ConfigError(f"Transformer preset must be one of {tuple(sizes)}, got {name!r}")
+        return cls(**{**sizes[name], "vocab_size": 37000, "num_encoder_layers": 6,
+                      "num_decoder_layers": 6, "pre_norm": False, "activation": "relu",
+                      "position": "sinusoidal", "share_embeddings": True, **overrides})
 
 
 def check_tokens(name: str, tokens: jax.Array, max_len: int) -> None:
@@ -106,7 +127,7 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, source: jax.Array, *, segment_ids=None, positions=None,
-                 deterministic: bool = True) -> jax.Array:
+                 deterministic: bool = True, return_intermediates: bool = False):
         cfg = self.config
         positions, segment_ids = SequenceLayout(name="positions")(
             *source.shape, positions, segment_ids)
@@ -116,7 +137,8 @@ class Encoder(nn.Module):
         stack = BlockStack(cfg.replace(decode=False), cfg.num_encoder_layers,
                            deterministic=deterministic, name="layers")
         return stack(x, attention_args=self_attention_args(
-            segment_ids, positions, cfg, padding_lengths(source, cfg.pad_id)))
+            segment_ids, positions, cfg, padding_lengths(source, cfg.pad_id)),
+            return_intermediates=return_intermediates)
 
 
 class Decoder(nn.Module):
@@ -127,7 +149,7 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, encoded: jax.Array, source: jax.Array, target_in: jax.Array, *,
                  src_segment_ids=None, tgt_segment_ids=None, tgt_positions=None,
-                 deterministic: bool = True) -> jax.Array:
+                 deterministic: bool = True, return_intermediates: bool = False):
         cfg = self.config
         if not cfg.decode and (src_segment_ids is None) != (tgt_segment_ids is None):
             raise ValueError("packed translation needs both src_segment_ids and "
@@ -147,7 +169,8 @@ class Decoder(nn.Module):
         stack = BlockStack(cfg, cfg.num_decoder_layers, causal=True, cross_attention=True,
                            deterministic=deterministic, name="layers")
         y = stack(y, None, encoded, None, attention_args=self_args,
-                  cross_attention_args=cross_args)
+                  cross_attention_args=cross_args, return_intermediates=return_intermediates)
+        y, layers = y if return_intermediates else (y, None)
         if cfg.share_embeddings:
             logits = self.embedding.attend(y)
         else:
@@ -156,7 +179,10 @@ class Decoder(nn.Module):
                                                     ("embed", "vocab")),
                               bias_init=with_axes(nn.initializers.zeros_init(), ("vocab",)),
                               name="logits")(y)
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        if return_intermediates:
+            return logits, {"decoder_layers": layers, "pre_logits": y}
+        return logits
 
 
 class Transformer(nn.Module):
@@ -166,6 +192,16 @@ class Transformer(nn.Module):
     with ``pad_id``; ``target_in`` is the target shifted right (teacher forcing).
     Logits [B, T, vocab_size] are float32. ``encode`` and ``decode`` are exposed
     for autoregressive inference (``config.decode=True`` keeps a key/value cache).
+
+    With ``return_intermediates=True`` it returns ``(logits, out)``, ``out`` a dict:
+      "encoder_layers": [num_encoder_layers, B, S, D] each encoder block's output;
+      "encoded": [B, S, D] the encoder output (the memory cross-attention reads);
+      "decoder_layers": [num_decoder_layers, B, T, D] each decoder block's output;
+      "pre_logits": [B, T, D] the decoder output the vocabulary projection reads.
+    ``encode`` returns ``(encoded, {"encoder_layers": ...})`` and ``decode``
+    ``(logits, {"decoder_layers": ..., "pre_logits": ...})`` when asked the same way.
+    Attention probabilities: applied with ``mutable=["intermediates"]``, see
+    :class:`tfx_jax.MultiHeadAttention`.
     """
     config: TransformerConfig
 
@@ -189,15 +225,20 @@ class Transformer(nn.Module):
         self.decoder = Decoder(cfg, target_embedding)
 
     def encode(self, source: jax.Array, *, src_segment_ids=None, src_positions=None,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, return_intermediates: bool = False):
         """Source [B, S] -> encoder output [B, S, d_model]."""
         check_tokens("source", source, self.config.max_len)
-        return self.encoder(source, segment_ids=src_segment_ids, positions=src_positions,
-                            deterministic=deterministic)
+        encoded = self.encoder(source, segment_ids=src_segment_ids, positions=src_positions,
+                               deterministic=deterministic,
+                               return_intermediates=return_intermediates)
+        if return_intermediates:
+            encoded, layers = encoded
+            return encoded, {"encoder_layers": layers}
+        return encoded
 
     def decode(self, encoded: jax.Array, source: jax.Array, target_in: jax.Array, *,
                src_segment_ids=None, tgt_segment_ids=None, tgt_positions=None,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, return_intermediates: bool = False):
         """Encoder output + source (its padding / segments) + target prefix -> logits."""
         check_tokens("target_in", target_in, self.config.max_len)
         if encoded.shape[:2] != source.shape:
@@ -205,11 +246,12 @@ class Transformer(nn.Module):
                              f"{tuple(source.shape)} in [batch, length]")
         return self.decoder(encoded, source, target_in, src_segment_ids=src_segment_ids,
                             tgt_segment_ids=tgt_segment_ids, tgt_positions=tgt_positions,
-                            deterministic=deterministic)
+                            deterministic=deterministic,
+                            return_intermediates=return_intermediates)
 
     def __call__(self, source: jax.Array, target_in: jax.Array, *, src_segment_ids=None,
                  tgt_segment_ids=None, src_positions=None, tgt_positions=None,
-                 deterministic: bool = True) -> jax.Array:
+                 deterministic: bool = True, return_intermediates: bool = False):
         """Teacher-forced logits [B, T, vocab]. Segment ids (int [B, S] / [B, T], 0 =
         padding) pack several pairs per row; positions (int) default to 0, 1, ...
         restarting at every segment."""
@@ -217,7 +259,14 @@ class Transformer(nn.Module):
             raise ValueError(f"source batch {source.shape[0]} != target_in batch "
                              f"{target_in.shape[0]}")
         encoded = self.encode(source, src_segment_ids=src_segment_ids,
-                              src_positions=src_positions, deterministic=deterministic)
-        return self.decode(encoded, source, target_in, src_segment_ids=src_segment_ids,
-                           tgt_segment_ids=tgt_segment_ids, tgt_positions=tgt_positions,
-                           deterministic=deterministic)
+                              src_positions=src_positions, deterministic=deterministic,
+                              return_intermediates=return_intermediates)
+        encoded, out = encoded if return_intermediates else (encoded, {})
+        logits = self.decode(encoded, source, target_in, src_segment_ids=src_segment_ids,
+                             tgt_segment_ids=tgt_segment_ids, tgt_positions=tgt_positions,
+                             deterministic=deterministic,
+                             return_intermediates=return_intermediates)
+        if not return_intermediates:
+            return logits
+        logits, decoder_out = logits
+        return logits, {**out, "encoded": encoded, **decoder_out}

@@ -9,11 +9,14 @@ over layers; we show the raw per-layer, per-head maps). A model pooled by
 average ("gap") has no [CLS] token; for it the map is the attention each patch
 receives, averaged over all patch queries.
 
-:class:`tfx_jax.MultiHeadAttention` records its probabilities when applied with
-``mutable=["intermediates"]``; :func:`cls_attention_maps` collects them.
+:class:`tfx_jax.MultiHeadAttention` applied with ``mutable=["intermediates"]``
+records the probabilities its output was computed from (the forward pass runs
+the dense attention path to have them); :func:`stack_attention_weights` gathers
+them from a stack of layers, :func:`cls_attention_maps` draws on them.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import jax
@@ -23,42 +26,38 @@ from tfx_jax.apps.figures import save_png
 from tfx_jax.vit import ViT
 
 
-def unscan_params(params: Any, num_layers: int) -> Any:
-    """Parameters of a ``scan_layers=True`` ViT as those of the same model with a layer loop.
+def stack_attention_weights(intermediates: Mapping, attention: str = "self_attention"
+                            ) -> np.ndarray:
+    """float32 [B, layers, heads, T, S]: what each layer of a :class:`BlockStack` recorded.
 
-    ``nn.scan`` stacks the layers' parameters on a leading axis under
-    ``encoder/layers``; the loop form names them ``encoder/layer_<i>``.
+    ``intermediates`` is the stack's entry of the ``"intermediates"`` collection
+    (e.g. ``state["intermediates"]["encoder"]`` of a ViT applied with
+    ``mutable=["intermediates"]``), in either layout: ``layers`` (``scan_layers``:
+    one array with a leading layer axis) or ``layer_<i>`` (a layer loop).
+    ``attention``: "self_attention" or, in a decoder, "cross_attention".
     """
-    encoder = dict(params["encoder"])
-    stacked = encoder.pop("layers")
-    for i in range(num_layers):
-        encoder[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
-    return {**params, "encoder": encoder}
+    if "layers" in intermediates:
+        (weights,) = intermediates["layers"][attention]["attention_weights"]
+        return np.moveaxis(np.asarray(weights, np.float32), 0, 1)
+    count = sum(name.startswith("layer_") for name in intermediates)
+    return np.stack([np.asarray(intermediates[f"layer_{i}"][attention]["attention_weights"][0],
+                                np.float32) for i in range(count)], axis=1)
 
 
 def cls_attention_maps(model: ViT, params: Any, images: np.ndarray) -> np.ndarray:
     """float32 [B, layers, heads, grid, grid]: attention from [CLS] to each patch.
 
-    ``images`` are normalised model inputs [B, H, W, C]. Each map sums to at
-    most 1 (the rest of the [CLS] query's attention goes to [CLS] itself).
+    ``images`` are normalised model inputs [B, H, W, C]. One forward pass (dense
+    attention) gives the maps. Each map sums to at most 1 (the rest of the [CLS]
+    query's attention goes to [CLS] itself).
     """
     cfg = model.config
-    if cfg.scan_layers:  # nn.scan does not carry "intermediates" out: unroll the layers
-        params = unscan_params(params, cfg.num_layers)
-        model = ViT(cfg.replace(scan_layers=False, remat_policy="none"))
-    _, state = _apply_recording(model, params, np.asarray(images, np.float32))
-    encoder = state["intermediates"]["encoder"]
-    weights = np.stack([np.asarray(encoder[f"layer_{i}"]["self_attention"]
-                                   ["attention_weights"][0]) for i in range(cfg.num_layers)],
-                       axis=1)  # [B, L, heads, T, T]
+    _, state = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["intermediates"]))(
+        params, np.asarray(images, np.float32))
+    weights = stack_attention_weights(state["intermediates"]["encoder"])  # [B, L, N, T, T]
     maps = weights[:, :, :, 0, 1:] if cfg.pool == "cls" else weights.mean(axis=3)
     grid = cfg.image_size // cfg.patch_size
-    return maps.reshape(*maps.shape[:3], grid, grid).astype(np.float32)
-
-
-def _apply_recording(model, params, images):
-    return jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["intermediates"]))(
-        params, images)
+    return maps.reshape(*maps.shape[:3], grid, grid)
 
 
 def plot_attention_maps(image: np.ndarray, maps: np.ndarray, *,
