@@ -6,7 +6,7 @@ activations. Splitting the *length* over a mesh axis (``context``) divides
 them by its size P. Only attention mixes positions, so only attention needs
 communication; two strategies:
 
-``"ring"`` (Ring Attention, Liu et al. 2023; Brandon et al. 2023): each device
+``"ring"`` (Ring Attention, Liu et al. 2023): each device
 keeps its block of queries, and the key/value blocks travel around the ring of
 P devices with ``lax.ppermute``; at each of the P steps a device attends its
 queries to the block it holds, continuing the chunked kernel's online softmax
@@ -15,8 +15,9 @@ holds the exact output. No device ever holds more than two key/value blocks
 (the one it uses, the one arriving) nor more than one tile of scores. The
 backward pass (a ``jax.custom_vjp``) rings again: dQ accumulates where its
 queries live, while dK and dV travel with their key/value block and arrive
-home after P hops. Communication of the next block overlaps the current
-block's compute.
+home after P hops. In the forward pass a block's transfer does not depend on the
+compute with it, so the compiler may overlap the two (not measured here: the CPU's
+simulated devices share their cores).
 
 ``"all_gather"`` gathers K and V over the axis (``lax.all_gather``), attends the
 local queries to all of them, and in the backward pass reduce-scatters dK and
