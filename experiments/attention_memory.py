@@ -24,6 +24,17 @@ package, Rabe & Staats' reference JAX code, if installed; non-causal MHA only).
 max |splash - dense| is recorded), neither timed nor memory-measured.
 ``--time_max_length``: longer configurations are compiled (memory) but not run.
 
+Context parallelism (``--context=1,2,4,8``): for each size P > 1 the sequence is
+split over P devices (``tfx_jax.context_parallel_attention``, strategies from
+``--context_strategies``) and every number is *per device*: the compiled
+per-device program's temporaries, the per-device inputs, and the wall time of
+the whole sharded step. Size 1 rows are the ``--implementations`` on one
+device (chunked: the side-by-side baseline). On CPU the P devices are
+simulated (``--xla_force_host_platform_device_count``) and share the host's
+cores, so their time is the total work, not a parallel speed-up; memory is
+exact. ``--device_budget_mib``: the table ends with the longest T whose
+per-device temp + inputs + outputs fit that budget, per device count.
+
 FLOP convention: forward = 4 * B * N * H * (number of attended (query, key)
 pairs), i.e. two matmuls of 2 FLOPs per multiply-add; the pairs are T * S, or
 the lower triangle for ``--causal``. Backward = 2.5 x forward (five matmuls
@@ -44,6 +55,10 @@ Usage:
   # add to an earlier result file (same machine) instead of starting a new one:
   python experiments/attention_memory.py --lengths=65536 --implementations=chunked \
       --out_name=attention_memory_cpu_... --append
+  # the sequence split over 1 (chunked), 2, 4 and 8 devices:
+  python experiments/attention_memory.py --context=1,2,4,8 --implementations=chunked \
+      --causal --passes=forward_backward --lengths=2048,4096,8192,16384 \
+      --device_budget_mib=128
 Writes <out_dir>/<name>.json, .csv and .png (log-log plots) and prints the table.
 """
 from __future__ import annotations
@@ -108,6 +123,13 @@ flags.DEFINE_string("out_name", None,
 flags.DEFINE_bool("append", False, "Merge into an existing <out_name>.json (same settings).")
 flags.DEFINE_bool("replot", False,
                   "Measure nothing: rewrite table, CSV and PNG from <out_dir>/<out_name>.json.")
+flags.DEFINE_list("context", ["1"],
+                  "Devices the sequence is split over (1: --implementations on one device; "
+                  "P > 1: context_parallel_attention with --context_strategies).")
+flags.DEFINE_list("context_strategies", ["ring"], "ring and/or all_gather (for --context > 1).")
+flags.DEFINE_float("device_budget_mib", 0.0,
+                   "Report the longest T whose per-device temp + inputs + outputs fit this "
+                   "(0: not reported).")
 flags.DEFINE_string("worker_config", None, "Internal: measure one configuration (JSON).")
 flags.DEFINE_bool("worker_info", False, "Internal: print the machine description (JSON).")
 
@@ -227,12 +249,24 @@ def measure(cfg: dict, *, time_it: bool, memory_limit_bytes: float) -> dict:
     kv_heads, window = shape["kv_heads"], shape["local_window"]
     impl = cfg["implementation"]
 
+    context = cfg.get("context", 1)
+    sharding = None
+    if context > 1:  # the length split over `context` devices; numbers per device
+        from jax.sharding import NamedSharding, PartitionSpec
+        mesh = jax.make_mesh((context,), ("context",), devices=jax.devices()[:context],
+                             axis_types=(jax.sharding.AxisType.Auto,))
+        sharding = NamedSharding(mesh, PartitionSpec(None, "context"))
+
     def tfx_attention(q, k, v, implementation=impl):
         return tfx_jax.dot_product_attention(q, k, v, causal=cfg["causal"],
                                              local_window=window,
                                              implementation=implementation, **blocks)
 
     def attention(q, k, v):
+        if context > 1:
+            return tfx_jax.context_parallel_attention(
+                q, k, v, mesh=mesh, strategy=impl, causal=cfg["causal"], local_window=window,
+                **blocks)
         if impl == "jax_nn_xla":
             return jax.nn.dot_product_attention(q, k, v, is_causal=cfg["causal"],
                                                 local_window_size=window, implementation="xla")
@@ -244,15 +278,17 @@ def measure(cfg: dict, *, time_it: bool, memory_limit_bytes: float) -> dict:
         _, vjp = jax.vjp(attention, q, k, v)
         return vjp(cotangent)
 
-    keys = jax.random.split(jax.random.key(0), 4)
     q_shape, kv_shape = (b, t, n, h), (b, t, kv_heads, h)
-    args = [jax.random.normal(key, s, dtype)
-            for key, s in zip(keys, (q_shape, kv_shape, kv_shape, q_shape))]
+    shapes = (q_shape, kv_shape, kv_shape, q_shape)[:3 if cfg["pass"] == "forward" else 4]
+    if time_it or impl == "splash":
+        keys = jax.random.split(jax.random.key(0), 4)
+        args = [jax.device_put(jax.random.normal(key, s, dtype), sharding)
+                for key, s in zip(keys, shapes)]
+    else:  # compile only: no arrays (a long sequence need not fit the host)
+        args = [jax.ShapeDtypeStruct(s, dtype, sharding=sharding) for s in shapes]
     fn = attention if cfg["pass"] == "forward" else forward_backward
-    if cfg["pass"] == "forward":
-        args = args[:3]
-    # Q, output, K, V
-    rec["floor_bytes"] = 2 * int(np.prod(q_shape) + np.prod(kv_shape)) * dtype.itemsize
+    # Q, output, K, V (per device)
+    rec["floor_bytes"] = 2 * int(np.prod(q_shape) + np.prod(kv_shape)) * dtype.itemsize // context
     if impl == "auto":
         rec["auto_picked"] = tfx_jax.attention.select_implementation(
             args[0], args[1], causal=cfg["causal"], local_window=window)
@@ -351,9 +387,14 @@ def _parse_result(stdout: str):
 
 def _env_for(platform: str, honest_cpu_memory: bool) -> dict:
     env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    flags_now = os.environ.get("XLA_FLAGS", "")
+    devices = max(int(c) for c in FLAGS.context)
+    if platform in ("cpu", "") and devices > 1 and "device_count" not in flags_now:
+        flags_now = f"{flags_now} --xla_force_host_platform_device_count={devices}"
     if platform == "cpu" and honest_cpu_memory:
-        flags_now = os.environ.get("XLA_FLAGS", "")
-        env["XLA_FLAGS"] = f"{flags_now} {CPU_HONEST_MEMORY_FLAG}".strip()
+        flags_now = f"{flags_now} {CPU_HONEST_MEMORY_FLAG}"
+    if flags_now.strip():
+        env["XLA_FLAGS"] = flags_now.strip()
     return env
 
 
@@ -386,23 +427,53 @@ def measure_isolated(cfg: dict, platform: str, memory_limit_bytes: float) -> dic
 
 
 # ----------------------------------------------------------------------------- output
-COLUMNS = ["implementation", "variant", "pass", "length", "status", "temp_mib", "peak_mib",
-           "floor_mib", "median_ms", "tflops", "max_abs_err"]
+COLUMNS = ["implementation", "context", "variant", "pass", "length", "status", "temp_mib",
+           "peak_mib", "floor_mib", "device_mib", "median_ms", "tflops", "max_abs_err"]
 
 
 def _row(rec: dict) -> dict:
     def mib(key):
         return round(rec[key] / MIB, 2) if rec.get(key) is not None else None
     return {
-        "implementation": rec["implementation"], "variant": rec.get("variant", "mha"),
-        "pass": rec["pass"], "length": rec["length"],
+        "implementation": rec["implementation"], "context": rec.get("context", 1),
+        "variant": rec.get("variant", "mha"), "pass": rec["pass"], "length": rec["length"],
         "status": rec["status"], "temp_mib": mib("temp_bytes"), "peak_mib": mib("peak_bytes"),
         "floor_mib": mib("floor_bytes"),
+        "device_mib": (round(device_bytes(rec) / MIB, 2) if device_bytes(rec) is not None
+                       else None),
         "median_ms": round(rec["median_s"] * 1e3, 3) if rec.get("median_s") else None,
         "tflops": round(rec["tflops"], 5) if rec.get("tflops") else None,
         "max_abs_err": (f"{rec['max_abs_err']:.2e}" if rec.get("max_abs_err") is not None
                         else None),
     }
+
+
+def device_bytes(rec: dict):
+    """Per-device memory the configuration needs: temporaries + inputs + outputs."""
+    if rec.get("temp_bytes") is None or rec.get("argument_bytes") is None:
+        return None
+    return rec["temp_bytes"] + rec["argument_bytes"] + rec.get("output_bytes", 0)
+
+
+def longest_fitting(records: list[dict], budget_bytes: float) -> list[dict]:
+    """Per (implementation, context, variant, pass): the longest measured T whose
+    per-device memory fits the budget, and the next T measured (which did not)."""
+    groups = {}
+    for r in records:
+        key = (r["implementation"], r.get("context", 1), r.get("variant", "mha"), r["pass"])
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for (impl, context, variant, pass_name), recs in sorted(groups.items(),
+                                                          key=lambda kv: (kv[0][3], kv[0][1])):
+        sized = sorted((r["length"], device_bytes(r)) for r in recs
+                       if device_bytes(r) is not None)
+        fits = [t for t, needed in sized if needed <= budget_bytes]
+        over = [t for t, needed in sized if needed > budget_bytes]
+        rows.append({"implementation": impl, "context": context, "variant": variant,
+                     "pass": pass_name, "budget_mib": round(budget_bytes / MIB, 1),
+                     "longest_fitting_length": max(fits) if fits else None,
+                     "first_over_budget": min(over) if over else None})
+    return rows
 
 
 def _progress_line(rec: dict) -> str:
@@ -417,6 +488,17 @@ def format_table(records: list[dict], status_width: int = 60) -> str:
         r["status"] = r["status"][:status_width]
     cells = [COLUMNS] + [["" if r[c] is None else str(r[c]) for c in COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_longest(rows: list[dict]) -> str:
+    """Table of the longest T within the per-device budget, per device count."""
+    cols = ["implementation", "context", "variant", "pass", "budget_mib",
+            "longest_fitting_length", "first_over_budget"]
+    cells = [cols] + [["" if r[c] is None else str(r[c]) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -437,8 +519,9 @@ def plot(path: str, records: list[dict], meta: dict) -> None:
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(13, 5.2))
     memory_key = "peak_bytes" if meta["machine"]["platform"] != "cpu" else "temp_bytes"
     def label_of(r):
-        variant = r.get("variant", "mha")
-        return r["implementation"] + ("" if variant == "mha" else f" {variant}")
+        variant, context = r.get("variant", "mha"), r.get("context", 1)
+        return (r["implementation"] + ("" if context == 1 else f" x{context} devices") +
+                ("" if variant == "mha" else f" {variant}"))
     series = sorted({(label_of(r), r["pass"]) for r in records})
     implementations = sorted({impl for impl, _ in series})
     colors = {impl: f"C{i}" for i, impl in enumerate(implementations)}
@@ -469,7 +552,8 @@ def plot(path: str, records: list[dict], meta: dict) -> None:
         ax_mem.plot([], [], linestyle="none", marker="s", markerfacecolor="none", color="k",
                     label="hollow: not run, compiled size")
     lengths = sorted({r["length"] for r in records})
-    floors = sorted({(r["length"], r["floor_bytes"] / MIB) for r in records if r.get("floor_bytes")})
+    floors = sorted({(r["length"], r["floor_bytes"] / MIB) for r in records
+                     if r.get("floor_bytes") and r.get("context", 1) == 1})  # one device's
     if floors:
         ax_mem.plot(*zip(*floors), color="grey", linewidth=3, alpha=0.4,
                     label="floor: Q, K, V, output")
@@ -480,8 +564,9 @@ def plot(path: str, records: list[dict], meta: dict) -> None:
         ax.set_xlabel("sequence length T (= S)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    ax_mem.set_ylabel("compiled temp memory (MiB)" if memory_key == "temp_bytes"
-                      else "peak device memory (MiB)")
+    per_device = " per device" if any(r.get("context", 1) > 1 for r in records) else ""
+    ax_mem.set_ylabel(("compiled temp memory (MiB)" if memory_key == "temp_bytes"
+                       else "peak device memory (MiB)") + per_device)
     ax_time.set_ylabel("median time (s)")
     m, s = meta["machine"], meta["settings"]
     fig.suptitle(f"attention memory/time vs length — {m['platform']} {m['device_kind']}, "
@@ -509,8 +594,10 @@ def _reference_slopes(ax, lengths):
 def default_name(machine: dict, settings: dict) -> str:
     device = re.sub(r"[^A-Za-z0-9]+", "-", machine["device_kind"]).strip("-").lower()
     causal = "_causal" if settings["causal"] else ""
+    contexts = [int(c) for c in settings.get("context", [1])]
+    context = "" if contexts == [1] else "_context" + "-".join(map(str, contexts))
     return (f"attention_memory_{machine['platform']}_{device}_{machine['cpu_count']}cpu_"
-            f"{settings['dtype']}{causal}_jax{machine['jax']}_{machine['date'][:10]}")
+            f"{settings['dtype']}{causal}{context}_jax{machine['jax']}_{machine['date'][:10]}")
 
 
 def _save_partial(out_dir, name, records, machine, settings, commands) -> None:
@@ -526,6 +613,8 @@ def write_outputs(out_dir: str, name: str, records: list[dict], meta: dict) -> d
     os.makedirs(out_dir, exist_ok=True)
     paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "csv", "png", "txt")}
     table = format_table(records)
+    if meta.get("longest_fitting"):
+        table += "\n\n" + format_longest(meta["longest_fitting"])
     with open(paths["json"], "w") as f:
         json.dump({"meta": meta, "records": records}, f, indent=1)
     write_csv(paths["csv"], records)
@@ -541,7 +630,9 @@ def _settings() -> dict:
             "dtype": FLAGS.dtype, "causal": FLAGS.causal, "block_q": FLAGS.block_q,
             "block_kv": FLAGS.block_kv, "warmup": FLAGS.warmup, "repeats": FLAGS.repeats,
             "time_budget_s": FLAGS.time_budget_s, "time_max_length": FLAGS.time_max_length,
-            "splash_interpret_max_length": FLAGS.splash_interpret_max_length}
+            "splash_interpret_max_length": FLAGS.splash_interpret_max_length,
+            "context": [int(c) for c in FLAGS.context],
+            "device_budget_mib": FLAGS.device_budget_mib}
 
 
 def _validate_flags() -> tuple[list[int], list[str]]:
@@ -564,6 +655,20 @@ def _validate_flags() -> tuple[list[int], list[str]]:
     for p in FLAGS.passes:
         if p not in PASSES:
             raise app.UsageError(f"--passes: {p!r} is not one of {PASSES}")
+    try:
+        contexts = [int(c) for c in FLAGS.context]
+    except ValueError:
+        raise app.UsageError(f"--context must be integers, got {FLAGS.context}") from None
+    if min(contexts) < 1:
+        raise app.UsageError(f"--context sizes must be >= 1, got {contexts}")
+    from tfx_jax.context_parallel import STRATEGIES
+    for strategy in FLAGS.context_strategies:
+        if strategy not in STRATEGIES:
+            raise app.UsageError(f"--context_strategies: {strategy!r} is not one of {STRATEGIES}")
+    for length in lengths:
+        for c in contexts:
+            if c > 1 and length % (2 * c if FLAGS.causal else c):
+                raise app.UsageError(f"--lengths: {length} does not split over --context={c}")
     return lengths, list(FLAGS.passes)
 
 
@@ -593,16 +698,22 @@ def run_benchmark() -> dict:
     limit = FLAGS.memory_limit_gib * 2 ** 30
     if not limit and machine["platform"] == "cpu":
         limit = 0.6 * _host_available_bytes()
-    for impl, variant in [(i, v) for v in FLAGS.variants for i in FLAGS.implementations]:
-        reason = unavailable_reason(impl, FLAGS.dtype, FLAGS.head_dim, machine, variant,
-                                    FLAGS.causal, FLAGS.heads)
+    contexts = [int(c) for c in FLAGS.context]
+    series = [(i, v, 1) for v in FLAGS.variants for i in FLAGS.implementations if 1 in contexts]
+    series += [(s, v, c) for v in FLAGS.variants for c in contexts if c > 1
+               for s in FLAGS.context_strategies]
+    for impl, variant, context in series:
+        reason = None if context > 1 else unavailable_reason(
+            impl, FLAGS.dtype, FLAGS.head_dim, machine, variant, FLAGS.causal, FLAGS.heads)
+        if context > machine["device_count"]:
+            reason = f"needs {context} devices, the machine has {machine['device_count']}"
         for length in lengths:
             for pass_name in passes:
                 if impl == "splash" and machine["platform"] != "tpu" and (
                         pass_name != "forward"):
                     continue  # interpret mode: a forward correctness check only
                 cfg = dict(settings, implementation=impl, variant=variant, length=length,
-                           **{"pass": pass_name})
+                           context=context, **{"pass": pass_name})
                 if reason is not None:
                     rec = {"status": f"unavailable: {reason}"}
                 elif FLAGS.isolate:
@@ -611,21 +722,26 @@ def run_benchmark() -> dict:
                     rec = measure(dict(cfg, isolated=False), time_it=True,
                                   memory_limit_bytes=limit)
                 rec = dict(cfg, **rec)
-                records = [r for r in records if (r["implementation"], r.get("variant", "mha"),
-                                                  r["pass"], r["length"])
-                           != (impl, variant, pass_name, length)] + [rec]
+                records = [r for r in records if (r["implementation"], r.get("context", 1),
+                                                  r.get("variant", "mha"), r["pass"],
+                                                  r["length"])
+                           != (impl, context, variant, pass_name, length)] + [rec]
                 print(_progress_line(rec), flush=True)
                 _save_partial(FLAGS.out_dir, name, records, machine, settings, commands)
-    records.sort(key=lambda r: (r.get("variant", "mha"), r["implementation"], r["pass"],
-                                r["length"]))
+    records.sort(key=lambda r: (r.get("variant", "mha"), r.get("context", 1),
+                                r["implementation"], r["pass"], r["length"]))
     meta = {"machine": machine, "settings": settings,
             "flops_convention": "forward 4*B*N*H*attended_pairs; backward 2.5x forward",
             "memory": ("temp_bytes: compiled temp size (CPU: YNN fusion disabled); "
                        "peak_bytes: device peak_bytes_in_use (GPU/TPU); "
                        "floor_bytes: Q, K, V and output"),
             "commands": commands + [" ".join(sys.argv)]}
+    if FLAGS.device_budget_mib:
+        meta["longest_fitting"] = longest_fitting(records, FLAGS.device_budget_mib * MIB)
     paths = write_outputs(FLAGS.out_dir, name, records, meta)
     print(format_table(records))
+    if meta.get("longest_fitting"):
+        print(format_longest(meta["longest_fitting"]))
     print("wrote", ", ".join(paths.values()))
     return paths
 
@@ -646,6 +762,9 @@ def main(argv):
             raise app.UsageError("--replot needs --out_name (the JSON file's stem)")
         with open(os.path.join(FLAGS.out_dir, f"{FLAGS.out_name}.json")) as f:
             result = json.load(f)
+        if FLAGS.device_budget_mib:
+            result["meta"]["longest_fitting"] = longest_fitting(result["records"],
+                                                                FLAGS.device_budget_mib * MIB)
         write_outputs(FLAGS.out_dir, FLAGS.out_name, result["records"], result["meta"])
         print(format_table(result["records"]))
         return

@@ -85,3 +85,20 @@ class Batches:
 
     def set_state(self, state):
         self.index = state["index"]
+
+
+def train_config(num_train_steps: int, batch_size: int = 8, **mesh):
+    """A ``tr.train`` config for these tasks: constant lr 1e-2, a metrics line every step."""
+    config = tr.default_config()
+    config.batch_size, config.num_train_steps = batch_size, num_train_steps
+    config.learning_rate, config.schedule, config.warmup_steps = 1e-2, "constant", 0
+    config.log_every_steps, config.eval_every_steps = 1, 0
+    config.checkpoint_every_steps, config.async_checkpointing = 0, False
+    config.progress_bar = False
+    config.mesh.update(mesh)
+    return config
+
+
+def train_losses(workdir) -> list[tuple[int, float]]:
+    """(step, loss) of every training metrics line ``tr.train`` wrote in ``workdir``."""
+    return [(r["step"], r["loss"]) for r in tr.read_metrics(str(workdir), "train")]

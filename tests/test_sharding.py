@@ -77,7 +77,7 @@ def test_bad_mesh_config_is_one_clear_error(mesh_config, message):
 
 def test_config_mesh_is_validated_with_the_rest_of_the_config():
     config = tr.default_config()
-    assert dict(config.mesh) == {"data": -1, "fsdp": 1, "tensor": 1}
+    assert dict(config.mesh) == {"data": -1, "fsdp": 1, "context": 1, "tensor": 1}
     tr.validate_config(config)
     config.mesh.fsdp = 0
     with pytest.raises(ValueError, match=r"config.mesh.fsdp must be a positive integer or -1"):
@@ -276,19 +276,7 @@ def test_train_rejects_a_mesh_that_does_not_fit_before_writing_anything(tmp_path
 
 # --- checkpoints move between meshes -----------------------------------------------------------
 
-def _config(num_train_steps, **mesh):
-    config = tr.default_config()
-    config.batch_size, config.num_train_steps = BATCH, num_train_steps
-    config.learning_rate, config.schedule, config.warmup_steps = 1e-2, "constant", 0
-    config.log_every_steps, config.eval_every_steps = 1, 0
-    config.checkpoint_every_steps, config.async_checkpointing = 0, False
-    config.progress_bar = False
-    config.mesh.update(mesh)
-    return config
-
-
-def _losses(workdir):
-    return [(r["step"], r["loss"]) for r in tr.read_metrics(str(workdir), "train")]
+_config, _losses = st.train_config, st.train_losses
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ Models, the chapters of the story, one file each (``import tfx_jax as tfx``):
   attention_cudnn.py    the GPU flash-attention path (cuDNN, via jax.nn.dot_product_attention)
   attention_splash.py   the TPU path: Pallas splash attention with mask objects
   attention_dropout.py  attention dropout as a counter-based mask, regenerated per tile
+  context_parallel.py   context parallelism: one sequence split over devices (ring, all_gather)
   multihead.py          multi-head attention with W_o and a key/value cache
   position.py           sinusoidal and learned positional encodings, per-token positions
   rotary.py             rotary position embeddings (RoPE) applied to queries and keys
@@ -41,6 +42,7 @@ from tfx_jax import decoding
 from tfx_jax.attention import attention_weights, causal_mask, dot_product_attention
 from tfx_jax.blocks import (BlockStack, FeedForward, TransformerBlock, key_padding_mask,
                             padding_lengths)
+from tfx_jax.context_parallel import context_parallel_attention
 from tfx_jax.model_config import StackConfig
 from tfx_jax.lm import CausalLM, CausalLMConfig
 from tfx_jax.multihead import MultiHeadAttention
@@ -56,6 +58,7 @@ __all__ = [
     "AddPositionEncoding", "BlockStack", "CausalLM", "CausalLMConfig", "Decoder", "Encoder",
     "FeedForward", "MultiHeadAttention", "StackConfig", "Transformer", "TransformerBlock",
     "TransformerConfig", "ViT", "ViTConfig", "attention_weights", "causal_mask",
+    "context_parallel_attention",
     "decoding", "dot_product_attention", "key_padding_mask", "sinusoidal_position_encoding",
     "SequenceLayout", "apply_rotary", "padding_lengths", "positions_from_segment_ids",
 ]

@@ -101,6 +101,12 @@ def _kv_to_blocks(x: jax.Array, block: int) -> jax.Array:
     return x.reshape(b, num_blocks, block, k, h).transpose(1, 0, 3, 2, 4)
 
 
+def _kv_from_blocks(x: jax.Array, length: int) -> jax.Array:
+    """[num_blocks, B, K, block, H] -> [B, length, K, H] (drops the padding)."""
+    num_blocks, b, k, block, h = x.shape
+    return x.transpose(1, 0, 3, 2, 4).reshape(b, num_blocks * block, k, h)[:, :length]
+
+
 def _q_from_blocks(x: jax.Array, length: int) -> jax.Array:
     """[num_blocks, B, K, G, block, H] -> [B, length, K * G, H] (drops the padding)."""
     num_blocks, b, k, g, block, h = x.shape
@@ -141,14 +147,27 @@ class _Extras(NamedTuple):
     q_segments: Optional[jax.Array]    # [nq, B, bq] int32
     kv_segments: Optional[jax.Array]   # [nk, B, bk] int32
     dropout_seeds: Optional[jax.Array]  # [2] uint32 (attention_dropout.dropout_seeds)
+    # Absolute position of the first query / key (int32 scalars; None = 0): the band
+    # (causal, window) and the dropout bits use positions offset by them, so one piece
+    # of a longer sequence can be attended to another (context_parallel.py).
+    q_offset: Optional[jax.Array] = None
+    kv_offset: Optional[jax.Array] = None
+
+
+def _offsets(extras: _Extras):
+    """(q_offset, kv_offset - q_offset), 0 where absent."""
+    q_offset = 0 if extras.q_offset is None else extras.q_offset
+    kv_offset = 0 if extras.kv_offset is None else extras.kv_offset
+    return q_offset, kv_offset - q_offset
 
 
 def _block_mask(blocking: _Blocking, i, j, extras: _Extras):
     """Boolean tile (broadcastable to [B, K, G, block_q, block_kv]) for query block i
     and key block j, or None when every pair in the tile may attend."""
     bq, bk = blocking.block_q, blocking.block_kv
-    q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+    q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)  # within this call
     k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    _, shift = _offsets(extras)
     valid = None
 
     def both(a, b):
@@ -159,10 +178,10 @@ def _block_mask(blocking: _Blocking, i, j, extras: _Extras):
 
     if blocking.kv_length % bk:
         valid = both(valid, k_pos < blocking.kv_length)
-    if blocking.right is not None:
-        valid = both(valid, k_pos <= q_pos + blocking.right)
+    if blocking.right is not None:  # the band is on absolute positions
+        valid = both(valid, k_pos + shift <= q_pos + blocking.right)
     if blocking.left is not None:
-        valid = both(valid, k_pos >= q_pos - blocking.left)
+        valid = both(valid, k_pos + shift >= q_pos - blocking.left)
     if extras.kv_lengths is not None:
         valid = both(valid, per_example(k_pos[None] < extras.kv_lengths[:, None, None]))
     if extras.q_lengths is not None:
@@ -194,27 +213,30 @@ def _live_block_counts(blocking: _Blocking, num_q_blocks, num_kv_blocks, extras:
     return live_q, live_kv
 
 
-def _kv_block_range(blocking: _Blocking, i, live_q, live_kv):
-    """Key blocks [lo, hi) that query block i must visit: those meeting the band."""
+def _kv_block_range(blocking: _Blocking, i, live_q, live_kv, extras: _Extras):
+    """Key blocks [lo, hi) that query block i must visit: those meeting the band
+    (an empty range, hi <= lo, when the keys lie wholly outside it)."""
     bq, bk = blocking.block_q, blocking.block_kv
+    _, shift = _offsets(extras)
     lo, hi = 0, live_kv
     if blocking.left is not None:  # first query of block i sees keys from i*bq - left
-        lo = jnp.maximum(0, (i * bq - blocking.left) // bk)
+        lo = jnp.maximum(0, (i * bq - blocking.left - shift) // bk)
     if blocking.right is not None:  # last query (i+1)*bq - 1 sees keys up to it + right
-        hi = jnp.minimum(hi, ((i + 1) * bq - 1 + blocking.right) // bk + 1)
+        hi = jnp.minimum(hi, ((i + 1) * bq - 1 + blocking.right - shift) // bk + 1)
     if not isinstance(live_q, int):  # query block i past every sequence's end: nothing
         hi = jnp.where(i < live_q, hi, lo)
     return lo, hi
 
 
-def _q_block_range(blocking: _Blocking, j, live_q, live_kv):
+def _q_block_range(blocking: _Blocking, j, live_q, live_kv, extras: _Extras):
     """Query blocks [lo, hi) that see key block j (the transpose of _kv_block_range)."""
     bq, bk = blocking.block_q, blocking.block_kv
+    _, shift = _offsets(extras)
     lo, hi = 0, live_q
     if blocking.right is not None:  # queries from j*bk - right see key block j
-        lo = jnp.maximum(0, (j * bk - blocking.right) // bq)
+        lo = jnp.maximum(0, (j * bk + shift - blocking.right) // bq)
     if blocking.left is not None:  # ... up to the last key (j+1)*bk - 1 plus left
-        hi = jnp.minimum(hi, ((j + 1) * bk - 1 + blocking.left) // bq + 1)
+        hi = jnp.minimum(hi, ((j + 1) * bk - 1 + shift + blocking.left) // bq + 1)
     if not isinstance(live_kv, int):
         hi = jnp.where(j < live_kv, hi, lo)
     return lo, hi
@@ -243,18 +265,55 @@ def _dropout_multiplier(blocking: _Blocking, i, j, shape, extras: _Extras):
     iota = lambda size, axis: lax.broadcasted_iota(jnp.int32, (1,) * axis + (size,) +
                                                    (1,) * (4 - axis), axis)
     head = iota(nk, 1) * g + iota(g, 2)  # query head n = k * G + g
+    q_offset, shift = _offsets(extras)
     return keep_multiplier(extras.dropout_seeds, blocking.dropout_rate, iota(b, 0), head,
-                           i * bq + iota(bq, 3), j * bk + iota(bk, 4))
+                           q_offset + i * bq + iota(bq, 3),
+                           q_offset + shift + j * bk + iota(bk, 4))
 
 
-def _forward(blocking: _Blocking, q, k, v, extras: _Extras):
-    """Online-softmax forward; returns (out blocks, lse blocks [nq, B, K, G, bq])."""
+class SoftmaxState(NamedTuple):
+    """The online softmax's running statistics per query, float32, blocked like the
+    queries: running max ``m`` and normaliser ``l`` [nq, B, K, G, bq], unnormalised
+    output ``acc`` [nq, B, K, G, bq, H_v]."""
+    m: jax.Array
+    l: jax.Array
+    acc: jax.Array
+
+
+def empty_state(q: jax.Array, value_dim: int) -> SoftmaxState:
+    """The state before any key: m = -inf, l = 0, acc = 0 (q: query blocks)."""
+    shape = q.shape[:-1]
+    return SoftmaxState(jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+                        jnp.zeros(shape + (value_dim,), jnp.float32))
+
+
+def _finish(m, l, acc, dtype):
+    """(out, lse) from the statistics; a query that attended nothing gets zeros."""
+    attended = l > 0.0
+    out = jnp.where(attended[..., None], acc / jnp.where(attended, l, 1.0)[..., None], 0.0)
+    lse = jnp.where(attended, m + jnp.log(jnp.where(attended, l, 1.0)), 0.0)
+    return out.astype(dtype), lse
+
+
+def finish(state: SoftmaxState, dtype) -> tuple[jax.Array, jax.Array]:
+    """(out blocks in ``dtype``, lse blocks) from a state: out = acc / l, lse = m + log l."""
+    return _finish(*state, dtype)
+
+
+def forward_blocks(blocking: _Blocking, q, k, v, extras: _Extras,
+                   state: Optional[SoftmaxState] = None):
+    """The online-softmax recurrence of every query block over the key blocks.
+
+    Without ``state`` returns ``(out, lse)`` blocks; with one (the statistics after
+    earlier key blocks, e.g. another device's) returns the state updated by these
+    keys, for :func:`finish` after the last of them.
+    """
     num_q_blocks, b, nk, g, bq, _ = q.shape
     num_kv_blocks = k.shape[0]
     live_q, live_kv = _live_block_counts(blocking, num_q_blocks, num_kv_blocks, extras)
     value_dim = v.shape[-1]
 
-    def query_block(_, inputs):
+    def query_block(start, inputs):
         i, q_i = inputs
 
         def key_block(j, carry):
@@ -275,32 +334,49 @@ def _forward(blocking: _Blocking, q, k, v, extras: _Extras):
                 "bkgqt,bkth->bkgqh", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
             return m_new, l, acc
 
-        init = (jnp.full((b, nk, g, bq), -jnp.inf, jnp.float32),
-                jnp.zeros((b, nk, g, bq), jnp.float32),
-                jnp.zeros((b, nk, g, bq, value_dim), jnp.float32))
-        lo, hi = _kv_block_range(blocking, i, live_q, live_kv)
-        m, l, acc = lax.fori_loop(lo, hi, key_block, init)
-        attended = l > 0.0  # False for a query with no key to attend: output zeros
-        out = jnp.where(attended[..., None], acc / jnp.where(attended, l, 1.0)[..., None], 0.0)
-        lse = jnp.where(attended, m + jnp.log(jnp.where(attended, l, 1.0)), 0.0)
-        return None, (out.astype(v.dtype), lse)
+        lo, hi = _kv_block_range(blocking, i, live_q, live_kv, extras)
+        return lax.fori_loop(lo, hi, key_block, start)
 
-    _, (out, lse) = lax.scan(query_block, None, (jnp.arange(num_q_blocks), q))
-    return out, lse
+    def fresh_query_block(_, inputs):
+        i, q_i = inputs
+        start = (jnp.full((b, nk, g, bq), -jnp.inf, jnp.float32),
+                 jnp.zeros((b, nk, g, bq), jnp.float32),
+                 jnp.zeros((b, nk, g, bq, value_dim), jnp.float32))
+        return None, _finish(*query_block(start, (i, q_i)), v.dtype)
+
+    def continued_query_block(state, inputs):
+        # The state is the scan's carry, updated block by block in place (as xs and ys
+        # it would be two copies).
+        i = inputs[0]
+        start = tuple(lax.dynamic_index_in_dim(x, i, keepdims=False) for x in state)
+        return tuple(lax.dynamic_update_index_in_dim(x, new, i, axis=0) for x, new in
+                     zip(state, query_block(start, inputs))), None
+
+    if state is None:
+        return lax.scan(fresh_query_block, None, (jnp.arange(num_q_blocks), q))[1]
+    return SoftmaxState(*lax.scan(continued_query_block, tuple(state),
+                                  (jnp.arange(num_q_blocks), q))[0])
 
 
-def _backward(blocking: _Blocking, residuals, d_out):
-    """Recomputes each tile's weights from lse; accumulates dQ, dK, dV."""
-    q, k, v, extras, out, lse = residuals
+def _forward(blocking: _Blocking, q, k, v, extras: _Extras):
+    """Online-softmax forward; returns (out blocks, lse blocks [nq, B, K, G, bq])."""
+    return forward_blocks(blocking, q, k, v, extras)
+
+
+def backward_blocks(blocking: _Blocking, q, k, v, extras: _Extras, d_out, lse, delta, d_q,
+                    d_kv=None):
+    """FlashAttention's backward over every (key block, query block) pair in the band.
+
+    ``d_q`` (float32, blocked like q) is accumulated into and returned; ``d_kv``
+    = (d_k, d_v) float32 accumulators blocked like k / v, or None to start from
+    zeros and return them in k's / v's dtype. ``delta`` = rowsum(dO * O).
+    Returns ``(d_q, d_k, d_v)``.
+    """
     num_q_blocks = q.shape[0]
     num_kv_blocks = k.shape[0]
     live_q, live_kv = _live_block_counts(blocking, num_q_blocks, num_kv_blocks, extras)
-    # rowsum(dO * O) = rowsum(P * dP): the softmax Jacobian's correction term (with
-    # dropout too, since O is built from the dropped weights).
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
 
-    def key_block(d_q, inputs):
-        j, k_j, v_j = inputs
+    def key_block(j, k_j, v_j, d_q, d_k, d_v):
 
         def query_block(i, carry):
             d_q, d_k, d_v = carry
@@ -328,13 +404,43 @@ def _backward(blocking: _Blocking, residuals, d_out):
                                    preferred_element_type=jnp.float32)
             return d_q, d_k, d_v
 
-        lo, hi = _q_block_range(blocking, j, live_q, live_kv)
-        d_q, d_k, d_v = lax.fori_loop(lo, hi, query_block, (
-            d_q, jnp.zeros(k_j.shape, jnp.float32), jnp.zeros(v_j.shape, jnp.float32)))
+        lo, hi = _q_block_range(blocking, j, live_q, live_kv, extras)
+        return lax.fori_loop(lo, hi, query_block, (d_q, d_k, d_v))
+
+    def fresh_key_block(d_q, inputs):
+        j, k_j, v_j = inputs
+        d_q, d_k, d_v = key_block(j, k_j, v_j, d_q, jnp.zeros(k_j.shape, jnp.float32),
+                                  jnp.zeros(v_j.shape, jnp.float32))
         return d_q, (d_k.astype(k.dtype), d_v.astype(v.dtype))
 
-    d_q, (d_k, d_v) = lax.scan(key_block, jnp.zeros(q.shape, jnp.float32),
-                               (jnp.arange(num_kv_blocks), k, v))
+    def continued_key_block(carry, inputs):
+        # dK, dV accumulate in the scan's carry, in place (see forward_blocks).
+        d_q, d_k, d_v = carry
+        j, k_j, v_j = inputs
+        d_q, d_k_j, d_v_j = key_block(j, k_j, v_j, d_q,
+                                      *(lax.dynamic_index_in_dim(x, j, keepdims=False)
+                                        for x in (d_k, d_v)))
+        return (d_q, lax.dynamic_update_index_in_dim(d_k, d_k_j, j, axis=0),
+                lax.dynamic_update_index_in_dim(d_v, d_v_j, j, axis=0)), None
+
+    inputs = (jnp.arange(num_kv_blocks), k, v)
+    if d_kv is None:
+        d_q, (d_k, d_v) = lax.scan(fresh_key_block, d_q, inputs)
+        return d_q, d_k, d_v
+    return lax.scan(continued_key_block, (d_q,) + tuple(d_kv), inputs)[0]
+
+
+def softmax_delta(out, d_out):
+    """rowsum(dO * O) = rowsum(P * dP): the softmax Jacobian's correction term (with
+    dropout too, since O is built from the dropped weights)."""
+    return jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+
+
+def _backward(blocking: _Blocking, residuals, d_out):
+    """Recomputes each tile's weights from lse; accumulates dQ, dK, dV."""
+    q, k, v, extras, out, lse = residuals
+    d_q, d_k, d_v = backward_blocks(blocking, q, k, v, extras, d_out, lse,
+                                    softmax_delta(out, d_out), jnp.zeros(q.shape, jnp.float32))
     # Masks, lengths, segment ids and the rng are not differentiable: zero cotangents.
     no_grad = _Extras(*(None for _ in extras))
     return d_q.astype(q.dtype), d_k, d_v, no_grad

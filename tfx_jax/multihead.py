@@ -22,6 +22,10 @@ queries and keys by their absolute positions before the scores are taken.
 Padding and packing reach the attention core as structure (key lengths,
 segment ids, ``causal``), not as [B, 1, T, S] mask arrays, so that fused kernels
 such as cuDNN's can run them.
+
+Under a mesh with a ``context`` axis larger than one (the training library
+activates its mesh while tracing the step), attention runs context-parallel
+(``context_parallel.py``): the sequence stays split over that axis.
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 
 from tfx_jax.attention import causal_mask, combine_masks, dot_product_attention
+from tfx_jax.context_parallel import context_parallel_attention, context_size
+from tfx_jax.errors import ConfigError
 from tfx_jax.rotary import apply_rotary
 from tfx_jax.logical_axes import with_axes
 
@@ -199,18 +205,44 @@ class MultiHeadAttention(nn.Module):
         # Inspection (apply(..., mutable=["intermediates"])) runs the dense path and
         # records the very weights the output is computed from; otherwise none exist.
         record = self.is_mutable_collection("intermediates")
-        out = dot_product_attention(query, key, value, mask, causal=causal,
-                                    dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                                    local_window=window, scale=self.scale,
-                                    logit_soft_cap=self.logit_soft_cap,
-                                    implementation="dense" if record else self.implementation,
-                                    return_weights=record, **structure)
+        mesh = jax.sharding.get_abstract_mesh()
+        if context_size(mesh) > 1 and not (self.decode or record):
+            out = self._context_parallel(query, key, value, mesh, mask, causal, dropout_rate,
+                                         window, structure)
+        else:
+            out = dot_product_attention(
+                query, key, value, mask, causal=causal, dropout_rate=dropout_rate,
+                dropout_rng=dropout_rng, local_window=window, scale=self.scale,
+                logit_soft_cap=self.logit_soft_cap,
+                implementation="dense" if record else self.implementation,
+                return_weights=record, **structure)
         if record:
             out, weights = out
             self.sow("intermediates", "attention_weights", weights)
         out_features = self.out_features or inputs_q.shape[-1]
         return self._dense(out_features, "out", axis=(-2, -1),  # W_o over all heads
                            names=("heads", "kv", "embed"))(out)
+
+    def _context_parallel(self, query, key, value, mesh, mask, causal, dropout_rate, window,
+                          structure):
+        """Attention with the length split over the active mesh's ``context`` axis."""
+        size = context_size(mesh)
+        where = f"with the sequence split over the mesh's context axis ({size} devices)"
+        if self.implementation not in ("auto", "chunked"):
+            raise ConfigError(f"implementation={self.implementation!r} cannot run {where}; "
+                              f"use 'auto' or 'chunked' (context-parallel attention runs "
+                              f"the chunked kernel on each device)")
+        if mask is not None:
+            raise ConfigError(f"a boolean mask array cannot be used {where}; pass padding "
+                              f"and packing as lengths or segment ids, and causal=True")
+        if dropout_rate > 0.0:
+            raise ConfigError(f"attention dropout (dropout_rate={dropout_rate}) is not "
+                              f"supported {where}; set the attention dropout to 0")
+        if self.logit_soft_cap is not None:
+            raise ConfigError(f"attention logit soft-capping (logit_soft_cap="
+                              f"{self.logit_soft_cap}) is not supported {where}")
+        return context_parallel_attention(query, key, value, mesh=mesh, causal=causal,
+                                          local_window=window, scale=self.scale, **structure)
 
     def _extend_cache(self, query, key, value, mask, causal, q_segment_ids, positions):
         """Writes the new keys/values into the cache and returns the whole cache.

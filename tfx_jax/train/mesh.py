@@ -8,6 +8,9 @@ hidden, vocab) by the rules in :mod:`tfx_jax.train.mesh`, and are
 replicated over ``data``. XLA inserts every collective itself (gradient
 all-reduce / reduce-scatter, FSDP all-gathers, Megatron all-reduces). The
 default ``{"data": -1, "fsdp": 1, "tensor": 1}`` is pure data parallelism.
+``config.mesh.context`` > 1 adds a fourth axis, ``context``, that splits the
+sequence: activations' ``length`` is sharded over it, and attention runs
+context-parallel (:mod:`tfx_jax.context_parallel`: ring or all-gather).
 This replaces ``jax.pmap``, which is in maintenance mode since JAX 0.8 (it is
 now built on jit + shard_map).
 
@@ -60,8 +63,8 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
                                    num_processes=num_processes, process_id=process_id)
 
 
-def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
-    """``(data, fsdp, tensor)`` sizes from a config like ``{"data": -1, "fsdp": 2}``.
+def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """``(data, fsdp, context, tensor)`` sizes from a config like ``{"data": -1, "fsdp": 2}``.
 
     Missing axes have size 1; one axis may be -1 (the devices left over).
     Raises ValueError for unknown axis names, sizes that are not positive
@@ -87,15 +90,18 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, i
                              f"divide the {num_devices} devices")
         sizes[sizes.index(-1)] = num_devices // fixed
     if int(np.prod(sizes)) != num_devices:
-        raise ValueError(f"config.mesh = {config} gives data x fsdp x tensor = "
-                         f"{' x '.join(map(str, sizes))} = {int(np.prod(sizes))} devices, but "
+        named = [(a, n) for a, n in zip(MESH_AXES, sizes) if a != CONTEXT or n != 1]
+        raise ValueError(f"config.mesh = {config} gives {' x '.join(a for a, _ in named)} = "
+                         f"{' x '.join(str(n) for _, n in named)} = {int(np.prod(sizes))} "
+                         f"devices, but "
                          f"there are {num_devices}; make the product {num_devices} or use -1")
     return tuple(sizes)
 
 
 def make_mesh(mesh_config: Optional[Mapping[str, int]] = None,
               devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """The ``("data", "fsdp", "tensor")`` mesh over ``devices`` (default: every host's).
+    """The ``("data", "fsdp", "tensor")`` mesh over ``devices`` (default: every host's),
+    with ``"context"`` before ``"tensor"`` when ``mesh_config`` asks for more than one.
 
     ``mesh_config`` maps axis names to sizes (default ``{"data": -1}``: pure data
     parallelism). The device order follows the topology: ``jax.make_mesh``
@@ -107,21 +113,24 @@ def make_mesh(mesh_config: Optional[Mapping[str, int]] = None,
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("make_mesh needs at least one device")
-    shape = mesh_shape({"data": -1} if mesh_config is None else mesh_config, len(devices))
-    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    sizes = mesh_shape({"data": -1} if mesh_config is None else mesh_config, len(devices))
+    axes = tuple(a for a, n in zip(MESH_AXES, sizes) if a != CONTEXT or n > 1)
+    shape = tuple(n for a, n in zip(MESH_AXES, sizes) if a in axes)
+    auto = (jax.sharding.AxisType.Auto,) * len(axes)
     num_slices = len({getattr(d, "slice_index", 0) for d in devices})
     if num_slices > 1:
         if shape[0] % num_slices:
             raise ValueError(f"config.mesh.data = {shape[0]} must be a multiple of the "
                              f"{num_slices} TPU slices (only data parallelism crosses slices)")
         grid = mesh_utils.create_hybrid_device_mesh(
-            (shape[0] // num_slices, shape[1], shape[2]), (num_slices, 1, 1), devices)
-        return Mesh(grid, MESH_AXES, axis_types=auto)
+            (shape[0] // num_slices,) + shape[1:], (num_slices,) + (1,) * (len(shape) - 1),
+            devices)
+        return Mesh(grid, axes, axis_types=auto)
     try:
-        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+        return jax.make_mesh(shape, axes, axis_types=auto, devices=devices)
     except (ValueError, NotImplementedError, AssertionError):
         # A device subset mesh_utils cannot lay out: plain order (process-major).
-        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+        return Mesh(np.asarray(devices).reshape(shape), axes, axis_types=auto)
 
 
 def make_data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
@@ -199,15 +208,17 @@ def _local_batch_shards(mesh: Mesh) -> int:
 # splitting them would only add collectives. Mesh axes a mesh lacks are dropped
 # (a 1-D ``("data",)`` mesh gives pure data parallelism).
 
-DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
-MESH_AXES = (DATA, FSDP, TENSOR)
+DATA, FSDP, CONTEXT, TENSOR = "data", "fsdp", "context", "tensor"
+# ``context`` splits the sequence (tfx_jax/context_parallel.py); a mesh has it only when
+# config.mesh.context > 1, so every other mesh keeps its three axes.
+MESH_AXES = (DATA, FSDP, CONTEXT, TENSOR)
 BATCH_AXES = (DATA, FSDP)
 
 Rules = Sequence[tuple[str, Any]]
 
 RULES: Rules = (
     ("batch", BATCH_AXES),  # activations: the batch over every data-parallel device
-    ("length", None),
+    ("length", CONTEXT),    # activations: the sequence over the context axis (if any)
     ("embed", FSDP),        # weights: FSDP splits d_model (activations: fsdp is taken by batch)
     ("mlp", TENSOR),
     ("heads", TENSOR),

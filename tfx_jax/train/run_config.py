@@ -40,6 +40,8 @@ profile_steps              ""             jax.profiler trace into <workdir>/prof
                                           "FIRST,LAST" steps or a count; "" = off
 mesh.data                  -1             data-parallel axis (-1: the remaining devices)
 mesh.fsdp                  1              FSDP axis: splits params/optimizer state
+mesh.context               1              context axis: splits the sequence (> 1:
+                                          context-parallel attention)
 mesh.tensor                1              tensor-parallel axis (heads, MLP, vocab)
 =========================  =============  ============================================
 
@@ -47,7 +49,7 @@ Training holds ``<workdir>/.lock`` (:mod:`tfx_jax.train.checkpoint`), so a
 second run on the same workdir stops at once naming the first.
 
 ``config.mesh`` shapes the device mesh (``tfx_jax.train.make_mesh``):
-``data x fsdp x tensor`` must equal the number of devices (one axis may be
+``data x fsdp x context x tensor`` must equal the number of devices (one axis may be
 -1), e.g. ``--config.mesh.fsdp=4``. The default is pure data parallelism.
 
 With ``grad_accum_steps = k`` one *step* is still one batch of ``batch_size``
@@ -107,7 +109,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.early_stopping_min_delta = 0.0
     config.peak_tflops = 0.0
     config.profile_steps = ""
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "context": 1, "tensor": 1})
     return config
 
 
