@@ -24,19 +24,23 @@ works the same for all scripts (the Flax-examples convention), and:
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+import threading
 from typing import Callable, Iterator
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from tfx_jax.errors import UserError
 from tfx_jax.train.checkpoint import WorkdirLocked
-from tfx_jax.train.loop import INTERRUPT_EXIT_CODE, NonFiniteError, Preempted
+from tfx_jax.train.loop import (INTERRUPT_EXIT_CODE, NonFiniteError, Preempted,
+                                install_interrupt_handler)
 from tfx_jax.train.mesh import initialize_distributed
 
 NONFINITE_EXIT_CODE = 3
 USER_ERROR_EXIT_CODE = 2
-USER_ERRORS = (ValueError, OSError, WorkdirLocked)  # OSError: unwritable, full, missing files
+USER_ERRORS = (UserError, ValueError, OSError, WorkdirLocked)  # OSError: unwritable, full, missing files
 
 
 def _show_traceback() -> bool:
@@ -85,8 +89,38 @@ def _define_flags(default_config: str) -> None:
     flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 
 
+def _exit_without_waiting(code) -> None:
+    """A failed run ends now: background threads still alive (e.g. Orbax's writers after
+    a failed save, which wait minutes for signals that never come) are not waited for."""
+    if code in (0, None):
+        return
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate()
+           if t is not threading.main_thread()):
+        logging.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else 1)
+
+
 def run(main: Callable, default_config: str) -> None:
     """Parses flags, starts the multi-host runtime if asked, calls ``main(config, workdir)``."""
+    install_interrupt_handler()  # Ctrl-C from here on: one line, exit 130
+    try:
+        _run(main, default_config)
+    except KeyboardInterrupt:
+        print(_INTERRUPTED, file=sys.stderr)
+        _exit_without_waiting(INTERRUPT_EXIT_CODE)
+        sys.exit(INTERRUPT_EXIT_CODE)
+    except SystemExit as e:
+        _exit_without_waiting(e.code)
+        raise
+
+
+_INTERRUPTED = ("Stopped: interrupted (SIGINT) outside training steps; nothing was saved by "
+                "this interruption (checkpoints already written are kept)")
+
+
+def _run(main: Callable, default_config: str) -> None:
     _define_flags(default_config)
 
     def _main(argv):
@@ -109,9 +143,7 @@ def run(main: Callable, default_config: str) -> None:
         except KeyboardInterrupt:
             if _show_traceback():
                 raise
-            print("Stopped: interrupted (SIGINT) outside training steps; nothing was saved "
-                  "by this interruption (checkpoints already written are kept)",
-                  file=sys.stderr)
+            print(_INTERRUPTED, file=sys.stderr)
             sys.exit(INTERRUPT_EXIT_CODE)
 
     app.run(_main)

@@ -18,6 +18,7 @@ Also in this module: Preemption: turn SIGTERM (and Ctrl-C) into "checkpoint now 
 """
 from __future__ import annotations
 
+import _thread
 import dataclasses
 import itertools
 import math
@@ -285,6 +286,8 @@ class _Run:
                 self.meter.add(batch)
                 self.window.steps.append((step, metrics))
                 self.bar.update(1)
+                if jax.process_count() == 1:  # a failed asynchronous save stops the run now
+                    self.checkpointer.check_saves()
                 final = step == last_step
                 if final or step % config.log_every_steps == 0:
                     self.write_train_metrics(step)
@@ -467,6 +470,38 @@ class Preempted(Exception):
             f"rerun the same command to resume")
 
 
+_interrupted = threading.Event()  # a Ctrl-C arrived that the run has not acted on yet
+
+
+def _raise_interrupt(signum, frame) -> None:
+    del signum, frame
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+def _unraisable(hook_args) -> None:
+    """Python ignores exceptions raised in garbage-collector callbacks and ``__del__``
+    (JAX's ``_xla_gc_callback`` runs at any moment); a Ctrl-C that landed there is sent
+    again, so it interrupts the code that runs next instead of being lost."""
+    if isinstance(hook_args.exc_value, KeyboardInterrupt):
+        _thread.interrupt_main(signal.SIGINT)
+        return
+    sys.__unraisablehook__(hook_args)
+
+
+def install_interrupt_handler() -> None:
+    """Ctrl-C raises KeyboardInterrupt in the main thread from now on, never to be lost.
+
+    ``launch.run`` calls it first; scripts exit 130 with one line on it. A Ctrl-C that
+    Python swallowed anyway is remembered: the next training loop stops at its first step
+    (see :class:`PreemptionWatcher`).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    sys.unraisablehook = _unraisable
+
+
 class PreemptionWatcher:
     """Context manager that notes SIGTERM and SIGINT while a run is in progress."""
 
@@ -492,6 +527,9 @@ class PreemptionWatcher:
             return self
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        if _interrupted.is_set():  # a Ctrl-C before training that Python swallowed
+            _interrupted.clear()
+            self.request("SIGINT")
         return self
 
     def __exit__(self, *exc_info) -> None:
