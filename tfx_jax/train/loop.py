@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import _thread
 import dataclasses
+import gc
 import itertools
 import math
 import signal
@@ -473,10 +474,47 @@ class Preempted(Exception):
 _interrupted = threading.Event()  # a Ctrl-C arrived that the run has not acted on yet
 
 
+def _resend_interrupt() -> None:
+    """Sends Ctrl-C to the main thread again in 20 ms, when it runs other code."""
+    timer = threading.Timer(0.02, _thread.interrupt_main, args=(signal.SIGINT,))
+    timer.daemon = True
+    timer.start()
+
+
+def _caller_of_gc(frame):
+    """The frame the garbage collector interrupted, if ``frame`` runs in a gc callback."""
+    codes = {getattr(getattr(cb, "__func__", cb), "__code__", None) for cb in gc.callbacks}
+    caller = None
+    while frame is not None:
+        if frame.f_code in codes:
+            caller = frame.f_back
+        frame = frame.f_back
+    return caller
+
+
+def _raise_in(frame) -> None:
+    """Raises KeyboardInterrupt in ``frame`` at its next line (a trace function may raise
+    where a gc callback may not), the way debuggers stop a running frame."""
+    def stop(frame, event, arg):
+        del frame, event, arg
+        raise KeyboardInterrupt  # an error in a trace function also turns tracing off
+
+    frame.f_trace = stop
+    frame.f_trace_lines = True
+    sys.settrace(lambda *args: None)  # tracing on; no other frame is traced
+
+
 def _raise_interrupt(signum, frame) -> None:
-    del signum, frame
+    del signum
     _interrupted.set()
-    raise KeyboardInterrupt
+    caller = _caller_of_gc(frame)
+    if caller is None:
+        raise KeyboardInterrupt
+    # In a gc callback (JAX's _xla_gc_callback) Python would swallow the exception.
+    if sys.gettrace() is None:
+        _raise_in(caller)
+    else:  # a debugger or coverage tool traces: send the signal again instead
+        _resend_interrupt()
 
 
 def _unraisable(hook_args) -> None:
@@ -484,7 +522,7 @@ def _unraisable(hook_args) -> None:
     (JAX's ``_xla_gc_callback`` runs at any moment); a Ctrl-C that landed there is sent
     again, so it interrupts the code that runs next instead of being lost."""
     if isinstance(hook_args.exc_value, KeyboardInterrupt):
-        _thread.interrupt_main(signal.SIGINT)
+        _resend_interrupt()
         return
     sys.__unraisablehook__(hook_args)
 
