@@ -168,7 +168,7 @@ def test_a_long_dalle_prompt_is_refused_in_words(capsys):
     prompts = DigitPrompts()
     assert run_as_script(lambda: prompts.encode(" ".join(["a"] * 120))) == 2
     assert one_error_line(capsys) == (
-        f"prompt '{'a ' * 19}a...' has 120 words; prompts have at most {prompts.max_length} (the "
+        f"prompt '{'a ' * 28}a...' has 120 words; prompts have at most {prompts.max_length} (the "
         f"model reads {prompts.max_length} text positions), e.g. 'a handwritten seven'")
 
 
