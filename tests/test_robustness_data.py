@@ -12,6 +12,7 @@ import pytest
 from jax.experimental import checkify
 
 from scripts import experiment_config
+from test_robustness_train import run_as_script
 from tfx_jax import decoding
 from tfx_jax.apps.dalle.prompts import DigitPrompts
 from tfx_jax.apps.language_model import corpus as corpus_lib
@@ -22,17 +23,6 @@ from tfx_jax.data.tokenizer import train_sentencepiece
 from tfx_jax.data.tsv_pairs import TsvPairs
 from tfx_jax.errors import DataError
 from tfx_jax.lm import CausalLM, CausalLMConfig
-from tfx_jax.train import launch
-
-
-def run_as_script(call):
-    """Exit code of ``call()`` under the scripts' error handling (0 if it returns)."""
-    try:
-        with launch.user_errors():
-            call()
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def one_error_line(capsys) -> str:
