@@ -28,6 +28,12 @@ the training loop (the workdir's owner) moves the corrupt step aside to
 ``<workdir>/checkpoints_corrupt/<step>`` (nothing is deleted) and says so;
 readers only skip it.
 
+A save that storage refuses (full, read-only, not ours to write) raises
+:class:`CheckpointWriteError` naming that step and the step kept: at once when a
+probe file cannot be written before the save, else as soon as the asynchronous
+save has failed (the loop asks after every step). Orbax's per-thread tracebacks of
+such failures are kept out of the log (``--verbosity=1`` shows them).
+
 With ``best_metric`` set, the checkpoint with the best value of that eval
 metric is kept besides the latest ``max_to_keep`` (Orbax ``BestN`` +
 ``LatestN`` preservation policies), so a run that later diverges keeps its

@@ -15,9 +15,13 @@ works the same for all scripts (the Flax-examples convention), and:
   explicit coordinator flags or ``JAX_COORDINATOR_ADDRESS`` configure it by hand;
 * preemption (SIGTERM) exits with code 143 and Ctrl-C (SIGINT) with 130 after
   the checkpoint is saved, and a non-finite loss exits with code 3, each with a
-  message on stderr; Ctrl-C before training started exits 130 with one line;
+  message on stderr; Ctrl-C outside training exits 130 with one line, also where
+  Python would swallow it (a gc callback: see ``loop.install_interrupt_handler``);
+* a failed run does not wait for background threads at exit (Orbax's writers
+  after a failed save would wait minutes for signals that never come);
 * a bad config key or value, bad data, a workdir in use, unwritable or full, a
-  damaged checkpoint (ValueError, OSError, :class:`WorkdirLocked`) exits with
+  damaged checkpoint (:class:`tfx_jax.errors.UserError`, ValueError, OSError,
+  :class:`WorkdirLocked`) exits with
   code 2 and one ``error: ...`` line; ``--verbosity=1`` shows the traceback
   instead. ``with launch.user_errors():`` does the same inside a script.
 """

@@ -530,9 +530,14 @@ def _unraisable(hook_args) -> None:
 def install_interrupt_handler() -> None:
     """Ctrl-C raises KeyboardInterrupt in the main thread from now on, never to be lost.
 
-    ``launch.run`` calls it first; scripts exit 130 with one line on it. A Ctrl-C that
-    Python swallowed anyway is remembered: the next training loop stops at its first step
-    (see :class:`PreemptionWatcher`).
+    ``launch.run`` calls it first; scripts exit 130 with one line on it. Python
+    swallows exceptions raised in garbage-collector callbacks, where JAX's
+    ``_xla_gc_callback`` runs at any moment ("Exception ignored in ..."): a Ctrl-C
+    that lands there is raised in the frame the collector interrupted, at its next
+    line; one swallowed elsewhere (``__del__``) is sent again; and one lost anyway is
+    remembered, so the next training loop stops at its first step (checkpoint, exit
+    130; see :class:`PreemptionWatcher`). During training the watcher's handler
+    takes over (finish the step, save); a second Ctrl-C comes back here.
     """
     if threading.current_thread() is not threading.main_thread():
         return
