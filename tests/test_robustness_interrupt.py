@@ -4,7 +4,7 @@ Training steps are covered by test_robustness_train.py (checkpoint, then exit 13
 during a script's imports (deterministic: SIGINT is sent once ``-X importtime`` reports
 that NumPy was imported, i.e. while JAX is still importing), and while a garbage-collector
 callback runs, where Python swallows a KeyboardInterrupt ("Exception ignored in: <function
-_xla_gc_callback ...>") and the run used to carry on to its end.
+_xla_gc_callback ...>") and the run used to carry on to its end; and one lost all the same.
 """
 import os
 import signal
@@ -12,6 +12,12 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
+
+import train_toy as toy
+from tfx_jax import train as tr
+from tfx_jax.train import loop
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
@@ -81,3 +87,17 @@ def test_ctrl_c_inside_a_garbage_collector_callback_still_stops_the_run(tmp_path
     assert done.stderr.strip().splitlines()[-1] == (
         "Stopped: interrupted (SIGINT) outside training steps; nothing was saved by this "
         "interruption (checkpoints already written are kept)")
+
+
+def test_a_ctrl_c_lost_before_training_stops_the_loop_at_its_first_step(tmp_path):
+    """The last line of defence: a Ctrl-C that was swallowed all the same (the handler
+    noted it, nothing raised) stops the next training loop after one step, with a save."""
+    loop._interrupted.set()  # pylint: disable=protected-access
+    config = toy.toy_config(num_train_steps=50, checkpoint_every_steps=0)
+    with pytest.raises(tr.Preempted, match=r"interrupted \(SIGINT\): saved a checkpoint at "
+                                           r"step 1 ") as stopped:
+        tr.train(config, str(tmp_path / "run"), toy.make_task(),
+                 toy.make_train_iter(config.batch_size))
+    assert stopped.value.exit_code == 130
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["1"]
+    assert not loop._interrupted.is_set()  # pylint: disable=protected-access

@@ -93,17 +93,15 @@ def _define_flags(default_config: str) -> None:
     flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 
 
-def _exit_without_waiting(code) -> None:
+def _exit_without_waiting(code: int) -> None:
     """A failed run ends now: background threads still alive (e.g. Orbax's writers after
     a failed save, which wait minutes for signals that never come) are not waited for."""
-    if code in (0, None):
-        return
     if any(t.is_alive() and not t.daemon for t in threading.enumerate()
            if t is not threading.main_thread()):
         logging.flush()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(code if isinstance(code, int) else 1)
+        os._exit(code)
 
 
 def run(main: Callable, default_config: str) -> None:
@@ -116,7 +114,8 @@ def run(main: Callable, default_config: str) -> None:
         _exit_without_waiting(INTERRUPT_EXIT_CODE)
         sys.exit(INTERRUPT_EXIT_CODE)
     except SystemExit as e:
-        _exit_without_waiting(e.code)
+        if e.code == USER_ERROR_EXIT_CODE:  # preempted / interrupted runs saved and waited
+            _exit_without_waiting(e.code)
         raise
 
 
