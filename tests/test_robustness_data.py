@@ -17,6 +17,7 @@ from tfx_jax import decoding
 from tfx_jax.apps.dalle.prompts import DigitPrompts
 from tfx_jax.apps.language_model import corpus as corpus_lib
 from tfx_jax.apps.language_model import experiment as lm_experiment
+from tfx_jax.apps.language_model.pipeline import load_or_train_lm_tokenizer
 from tfx_jax.apps.language_model.sampling import generate_ids
 from tfx_jax.data.image_files import read_image_file
 from tfx_jax.data.tokenizer import train_sentencepiece
@@ -109,12 +110,14 @@ def test_one_line_300kb_files_are_cut_into_blocks_sentencepiece_can_train_on(tmp
     for name in ("a.txt", "b.txt"):
         (tmp_path / name).write_text(" ".join(f"w{i % 97}" for i in range(60_000)) + "\n")
     corpus = corpus_lib.open_corpus(str(tmp_path))
-    assert "cut 2 blocks longer than 4000 characters" in capsys.readouterr().out
+    assert (f"{tmp_path}: cut 2 blocks longer than 65,536 bytes into pieces of at most 16,384 "
+            f"characters at line breaks or spaces (SentencePiece's longest sentence)"
+            in capsys.readouterr().out)
     blocks = list(corpus.train) + list(corpus.eval)
     assert max(map(len, blocks)) <= corpus_lib.MAX_BLOCK_CHARS
     assert sum(len(b.split()) for b in blocks) == 120_000  # no word lost or split
-    tokenizer = train_sentencepiece(blocks[:40], tmp_path / "t.model", vocab_size=300)
-    assert tokenizer.vocab_size > 100
+    tokenizer = load_or_train_lm_tokenizer(blocks, str(tmp_path), vocab_size=400)  # lm.py's
+    assert tokenizer.vocab_size > 300
 
 
 def test_a_non_utf8_prompt_file_is_named(tmp_path, capsys):

@@ -44,7 +44,11 @@ from tfx_jax.errors import DataError, require, say
 STDLIB = "python_stdlib"
 TEST_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
 DIRECTORY_EXTENSIONS = (".py", ".txt", ".md")
-MAX_BLOCK_CHARS = 4000  # longer blocks are cut (SentencePiece's sentences, training rows)
+# Blocks of more than 65,536 UTF-8 bytes (the LM tokenizer's SentencePiece
+# max_sentence_length: it drops longer sentences) are cut into pieces of at most
+# MAX_BLOCK_CHARS characters (4 bytes per character at most).
+MAX_BLOCK_BYTES = 1 << 16
+MAX_BLOCK_CHARS = MAX_BLOCK_BYTES // 4
 _BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)*")
 
 
@@ -88,7 +92,7 @@ def split_blocks(text: str) -> list[str]:
 
 
 def read_text_file(path: str) -> str:
-    """The UTF-8 text of ``path`` (a byte order mark removed).
+    """The UTF-8 text of ``path`` (a byte order mark removed, line ends made ``\\n``).
 
     Raises DataError naming the file for a binary file (NUL bytes) or bytes that
     are not UTF-8 (the offset and a way to convert it). Corpus files and prompt
@@ -99,23 +103,25 @@ def read_text_file(path: str) -> str:
     if b"\0" in data[:65536]:
         raise DataError(f"{path}: a binary file (NUL bytes), not text")
     try:
-        return data.decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
                         f"{e.start}); convert it, e.g. `iconv -f latin1 -t utf-8`") from e
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # as open() in text mode
 
 
 def split_long_blocks(blocks: Sequence[str], max_chars: int = MAX_BLOCK_CHARS
                       ) -> tuple[list[str], int]:
-    """Blocks of at most ``max_chars`` characters (longer ones cut at their last line break,
-    else their last space, before the limit); also how many blocks were cut.
+    """The blocks, those over ``MAX_BLOCK_BYTES`` cut into pieces of at most ``max_chars``
+    characters (at their last line break, else their last space, before the limit); also
+    how many blocks were cut.
 
     A one-line 300 KB file is one block: SentencePiece would drop it as a sentence
     (too long) and a training row would keep only its start.
     """
     out, cut = [], 0
     for block in blocks:
-        if len(block) <= max_chars:
+        if len(block) <= max_chars or len(block.encode("utf-8")) <= MAX_BLOCK_BYTES:
             out.append(block)
             continue
         cut += 1
@@ -153,7 +159,8 @@ def stdlib_corpus(root: Optional[str] = None, *, eval_fraction: float = 0.02,
 
     Files that are binary or not UTF-8 are skipped and named in one line; a
     corpus that loses more than half of its files is refused. Blocks longer
-    than ``MAX_BLOCK_CHARS`` are cut (said). When the split by name holds out no
+    than ``MAX_BLOCK_BYTES`` are cut (said; not in the built-in corpus, which stays
+    as published). When the split by name holds out no
     file, or every file (few files, or one), the last ``eval_fraction`` of the
     blocks (at least one) is held out instead, and the run says so.
     """
@@ -183,11 +190,14 @@ def stdlib_corpus(root: Optional[str] = None, *, eval_fraction: float = 0.02,
             raise DataError(f"{root}: {line}; most of the corpus would be lost (lm.py reads "
                             f"UTF-8 text)")
         say(f"{root}: {line}; they are left out")
-    train, cut_train = split_long_blocks(train)
-    held_out, cut_eval = split_long_blocks(held_out)
+    cut_train = cut_eval = 0
+    if root != stdlib_root():  # the built-in corpus stays as published (docs/lm.md)
+        train, cut_train = split_long_blocks(train)
+        held_out, cut_eval = split_long_blocks(held_out)
     if cut_train + cut_eval:
-        say(f"{root}: cut {cut_train + cut_eval} blocks longer than {MAX_BLOCK_CHARS} "
-            f"characters at line breaks or spaces (SentencePiece trains on sentences)")
+        say(f"{root}: cut {cut_train + cut_eval} blocks longer than {MAX_BLOCK_BYTES:,} bytes "
+            f"into pieces of at most {MAX_BLOCK_CHARS:,} characters at line breaks or spaces "
+            f"(SentencePiece's longest sentence)")
     split = (f"{len(files) - len(skipped) - num_eval_files} train / {num_eval_files} "
              f"held-out files")
     if (not train or not held_out) and len(train) + len(held_out) >= 2:
