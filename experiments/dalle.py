@@ -19,8 +19,15 @@ the command line. See docs/vision.md.
 from __future__ import annotations
 
 import os
-import re
+import signal
 import sys
+
+if __name__ == "__main__":  # Ctrl-C during the slow imports below: one line, exit 130
+    signal.signal(signal.SIGINT, lambda *_: (print("Stopped: interrupted (SIGINT) while "
+                                                   "starting; nothing was written",
+                                                   file=sys.stderr), os._exit(130)))
+
+import re
 
 from absl import flags
 from etils import epath

@@ -20,6 +20,13 @@ see docs/lm.md.
 from __future__ import annotations
 
 import os
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C during the slow imports below: one line, exit 130
+    signal.signal(signal.SIGINT, lambda *_: (print("Stopped: interrupted (SIGINT) while "
+                                                   "starting; nothing was written",
+                                                   file=sys.stderr), os._exit(130)))
 
 from absl import flags
 

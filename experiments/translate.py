@@ -18,7 +18,13 @@ there. The logic lives in tfx_jax/apps/translation/; see docs/translate.md.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+
+if __name__ == "__main__":  # Ctrl-C during the slow imports below: one line, exit 130
+    signal.signal(signal.SIGINT, lambda *_: (print("Stopped: interrupted (SIGINT) while "
+                                                   "starting; nothing was written",
+                                                   file=sys.stderr), os._exit(130)))
 
 from absl import flags
 

@@ -25,6 +25,7 @@ from jax.experimental import checkify
 
 import tfx_jax as tfx
 import train_toy as toy
+from tfx_jax import decoding
 from tfx_jax import train as tr
 from tfx_jax.apps.translation.task import transformer_config
 from tfx_jax.data import tokenizer
@@ -59,15 +60,10 @@ def decode_past_the_cache(jit: bool):
         return attention.apply({"params": variables["params"], "cache": cache}, inputs,
                                causal=True, mutable=["cache"])
 
-    if jit:  # under jit the check needs checkify, which returns it as an error value
-        step = jax.jit(checkify.checkify(step))
-        error, (_, mutated) = step(variables["cache"], jnp.ones((2, 4, 8)))
-        error.throw()
-        error, _ = step(mutated["cache"], jnp.ones((2, 1, 8)))
-        error.throw()
-    else:
-        _, mutated = step(variables["cache"], jnp.ones((2, 4, 8)))
-        step(mutated["cache"], jnp.ones((2, 1, 8)))
+    if jit:  # under jit the check needs the checked mode (checkify)
+        step = decoding.checked(jax.jit(step))
+    _, mutated = step(variables["cache"], jnp.ones((2, 4, 8)))
+    step(mutated["cache"], jnp.ones((2, 1, 8)))
 
 
 def decode_wrong_batch():

@@ -150,7 +150,7 @@ def test_tsv_reads_pairs(tmp_path):
     ("a\tb\tc", "found 2 tabs"),
     ("\tonly target", "source side is empty"),
     ("only source\t  ", "target side is empty"),
-    ("", "exactly one tab"),
+    ("", "a blank line between sentence pairs"),
 ])
 def test_tsv_bad_line_names_file_and_line(tmp_path, bad_line, message):
     path = _write(tmp_path / "bad.tsv", f"x\ty\nx2\ty2\n{bad_line}\nx4\ty4\n")

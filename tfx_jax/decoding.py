@@ -4,6 +4,14 @@ At inference the decoder has no correct answer to read (no teacher forcing):
 it writes one token, feeds it back, and writes the next. With a key/value cache
 each new token costs one decoder step instead of a pass over the whole prefix.
 
+Under ``jax.jit`` nothing traced can raise: a prompt that overflows the cache or
+holds ids outside the vocabulary would give NaN logits silently. The checks are
+therefore written twice: eagerly on concrete inputs (:func:`check_token_ids`,
+:func:`check_cache_fits`: one error before any work), and as
+``checkify.debug_check`` inside the traced code, which :func:`checked` turns into
+an exception after the compiled call (the "checked mode"; without it they cost
+nothing).
+
 Everything here is model-agnostic. A model is seen through a *step function*
 
     step_fn(tokens [N, T] int32, cache) -> (logits [N, T, vocab], new_cache)
@@ -14,11 +22,15 @@ the sequence (batch * beam) on axis 0, so beams are reordered by one gather.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
+
+from tfx_jax.errors import DataError
 
 StepFn = Callable[[jax.Array, Any], Tuple[jax.Array, Any]]
 NEG_INF = -1.0e9
@@ -57,6 +69,49 @@ def check_cache_fits(cache: Any, num_tokens: int, what: str) -> None:
             f"decode cache overflow: {what} feeds {num_tokens} tokens but the cache holds "
             f"max_length={capacity} positions ({filled} already filled); initialise the cache "
             f"with a [batch, max_length] sequence of at least {filled + num_tokens} tokens")
+
+
+def check_token_ids(tokens: Any, vocab_size: int, what: str = "tokens") -> None:
+    """Raises DataError when concrete ``tokens`` hold an id outside ``[0, vocab_size)``.
+
+    Such an id reads outside the embedding table: NaN logits under jit, with no
+    error. Traced values are left to the checked mode (:func:`checked`).
+    """
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    ids = np.asarray(tokens)
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        raise DataError(
+            f"{what}: token id {int(ids[bad].flat[0])} is outside the model's vocabulary "
+            f"[0, {vocab_size}) (ids made by another tokenizer?)")
+
+
+def _debug_check_ids(tokens: jax.Array, vocab_size: int, what: str) -> None:
+    """The traced twin of :func:`check_token_ids` (raised by :func:`checked`)."""
+    bad = (tokens < 0) | (tokens >= vocab_size)
+    checkify.debug_check(~jnp.any(bad), f"{what}: token id {{id}} is outside the model's "
+                         f"vocabulary [0, {vocab_size})",
+                         id=jnp.max(jnp.where(bad, tokens, -1)))
+
+
+def checked(fn: Callable) -> Callable:
+    """``fn`` (jitted or not) in checked mode: the decoding checks inside it raise.
+
+    Cache overflow (:class:`tfx_jax.MultiHeadAttention`) and prompt ids outside the
+    vocabulary (:func:`sample`) are ``checkify.debug_check`` calls; under
+    ``checkify.checkify`` they become an error value that is thrown here, after
+    the call, as ``checkify.JaxRuntimeError`` naming the problem. Bind static
+    arguments first, e.g. ``checked(functools.partial(jitted_fn, model))(params, x)``.
+    """
+    checkified = checkify.checkify(fn)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        error, out = checkified(*args, **kwargs)
+        error.throw()
+        return out
+    return run
 
 
 def left_pad(prompts: Sequence[Sequence[int]], *, pad_id: int = 0,
@@ -165,7 +220,9 @@ def sample(step_fn: StepFn, cache: Any, prompt: jax.Array, num_steps: int, *,
     **prompt_kwargs)`` (e.g. the positions and segment ids of :func:`left_pad`).
     ``rng`` is one key, or one key per row ([N] keys): then each row draws from
     its own key only, so its tokens do not depend on the other rows of the batch.
-    A cache too short for P + num_steps - 1 tokens is refused before any work.
+    A cache too short for P + num_steps - 1 tokens is refused before any work;
+    prompt ids outside the vocabulary (the logits' last axis) raise DataError when
+    the prompt is concrete, and in checked mode (:func:`checked`) under jit.
     """
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must have shape [batch, length >= 1], got {tuple(prompt.shape)}")
@@ -182,6 +239,8 @@ def sample(step_fn: StepFn, cache: Any, prompt: jax.Array, num_steps: int, *,
                          f"{prompt.shape[0]} rows")
     batch = prompt.shape[0]
     logits, cache = step_fn(prompt, cache, **(prompt_kwargs or {}))
+    check_token_ids(prompt, logits.shape[-1], "the prompt")
+    _debug_check_ids(prompt, logits.shape[-1], "the prompt")
     rng, first_rng = _split(rng, 2)
     token = _sample_logits(logits[:, -1], first_rng, temperature, top_k, top_p)
     done = jnp.zeros((batch,), bool)

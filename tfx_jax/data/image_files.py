@@ -20,6 +20,7 @@ from etils import epath
 from PIL import Image, UnidentifiedImageError
 
 from tfx_jax.data.image_preprocess import normalize_images, resize_image
+from tfx_jax.errors import DataError, require
 
 _PIL_MODES = {1: "L", 3: "RGB"}
 
@@ -30,6 +31,9 @@ def read_image_file(path: str | os.PathLike, channels: int) -> np.ndarray:
         raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
     path = os.fspath(path)
     file = epath.Path(path)  # a local path or a gs:// URL
+    require(not file.is_dir(), f"{path} is a directory, not an image file; name its image "
+            f"files, comma-separated (e.g. --predict={os.path.join(path, 'a.png')},"
+            f"{os.path.join(path, 'b.png')})", DataError)
     if not file.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:

@@ -30,6 +30,8 @@ import numpy as np
 import sentencepiece as spm
 from etils import epath
 
+from tfx_jax.errors import say
+
 PAD_ID = 0
 EOS_ID = 1
 BOS_ID = 2
@@ -92,7 +94,7 @@ def train_sentencepiece(
     """Trains a model on ``texts`` and writes it to ``model_path`` atomically.
 
     ``vocab_size`` is an upper bound (``hard_vocab_limit=False``): a tiny corpus
-    gets the vocabulary it can support instead of an error. ``split_digits``
+    gets the vocabulary it can support instead of an error, and a line says so. ``split_digits``
     makes every digit its own piece (as PaLM and LLaMA do), so numbers are
     spelled digit by digit instead of as whole memorised tokens like ``2024``.
     ``options`` are more ``SentencePieceTrainer.train`` arguments (e.g. to keep
@@ -120,7 +122,12 @@ def train_sentencepiece(
     temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     temporary.write_bytes(model.getvalue())
     temporary.replace(path)
-    return SentencePieceTokenizer(path)
+    tokenizer = SentencePieceTokenizer(path)
+    if tokenizer.vocab_size < vocab_size:
+        say(f"Tokenizer: {tokenizer.vocab_size:,} pieces instead of vocab_size = {vocab_size:,}: "
+            f"the training text supports no more (SentencePiece runs out of pieces to add; "
+            f"more text gives more), so the model's vocabulary has {tokenizer.vocab_size:,}")
+    return tokenizer
 
 
 def _training_texts(pairs: Sequence[tuple[str, str]], max_pairs: int,

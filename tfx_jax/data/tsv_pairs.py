@@ -24,6 +24,8 @@ import re
 
 from etils import epath
 
+from tfx_jax.errors import DataError
+
 _COLUMN_WORDS = (
     "source|target|src|tgt|trg|input|output|inputs|targets|text|sentence|translation|"
     "original|reference|question|answer|prompt|response|from|to|lang|language|"
@@ -52,7 +54,8 @@ class TsvPairs(collections.abc.Sequence):
     Raises:
       FileNotFoundError: ``path`` does not exist.
       ValueError: a line is not valid UTF-8, has no tab or more than one, or
-        has an empty side; the message names the file and the 1-based line.
+        has an empty side, or a blank line comes before a pair (blank lines at
+        the end are ignored); the message names the file and the 1-based line.
     """
 
     def __init__(self, path: str | os.PathLike, *, header: bool | str = "auto"):
@@ -65,6 +68,7 @@ class TsvPairs(collections.abc.Sequence):
         self._pairs: list[tuple[str, str]] = []
         self.header: str | None = None
         self.had_bom = False
+        blank = None  # the first of the blank lines just read: fine at the end of the file
         with file.open("rb") as f:
             for line_number, raw_line in enumerate(f, start=1):
                 if line_number == 1:
@@ -72,6 +76,12 @@ class TsvPairs(collections.abc.Sequence):
                     if self._is_header(raw_line, header):
                         self.header = raw_line.decode("utf-8").rstrip("\r\n")
                         continue
+                if not raw_line.strip():
+                    blank = blank or line_number
+                    continue
+                if blank is not None:
+                    raise DataError(f"{self.path}:{blank}: a blank line between sentence pairs "
+                                    f"(only blank lines at the end of the file are ignored)")
                 self._pairs.append(self._parse(raw_line, line_number))
         if not self._pairs:
             raise ValueError(f"{self.path}: the file has no sentence pairs")

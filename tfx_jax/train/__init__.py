@@ -20,7 +20,7 @@ data iterator, and calls :func:`train`. See docs/training.md and docs/ARCHITECTU
   loop.py         train(): the loop that ties these together, early stopping, preemption
 """
 from tfx_jax.train import launch
-from tfx_jax.train.checkpoint import Checkpointer, restore_params
+from tfx_jax.train.checkpoint import CheckpointWriteError, Checkpointer, restore_params
 from tfx_jax.train.loop import NonFiniteError, Preempted, PreemptionWatcher, TrainResult, train
 from tfx_jax.train.mesh import (RULES, batch_sharding, check_batch_size,
                                 initialize_distributed, make_data_mesh, make_mesh, param_shardings,

@@ -28,6 +28,12 @@ the training loop (the workdir's owner) moves the corrupt step aside to
 ``<workdir>/checkpoints_corrupt/<step>`` (nothing is deleted) and says so;
 readers only skip it.
 
+A save that storage refuses (full, read-only, not ours to write) raises
+:class:`CheckpointWriteError` naming that step and the step kept: at once when a
+probe file cannot be written before the save, else as soon as the asynchronous
+save has failed (the loop asks after every step). Orbax's per-thread tracebacks of
+such failures are kept out of the log (``--verbosity=1`` shows them).
+
 With ``best_metric`` set, the checkpoint with the best value of that eval
 metric is kept besides the latest ``max_to_keep`` (Orbax ``BestN`` +
 ``LatestN`` preservation policies), so a run that later diverges keeps its
@@ -65,6 +71,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from tfx_jax.errors import WorkdirError
 from tfx_jax.train.mesh import make_data_mesh, param_shardings
 from tfx_jax.train.metrics import is_url
 from tfx_jax.train.state import TrainState, abstract_params_with_axes
@@ -85,6 +92,68 @@ class _NoMissingMetricWarning(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_NoMissingMetricWarning())
+
+
+# What a full, read-only or forbidden disk looks like, as Python (errno) or TensorStore
+# (status text inside a ValueError) reports it.
+_STORAGE_ERRNOS = {errno.ENOSPC: "No space left on device", errno.EROFS: "Read-only file system",
+                   errno.EACCES: "Permission denied", errno.EPERM: "Operation not permitted",
+                   errno.EDQUOT: "Disk quota exceeded"}
+_STORAGE_TEXTS = tuple(_STORAGE_ERRNOS.values()) + ("RESOURCE_EXHAUSTED",)
+
+
+def storage_cause(error: BaseException) -> Optional[str]:
+    """The storage problem behind ``error`` (e.g. ``"No space left on device"``), or None.
+
+    Follows ``__cause__`` / ``__context__``: Orbax re-raises what its writer threads met.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+            return _STORAGE_ERRNOS[error.errno]
+        text = str(error)
+        for cause in _STORAGE_TEXTS[:-1]:
+            if cause in text:
+                return cause
+        if "RESOURCE_EXHAUSTED" in text:
+            return "RESOURCE_EXHAUSTED (storage full or over quota)"
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class _NoStorageTracebacks(logging.Filter):
+    """A save that fails for a full or read-only disk is reported by :class:`Checkpointer`
+    in one line (:class:`CheckpointWriteError`); Orbax's writer threads would log the same
+    error with a traceback once per thread (~350 lines). Shown with ``--verbosity=1``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or "orbax" not in record.pathname:
+            return True
+        if logging.getLogger("absl").getEffectiveLevel() <= logging.DEBUG:
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        return storage_cause(error) is None and storage_cause(
+            Exception(record.getMessage())) is None
+
+
+logging.getLogger("absl").addFilter(_NoStorageTracebacks())
+
+
+class CheckpointWriteError(WorkdirError):
+    """A checkpoint could not be written: the disk is full, read-only or not ours to write."""
+
+    def __init__(self, step: Optional[int], directory: str, cause: str, kept: Optional[int]):
+        self.step = step
+        self.kept = kept
+        what = "a checkpoint" if step is None else f"the checkpoint at step {step}"
+        kept_text = (f"the checkpoint at step {kept} is kept" if kept is not None
+                     else "no checkpoint was written before it")
+        fix = ("free some space" if "space" in cause or "quota" in cause or
+               "RESOURCE_EXHAUSTED" in cause else f"make {directory} writable")
+        super().__init__(f"cannot write {what} to {directory}: {cause}; "
+                         f"{kept_text}. {fix[0].upper() + fix[1:]} and rerun the same command "
+                         f"to resume")
 
 
 class CorruptCheckpointError(ValueError):
@@ -186,11 +255,21 @@ class Checkpointer:
                             ocp.checkpoint_managers.BestN(
                                 get_metric_fn=best_fn, reverse=best_mode == "min", n=1,
                                 keep_checkpoints_without_metrics=False)]))
-        self._manager = ocp.CheckpointManager(
-            self.directory, handler_registry=registry,
-            options=ocp.CheckpointManagerOptions(
-                create=True, enable_async_checkpointing=async_save,
-                cleanup_tmp_directories=remove_unfinished, **keep))
+        self._async = async_save
+        self._saving: Optional[int] = None  # the step of an asynchronous save in progress
+        self._failed = False  # a CheckpointWriteError was raised (close() then stays quiet)
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory, handler_registry=registry,
+                options=ocp.CheckpointManagerOptions(
+                    create=True, enable_async_checkpointing=async_save,
+                    cleanup_tmp_directories=remove_unfinished, **keep))
+        except Exception as e:
+            cause = storage_cause(e)
+            if cause is None:
+                raise
+            raise WorkdirError(f"cannot use the checkpoint directory {self.directory}: "
+                               f"{cause}") from e
 
     def latest_step(self) -> Optional[int]:
         return self._manager.latest_step()
@@ -221,16 +300,72 @@ class Checkpointer:
         step = int(jax.device_get(state.step))
         if step in self._manager.all_steps():
             return False
+        self._finish_pending()
+        self._probe_writable(step)
         iterator_state = encode_iterator_state(data_iterator.get_state())
         kept_metrics = None
         if self.best_metric and metrics and _finite(metrics.get(self.best_metric)):
             kept_metrics = {self.best_metric: float(metrics[self.best_metric])}
-        return self._manager.save(
-            step, force=True, metrics=kept_metrics,
-            args=ocp.args.Composite(**{
-                STATE_ITEM: ocp.args.StandardSave(state),
-                ITERATOR_ITEM: ocp.args.JsonSave(iterator_state),
-                CHECKSUM_ITEM: ocp.args.JsonSave(tree_checksums(state))}))
+        try:
+            saved = self._manager.save(
+                step, force=True, metrics=kept_metrics,
+                args=ocp.args.Composite(**{
+                    STATE_ITEM: ocp.args.StandardSave(state),
+                    ITERATOR_ITEM: ocp.args.JsonSave(iterator_state),
+                    CHECKSUM_ITEM: ocp.args.JsonSave(tree_checksums(state))}))
+        except Exception as e:
+            raise self._write_error(step, e) from e
+        self._saving = step if saved and self._async else None
+        return saved
+
+    # A save that cannot be written (full, read-only or forbidden storage) raises
+    # CheckpointWriteError naming its step and the step kept: at once when the directory
+    # refuses a probe file, otherwise as soon as the asynchronous save has failed
+    # (check_saves, after every step), and at the latest at the next save or wait. Orbax
+    # deletes old steps only after a save succeeded, so the previous checkpoint stays.
+
+    def _probe_writable(self, step: int) -> None:
+        """Writes and deletes a small file first, so read-only storage fails at this save."""
+        if is_url(self.directory):
+            return
+        probe = os.path.join(self.directory, f".write_test.process_{jax.process_index()}")
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0")
+            os.remove(probe)
+        except OSError as e:
+            raise self._write_error(step, e) from e
+
+    def _write_error(self, step: Optional[int], error: Exception) -> Exception:
+        """A :class:`CheckpointWriteError` for a storage failure; ``error`` itself otherwise."""
+        cause = storage_cause(error)
+        if cause is None:
+            return error
+        self._failed = True
+        self._manager.reload()
+        kept = [s for s in self._manager.all_steps() if step is None or s < step]
+        return CheckpointWriteError(step, self.directory, cause, max(kept, default=None))
+
+    def _finish_pending(self) -> None:
+        """Waits for the save in progress; raises CheckpointWriteError if it failed."""
+        step, self._saving = self._saving, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            error = self._write_error(step, e)
+            if error is e:
+                raise
+            raise error from e
+
+    def check_saves(self) -> None:
+        """Raises CheckpointWriteError once the asynchronous save in progress has failed.
+
+        Cheap (no waiting); the training loop calls it after every step of a
+        one-process run, so a failed save stops the run at the next step. With
+        several processes the failure surfaces at the next save, on every host.
+        """
+        if self._saving is not None and not self._manager.is_saving_in_progress():
+            self._finish_pending()
 
     def restore(self, abstract_state: TrainState, data_iterator=None,
                 step: Optional[int] = None) -> TrainState:
@@ -390,11 +525,14 @@ class Checkpointer:
         return self._manager.reached_preemption(step)
 
     def wait_until_finished(self) -> None:
-        self._manager.wait_until_finished()
+        self._finish_pending()
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager."""
-        self._manager.wait_until_finished()
+        """Waits for pending saves and releases the manager (quietly after a failed save,
+        which was reported already)."""
+        if self._failed:
+            return
+        self._finish_pending()
         self._manager.close()
 
 

@@ -15,28 +15,36 @@ works the same for all scripts (the Flax-examples convention), and:
   explicit coordinator flags or ``JAX_COORDINATOR_ADDRESS`` configure it by hand;
 * preemption (SIGTERM) exits with code 143 and Ctrl-C (SIGINT) with 130 after
   the checkpoint is saved, and a non-finite loss exits with code 3, each with a
-  message on stderr; Ctrl-C before training started exits 130 with one line;
+  message on stderr; Ctrl-C outside training exits 130 with one line, also where
+  Python would swallow it (a gc callback: see ``loop.install_interrupt_handler``);
+* a failed run does not wait for background threads at exit (Orbax's writers
+  after a failed save would wait minutes for signals that never come);
 * a bad config key or value, bad data, a workdir in use, unwritable or full, a
-  damaged checkpoint (ValueError, OSError, :class:`WorkdirLocked`) exits with
+  damaged checkpoint (:class:`tfx_jax.errors.UserError`, ValueError, OSError,
+  :class:`WorkdirLocked`) exits with
   code 2 and one ``error: ...`` line; ``--verbosity=1`` shows the traceback
   instead. ``with launch.user_errors():`` does the same inside a script.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+import threading
 from typing import Callable, Iterator
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from tfx_jax.errors import UserError
 from tfx_jax.train.checkpoint import WorkdirLocked
-from tfx_jax.train.loop import INTERRUPT_EXIT_CODE, NonFiniteError, Preempted
+from tfx_jax.train.loop import (INTERRUPT_EXIT_CODE, NonFiniteError, Preempted,
+                                install_interrupt_handler)
 from tfx_jax.train.mesh import initialize_distributed
 
 NONFINITE_EXIT_CODE = 3
 USER_ERROR_EXIT_CODE = 2
-USER_ERRORS = (ValueError, OSError, WorkdirLocked)  # OSError: unwritable, full, missing files
+USER_ERRORS = (UserError, ValueError, OSError, WorkdirLocked)  # OSError: unwritable, full, missing files
 
 
 def _show_traceback() -> bool:
@@ -85,8 +93,37 @@ def _define_flags(default_config: str) -> None:
     flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 
 
+def _exit_without_waiting(code: int) -> None:
+    """A failed run ends now: background threads still alive (e.g. Orbax's writers after
+    a failed save, which wait minutes for signals that never come) are not waited for."""
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate()
+           if t is not threading.main_thread()):
+        logging.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def run(main: Callable, default_config: str) -> None:
     """Parses flags, starts the multi-host runtime if asked, calls ``main(config, workdir)``."""
+    install_interrupt_handler()  # Ctrl-C from here on: one line, exit 130
+    try:
+        _run(main, default_config)
+    except KeyboardInterrupt:
+        print(_INTERRUPTED, file=sys.stderr)
+        _exit_without_waiting(INTERRUPT_EXIT_CODE)
+        sys.exit(INTERRUPT_EXIT_CODE)
+    except SystemExit as e:
+        if e.code == USER_ERROR_EXIT_CODE:  # preempted / interrupted runs saved and waited
+            _exit_without_waiting(e.code)
+        raise
+
+
+_INTERRUPTED = ("Stopped: interrupted (SIGINT) outside training steps; nothing was saved by "
+                "this interruption (checkpoints already written are kept)")
+
+
+def _run(main: Callable, default_config: str) -> None:
     _define_flags(default_config)
 
     def _main(argv):
@@ -109,9 +146,7 @@ def run(main: Callable, default_config: str) -> None:
         except KeyboardInterrupt:
             if _show_traceback():
                 raise
-            print("Stopped: interrupted (SIGINT) outside training steps; nothing was saved "
-                  "by this interruption (checkpoints already written are kept)",
-                  file=sys.stderr)
+            print(_INTERRUPTED, file=sys.stderr)
             sys.exit(INTERRUPT_EXIT_CODE)
 
     app.run(_main)

@@ -18,7 +18,9 @@ Also in this module: Preemption: turn SIGTERM (and Ctrl-C) into "checkpoint now 
 """
 from __future__ import annotations
 
+import _thread
 import dataclasses
+import gc
 import itertools
 import math
 import signal
@@ -285,6 +287,8 @@ class _Run:
                 self.meter.add(batch)
                 self.window.steps.append((step, metrics))
                 self.bar.update(1)
+                if jax.process_count() == 1:  # a failed asynchronous save stops the run now
+                    self.checkpointer.check_saves()
                 final = step == last_step
                 if final or step % config.log_every_steps == 0:
                     self.write_train_metrics(step)
@@ -467,6 +471,80 @@ class Preempted(Exception):
             f"rerun the same command to resume")
 
 
+_interrupted = threading.Event()  # a Ctrl-C arrived that the run has not acted on yet
+
+
+def _resend_interrupt() -> None:
+    """Sends Ctrl-C to the main thread again in 20 ms, when it runs other code."""
+    timer = threading.Timer(0.02, _thread.interrupt_main, args=(signal.SIGINT,))
+    timer.daemon = True
+    timer.start()
+
+
+def _caller_of_gc(frame):
+    """The frame the garbage collector interrupted, if ``frame`` runs in a gc callback."""
+    codes = {getattr(getattr(cb, "__func__", cb), "__code__", None) for cb in gc.callbacks}
+    caller = None
+    while frame is not None:
+        if frame.f_code in codes:
+            caller = frame.f_back
+        frame = frame.f_back
+    return caller
+
+
+def _raise_in(frame) -> None:
+    """Raises KeyboardInterrupt in ``frame`` at its next line (a trace function may raise
+    where a gc callback may not), the way debuggers stop a running frame."""
+    def stop(frame, event, arg):
+        del frame, event, arg
+        raise KeyboardInterrupt  # an error in a trace function also turns tracing off
+
+    frame.f_trace = stop
+    frame.f_trace_lines = True
+    sys.settrace(lambda *args: None)  # tracing on; no other frame is traced
+
+
+def _raise_interrupt(signum, frame) -> None:
+    del signum
+    _interrupted.set()
+    caller = _caller_of_gc(frame)
+    if caller is None:
+        raise KeyboardInterrupt
+    # In a gc callback (JAX's _xla_gc_callback) Python would swallow the exception.
+    if sys.gettrace() is None:
+        _raise_in(caller)
+    else:  # a debugger or coverage tool traces: send the signal again instead
+        _resend_interrupt()
+
+
+def _unraisable(hook_args) -> None:
+    """Python ignores exceptions raised in garbage-collector callbacks and ``__del__``
+    (JAX's ``_xla_gc_callback`` runs at any moment); a Ctrl-C that landed there is sent
+    again, so it interrupts the code that runs next instead of being lost."""
+    if isinstance(hook_args.exc_value, KeyboardInterrupt):
+        _resend_interrupt()
+        return
+    sys.__unraisablehook__(hook_args)
+
+
+def install_interrupt_handler() -> None:
+    """Ctrl-C raises KeyboardInterrupt in the main thread from now on, never to be lost.
+
+    ``launch.run`` calls it first; scripts exit 130 with one line on it. Python
+    swallows exceptions raised in garbage-collector callbacks, where JAX's
+    ``_xla_gc_callback`` runs at any moment ("Exception ignored in ..."): a Ctrl-C
+    that lands there is raised in the frame the collector interrupted, at its next
+    line; one swallowed elsewhere (``__del__``) is sent again; and one lost anyway is
+    remembered, so the next training loop stops at its first step (checkpoint, exit
+    130; see :class:`PreemptionWatcher`). During training the watcher's handler
+    takes over (finish the step, save); a second Ctrl-C comes back here.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    sys.unraisablehook = _unraisable
+
+
 class PreemptionWatcher:
     """Context manager that notes SIGTERM and SIGINT while a run is in progress."""
 
@@ -492,6 +570,9 @@ class PreemptionWatcher:
             return self
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        if _interrupted.is_set():  # a Ctrl-C before training that Python swallowed
+            _interrupted.clear()
+            self.request("SIGINT")
         return self
 
     def __exit__(self, *exc_info) -> None:

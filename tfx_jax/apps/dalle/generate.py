@@ -70,9 +70,11 @@ def generate_images(model: CausalLM, params: Any, prompts: DigitPrompts,
     layout = JointLayout.for_tokenizers(prompts, image_tokenizer)
     prefixes = np.stack([layout.prefix(prompts.encode(text)) for text in texts])
     prefixes = np.repeat(prefixes, num_samples, axis=0)
-    sequences = sample_sequences(model, params, jnp.asarray(prefixes), jax.random.key(seed),
-                                 layout=layout, temperature=float(temperature),
-                                 top_k=top_k or None)
+    decoding.check_token_ids(prefixes, model.config.vocab_size, "the prompt prefixes")
+    run = decoding.checked(functools.partial(  # checked mode: cache overflow, ids under jit
+        sample_sequences, model, layout=layout, temperature=float(temperature),
+        top_k=top_k or None))
+    sequences = run(params, jnp.asarray(prefixes), jax.random.key(seed))
     images = image_tokenizer.decode(layout.image_ids(np.asarray(sequences)))
     return images.reshape(len(texts), num_samples, *images.shape[1:])
 

@@ -15,6 +15,8 @@ import functools
 
 import numpy as np
 
+from tfx_jax.errors import DataError, require
+
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 NUMERALS = tuple(str(d) for d in range(10))
 SLOT = "{}"
@@ -72,10 +74,15 @@ class DigitPrompts:
         return self.prompt(label, template_index, numeral=bool(rng.integers(2)))
 
     def words(self, prompt: str) -> list[str]:
-        """Lower-cased words of ``prompt``; unknown words raise a ValueError."""
+        """Lower-cased words of ``prompt``; unknown words or too many raise a ValueError."""
         words = prompt.lower().split()
         if not words:
             raise ValueError("empty prompt")
+        shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        require(len(words) <= self.max_length,
+                f"prompt {shown!r} has {len(words)} words; prompts have at most "
+                f"{self.max_length} (the model reads {self.max_length} text positions), e.g. "
+                f"{self.prompt(7)!r}", DataError)
         unknown = [w for w in words if w not in self._word_ids]
         if unknown:
             raise ValueError(

@@ -16,7 +16,9 @@ training row, which is what makes packing pay. The exact numbers depend on
 the Python version, so results tables name it.
 
 A directory: its ``*.py``, ``*.txt`` and ``*.md`` files, split and cut into
-blocks the same way (your own code base or notes).
+blocks the same way (your own code base or notes); a single file of any name
+the same way (part of its blocks held out). Files must be UTF-8 text: others
+are skipped and named, and a corpus that would lose most of its files is refused.
 
 TFDS: any dataset with a text feature (default key ``"text"``), e.g.
 ``"lm1b"`` (one sentence per example), prepared in ArrayRecord format and read
@@ -24,6 +26,7 @@ with random access through ``tfds.data_source``.
 """
 from __future__ import annotations
 
+import collections
 import collections.abc
 import dataclasses
 import importlib
@@ -35,9 +38,17 @@ from typing import Optional, Sequence
 
 import tensorflow_datasets as tfds
 
+from tfx_jax.data.pair_sources import is_file_spec
+from tfx_jax.errors import DataError, require, say
+
 STDLIB = "python_stdlib"
 TEST_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
 DIRECTORY_EXTENSIONS = (".py", ".txt", ".md")
+# Blocks of more than 65,536 UTF-8 bytes (the LM tokenizer's SentencePiece
+# max_sentence_length: it drops longer sentences) are cut into pieces of at most
+# MAX_BLOCK_CHARS characters (4 bytes per character at most).
+MAX_BLOCK_BYTES = 1 << 16
+MAX_BLOCK_CHARS = MAX_BLOCK_BYTES // 4
 _BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)*")
 
 
@@ -80,31 +91,124 @@ def split_blocks(text: str) -> list[str]:
     return [block for block in blocks if block.strip()]
 
 
+def read_text_file(path: str) -> str:
+    """The UTF-8 text of ``path`` (a byte order mark removed, line ends made ``\\n``).
+
+    Raises DataError naming the file for a binary file (NUL bytes) or bytes that
+    are not UTF-8 (the offset and a way to convert it). Corpus files and prompt
+    files are read with it.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    if b"\0" in data[:65536]:
+        raise DataError(f"{path}: a binary file (NUL bytes), not text")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                        f"{e.start}); convert it, e.g. `iconv -f latin1 -t utf-8`") from e
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # as open() in text mode
+
+
+def split_long_blocks(blocks: Sequence[str], max_chars: int = MAX_BLOCK_CHARS
+                      ) -> tuple[list[str], int]:
+    """The blocks, those over ``MAX_BLOCK_BYTES`` cut into pieces of at most ``max_chars``
+    characters (at their last line break, else their last space, before the limit); also
+    how many blocks were cut.
+
+    A one-line 300 KB file is one block: SentencePiece would drop it as a sentence
+    (too long) and a training row would keep only its start.
+    """
+    out, cut = [], 0
+    for block in blocks:
+        if len(block) <= max_chars or len(block.encode("utf-8")) <= MAX_BLOCK_BYTES:
+            out.append(block)
+            continue
+        cut += 1
+        while len(block) > max_chars:
+            at = block.rfind("\n", 0, max_chars)
+            at = block.rfind(" ", 0, max_chars) if at <= 0 else at
+            at = max_chars if at <= 0 else at
+            piece, block = block[:at].rstrip(), block[at:].lstrip()
+            if piece:
+                out.append(piece)
+        if block.strip():
+            out.append(block)
+    return out, cut
+
+
+def _corpus_files(root: str, extensions: tuple[str, ...]) -> list[str]:
+    files = stdlib_files(root, extensions)
+    if files or root == stdlib_root():
+        return files
+    found = collections.Counter(os.path.splitext(name)[1].lower() or "(no extension)"
+                                for _, _, names in os.walk(root) for name in names)
+    seen = ", ".join(f"{count} {ext}" for ext, count in found.most_common(5)) or "no files"
+    raise DataError(f"empty corpus: {root!r} has no {', '.join(extensions)} files (it has "
+                    f"{seen}); lm.py reads files with these extensions (a single file of "
+                    f"any name can be given as config.dataset)")
+
+
 def stdlib_corpus(root: Optional[str] = None, *, eval_fraction: float = 0.02,
                   max_files: Optional[int] = None,
-                  extensions: tuple[str, ...] = (".py",)) -> TextCorpus:
+                  extensions: tuple[str, ...] = (".py",),
+                  files: Optional[Sequence[str]] = None) -> TextCorpus:
     """The blocks of the standard library's files (or ``root``'s), split into train / eval
-    by file. ``max_files`` keeps only the first files of the sorted list (tests, quick runs).
+    by file. ``max_files`` keeps only the first files of the sorted list (tests, quick runs);
+    ``files``: these paths under ``root`` instead of its files with ``extensions``.
+
+    Files that are binary or not UTF-8 are skipped and named in one line; a
+    corpus that loses more than half of its files is refused. Blocks longer
+    than ``MAX_BLOCK_BYTES`` are cut (said; not in the built-in corpus, which stays
+    as published). When the split by name holds out no
+    file, or every file (few files, or one), the last ``eval_fraction`` of the
+    blocks (at least one) is held out instead, and the run says so.
     """
     if not 0 < eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
     root = stdlib_root() if root is None else root
-    files = stdlib_files(root, extensions)[:max_files]
-    train, held_out = [], []
+    files = list(_corpus_files(root, extensions) if files is None else files)[:max_files]
+    train, held_out, skipped = [], [], []
     num_eval_files = 0
     for path in files:
         try:
-            with open(os.path.join(root, path), encoding="utf-8") as f:
-                blocks = split_blocks(f.read())
-        except (UnicodeDecodeError, OSError):
-            continue  # a few files in odd encodings: not worth a special case
+            blocks = split_blocks(read_text_file(os.path.join(root, path)))
+        except (DataError, OSError) as e:
+            skipped.append((path, "binary" if "binary" in str(e) else
+                            "not UTF-8" if "UTF-8" in str(e) else "unreadable"))
+            continue
         if is_held_out(path, eval_fraction):
             held_out += blocks
             num_eval_files += 1
         else:
             train += blocks
+    if skipped:
+        listed = ", ".join(f"{path} ({why})" for path, why in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        line = f"skipped {len(skipped)} of {len(files)} files: {listed}{more}"
+        if root != stdlib_root() and 2 * len(skipped) > len(files):
+            raise DataError(f"{root}: {line}; most of the corpus would be lost (lm.py reads "
+                            f"UTF-8 text)")
+        say(f"{root}: {line}; they are left out")
+    cut_train = cut_eval = 0
+    if root != stdlib_root():  # the built-in corpus stays as published (docs/lm.md)
+        train, cut_train = split_long_blocks(train)
+        held_out, cut_eval = split_long_blocks(held_out)
+    if cut_train + cut_eval:
+        say(f"{root}: cut {cut_train + cut_eval} blocks longer than {MAX_BLOCK_BYTES:,} bytes "
+            f"into pieces of at most {MAX_BLOCK_CHARS:,} characters at line breaks or spaces "
+            f"(SentencePiece's longest sentence)")
+    split = (f"{len(files) - len(skipped) - num_eval_files} train / {num_eval_files} "
+             f"held-out files")
+    if (not train or not held_out) and len(train) + len(held_out) >= 2:
+        blocks = train + held_out
+        count = max(1, round(eval_fraction * len(blocks)))
+        train, held_out = blocks[:-count], blocks[-count:]
+        split = f"{len(files) - len(skipped)} files, the last {count} blocks held out"
+        say(f"{root}: no file fell {'out of' if not train else 'in'} the held-out split by "
+            f"name; held out the last {count} of {len(blocks)} blocks instead")
     if not train or not held_out:
-        raise ValueError(
+        raise DataError(
             f"empty corpus: the files under {root!r} gave {len(train)} training and "
             f"{len(held_out)} held-out blocks from {len(files)} files (eval_fraction="
             f"{eval_fraction}, max_files={max_files}); both must be non-empty")
@@ -112,8 +216,7 @@ def stdlib_corpus(root: Optional[str] = None, *, eval_fraction: float = 0.02,
             else "directory")
     return TextCorpus(
         name=STDLIB if root == stdlib_root() else root, train=train, eval=held_out,
-        description=(f"{what} ({root}): {len(files) - num_eval_files} train / "
-                     f"{num_eval_files} held-out files, {len(train)} / {len(held_out)} blocks"))
+        description=f"{what} ({root}): {split}, {len(train)} / {len(held_out)} blocks")
 
 
 class TfdsTexts(collections.abc.Sequence):
@@ -167,6 +270,12 @@ def open_corpus(dataset: str, *, data_dir: Optional[str] = None, train_split: st
     if os.path.isdir(dataset):
         return stdlib_corpus(dataset, eval_fraction=eval_fraction, max_files=max_files,
                              extensions=DIRECTORY_EXTENSIONS)
+    if is_file_spec(dataset):  # one file, whatever its name (as translate.py's data flags)
+        require(os.path.isfile(dataset), f"config.dataset: no such file {dataset!r}", DataError)
+        corpus = stdlib_corpus(os.path.dirname(os.path.abspath(dataset)),
+                               eval_fraction=eval_fraction, files=[os.path.basename(dataset)])
+        return dataclasses.replace(corpus, name=dataset, description=(
+            f"file {dataset}: {len(corpus.train)} / {len(corpus.eval)} blocks"))
     train = tfds_texts(dataset, train_split, data_dir=data_dir, text_key=text_key)
     held_out = tfds_texts(dataset, eval_split, data_dir=data_dir, text_key=text_key)
     return TextCorpus(name=dataset, train=train, eval=held_out,

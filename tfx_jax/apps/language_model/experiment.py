@@ -33,7 +33,7 @@ import grain
 import jax
 
 from tfx_jax import train as tr
-from tfx_jax.apps.language_model.corpus import TextCorpus, open_corpus
+from tfx_jax.apps.language_model.corpus import TextCorpus, open_corpus, read_text_file
 from tfx_jax.apps.language_model.pipeline import (MIN_VOCAB_SIZE, eval_batches, eval_windows,
                                                   lm_tokenizer_path,
                                                   load_or_train_lm_tokenizer, train_batches)
@@ -277,8 +277,7 @@ def read_prompts(specs: Sequence[str], stdin=None) -> list[str]:
                 path = spec[1:]
                 if not os.path.isfile(path):
                     raise FileNotFoundError(f"--generate={spec}: no prompt file {path!r}")
-                with open(path, encoding="utf-8") as f:
-                    lines = f.read().splitlines()
+                lines = read_text_file(path).splitlines()  # DataError naming the file
             prompts += [unescape_prompt(line) for line in lines if line]
         else:
             prompts.append(spec)

@@ -123,14 +123,17 @@ def generate_ids(model: CausalLM, params: Any, prompts: Sequence[Sequence[int]],
     if too_long:
         raise ValueError(f"prompt {too_long[0] + 1} has {len(prompts[too_long[0]])} tokens; "
                          f"max_len={max_len} leaves room for at most {max_len - 1}")
+    for number, p in enumerate(prompts, 1):
+        decoding.check_token_ids(p, model.config.vocab_size, f"prompt {number}")
     budgets = [min(num_tokens, max_len - len(p)) for p in prompts]
     rows = [p for p in prompts for _ in range(num_samples)]
     tokens, positions, segment_ids = decoding.left_pad(rows, pad_id=pad_id)
     padded = tokens.shape[1]
-    sequences = np.asarray(sample_continuations(
-        model, params, tokens, positions, segment_ids, row_keys(seed, prompts, num_samples),
-        num_steps=max(budgets), temperature=float(temperature), top_k=top_k,
-        top_p=None if top_p is None else float(top_p), eos_id=eos_id))
+    run = decoding.checked(functools.partial(  # checked mode: cache overflow, ids under jit
+        sample_continuations, model, num_steps=max(budgets), temperature=float(temperature),
+        top_k=top_k, top_p=None if top_p is None else float(top_p), eos_id=eos_id))
+    sequences = np.asarray(run(params, tokens, positions, segment_ids,
+                               row_keys(seed, prompts, num_samples)))
     outputs = []
     for index, budget in enumerate(budgets):
         samples = []

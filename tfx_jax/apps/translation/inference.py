@@ -94,7 +94,10 @@ def translate_texts(params, config: TransformerConfig, tokenizer, texts: Sequenc
         rows = np.zeros((batch_size, max_source_length), np.int32)
         for i, text in enumerate(chunk):
             rows[i] = token_row(tokenizer.encode(text), max_source_length)
-        tokens = np.asarray(translate(params, config, rows, max_length=max_length,
-                                      beam_size=beam_size, alpha=alpha))
+        decoding.check_token_ids(rows, config.vocab_size,
+                                 f"inputs {start + 1}..{start + len(chunk)}")
+        tokens = np.asarray(decoding.checked(functools.partial(  # checked mode (see decoding)
+            translate, config=config, max_length=max_length, beam_size=beam_size,
+            alpha=alpha))(params, sources=rows))
         outputs += [tokenizer.decode(row) for row in tokens[:len(chunk)]]
     return outputs
