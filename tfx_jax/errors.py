@@ -12,8 +12,15 @@ error (a ``ValueError`` from deep inside JAX is a bug until proven otherwise).
   DataError       a dataset, data file or prompt that cannot be used as given
   WorkdirError    a workdir that cannot be used: locked, of another script, unwritable
 
+A missing file is also a ``FileNotFoundError`` (:class:`DataNotFound`,
+:class:`WorkdirNotFound`), and config and data errors are also ``ValueError``\ s,
+so code that catches the built-in types keeps working. An ``OSError`` that is
+the user's (an unwritable workdir, a missing data file) is turned into one of
+these where it happens; any other ``OSError`` keeps its traceback.
+
 :func:`require` is the one way to state a check; :func:`say` the one way a run
-tells its user what it decided (one line, flushed, process 0 only).
+tells its user what it decided (one line on stderr, flushed, process 0 only:
+stdout is kept for results, e.g. translations and samples).
 """
 from __future__ import annotations
 
@@ -38,6 +45,14 @@ class WorkdirError(UserError):
     """A workdir that cannot be used: locked by another run, made by another script, unwritable."""
 
 
+class DataNotFound(DataError, FileNotFoundError):
+    """A data file, dataset or pretrained checkpoint the config names does not exist."""
+
+
+class WorkdirNotFound(WorkdirError, FileNotFoundError):
+    """The workdir lacks a file the command needs (no trained model, no tokenizer, ...)."""
+
+
 def require(ok: bool, message: str, error: type[UserError] = ConfigError) -> None:
     """Raises ``error(message)`` unless ``ok``: the one way a check is written."""
     if not ok:
@@ -45,6 +60,6 @@ def require(ok: bool, message: str, error: type[UserError] = ConfigError) -> Non
 
 
 def say(message: str) -> None:
-    """Prints one line of what the run decided or did (process 0 only, flushed at once)."""
+    """Prints one line of what the run decided or did (stderr, process 0 only, flushed)."""
     if jax.process_index() == 0:
-        print(message, flush=True)
+        print(message, file=sys.stderr, flush=True)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from tfx_jax.errors import ConfigError, DataError, DataNotFound, WorkdirError
 from tfx_jax import pretrained
 from tfx_jax import train as tr
 from tfx_jax.model_config import from_config_dict
@@ -56,11 +57,11 @@ def vit_config(config: ml_collections.ConfigDict) -> ViTConfig:
     """
     for key in ("image_shape", "num_classes"):
         if config.get(key) is None:
-            raise ValueError(f"config.{key} is not set; the training script fills it from "
+            raise WorkdirError(f"config.{key} is not set; the training script fills it from "
                              f"the dataset (config.dataset)")
     height, width, channels = (int(d) for d in config.image_shape)
     if height != width:
-        raise ValueError(f"ViT needs square images, config.image_shape = "
+        raise ConfigError(f"ViT needs square images, config.image_shape = "
                          f"{tuple(config.image_shape)}; set config.image_size to resize")
     return from_config_dict(ViTConfig, config.model, image_size=height, num_channels=channels,
                             num_classes=int(config.num_classes))
@@ -175,7 +176,7 @@ def finetuning_of(config: ml_collections.ConfigDict) -> Optional[FineTuning]:
         return None
     mode = config.get("finetune", "full")
     if mode not in MODES:
-        raise ValueError(f"config.finetune must be one of {MODES}, got {mode!r}")
+        raise ConfigError(f"config.finetune must be one of {MODES}, got {mode!r}")
     return FineTuning(mode=mode, lora_rank=int(config.get("lora_rank", 8)),
                       lora_alpha=float(config.get("lora_alpha", 16.0)))
 
@@ -197,14 +198,14 @@ def load_pretrained_vit(path: str, *, num_classes: Optional[int] = None,
     elif os.path.isfile(path) and path.endswith(".npz"):
         cfg, params = pretrained.load_vit_npz(path)
     else:
-        raise FileNotFoundError(f"init_from={path!r} is neither a .npz ViT checkpoint nor a "
+        raise DataNotFound(f"init_from={path!r} is neither a .npz ViT checkpoint nor a "
                                 f"Hugging Face model directory")
     if not isinstance(cfg, ViTConfig):
-        raise ValueError(f"init_from={path!r} holds a {type(cfg).__name__}, not a ViT")
+        raise DataError(f"init_from={path!r} holds a {type(cfg).__name__}, not a ViT")
     cfg, flat = adapt_vit(cfg, flatten(params), num_classes=num_classes, image_size=image_size)
     if num_channels is not None and num_channels != cfg.num_channels:
         if num_channels != 1:
-            raise ValueError(f"the checkpoint takes {cfg.num_channels}-channel images; images "
+            raise DataError(f"the checkpoint takes {cfg.num_channels}-channel images; images "
                              f"with {num_channels} channels cannot be fed to it")
         flat["patch_embedding/kernel"] = flat["patch_embedding/kernel"].sum(axis=2,
                                                                             keepdims=True)

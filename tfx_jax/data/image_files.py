@@ -19,6 +19,7 @@ import numpy as np
 from etils import epath
 from PIL import Image, UnidentifiedImageError
 
+from tfx_jax.errors import DataError, DataNotFound
 from tfx_jax.data.image_preprocess import normalize_images, resize_image
 
 _PIL_MODES = {1: "L", 3: "RGB"}
@@ -31,7 +32,7 @@ def read_image_file(path: str | os.PathLike, channels: int) -> np.ndarray:
     path = os.fspath(path)
     file = epath.Path(path)  # a local path or a gs:// URL
     if not file.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
+        raise DataNotFound(f"image file not found: {path}")
     try:
         with Image.open(io.BytesIO(file.read_bytes())) as image:
             image.load()
@@ -41,7 +42,7 @@ def read_image_file(path: str | os.PathLike, channels: int) -> np.ndarray:
                 )
             image = image.convert(_PIL_MODES[channels])
     except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise ValueError(f"cannot read image file {path}: {error}") from error
+        raise DataError(f"cannot read image file {path}: {error}") from error
     array = np.asarray(image, dtype=np.uint8)
     return array[..., None] if array.ndim == 2 else array
 

@@ -41,6 +41,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from tfx_jax.errors import ConfigError, DataError
 from tfx_jax.data import grain_batches, packing as packing_lib
 from tfx_jax.data.tokenizer import EOS_ID, PAD_ID
 
@@ -66,7 +67,7 @@ def longest_pair(pairs: Sequence[tuple[str, str]], tokenizer, *, max_pairs: int 
     size, so a rare longer pair may still be truncated.
     """
     if len(pairs) == 0:  # pylint: disable=g-explicit-length-test
-        raise ValueError("cannot measure the lengths of an empty corpus")
+        raise DataError("cannot measure the lengths of an empty corpus")
     indices = range(len(pairs))
     if len(pairs) > max_pairs:
         indices = np.random.default_rng(seed).choice(len(pairs), size=max_pairs, replace=False)
@@ -96,7 +97,7 @@ def _check_lengths(max_source_length: int, max_target_length: int) -> None:
     for name, value in (("max_source_length", max_source_length),
                         ("max_target_length", max_target_length)):
         if value < 2:
-            raise ValueError(f"{name} must be >= 2 (one token and EOS), got {value}")
+            raise ConfigError(f"{name} must be >= 2 (one token and EOS), got {value}")
 
 
 def train_batches(
@@ -200,7 +201,7 @@ def eval_batches(
     """
     _check_lengths(max_source_length, max_target_length)
     if len(pairs) == 0:  # pylint: disable=g-explicit-length-test
-        raise ValueError("the evaluation data has no examples")
+        raise DataError("the evaluation data has no examples")
     encode = functools.partial(
         _encode_pair, tokenizer=tokenizer, max_source_length=max_source_length,
         max_target_length=max_target_length, drop_overlong=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Union
 
+from tfx_jax.errors import ConfigError, DataError
 from tfx_jax.lm import CausalLMConfig
 from tfx_jax.pretrained import hf_gpt2, hf_vit
 from tfx_jax.pretrained.hf_files import CONFIG, read_directory, write_directory
@@ -30,7 +31,7 @@ def _architecture(config: dict[str, Any], source: str) -> str:
         return known[0]
     if not names and config.get("model_type") in _MODEL_TYPES:
         return _MODEL_TYPES[config["model_type"]]
-    raise ValueError(f"{source}: architectures={names!r} (model_type="
+    raise DataError(f"{source}: architectures={names!r} (model_type="
                      f"{config.get('model_type')!r}) is not supported; load_hf reads "
                      f"{list(SUPPORTED)}")
 
@@ -52,7 +53,7 @@ def load_hf(directory: str, *, num_classes: Optional[int] = None,
     weights = os.path.join(str(directory), "model.safetensors")
     if architecture == hf_gpt2.ARCHITECTURE:
         if num_classes is not None or image_size is not None:
-            raise ValueError("num_classes and image_size apply to ViT checkpoints, not "
+            raise ConfigError("num_classes and image_size apply to ViT checkpoints, not "
                              f"{architecture}")
         cfg = hf_gpt2.config_from_hf(config, source)
         return cfg, unflatten(hf_gpt2.params_from_hf(tensors, cfg, weights))

@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from tfx_jax.errors import DataError, DataNotFound
+
+
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -25,18 +28,18 @@ def read_directory(directory: str) -> tuple[dict[str, Any], dict[str, np.ndarray
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"directory must be a path, got {type(directory).__name__}")
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no Hugging Face model directory at {directory!r}")
+        raise DataNotFound(f"no Hugging Face model directory at {directory!r}")
     config_path = os.path.join(directory, CONFIG)
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{directory}: no {CONFIG} (a Hugging Face model directory has "
+        raise DataNotFound(f"{directory}: no {CONFIG} (a Hugging Face model directory has "
                                 f"{CONFIG} and {WEIGHTS})")
     try:
         with open(config_path) as f:
             config = json.load(f)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path}: not valid JSON ({error})") from None
+        raise DataError(f"{config_path}: not valid JSON ({error})") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+        raise DataError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
     weights = os.path.join(directory, WEIGHTS)
     index = os.path.join(directory, INDEX)
     if os.path.isfile(weights):
@@ -46,7 +49,7 @@ def read_directory(directory: str) -> tuple[dict[str, Any], dict[str, np.ndarray
             shards = sorted(set(json.load(f)["weight_map"].values()))
         files = [os.path.join(directory, shard) for shard in shards]
     else:
-        raise FileNotFoundError(f"{directory}: no {WEIGHTS} (or {INDEX}); only safetensors "
+        raise DataNotFound(f"{directory}: no {WEIGHTS} (or {INDEX}); only safetensors "
                                 f"checkpoints are read (convert pytorch_model.bin first)")
     tensors: dict[str, np.ndarray] = {}
     for path in files:
@@ -59,9 +62,9 @@ def _load_tensors(path: str) -> dict[str, np.ndarray]:
         return load_file(path)
     except TypeError as error:  # NumPy has no bfloat16: read with jax, return float32
         if "bfloat16" not in str(error):
-            raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+            raise DataError(f"{path}: not a readable safetensors file ({error})") from None
     except Exception as error:  # SafetensorError, OSError
-        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+        raise DataError(f"{path}: not a readable safetensors file ({error})") from None
     from safetensors.flax import load_file as load_jax
     return {name: np.asarray(value, np.float32 if value.dtype == "bfloat16" else value.dtype)
             for name, value in load_jax(path).items()}

@@ -65,6 +65,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from tfx_jax.errors import WorkdirError, WorkdirNotFound
 from tfx_jax.train.mesh import make_data_mesh, param_shardings
 from tfx_jax.train.metrics import is_url
 from tfx_jax.train.state import TrainState, abstract_params_with_axes
@@ -87,7 +88,11 @@ class _NoMissingMetricWarning(logging.Filter):
 logging.getLogger("absl").addFilter(_NoMissingMetricWarning())
 
 
-class CorruptCheckpointError(ValueError):
+class CheckpointError(WorkdirError, ValueError):
+    """A workdir's checkpoint that cannot be restored: unreadable, or of another model."""
+
+
+class CorruptCheckpointError(CheckpointError):
     """A checkpoint's arrays do not match the checksums written with them."""
 
     def __init__(self, step: int, step_dir: str, paths: list[str]):
@@ -246,7 +251,7 @@ class Checkpointer:
         if step is not None:
             return self._restore_step(abstract_state, data_iterator, step)
         if self.latest_step() is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            raise WorkdirNotFound(f"no checkpoint in {self.directory}")
         return self._fall_back(lambda s: self._restore_step(abstract_state, data_iterator, s))
 
     def _fall_back(self, restore_step: Callable[[int], Any]) -> Any:
@@ -263,7 +268,7 @@ class Checkpointer:
             if error is not None:
                 _say(f"Restored the checkpoint at step {step} instead")
             return result
-        raise ValueError(f"{error}. No earlier checkpoint in {self.directory} is intact; "
+        raise CheckpointError(f"{error}. No earlier checkpoint in {self.directory} is intact; "
                          f"use a new --workdir") from error
 
     def _move_aside(self, step: int) -> str:
@@ -293,7 +298,7 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except FileNotFoundError as e:
-            raise FileNotFoundError(
+            raise WorkdirNotFound(
                 f"checkpoint at step {step} in {self.directory} has no data iterator state "
                 f"for process {jax.process_index()} of {jax.process_count()} (was it written "
                 f"with a different number of processes?): {e}") from e
@@ -305,7 +310,7 @@ class Checkpointer:
             try:
                 data_iterator.set_state(decode_iterator_state(restored[ITERATOR_ITEM]))
             except Exception as e:
-                raise ValueError(
+                raise CheckpointError(
                     f"the data iterator state in the checkpoint at step {step} in "
                     f"{self.directory} does not fit this data pipeline "
                     f"({type(data_iterator).__name__}.set_state raised {e!r}); was it written "
@@ -322,7 +327,7 @@ class Checkpointer:
         """
         if step is None:
             if self.latest_step() is None:
-                raise FileNotFoundError(f"no checkpoint in {self.directory}")
+                raise WorkdirNotFound(f"no checkpoint in {self.directory}")
             return self._fall_back(lambda s: self.restore_params(abstract_params, s))
         target = {"params": abstract_params}
         try:
@@ -356,9 +361,9 @@ class Checkpointer:
         if bad:
             raise CorruptCheckpointError(step, os.path.join(self.directory, str(step)), bad)
 
-    def _unreadable(self, step: int, error: Exception) -> ValueError:
+    def _unreadable(self, step: int, error: Exception) -> CheckpointError:
         step_dir = os.path.join(self.directory, str(step))
-        return ValueError(
+        return CheckpointError(
             f"cannot read the checkpoint at step {step} in {step_dir} (workdir "
             f"{self.workdir}): {type(error).__name__}: {str(error)[:500]}\nThe directory is "
             f"corrupt or incomplete, or was written by another model or optimizer. Nothing "
@@ -379,7 +384,7 @@ class Checkpointer:
         if problems:
             listed = "\n  ".join(problems[:10])
             more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-            raise ValueError(
+            raise CheckpointError(
                 f"the checkpoint at step {step} in {self.directory} does not match the model "
                 f"(workdir {self.workdir}); was it written by a different config?\n  "
                 f"{listed}{more}\nNothing was deleted; use a new --workdir or the config "
@@ -457,7 +462,7 @@ def restore_params(workdir: str, init_params: Callable[[jax.Array], Any], *,
     """
     directory = epath.Path(workdir) / "checkpoints"
     if not directory.exists() or not any(p.name.isdigit() for p in directory.iterdir()):
-        raise FileNotFoundError(
+        raise WorkdirNotFound(
             f"no trained model in workdir {workdir!r}: {directory} holds no checkpoint; "
             f"train one into this --workdir first")
     mesh = make_data_mesh() if mesh is None else mesh
@@ -591,7 +596,7 @@ LOCK_FILE = ".lock"
 _held: dict[str, int] = {}  # lock path -> nesting depth, in this process
 
 
-class WorkdirLocked(RuntimeError):
+class WorkdirLocked(WorkdirError):
     """Another live process holds the workdir."""
 
 
@@ -639,7 +644,7 @@ def _create(path: epath.Path, content: str) -> bool:
 def _check_directory(workdir: str, directory: epath.Path) -> None:
     """A one-line error for a workdir that is a file or cannot be written."""
     if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"workdir {workdir!r} is a file, not a directory; "
+        raise WorkdirError(f"workdir {workdir!r} is a file, not a directory; "
                                  f"pass a directory for --workdir")
 
 
@@ -651,7 +656,7 @@ def acquire(workdir: str) -> tuple[epath.Path, bool]:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except PermissionError as e:
-        raise PermissionError(f"cannot create workdir {workdir!r}: permission denied") from e
+        raise WorkdirError(f"cannot create workdir {workdir!r}: permission denied") from e
     path = directory / LOCK_FILE
     me = {"host": socket.gethostname(), "pid": os.getpid(),
           "since": datetime.datetime.now(datetime.timezone.utc).strftime(
@@ -662,11 +667,11 @@ def acquire(workdir: str) -> tuple[epath.Path, bool]:
             if _create(path, content):
                 return path, created
         except PermissionError as e:
-            raise PermissionError(f"workdir {workdir!r} is not writable (permission denied "
+            raise WorkdirError(f"workdir {workdir!r} is not writable (permission denied "
                                   f"creating {path})") from e
         except OSError as e:
             if e.errno == errno.EROFS:
-                raise PermissionError(f"workdir {workdir!r} is on a read-only file "
+                raise WorkdirError(f"workdir {workdir!r} is on a read-only file "
                                       f"system") from e
             raise
         holder = _read_holder(path)

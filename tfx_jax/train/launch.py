@@ -16,10 +16,12 @@ works the same for all scripts (the Flax-examples convention), and:
 * preemption (SIGTERM) exits with code 143 and Ctrl-C (SIGINT) with 130 after
   the checkpoint is saved, and a non-finite loss exits with code 3, each with a
   message on stderr; Ctrl-C before training started exits 130 with one line;
-* a bad config key or value, bad data, a workdir in use, unwritable or full, a
-  damaged checkpoint (ValueError, OSError, :class:`WorkdirLocked`) exits with
-  code 2 and one ``error: ...`` line; ``--verbosity=1`` shows the traceback
-  instead. ``with launch.user_errors():`` does the same inside a script.
+* a user's mistake, i.e. a :class:`tfx_jax.errors.UserError` (a bad config key
+  or value, bad data, a workdir in use, of another script or unwritable, a
+  damaged checkpoint) exits with code 2 and one ``error: ...`` line;
+  ``--verbosity=1`` shows the traceback instead. Every other exception, a
+  ``ValueError`` or ``OSError`` included, is a bug until proven otherwise and
+  keeps its traceback. ``with launch.user_errors():`` does the same inside a script.
 """
 from __future__ import annotations
 
@@ -30,13 +32,12 @@ from typing import Callable, Iterator
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tfx_jax.train.checkpoint import WorkdirLocked
+from tfx_jax.errors import UserError
 from tfx_jax.train.loop import INTERRUPT_EXIT_CODE, NonFiniteError, Preempted
 from tfx_jax.train.mesh import initialize_distributed
 
 NONFINITE_EXIT_CODE = 3
 USER_ERROR_EXIT_CODE = 2
-USER_ERRORS = (ValueError, OSError, WorkdirLocked)  # OSError: unwritable, full, missing files
 
 
 def _show_traceback() -> bool:
@@ -53,13 +54,12 @@ def _one_line(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def user_errors(*types: type) -> Iterator[None]:
-    """Turns ``types`` (default ValueError, OSError, WorkdirLocked) into ``error: <message>``
-    on stderr and exit code 2: errors that name what to fix need no traceback
-    (``--verbosity=1`` shows it anyway)."""
+def user_errors() -> Iterator[None]:
+    """Turns a :class:`UserError` into ``error: <message>`` on stderr and exit code 2: an
+    error that names what to fix needs no traceback (``--verbosity=1`` shows it anyway)."""
     try:
         yield
-    except (types or USER_ERRORS) as error:
+    except UserError as error:
         if _show_traceback():
             raise
         print(f"error: {_one_line(error)}", file=sys.stderr)

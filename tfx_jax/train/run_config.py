@@ -67,6 +67,7 @@ import jax
 import ml_collections
 from etils import epath
 
+from tfx_jax.errors import WorkdirNotFound, require
 from tfx_jax.train.mesh import MESH_AXES
 from tfx_jax.train.perf import parse_profile_steps
 
@@ -111,11 +112,6 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
-def _require(config, key: str, ok: bool, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"config.{key} must be {expected}, got {config[key]!r}")
-
-
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -124,71 +120,70 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def require_key(config, key: str, ok: bool, expected: str) -> None:
+    """ConfigError ``config.KEY must be EXPECTED, got VALUE`` unless ``ok``."""
+    require(ok, f"config.{key} must be {expected}, got {config[key]!r}")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the first key that is missing or out of range."""
+    """Raises ConfigError naming the first key that is missing or out of range."""
     missing = [key for key in default_config() if key not in config]
-    if missing:
-        raise ValueError(
-            f"config is missing the training keys {missing}; start experiment configs "
-            f"from tfx_jax.train.default_config()")
+    require(not missing, f"config is missing the training keys {missing}; start experiment "
+            f"configs from tfx_jax.train.default_config()")
     for key in ("batch_size", "num_train_steps", "grad_accum_steps", "max_checkpoints_to_keep",
-                "schedule_d_model"):
-        _require(config, key, _is_int(config[key]) and config[key] > 0, "a positive integer")
-    for key in ("warmup_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-                "seed", "early_stopping_patience"):
-        _require(config, key, _is_int(config[key]) and config[key] >= 0,
-                 "a non-negative integer")
-    _require(config, "log_every_steps", config.log_every_steps > 0, "a positive integer")
-    _require(config, "schedule", config.schedule in SCHEDULES, f"one of {SCHEDULES}")
-    _require(config, "optimizer", config.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}")
+                "schedule_d_model", "log_every_steps"):
+        require_key(config, key, _is_int(config[key]) and config[key] > 0, "a positive integer")
+    for key in ("warmup_steps", "eval_every_steps", "checkpoint_every_steps", "seed",
+                "early_stopping_patience"):
+        require_key(config, key, _is_int(config[key]) and config[key] >= 0,
+                    "a non-negative integer")
+    require_key(config, "schedule", config.schedule in SCHEDULES, f"one of {SCHEDULES}")
+    require_key(config, "optimizer", config.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}")
     for key in ("learning_rate", "eps"):
-        _require(config, key, _is_number(config[key]) and config[key] > 0, "a positive number")
-    _require(config, "best_metric", isinstance(config.best_metric, str),
-             "an eval metric name or '' (off)")
-    _require(config, "best_metric_mode", config.best_metric_mode in ("min", "max"),
-             "'min' or 'max'")
-    if config.early_stopping_patience and not config.best_metric:
-        raise ValueError(f"config.early_stopping_patience = {config.early_stopping_patience} "
-                         f"needs config.best_metric (the eval metric to watch), got ''")
+        require_key(config, key, _is_number(config[key]) and config[key] > 0,
+                    "a positive number")
+    require_key(config, "best_metric", isinstance(config.best_metric, str),
+                "an eval metric name or '' (off)")
+    require_key(config, "best_metric_mode", config.best_metric_mode in ("min", "max"),
+                "'min' or 'max'")
+    require(not (config.early_stopping_patience and not config.best_metric),
+            f"config.early_stopping_patience = {config.early_stopping_patience} needs "
+            f"config.best_metric (the eval metric to watch), got ''")
     for key in ("end_learning_rate", "weight_decay", "grad_clip_norm", "early_stopping_min_delta",
                 "peak_tflops"):
-        _require(config, key, _is_number(config[key]) and config[key] >= 0,
-                 "a non-negative number (0 = off)")
+        require_key(config, key, _is_number(config[key]) and config[key] >= 0,
+                    "a non-negative number (0 = off)")
     for key in ("b1", "b2"):
-        _require(config, key, _is_number(config[key]) and 0 <= config[key] < 1, "in [0, 1)")
+        require_key(config, key, _is_number(config[key]) and 0 <= config[key] < 1, "in [0, 1)")
     parse_profile_steps(config.profile_steps, start_step=0)  # a bad window fails here, not later
-    if config.weight_decay > 0 and config.optimizer != "adamw":
-        raise ValueError(
+    require(not (config.weight_decay > 0 and config.optimizer != "adamw"),
             f"config.weight_decay = {config.weight_decay} needs config.optimizer = 'adamw' "
             f"(plain Adam has no decoupled weight decay), got {config.optimizer!r}")
-    _require(config, "num_train_steps", config.num_train_steps % config.grad_accum_steps == 0,
-             f"a multiple of config.grad_accum_steps = {config.grad_accum_steps}")
+    require_key(config, "num_train_steps", config.num_train_steps % config.grad_accum_steps == 0,
+                f"a multiple of config.grad_accum_steps = {config.grad_accum_steps}")
     num_updates = config.num_train_steps // config.grad_accum_steps
     if config.schedule == "warmup_cosine":
-        _require(config, "warmup_steps", config.warmup_steps < num_updates,
-                 f"smaller than the number of optimizer updates ({num_updates}) for the "
-                 f"'warmup_cosine' schedule")
+        require_key(config, "warmup_steps", config.warmup_steps < num_updates,
+                    f"smaller than the number of optimizer updates ({num_updates}) for the "
+                    f"'warmup_cosine' schedule")
     _validate_mesh(config)
     if config.schedule == "transformer":
-        _require(config, "warmup_steps", config.warmup_steps > 0,
-                 "positive for the 'transformer' schedule")
+        require_key(config, "warmup_steps", config.warmup_steps > 0,
+                    "positive for the 'transformer' schedule")
 
 
 def _validate_mesh(config) -> None:
     mesh = config.mesh
-    if not hasattr(mesh, "items"):
-        raise ValueError(f"config.mesh must be a mapping like {{'data': -1, 'fsdp': 1, "
-                         f"'tensor': 1}}, got {mesh!r}")
+    require(hasattr(mesh, "items"), f"config.mesh must be a mapping like {{'data': -1, "
+            f"'fsdp': 1, 'tensor': 1}}, got {mesh!r}")
     unknown = sorted(set(mesh.keys()) - set(MESH_AXES))
-    if unknown:
-        raise ValueError(f"config.mesh has unknown axis name(s) {unknown}; the mesh axes are "
-                         f"{list(MESH_AXES)}")
+    require(not unknown, f"config.mesh has unknown axis name(s) {unknown}; the mesh axes are "
+            f"{list(MESH_AXES)}")
     for axis, size in mesh.items():
-        if not (_is_int(size) and (size > 0 or size == -1)):
-            raise ValueError(f"config.mesh.{axis} must be a positive integer or -1 (the "
-                             f"remaining devices), got {size!r}")
-    if list(mesh.values()).count(-1) > 1:
-        raise ValueError(f"config.mesh = {dict(mesh)}: at most one axis may be -1")
+        require(_is_int(size) and (size > 0 or size == -1), f"config.mesh.{axis} must be a "
+                f"positive integer or -1 (the remaining devices), got {size!r}")
+    require(list(mesh.values()).count(-1) <= 1,
+            f"config.mesh = {dict(mesh)}: at most one axis may be -1")
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -205,14 +200,15 @@ def load_config(workdir: str, *, script: str | None = None) -> ml_collections.Co
     """The config a run in ``workdir`` was trained with (see :func:`save_config`).
 
     JSON has no tuples: sequence values come back as lists. Without one,
-    FileNotFoundError; ``script`` names the script that trains such a workdir.
+    :class:`tfx_jax.errors.WorkdirNotFound`; ``script`` names the script that
+    trains such a workdir.
     """
     path = epath.Path(workdir) / CONFIG_FILE
     if not path.exists():
         if script:
-            raise FileNotFoundError(f"no trained model in workdir {workdir!r} (no "
+            raise WorkdirNotFound(f"no trained model in workdir {workdir!r} (no "
                                     f"{CONFIG_FILE}); train one first with `python {script} "
                                     f"--workdir={workdir}`")
-        raise FileNotFoundError(
+        raise WorkdirNotFound(
             f"no {CONFIG_FILE} in workdir {workdir!r}: is it a training run's --workdir?")
     return ml_collections.ConfigDict(json.loads(path.read_text()))

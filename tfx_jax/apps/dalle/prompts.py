@@ -15,6 +15,9 @@ import functools
 
 import numpy as np
 
+from tfx_jax.errors import DataError
+
+
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 NUMERALS = tuple(str(d) for d in range(10))
 SLOT = "{}"
@@ -75,10 +78,10 @@ class DigitPrompts:
         """Lower-cased words of ``prompt``; unknown words raise a ValueError."""
         words = prompt.lower().split()
         if not words:
-            raise ValueError("empty prompt")
+            raise DataError("empty prompt")
         unknown = [w for w in words if w not in self._word_ids]
         if unknown:
-            raise ValueError(
+            raise DataError(
                 f"unknown word(s) {unknown} in prompt {prompt!r}; the vocabulary is: "
                 + " ".join(self.vocab)
             )
@@ -89,11 +92,11 @@ class DigitPrompts:
         words = self.words(prompt)
         slots = [i for i, w in enumerate(words) if w in NUMBER_WORDS or w in NUMERALS]
         if len(slots) != 1:
-            raise ValueError(f"prompt {prompt!r} must name exactly one digit, found {len(slots)}")
+            raise DataError(f"prompt {prompt!r} must name exactly one digit, found {len(slots)}")
         number = words[slots[0]]
         pattern = " ".join(words[: slots[0]] + [SLOT] + words[slots[0] + 1 :])
         if pattern not in self.templates:
-            raise ValueError(
+            raise DataError(
                 f"prompt {prompt!r} does not follow the grammar; prompts are one of "
                 f"{list(self.templates)} with {SLOT} a digit (word or numeral)"
             )

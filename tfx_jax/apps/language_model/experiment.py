@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 import grain
 import jax
 
+from tfx_jax.errors import DataError, DataNotFound
 from tfx_jax import train as tr
 from tfx_jax.apps.language_model.corpus import TextCorpus, open_corpus
 from tfx_jax.apps.language_model.pipeline import (MIN_VOCAB_SIZE, eval_batches, eval_windows,
@@ -271,14 +272,14 @@ def read_prompts(specs: Sequence[str], stdin=None) -> list[str]:
             else:
                 path = spec[1:]
                 if not os.path.isfile(path):
-                    raise FileNotFoundError(f"--generate={spec}: no prompt file {path!r}")
+                    raise DataNotFound(f"--generate={spec}: no prompt file {path!r}")
                 with open(path, encoding="utf-8") as f:
                     lines = f.read().splitlines()
             prompts += [unescape_prompt(line) for line in lines if line]
         else:
             prompts.append(spec)
     if not prompts:
-        raise ValueError(f"--generate={','.join(specs)} gave no prompts (empty file or "
+        raise DataError(f"--generate={','.join(specs)} gave no prompts (empty file or "
                          f"stdin); write one prompt per line")
     return prompts
 
@@ -290,7 +291,7 @@ def generate(config, workdir: str, prompts: Sequence[str]) -> list[list[str]]:
     """
     check_sampling_config(config)
     if not prompts:
-        raise ValueError("no prompts to continue")
+        raise DataError("no prompts to continue")
     trained = load_trained_lm(workdir)
     samples = generate_texts(trained.model, trained.params, trained.tokenizer, list(prompts),
                              **sampling_kwargs(config))

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tfx_jax.errors import ConfigError
 from tfx_jax import train as tr
 from tfx_jax.lm import CausalLM, CausalLMConfig
 from tfx_jax.model_config import from_config_dict
@@ -114,7 +115,7 @@ def make_evaluate(model: CausalLM, eval_data: Iterable, *, num_examples: Optiona
 def lm_task(model: CausalLM, *, max_len: int, evaluate=None) -> tr.Task:
     """The :class:`tfx_jax.train.Task` of next-token prediction on rows of ``max_len`` tokens."""
     if max_len > model.config.max_len:
-        raise ValueError(f"rows of max_len={max_len} tokens do not fit the model's context "
+        raise ConfigError(f"rows of max_len={max_len} tokens do not fit the model's context "
                          f"max_len={model.config.max_len}")
 
     def init_params(rng):
