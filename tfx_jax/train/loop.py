@@ -22,7 +22,6 @@ import dataclasses
 import itertools
 import math
 import signal
-import sys
 import threading
 import time
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
@@ -33,13 +32,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from tfx_jax.errors import say
 from tfx_jax.train.checkpoint import Checkpointer, check_iterator_checkpointable, hold_workdir_lock
 from tfx_jax.train.finetune import mask_optimizer
 from tfx_jax.train.mesh import check_batch_size, check_eval_batches, make_mesh, shard_batch
 from tfx_jax.train.metrics import MetricsWriter, average_metrics, make_progress_bar, print_summary
 from tfx_jax.train.optim import create_optimizer
 from tfx_jax.train.perf import StepProfiler, ThroughputMeter
-from tfx_jax.train.run_config import save_config, validate_config
+from tfx_jax.train.run_config import is_plan, save_config, validate_config
 from tfx_jax.train.state import (Batch, Task, TrainState, abstract_train_state,
                                  create_sharded_train_state, make_eval_step, make_train_step,
                                  train_state_shardings)
@@ -119,11 +119,6 @@ def _eval_pass(eval_batches) -> Iterator[Batch]:
         yield batch
 
 
-def _say(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
-
-
 class _TrainWindow:
     """Metrics of the steps since the last log line, kept on device until needed."""
 
@@ -176,11 +171,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
       NonFiniteError: a non-finite step with ``skip_nonfinite_updates=False``.
       ValueError: bad config, batch shapes, or a checkpoint that does not fit.
     """
-    validate_config(config)
+    if not is_plan(config):  # a plan (run_config.freeze) was checked by its app already
+        validate_config(config)
     check_iterator_checkpointable(train_iter)
     _check_eval_batches(eval_batches)
     mesh = make_mesh(config.mesh) if mesh is None else mesh
-    check_batch_size(config.batch_size, mesh)
+    if not is_plan(config):
+        check_batch_size(config.batch_size, mesh)
     check_eval_batches(eval_batches, mesh)
     optimizer, schedule = create_optimizer(config)
     if task.trainable is not None:  # fine-tuning: frozen parameters get zero updates
@@ -202,17 +199,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
             state = checkpointer.restore(
                 abstract_train_state(task.init_params, optimizer, config.seed, shardings),
                 train_iter)
-            _say(f"Resuming from the checkpoint at step {int(state.step)} in "
-                 f"{checkpointer.directory}")
+            say(f"Resuming from the checkpoint at step {int(state.step)} in "
+                f"{checkpointer.directory}")
         else:
             state = create_sharded_train_state(task.init_params, optimizer, config.seed,
                                                shardings)
         start_step = int(jax.device_get(state.step))
-        if start_step >= config.num_train_steps:
-            _say(f"Nothing to do: the checkpoint is at step {start_step} and "
-                 f"config.num_train_steps = {config.num_train_steps}")
+        if start_step > config.num_train_steps:
+            say(f"Nothing to train: config.num_train_steps = {config.num_train_steps} is below "
+                f"the checkpoint's step {start_step}; config.json is kept as the run that "
+                f"trained it wrote it")
+        elif start_step == config.num_train_steps:
+            say(f"Nothing to train: the checkpoint is at step {start_step} = "
+                f"config.num_train_steps")
         writer = MetricsWriter(workdir, start_step=start_step)
-        save_config(config, workdir)
+        if start_step < config.num_train_steps:  # a finished run's config.json stays its own
+            save_config(config, workdir)
         bar = make_progress_bar(config.num_train_steps, start_step, enabled=config.progress_bar)
         run = _Run(config, task, mesh, train_iter, eval_batches, checkpointer, writer, bar,
                    make_train_step(task.loss_fn, optimizer, schedule, mesh,
@@ -226,7 +228,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
         checkpointer.wait_until_finished()
         bar.close()
         if checkpointer.best_step() is not None:
-            _say(f"Best checkpoint by eval {config.best_metric}: step {checkpointer.best_step()}")
+            say(f"Best checkpoint by eval {config.best_metric}: step {checkpointer.best_step()}")
         print_summary(f"Finished at step {int(jax.device_get(state.step))} (workdir {workdir})",
                       {split: {k: v for k, v in record.items() if k != "split"}
                        for split, record in (("train", run.last_train),
@@ -293,7 +295,7 @@ class _Run:
                     self.evaluate_or_save(state, step)
                     if not final and self.early_stopping.update(step, self.last_eval):
                         self.save(state)
-                        _say(self.early_stopping.message(step))
+                        say(self.early_stopping.message(step))
                         break
                 if final or (config.checkpoint_every_steps
                              and step % config.checkpoint_every_steps == 0):
@@ -302,7 +304,7 @@ class _Run:
                     self.save(state)
                     self.checkpointer.wait_until_finished()
                     preempted = Preempted(step, self.checkpointer.directory, watcher.signal_name)
-                    _say(str(preempted))
+                    say(str(preempted))
                     raise preempted
         return state
 
@@ -334,7 +336,7 @@ class _Run:
         self.bar.set_postfix(loss=f"{averaged.get('loss', float('nan')):.4f}",
                              steps_per_sec=f"{averaged['steps_per_sec']:.2f}")
         if self.bar.disable:
-            _say(f"step {step}: " + ", ".join(
+            say(f"step {step}: " + ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                 for k, v in averaged.items()))
 
@@ -351,8 +353,8 @@ class _Run:
         except Exception:
             if jax.process_count() == 1 and self.checkpointer.save(state, self.train_iter):
                 self.checkpointer.wait_until_finished()
-                _say(f"The evaluation at step {step} failed; saved a checkpoint at step {step} "
-                     f"first, so a rerun does not repeat the training")
+                say(f"The evaluation at step {step} failed; saved a checkpoint at step {step} "
+                    f"first, so a rerun does not repeat the training")
             raise
 
     def evaluate(self, state: TrainState, step: int) -> None:

@@ -62,16 +62,21 @@ the model that wrote the checkpoints with :func:`load_config`.
 from __future__ import annotations
 
 import json
+from typing import Optional, Sequence
 
 import jax
 import ml_collections
 from etils import epath
 
-from tfx_jax.errors import WorkdirNotFound, require
+from tfx_jax.errors import WorkdirError, WorkdirNotFound, require
 from tfx_jax.train.mesh import MESH_AXES
 from tfx_jax.train.perf import parse_profile_steps
 
 CONFIG_FILE = "config.json"
+JOB_KEY = "job"  # which script's run a workdir holds (written into config.json)
+# A key only that job's config has: names the job of a workdir whose config.json has no "job".
+JOB_SIGNATURES = {"translate": "max_source_length", "lm": "sample_prompts",
+                  "dalle": "image_tokenizer", "vit": "eval_every_epochs"}
 
 SCHEDULES = ("transformer", "warmup_cosine", "constant")
 OPTIMIZERS = ("adam", "adamw")
@@ -159,13 +164,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     require(not (config.weight_decay > 0 and config.optimizer != "adamw"),
             f"config.weight_decay = {config.weight_decay} needs config.optimizer = 'adamw' "
             f"(plain Adam has no decoupled weight decay), got {config.optimizer!r}")
-    require_key(config, "num_train_steps", config.num_train_steps % config.grad_accum_steps == 0,
-                f"a multiple of config.grad_accum_steps = {config.grad_accum_steps}")
-    num_updates = config.num_train_steps // config.grad_accum_steps
-    if config.schedule == "warmup_cosine":
-        require_key(config, "warmup_steps", config.warmup_steps < num_updates,
-                    f"smaller than the number of optimizer updates ({num_updates}) for the "
-                    f"'warmup_cosine' schedule")
+    check_train_length(config)
     _validate_mesh(config)
     if config.schedule == "transformer":
         require_key(config, "warmup_steps", config.warmup_steps > 0,
@@ -186,6 +185,97 @@ def _validate_mesh(config) -> None:
             f"config.mesh = {dict(mesh)}: at most one axis may be -1")
 
 
+def freeze(config: ml_collections.ConfigDict, job: str,
+           **decided) -> ml_collections.FrozenConfigDict:
+    """The run's plan: an immutable copy of the checked ``config`` plus what the data decided.
+
+    ``decided`` holds the keys the data fixed (row lengths, training steps, image
+    shape, ...), dotted keys for sections (``**{"model.image_size": 224}``); the
+    user's ``config`` itself is left as it was. ``job`` ("translate", "lm",
+    "vit", "dalle") is kept as ``config.json``'s ``job``, so a workdir names the
+    script that made it. :func:`tfx_jax.train.train` does not validate a plan
+    again: its app checked the config before reading data, and the keys the
+    data decided are checked here (:func:`check_train_length`).
+    """
+    plan = config.copy_and_resolve_references()
+    with plan.unlocked():
+        plan[JOB_KEY] = job
+        for key, value in decided.items():
+            *parents, leaf = key.split(".")
+            section = plan
+            for parent in parents:
+                section = section[parent]
+            section[leaf] = value
+    if "num_train_steps" in decided or "eval_every_steps" in decided:
+        check_train_length(plan)
+    return ml_collections.FrozenConfigDict(plan)
+
+
+def is_plan(config) -> bool:
+    """Whether ``config`` is a plan from :func:`freeze` (checked, immutable)."""
+    return isinstance(config, ml_collections.FrozenConfigDict)
+
+
+def check_train_length(config) -> None:
+    """The keys a run may take from its data: steps against accumulation and warm-up."""
+    require_key(config, "num_train_steps",
+                _is_int(config.num_train_steps) and config.num_train_steps > 0,
+                "a positive integer")
+    require_key(config, "eval_every_steps",
+                _is_int(config.eval_every_steps) and config.eval_every_steps >= 0,
+                "a non-negative integer")
+    require_key(config, "num_train_steps", config.num_train_steps % config.grad_accum_steps == 0,
+                f"a multiple of config.grad_accum_steps = {config.grad_accum_steps}")
+    num_updates = config.num_train_steps // config.grad_accum_steps
+    if config.schedule == "warmup_cosine":
+        require_key(config, "warmup_steps", config.warmup_steps < num_updates,
+                    f"smaller than the number of optimizer updates ({num_updates}) for the "
+                    f"'warmup_cosine' schedule")
+
+
+def script_of(job: str) -> str:
+    return f"experiments/{job}.py"
+
+
+def job_of(stored: ml_collections.ConfigDict) -> Optional[str]:
+    """The job a stored config.json belongs to ("job", else its signature key), or None."""
+    if stored.get(JOB_KEY):
+        return stored[JOB_KEY]
+    return next((job for job, key in JOB_SIGNATURES.items() if key in stored), None)
+
+
+def check_workdir(workdir: str, job: str, config=None, *, same: Sequence[str] = ()) -> None:
+    """WorkdirError for a workdir another script made, or (``same``) one trained on other data.
+
+    Reads ``<workdir>/config.json`` if there is one. A workdir of another job is
+    refused naming its script; with ``config``, a workdir that holds a
+    checkpoint and was trained with other values of the ``same`` keys (the
+    dataset, the tokenizer) is refused instead of resumed with the old data's
+    tokenizer and rewritten.
+    """
+    path = epath.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        return
+    stored = ml_collections.ConfigDict(json.loads(path.read_text()))
+    made_by = job_of(stored)
+    require(made_by in (None, job), f"workdir {workdir!r} holds a run of {script_of(made_by)} "
+            f"(config.json), not of {script_of(job)}; use a workdir of {script_of(job)} or a "
+            f"new --workdir", WorkdirError)
+    if config is None or not same:
+        return
+    checkpoints = epath.Path(workdir) / "checkpoints"
+    if not (checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+        return
+    for key in same:
+        before, now = stored.get(key), config.get(key)
+        before = tuple(before) if isinstance(before, list) else before
+        now = tuple(now) if isinstance(now, list) else now
+        require(before == now, f"workdir {workdir!r} was trained with config.{key} = "
+                f"{before!r}, this run has {now!r}; resuming would continue with the old "
+                f"data's tokenizer and rewrite config.json: use a new --workdir, or "
+                f"--config.{key}={before} to resume", WorkdirError)
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Writes ``config`` as ``<workdir>/config.json`` (process 0 only; gs:// works)."""
     if jax.process_index() != 0:
@@ -196,13 +286,17 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
-def load_config(workdir: str, *, script: str | None = None) -> ml_collections.ConfigDict:
+def load_config(workdir: str, *, script: str | None = None,
+                job: str | None = None) -> ml_collections.ConfigDict:
     """The config a run in ``workdir`` was trained with (see :func:`save_config`).
 
     JSON has no tuples: sequence values come back as lists. Without one,
     :class:`tfx_jax.errors.WorkdirNotFound`; ``script`` names the script that
-    trains such a workdir.
+    trains such a workdir. With ``job``, a workdir of another job is a
+    :class:`tfx_jax.errors.WorkdirError` naming the script that made it.
     """
+    if job is not None:
+        script = script or script_of(job)
     path = epath.Path(workdir) / CONFIG_FILE
     if not path.exists():
         if script:
@@ -211,4 +305,7 @@ def load_config(workdir: str, *, script: str | None = None) -> ml_collections.Co
                                     f"--workdir={workdir}`")
         raise WorkdirNotFound(
             f"no {CONFIG_FILE} in workdir {workdir!r}: is it a training run's --workdir?")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    stored = ml_collections.ConfigDict(json.loads(path.read_text()))
+    if job is not None:
+        check_workdir(workdir, job)
+    return stored
