@@ -290,9 +290,9 @@ def test_sampled_rows_do_not_depend_on_the_other_prompts_of_the_batch():
 def test_check_config_names_the_bad_key_in_one_line(key, value, message):
     mesh = tr.make_data_mesh(jax.devices()[:8])
     config = experiment_config("lm")
-    experiment.check_config(config, mesh)  # the defaults pass on 8 devices
+    experiment.check(config, mesh)  # the defaults pass on 8 devices
     section, _, name = key.rpartition(".")
     (config[section] if section else config)[name] = value
     with pytest.raises(ValueError, match=message) as error:
-        experiment.check_config(config, mesh)
+        experiment.check(config, mesh)
     assert "\n" not in str(error.value)

@@ -68,6 +68,12 @@ def abstract_params_with_axes(init_params: Callable[[jax.Array], Any]) -> Any:
         return jax.eval_shape(init_params, jax.random.PRNGKey(0))
 
 
+def check_params_fit_mesh(init_params: Callable[[jax.Array], Any], mesh: Mesh) -> None:
+    """ConfigError naming a parameter the mesh cannot split by the rules (e.g. 2 heads over
+    ``mesh.tensor = 4``); shapes only, so a script checks this before reading any data."""
+    param_shardings(abstract_params_with_axes(init_params), mesh)
+
+
 def train_state_shardings(init_params: Callable[[jax.Array], Any],
                           optimizer: optax.GradientTransformation, mesh: Mesh,
                           rules: Optional[Rules] = None) -> TrainState:

@@ -58,17 +58,15 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Arr
 
 
 def make_loss_fn(model: CausalLM):
-    """``loss_fn(params, batch, rng, train) -> (mean token NLL, {"accuracy", "weight"})``."""
+    """``loss_fn(params, batch, rng, train) -> (mean token NLL, {"accuracy", "weight"})``
+    (:func:`tfx_jax.train.token_cross_entropy` / ``token_accuracy``: padding 0 ignored)."""
 
     def loss_fn(params, batch, rng, train):
         logits = model.apply({"params": params}, batch["inputs"], **packing_kwargs(batch),
                              deterministic=not train, rngs={"dropout": rng})
-        nll, weights = token_nll(logits, batch["targets"])
-        num_tokens = weights.sum()
-        correct = (jnp.argmax(logits, axis=-1) == batch["targets"]) * weights
-        denominator = jnp.maximum(num_tokens, 1.0)
-        return (nll * weights).sum() / denominator, {"accuracy": correct.sum() / denominator,
-                                                     "weight": num_tokens}
+        loss, num_tokens = tr.token_cross_entropy(logits, batch["targets"])
+        accuracy, _ = tr.token_accuracy(logits, batch["targets"])
+        return loss, {"accuracy": accuracy, "weight": num_tokens}
 
     return loss_fn
 
