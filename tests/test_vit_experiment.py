@@ -22,6 +22,8 @@ from tfx_jax.data.image_datasets import load_image_dataset
 from tfx_jax.data.image_preprocess import normalize_images
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tfx_jax.apps.classification import experiment as vit_experiment  # noqa: E402
+
 vit_script = load_script(str(ROOT / "experiments" / "vit.py"), "vit_experiment")
 TINY_MODEL = dict(patch_size=2, d_model=16, num_heads=2, num_layers=1, d_ff=32)
 
@@ -214,7 +216,9 @@ def test_script_trains_on_a_tfds_dataset_by_name_with_mock_data(tmp_path, data_d
     one_device = tr.make_data_mesh(jax.devices()[:1])  # as above
     with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=24):
         vit_script.train(config, workdir, mesh=one_device)
-    assert tuple(config.image_shape) == (8, 8, 1) and config.num_classes == 10
+    stored = tr.load_config(workdir)  # the plan: the dataset decided shape and classes
+    assert tuple(stored.image_shape) == (8, 8, 1) and stored.num_classes == 10
+    assert config.get("image_shape") is None  # the user's config is not changed
     (line,) = _eval_lines(workdir)
     assert line["weight"] == 24 and 0.0 <= line["accuracy"] <= 1.0
 
@@ -229,6 +233,7 @@ class FakeDigits:
 def test_epochs_set_the_steps_and_the_evaluation_interval():
     config = default_config("vit")
     config.update(dict(num_epochs=3, batch_size=64, eval_every_epochs=2, grad_accum_steps=2))
-    vit_script.resolve_data_keys(config, FakeDigits())
-    assert config.num_train_steps == 70  # ceil(1442 / 64) = 23 per epoch, 69 -> multiple of 2
-    assert config.eval_every_steps == 46
+    plan = vit_experiment.resolve(config, FakeDigits())
+    assert plan.num_train_steps == 70  # ceil(1442 / 64) = 23 per epoch, 69 -> multiple of 2
+    assert plan.eval_every_steps == 46
+    assert plan.job == "vit" and config.num_train_steps != 70  # a frozen copy

@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tfx_jax.errors import UserError
+from tfx_jax.errors import ConfigError, UserError
 from tfx_jax.train.loop import INTERRUPT_EXIT_CODE, NonFiniteError, Preempted
 from tfx_jax.train.mesh import initialize_distributed
 
@@ -64,6 +64,24 @@ def user_errors() -> Iterator[None]:
             raise
         print(f"error: {_one_line(error)}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
+
+
+def action(name: str, what: str):
+    """The value of the action flag ``--name`` if the command line gave it, else None.
+
+    A flag that was given means its action, even with an empty value (say an
+    unset shell variable, ``--predict="$FILES"``): that is refused with one
+    :class:`tfx_jax.errors.ConfigError` naming ``what`` it needs, never taken as
+    "no flag" (which would train).
+    """
+    flag = flags.FLAGS[name]
+    if not flag.present:
+        return None
+    values = flag.value if isinstance(flag.value, list) else [flag.value]
+    if not any(isinstance(v, str) and v.strip() for v in values):
+        raise ConfigError(f"--{name} was given without {what} (an empty value, e.g. an unset "
+                          f"shell variable); pass {what}, or leave the flag out to train")
+    return flag.value
 
 
 def _define_flags(default_config: str) -> None:

@@ -1,4 +1,4 @@
-"""Image classification with the Vision Transformer: the training Task and inference.
+"""Image classification with the Vision Transformer: the model, the Task and inference.
 
 ViT (Dosovitskiy et al. 2021) is trained like any classifier: cross-entropy
 of the [CLS] head's logits against the label, optionally label-smoothed (the
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tfx_jax.errors import ConfigError, DataError, DataNotFound, WorkdirError
+from tfx_jax.errors import ConfigError, DataError, DataNotFound, require
 from tfx_jax import pretrained
 from tfx_jax import train as tr
 from tfx_jax.model_config import from_config_dict
@@ -42,6 +42,7 @@ from tfx_jax.train.perf import training_flops, vit_forward_flops
 from tfx_jax.vit import ViT, ViTConfig
 
 # ViTConfig fields a checkpoint fixes (written into config.model by setup_finetuning).
+JOB = "vit"  # the script of such workdirs: experiments/vit.py
 ARCHITECTURE_FIELDS = ("patch_size", "d_model", "num_heads", "num_layers", "d_ff", "pool",
                        "representation_size", "activation", "layer_norm_epsilon", "pre_norm",
                        "use_bias")
@@ -56,9 +57,8 @@ def vit_config(config: ml_collections.ConfigDict) -> ViTConfig:
     ``config.num_classes``, which the training script sets from the dataset.
     """
     for key in ("image_shape", "num_classes"):
-        if config.get(key) is None:
-            raise WorkdirError(f"config.{key} is not set; the training script fills it from "
-                             f"the dataset (config.dataset)")
+        require(config.get(key) is not None, f"config.{key} is not set; the training run "
+                f"takes it from the dataset (config.dataset)")
     height, width, channels = (int(d) for d in config.image_shape)
     if height != width:
         raise ConfigError(f"ViT needs square images, config.image_shape = "
@@ -159,7 +159,7 @@ def load_classifier(workdir: str, *, step: int | None = None) -> Classifier:
       FileNotFoundError: no config.json or no checkpoint in the workdir.
       ValueError: the checkpoint does not fit the stored config.
     """
-    config = tr.load_config(workdir)
+    config = tr.load_config(workdir, job=JOB)
     model_config = vit_config(config)
     finetuning = finetuning_of(config)
     task = classification_task(model_config, finetuning=finetuning)
@@ -214,29 +214,28 @@ def load_pretrained_vit(path: str, *, num_classes: Optional[int] = None,
 
 
 def setup_finetuning(config: ml_collections.ConfigDict, num_classes: int,
-                     num_channels: int) -> tuple[Optional[FineTuning], Any]:
-    """Reads ``config.init_from`` (if set): ``(FineTuning, parameters)``, else ``(None, None)``.
+                     num_channels: int) -> tuple[Optional[FineTuning], Any, dict]:
+    """Reads ``config.init_from`` (if set): ``(FineTuning, parameters, decided)``, else
+    ``(None, None, {})``.
 
-    Also writes what the checkpoint decides into the config (kept in the
-    run's config.json, so :func:`load_classifier` rebuilds the model):
-    ``config.model``'s architecture fields and, when unset,
-    ``config.image_size`` (the checkpoint's resolution; a set one resizes the
-    position embeddings instead).
+    ``decided`` holds what the checkpoint fixes, as keys for the run's plan
+    (:func:`tfx_jax.train.freeze`, kept in its config.json, so
+    :func:`load_classifier` rebuilds the model): ``config.model``'s
+    architecture fields and, when unset, ``image_size`` (the checkpoint's
+    resolution; a set one resizes the position embeddings instead).
     """
     finetuning = finetuning_of(config)
     if finetuning is None:
-        return None, None
+        return None, None, {}
     cfg, params = load_pretrained_vit(config.init_from, num_classes=num_classes,
                                       image_size=config.get("image_size"),
                                       num_channels=num_channels)
-    with config.unlocked():
-        if config.get("image_size") is None:
-            config.image_size = cfg.image_size
-        for field in ARCHITECTURE_FIELDS:
-            config.model[field] = getattr(cfg, field)
+    decided = {f"model.{field}": getattr(cfg, field) for field in ARCHITECTURE_FIELDS}
+    if config.get("image_size") is None:
+        decided["image_size"] = cfg.image_size
     if config.model.get("scan_layers"):
         params = pretrained.to_scan(params, "encoder", cfg.num_layers)
-    return finetuning, params
+    return finetuning, params, decided
 
 
 def format_predictions(paths: Sequence[str], labels: np.ndarray, probabilities: np.ndarray,

@@ -141,7 +141,7 @@ def load_generator(workdir: str, *, step: Optional[int] = None) -> Generator:
 
     Raises FileNotFoundError when the workdir holds no trained generator.
     """
-    config = tr.load_config(workdir)
+    config = tr.load_config(workdir, job="dalle")
     prompts = DigitPrompts()
     image_tokenizer = image_tokenizer_from_config(config, workdir)
     layout = JointLayout.for_tokenizers(prompts, image_tokenizer)
