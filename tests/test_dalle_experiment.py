@@ -255,3 +255,18 @@ def test_evaluate_generator_scores_samples_for_ten_prompts(tiny_lm, digits):
     assert [p["prompt"] for p in report["per_prompt"]] == [t for _, t in
                                                            evaluation_prompts(PROMPTS)]
     assert report["sampling"]["seed"] == 1 and "per_prompt" not in scalar_metrics(report)
+
+
+def test_generate_given_empty_is_refused_and_never_trains(tmp_path):
+    """Issue 23: dalle.py --generate="" must not fall through to training."""
+    from absl import flags
+    from tfx_jax.errors import ConfigError
+    dalle_script.define_flags()
+    try:
+        flags.FLAGS["generate"].parse("")
+        with pytest.raises(ConfigError, match="--generate was given without prompts"):
+            dalle_script.main(default_config("dalle"), str(tmp_path / "w"))
+    finally:
+        for name in ("generate", "output", "evaluate"):
+            delattr(flags.FLAGS, name)
+    assert not (tmp_path / "w").exists()

@@ -286,6 +286,7 @@ def test_sampled_rows_do_not_depend_on_the_other_prompts_of_the_batch():
     ("sample_prompts", ("def ", 3), "config.sample_prompts must be a tuple of strings"),
     ("model.num_heads", 3, "num_heads"),
     ("num_train_steps", 0, "config.num_train_steps"),
+    ("max_len", 2, "config.max_len = 2 leaves no room for the samples of config.sample_prompts"),
 ])
 def test_check_config_names_the_bad_key_in_one_line(key, value, message):
     mesh = tr.make_data_mesh(jax.devices()[:8])

@@ -216,7 +216,7 @@ REFUSALS = [
             on_trained_copy=True, damage=truncate_metadata),
     # issue 23: what the config alone decides is refused before any data is read
     Refusal("mesh_tensor_does_not_divide_the_heads", {"mesh.tensor": 4, "mesh.data": 2},
-            "('heads', size 2) is split over mesh axis tensor of size 4"),
+            "size 2) is split over mesh axis tensor of size 4, which does not divide it"),
     Refusal("workdir_of_another_script", {}, "holds a run of experiments/lm.py (config.json), "
             "not of experiments/translate.py", damage=lm_workdir),
 ]
@@ -263,6 +263,15 @@ def test_rerunning_a_finished_workdir_does_not_test_again_and_keeps_config_json(
         after = digests(workdir)
         assert after["config.json"] == before["config.json"]
         assert after["checkpoints"] == before["checkpoints"]
+
+
+def test_translating_with_a_workdir_of_another_script_names_it(tmp_path):
+    lm_workdir(tmp_path / "lm")
+    code, _, err = run(lambda: ex.load_translator(str(tmp_path / "lm")))
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: workdir '{tmp_path / 'lm'}' holds a run of experiments/lm.py (config.json), "
+        f"not of experiments/translate.py; use a workdir of experiments/translate.py or a new "
+        f"--workdir"]
 
 
 def test_held_out_split_needs_enough_pairs(tmp_path):

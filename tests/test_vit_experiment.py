@@ -237,3 +237,33 @@ def test_epochs_set_the_steps_and_the_evaluation_interval():
     assert plan.num_train_steps == 70  # ceil(1442 / 64) = 23 per epoch, 69 -> multiple of 2
     assert plan.eval_every_steps == 46
     assert plan.job == "vit" and config.num_train_steps != 70  # a frozen copy
+
+
+@pytest.mark.parametrize("flag", ["predict", "attention_maps"])
+def test_an_action_flag_given_empty_is_refused_and_never_trains(tmp_path, flag):
+    """Issue 23: --predict="" (say an unset $FILES) must not fall through to training."""
+    from absl import flags
+    from tfx_jax.errors import ConfigError
+    vit_script.define_flags()
+    try:
+        flags.FLAGS[flag].parse("")
+        with pytest.raises(ConfigError, match=f"--{flag} was given without image files"):
+            vit_script.main(default_config("vit"), str(tmp_path / "w"))
+    finally:
+        for name in ("predict", "attention_maps", "invert"):
+            delattr(flags.FLAGS, name)
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_workdir_of_another_script_is_named(tmp_path):
+    """Issue 23: an lm workdir given to --predict or as DALL-E's classifier names its script."""
+    from tfx_jax.errors import WorkdirError
+    (tmp_path / "config.json").write_text(default_config("lm").to_json_best_effort())
+    with pytest.raises(WorkdirError, match="holds a run of experiments/lm.py .* not of "
+                                           "experiments/vit.py"):
+        load_classifier(str(tmp_path))
+    from tfx_jax.apps.dalle import experiment as dalle_experiment
+    config = default_config("dalle")
+    config.classifier_workdir = str(tmp_path)
+    with pytest.raises(WorkdirError, match="holds a run of experiments/lm.py"):
+        dalle_experiment.check(config, tr.make_data_mesh(jax.devices()[:1]))

@@ -13,7 +13,7 @@ error (a ``ValueError`` from deep inside JAX is a bug until proven otherwise).
   WorkdirError    a workdir that cannot be used: locked, of another script, unwritable
 
 A missing file is also a ``FileNotFoundError`` (:class:`DataNotFound`,
-:class:`WorkdirNotFound`), and config and data errors are also ``ValueError``\ s,
+:class:`WorkdirNotFound`), and config and data errors are also ``ValueError`` subclasses,
 so code that catches the built-in types keeps working. An ``OSError`` that is
 the user's (an unwritable workdir, a missing data file) is turned into one of
 these where it happens; any other ``OSError`` keeps its traceback.
