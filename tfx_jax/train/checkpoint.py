@@ -207,10 +207,8 @@ class Checkpointer:
         """The kept step with the best ``best_metric`` (None without one or no metrics yet)."""
         if not self.best_metric:
             return None
-        best = self._manager.best_step()
-        with_metrics = [info.step for info in self._manager._checkpoints  # pylint: disable=protected-access
-                        if info.metrics is not None]
-        return best if best in with_metrics else None
+        best = self._manager.best_step()  # Orbax falls back to the latest without metrics
+        return best if best is not None and self._manager.metrics(best) is not None else None
 
     def save(self, state: TrainState, data_iterator,
              metrics: Optional[Mapping[str, float]] = None) -> bool:
