@@ -193,7 +193,9 @@ def test_script_trains_predicts_files_and_draws_attention_on_a_gs_workdir(
 
 
 def test_inference_without_a_trained_model_is_a_clear_error(tmp_path, data_dir):
-    with pytest.raises(FileNotFoundError, match="no config.json in workdir"):
+    with pytest.raises(FileNotFoundError, match=r"no trained model in workdir .* \(no config.json"
+                                                r"\); train one first with `python "
+                                                r"experiments/vit.py"):
         load_classifier(str(tmp_path))
     config = tiny_config(data_dir, image_shape=(8, 8, 1), num_classes=10)
     tr.save_config(config, str(tmp_path))
