@@ -234,7 +234,8 @@ class FakeDigits:
 
 def test_epochs_set_the_steps_and_the_evaluation_interval():
     config = default_config("vit")
-    config.update(dict(num_epochs=3, batch_size=64, eval_every_epochs=2, grad_accum_steps=2))
+    config.update(dict(num_epochs=3, batch_size=64, eval_every_epochs=2, grad_accum_steps=2,
+                       warmup_steps=10))  # < the 35 updates the data decides (checked there)
     plan = vit_experiment.resolve(config, FakeDigits())
     assert plan.num_train_steps == 70  # ceil(1442 / 64) = 23 per epoch, 69 -> multiple of 2
     assert plan.eval_every_steps == 46
