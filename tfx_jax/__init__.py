@@ -39,7 +39,7 @@ follows one training step from config file to checkpoint.
 """
 from tfx_jax import decoding
 from tfx_jax.attention import attention_weights, causal_mask, dot_product_attention
-from tfx_jax.blocks import (BlockStack, FeedForward, TransformerBlock, key_padding_mask,
+from tfx_jax.blocks import (BlockStack, FeedForward, TransformerBlock,
                             padding_lengths)
 from tfx_jax.model_config import StackConfig
 from tfx_jax.lm import CausalLM, CausalLMConfig
@@ -56,6 +56,6 @@ __all__ = [
     "AddPositionEncoding", "BlockStack", "CausalLM", "CausalLMConfig", "Decoder", "Encoder",
     "FeedForward", "MultiHeadAttention", "StackConfig", "Transformer", "TransformerBlock",
     "TransformerConfig", "ViT", "ViTConfig", "attention_weights", "causal_mask",
-    "decoding", "dot_product_attention", "key_padding_mask", "sinusoidal_position_encoding",
+    "decoding", "dot_product_attention", "sinusoidal_position_encoding",
     "SequenceLayout", "apply_rotary", "padding_lengths", "positions_from_segment_ids",
 ]

@@ -59,25 +59,6 @@ def token_row(ids: Sequence[int], max_length: int) -> np.ndarray:
     return row
 
 
-def longest_pair(pairs: Sequence[tuple[str, str]], tokenizer, *, max_pairs: int = 10_000,
-                 seed: int = 0) -> tuple[int, int]:
-    """Row lengths that fit every pair: (longest source, longest target) in tokens + EOS.
-
-    Corpora larger than ``max_pairs`` are measured on a seeded sample of that
-    size, so a rare longer pair may still be truncated.
-    """
-    if len(pairs) == 0:  # pylint: disable=g-explicit-length-test
-        raise DataError("cannot measure the lengths of an empty corpus")
-    indices = range(len(pairs))
-    if len(pairs) > max_pairs:
-        indices = np.random.default_rng(seed).choice(len(pairs), size=max_pairs, replace=False)
-    longest = [1, 1]
-    for i in indices:
-        for side, text in enumerate(pairs[int(i)]):
-            longest[side] = max(longest[side], len(tokenizer.encode(text)))
-    return longest[0] + 1, longest[1] + 1
-
-
 def _encode_pair(pair, rng=None, *, tokenizer, max_source_length, max_target_length,
                  drop_overlong, padded=True):
     """Token rows of one ``(source, target)`` pair (unpadded for packing); None if dropped."""

@@ -598,10 +598,6 @@ class WorkdirLocked(WorkdirError):
     """Another live process holds the workdir."""
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -625,7 +621,7 @@ def _read_holder(path: epath.Path) -> dict:
 
 def _create(path: epath.Path, content: str) -> bool:
     """Writes ``content`` to ``path`` unless it exists; False if it does."""
-    if _is_url(os.fspath(path)):
+    if is_url(os.fspath(path)):
         if path.exists():
             return False
         path.write_text(content)
@@ -712,7 +708,7 @@ def workdir_lock(workdir: str) -> Iterator[None]:
         yield
         return
     key = os.fspath(epath.Path(workdir) / LOCK_FILE)
-    if not _is_url(key):
+    if not is_url(key):
         key = os.path.abspath(key)
     if key in _held:
         _held[key] += 1
