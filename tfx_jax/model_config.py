@@ -13,11 +13,11 @@ from typing import Any, Optional, TypeVar
 
 import jax.numpy as jnp
 
+from tfx_jax.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from tfx_jax.errors import ConfigError, require
 
 
 ACTIVATIONS = ("relu", "gelu", "gelu_exact")  # gelu: tanh approximation; gelu_exact: erf
-ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn", "splash")
 POSITION_KINDS = ("sinusoidal", "learned", "rope")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
