@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import signal
 import threading
@@ -29,6 +30,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
@@ -119,16 +121,42 @@ def _eval_pass(eval_batches) -> Iterator[Batch]:
         yield batch
 
 
+WINDOW_FILE = "train_window.json"  # the steps since the last train line, at the last save
+
+
 class _TrainWindow:
-    """Metrics of the steps since the last log line, kept on device until needed."""
+    """Metrics of the steps since the last log line, kept on device until needed.
+
+    ``carried``: the steps a resumed run trained before its checkpoint and after its
+    last train line (host values from :data:`WINDOW_FILE`), so that the first line
+    after a resume averages the same steps as an uninterrupted run's.
+    """
 
     def __init__(self):
         self.steps: list[tuple[int, dict]] = []
+        self.carried: list[tuple[int, dict]] = []
         self.started = time.perf_counter()
         self.paused_seconds = 0.0
 
     def fetch(self) -> list[tuple[int, dict]]:
-        return [(step, jax.device_get(m)) for step, m in self.steps]
+        return self.carried + [(step, jax.device_get(m)) for step, m in self.steps]
+
+    def save(self, workdir: str, step: int) -> None:
+        """Keeps the window beside the checkpoint at ``step`` (process 0; none if empty)."""
+        if jax.process_index() != 0 or not (self.steps or self.carried):
+            return
+        steps = [[s, {k: float(v) for k, v in m.items()}] for s, m in self.fetch()]
+        (epath.Path(workdir) / WINDOW_FILE).write_text(json.dumps({"step": step,
+                                                                   "steps": steps}))
+
+    def resume(self, workdir: str, step: int) -> None:
+        """Carries the window kept with the checkpoint at ``step``, if there is one."""
+        path = epath.Path(workdir) / WINDOW_FILE
+        if not path.exists():
+            return
+        kept = json.loads(path.read_text())
+        if kept.get("step") == step:
+            self.carried = [(int(s), m) for s, m in kept["steps"]]
 
     def first_nonfinite(self) -> Optional[tuple[int, dict]]:
         flags = jax.device_get([m["finite"] for _, m in self.steps])
@@ -139,6 +167,7 @@ class _TrainWindow:
 
     def reset(self) -> None:
         self.steps = []
+        self.carried = []
         self.started = time.perf_counter()
         self.paused_seconds = 0.0
 
@@ -219,7 +248,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
         run = _Run(config, task, mesh, train_iter, eval_batches, checkpointer, writer, bar,
                    make_train_step(task.loss_fn, optimizer, schedule, mesh,
                                    grad_accum_steps=config.grad_accum_steps,
-                                   state_shardings=shardings), shardings.params)
+                                   state_shardings=shardings), shardings.params, workdir)
+        run.window.resume(workdir, start_step)
         run.profiler = StepProfiler(config.get("profile_steps"), workdir, start_step)
         try:
             state = run.loop(state, start_step)
@@ -248,8 +278,9 @@ class _Run:
     """The per-step bookkeeping of :func:`train` (kept apart to keep ``train`` readable)."""
 
     def __init__(self, config, task, mesh, train_iter, eval_batches, checkpointer, writer,
-                 bar, train_step, params_shardings=None):
+                 bar, train_step, params_shardings=None, workdir: str = ""):
         self.config = config
+        self.workdir = workdir
         self.task = task
         self.mesh = mesh
         self.train_iter = train_iter
@@ -321,14 +352,15 @@ class _Run:
     def write_train_metrics(self, step: int) -> None:
         self._stop_if_nonfinite()
         fetched = self.window.fetch()
+        trained = len(self.window.steps)  # by this process: the speed metrics' steps
         seconds = time.perf_counter() - self.window.started - self.window.paused_seconds
         finite = [m for _, m in fetched if m["finite"]]
         averaged = _loss_first(average_metrics([
             {k: v for k, v in m.items() if k not in ("finite", "learning_rate")}
             for m in finite]))
         averaged["learning_rate"] = float(fetched[-1][1]["learning_rate"])
-        averaged["steps_per_sec"] = len(fetched) / max(seconds, 1e-9)
-        averaged.update(self.meter.rates(len(fetched), seconds))
+        averaged["steps_per_sec"] = trained / max(seconds, 1e-9)
+        averaged.update(self.meter.rates(trained, seconds))
         if len(finite) < len(fetched):
             averaged["nonfinite_steps"] = len(fetched) - len(finite)
         self.last_train = self.writer.write(step, "train", averaged)
@@ -379,6 +411,7 @@ class _Run:
         step = int(jax.device_get(state.step))
         metrics = self.last_eval if self.last_eval.get("step") == step else None
         self.checkpointer.save(state, self.train_iter, metrics=metrics)
+        self.window.save(self.workdir, step)
         self.window.paused_seconds += time.perf_counter() - started
 
 
