@@ -21,7 +21,8 @@ data iterator, and calls :func:`train`. See docs/training.md and docs/ARCHITECTU
 """
 from tfx_jax.train import launch
 from tfx_jax.train.checkpoint import Checkpointer, restore_params
-from tfx_jax.train.loop import NonFiniteError, Preempted, PreemptionWatcher, TrainResult, train
+from tfx_jax.train.loop import (NonFiniteError, Preempted, PreemptionWatcher, TrainResult,
+                                evaluate_batches, train)
 from tfx_jax.train.mesh import (RULES, batch_sharding, check_batch_size,
                                 initialize_distributed, make_data_mesh, make_mesh, param_shardings,
                                 replicated_sharding, shard_batch)
@@ -43,7 +44,7 @@ __all__ = [
     "batch_sharding", "check_batch_size", "check_params_fit_mesh", "check_workdir",
     "classification_accuracy",
     "classification_cross_entropy", "create_learning_rate_schedule", "create_optimizer",
-    "create_train_state", "default_config", "freeze", "initialize_distributed", "load_config",
+    "create_train_state", "default_config", "evaluate_batches", "freeze", "initialize_distributed", "load_config",
     "make_data_mesh", "make_eval_step", "make_mesh", "RULES", "param_shardings",
     "create_sharded_train_state", "train_state_shardings", "make_train_step", "read_metrics", "replicated_sharding",
     "restore_params", "save_config", "shard_batch",

@@ -124,6 +124,20 @@ def _eval_pass(eval_batches) -> Iterator[Batch]:
 WINDOW_FILE = "train_window.json"  # the steps since the last train line, at the last save
 
 
+def evaluate_batches(eval_step, params, eval_batches, mesh: Mesh, rng,
+                     task: Optional[Task] = None) -> dict:
+    """The eval line's loss-function metrics: ``eval_step`` (:func:`make_eval_step`) over one
+    pass of ``eval_batches``, averaged weighted by ``"weight"``, plus ``task.eval_summary``."""
+    per_batch = []
+    for batch in _eval_pass(eval_batches):
+        loss, metrics = eval_step(params, shard_batch(batch, mesh), rng)
+        per_batch.append({"loss": loss, **metrics})
+    results = _loss_first(average_metrics(jax.device_get(per_batch)))
+    if task is not None and task.eval_summary is not None:
+        results.update(task.eval_summary(results))
+    return results
+
+
 class _TrainWindow:
     """Metrics of the steps since the last log line, kept on device until needed.
 
@@ -394,12 +408,8 @@ class _Run:
         started = time.perf_counter()
         results = {}
         if self.eval_batches is not None:
-            per_batch = []
-            for batch in _eval_pass(self.eval_batches):
-                loss, metrics = self.eval_step(state.params, shard_batch(batch, self.mesh),
-                                               state.rng)
-                per_batch.append({"loss": loss, **metrics})
-            results.update(_loss_first(average_metrics(jax.device_get(per_batch))))
+            results.update(evaluate_batches(self.eval_step, state.params, self.eval_batches,
+                                            self.mesh, state.rng, self.task))
         if self.task.evaluate is not None:
             results.update(self.task.evaluate(state.params, step, self.mesh))
         self.last_eval = self.writer.write(step, "eval", results)

@@ -42,7 +42,7 @@ from tfx_jax.apps.language_model.pipeline import (MIN_VOCAB_SIZE, eval_batches, 
                                                   lm_tokenizer_path,
                                                   load_or_train_lm_tokenizer, train_batches)
 from tfx_jax.apps.language_model.sampling import generate_texts
-from tfx_jax.apps.language_model.task import lm_config, lm_task, make_evaluate
+from tfx_jax.apps.language_model.task import lm_config, lm_task
 from tfx_jax.data.packing import PackingChoice, choose_packing, packing_setting
 from tfx_jax.data.tokenizer import SentencePieceTokenizer
 from tfx_jax.data.workdir_tokenizer import (read_workdir_tokenizer, workdir_tokenizer,
@@ -111,8 +111,7 @@ def check(config, mesh) -> None:
             f"3); raise max_len or set --config.sample_prompts='()'")
     tr.check_batch_size(config.batch_size, mesh)
     tr.check_batch_size(config.eval_batch_size, mesh, what="config.eval_batch_size")
-    model = CausalLM(lm_config(config.model, vocab_size=config.vocab_size,
-                               max_len=config.max_len))
+    model = lm_config(config.model, vocab_size=config.vocab_size, max_len=config.max_len)
     tr.check_params_fit_mesh(lm_task(model, max_len=config.max_len).init_params, mesh)
 
 
@@ -206,8 +205,7 @@ def train(config, workdir: str, mesh=None) -> tr.TrainResult:
                                    max_len=plan.max_len))
         eval_data = eval_batches(ready.windows, global_batch_size=plan.eval_batch_size,
                                  max_len=plan.max_len)
-        task = lm_task(model, max_len=plan.max_len,
-                       evaluate=make_evaluate(model, eval_data, num_examples=len(ready.windows)))
+        task = lm_task(model.config, max_len=plan.max_len, num_eval_examples=len(ready.windows))
         check_checkpoint_fits(workdir, task.init_params)  # reads metadata, writes nothing
         if ready.tokenizer_bytes is not None:  # the first write into the workdir
             write_workdir_file(workdir, _tokenizer_name(plan), ready.tokenizer_bytes)
@@ -217,7 +215,7 @@ def train(config, workdir: str, mesh=None) -> tr.TrainResult:
             f"{plan.max_len} tokens, {len(ready.windows)} held-out windows; "
             f"{plan.num_train_steps} steps of {plan.batch_size} rows")
         say(ready.packing.report(ready.corpus.name))
-        result = tr.train(plan, workdir, task, train_iter, mesh=mesh)
+        result = tr.train(plan, workdir, task, train_iter, eval_batches=eval_data, mesh=mesh)
     if plan.sample_prompts:
         print_samples(plan.sample_prompts, generate_texts(
             model, result.state.params, ready.tokenizer, list(plan.sample_prompts),
@@ -245,7 +243,7 @@ def load_trained_lm(workdir: str, *, step: Optional[int] = None) -> TrainedLM:
     tokenizer = read_tokenizer(config, workdir)
     model = CausalLM(lm_config(config.model, vocab_size=tokenizer.vocab_size,
                                max_len=config.max_len))
-    params = tr.restore_params(workdir, lm_task(model, max_len=config.max_len).init_params,
+    params = tr.restore_params(workdir, lm_task(model.config, max_len=config.max_len).init_params,
                                step=step)
     return TrainedLM(config=config, model=model, params=params, tokenizer=tokenizer)
 
