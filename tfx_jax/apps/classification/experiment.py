@@ -28,6 +28,7 @@ from tfx_jax.data.image_pipeline import (eval_image_batches, image_input_shape,
                                          train_image_batches)
 from tfx_jax.data.image_preprocess import denormalize_images
 from tfx_jax.errors import say
+from tfx_jax.train.checkpoint import workdir_lock
 from tfx_jax.train.finetune import parameter_counts
 
 
@@ -69,14 +70,22 @@ def resolve(config, train_data, decided=None):
     return tr.freeze(config, JOB, **decided)
 
 
+def load_splits(config) -> tuple:
+    """(train, eval) :class:`tfx_jax.data.image_datasets.ImageDataset` of ``config.dataset``."""
+    return tuple(load_image_dataset(config.dataset, split, data_dir=config.data_dir)
+                 for split in (config.train_split, config.eval_split))
+
+
 def train(config, workdir: str, mesh=None) -> tr.TrainResult:
     """Trains into ``workdir``; ``mesh`` defaults to ``config.mesh`` over every device."""
     mesh = tr.make_mesh(config.mesh) if mesh is None else mesh
     check(config, mesh)
     tr.check_workdir(workdir, JOB)
-    data = dict(data_dir=config.data_dir)
-    train_data = load_image_dataset(config.dataset, config.train_split, **data)
-    eval_data = load_image_dataset(config.dataset, config.eval_split, **data)
+    with workdir_lock(workdir):  # one run per workdir, before reading data
+        return _train(config, workdir, mesh, *load_splits(config))
+
+
+def _train(config, workdir: str, mesh, train_data, eval_data) -> tr.TrainResult:
     finetuning, params, decided = setup_finetuning(config, train_data.num_classes,
                                                    train_data.image_shape[-1])
     plan = resolve(config, train_data, decided)

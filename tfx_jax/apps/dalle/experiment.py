@@ -18,6 +18,7 @@ from etils import epath
 from tfx_jax import train as tr
 from tfx_jax.apps.classification import JOB as CLASSIFIER_JOB
 from tfx_jax.apps.classification import load_classifier
+from tfx_jax.apps.classification.experiment import load_splits
 from tfx_jax.apps.dalle.evaluate import (dataset_arrays, evaluate_generator,
                                          generation_evaluate_fn, scalar_metrics, write_report)
 from tfx_jax.apps.dalle.generate import generate_images, save_image_grid
@@ -26,9 +27,9 @@ from tfx_jax.apps.dalle.joint_sequence import JointLayout
 from tfx_jax.apps.dalle.prompts import DigitPrompts
 from tfx_jax.apps.dalle.task import (IMAGE_TOKENIZERS, generator_config, generator_task,
                                      image_tokenizer_from_config, load_generator)
-from tfx_jax.data.image_datasets import load_image_dataset
 from tfx_jax.errors import ConfigError, require, say
 from tfx_jax.lm import CausalLM
+from tfx_jax.train.checkpoint import workdir_lock
 
 JOB = "dalle"
 
@@ -50,22 +51,26 @@ def check(config, mesh) -> None:
 
 def evaluation_data(config) -> dict:
     """The arrays the generation scores compare with (training and test images)."""
-    data = dict(data_dir=config.data_dir)
-    train_images, _ = dataset_arrays(load_image_dataset(config.dataset, config.train_split,
-                                                        **data))
-    test_images, test_labels = dataset_arrays(load_image_dataset(config.dataset,
-                                                                 config.eval_split, **data))
+    train_data, test_data = load_splits(config)
+    train_images, _ = dataset_arrays(train_data)
+    test_images, test_labels = dataset_arrays(test_data)
     return dict(train_images=train_images, test_images=test_images, test_labels=test_labels)
 
 
 def train(config, workdir: str, mesh=None) -> tr.TrainResult:
-    """Trains into ``workdir``; ``mesh`` defaults to ``config.mesh`` over every device."""
+    """Trains into ``workdir``; ``mesh`` defaults to ``config.mesh`` over every device.
+
+    The workdir's lock is held from before the data is read: the patch codebook
+    (``patch_vq.npz``) is the run's first write.
+    """
     mesh = tr.make_mesh(config.mesh) if mesh is None else mesh
     check(config, mesh)
     tr.check_workdir(workdir, JOB)
-    data = dict(data_dir=config.data_dir)
-    train_data = load_image_dataset(config.dataset, config.train_split, **data)
-    eval_data = load_image_dataset(config.dataset, config.eval_split, **data)
+    with workdir_lock(workdir):
+        return _train(config, workdir, mesh, *load_splits(config))
+
+
+def _train(config, workdir: str, mesh, train_data, eval_data) -> tr.TrainResult:
     plan = tr.freeze(config, JOB, image_shape=tuple(train_data.image_shape))
     train_images, _ = dataset_arrays(train_data)
     image_tokenizer = image_tokenizer_from_config(plan, workdir, train_images)
