@@ -42,7 +42,7 @@ from tfx_jax.apps.language_model.pipeline import (MIN_VOCAB_SIZE, eval_batches, 
                                                   lm_tokenizer_path,
                                                   load_or_train_lm_tokenizer, train_batches)
 from tfx_jax.apps.language_model.sampling import generate_texts
-from tfx_jax.apps.language_model.task import lm_config, lm_task
+from tfx_jax.apps.language_model.task import lm_config, lm_task, make_init_params
 from tfx_jax.data.packing import PackingChoice, choose_packing, packing_setting
 from tfx_jax.data.tokenizer import SentencePieceTokenizer
 from tfx_jax.data.workdir_tokenizer import (read_workdir_tokenizer, workdir_tokenizer,
@@ -112,7 +112,7 @@ def check(config, mesh) -> None:
     tr.check_batch_size(config.batch_size, mesh)
     tr.check_batch_size(config.eval_batch_size, mesh, what="config.eval_batch_size")
     model = lm_config(config.model, vocab_size=config.vocab_size, max_len=config.max_len)
-    tr.check_params_fit_mesh(lm_task(model, max_len=config.max_len).init_params, mesh)
+    tr.check_params_fit_mesh(make_init_params(model, max_len=config.max_len), mesh)
 
 
 def sampling_kwargs(config) -> dict:
@@ -243,7 +243,7 @@ def load_trained_lm(workdir: str, *, step: Optional[int] = None) -> TrainedLM:
     tokenizer = read_tokenizer(config, workdir)
     model = CausalLM(lm_config(config.model, vocab_size=tokenizer.vocab_size,
                                max_len=config.max_len))
-    params = tr.restore_params(workdir, lm_task(model.config, max_len=config.max_len).init_params,
+    params = tr.restore_params(workdir, make_init_params(model.config, max_len=config.max_len),
                                step=step)
     return TrainedLM(config=config, model=model, params=params, tokenizer=tokenizer)
 

@@ -68,6 +68,16 @@ def count_tokens(batch: Mapping[str, np.ndarray]) -> int:
     return int(np.count_nonzero(batch["targets"]))
 
 
+def make_init_params(config: CausalLMConfig, *, max_len: int):
+    """``init_params(rng) -> params`` of the LM on rows of ``max_len`` tokens."""
+    model = CausalLM(config)
+
+    def init_params(rng):
+        return model.init({"params": rng}, jnp.ones((1, max_len), jnp.int32))["params"]
+
+    return init_params
+
+
 def lm_task(config: CausalLMConfig, *, max_len: int, num_eval_examples: Optional[int] = None,
             evaluate=None) -> tr.Task:
     """The :class:`tfx_jax.train.Task` of next-token prediction on rows of ``max_len`` tokens.
@@ -81,9 +91,6 @@ def lm_task(config: CausalLMConfig, *, max_len: int, num_eval_examples: Optional
                           f"max_len={config.max_len}")
     model = CausalLM(config)
 
-    def init_params(rng):
-        return model.init({"params": rng}, jnp.ones((1, max_len), jnp.int32))["params"]
-
     def eval_summary(averaged):
         summary = {"perplexity": float(np.exp(averaged["loss"])),
                    "num_tokens": int(averaged["weight"])}
@@ -91,6 +98,7 @@ def lm_task(config: CausalLMConfig, *, max_len: int, num_eval_examples: Optional
             summary["num_examples"] = num_eval_examples
         return summary
 
-    return tr.Task(init_params=init_params, loss_fn=make_loss_fn(model), evaluate=evaluate,
+    return tr.Task(init_params=make_init_params(config, max_len=max_len),
+                   loss_fn=make_loss_fn(model), evaluate=evaluate,
                    flops_per_example=training_flops(causal_lm_forward_flops(config, max_len)),
                    count_tokens=count_tokens, eval_summary=eval_summary)

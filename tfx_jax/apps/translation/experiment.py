@@ -44,7 +44,8 @@ from tfx_jax.apps.translation.data import (TSV_HEADER, TranslationData, bleu_tok
 from tfx_jax.apps.translation.evaluation import (make_evaluate, translate_eval_data,
                                                  translation_scores)
 from tfx_jax.apps.translation.inference import translate_texts
-from tfx_jax.apps.translation.task import transformer_config, translation_task
+from tfx_jax.apps.translation.task import (make_init_params, transformer_config,
+                                           translation_task)
 from tfx_jax.data.length_caps import length_caps
 from tfx_jax.data.packing import PackingChoice, choose_packing, packing_setting
 from tfx_jax.data.text_pipeline import eval_batches, train_batches
@@ -129,8 +130,8 @@ def check(config, mesh) -> None:
              f"one of {tuple(TSV_HEADER)}")
     tr.check_batch_size(config.batch_size, mesh)
     # d_model % num_heads, unknown fields; then heads, d_ff, vocab against mesh.tensor
-    tr.check_params_fit_mesh(make_task(probe, model_config(probe, config.vocab_size)).init_params,
-                             mesh)
+    tr.check_params_fit_mesh(make_init_params(model_config(probe, config.vocab_size),
+                                              max_source_length=2, max_target_length=2), mesh)
 
 
 def resolve_train_length(config, num_pairs: int, user_corpus: bool,
