@@ -53,7 +53,6 @@ import logging
 import math
 import os
 import socket
-import sys
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import flax.linen as nn
@@ -65,7 +64,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from tfx_jax.errors import WorkdirError, WorkdirNotFound
+from tfx_jax.errors import WorkdirError, WorkdirNotFound, say
 from tfx_jax.train.mesh import make_data_mesh, param_shardings
 from tfx_jax.train.metrics import is_url
 from tfx_jax.train.state import TrainState, abstract_params_with_axes
@@ -261,10 +260,10 @@ class Checkpointer:
             except CorruptCheckpointError as e:
                 error = error or e
                 aside = self._move_aside(step)
-                _say(f"warning: {e}; {aside}trying the checkpoint before it")
+                say(f"warning: {e}; {aside}trying the checkpoint before it")
                 continue
             if error is not None:
-                _say(f"Restored the checkpoint at step {step} instead")
+                say(f"Restored the checkpoint at step {step} instead")
             return result
         raise CheckpointError(f"{error}. No earlier checkpoint in {self.directory} is intact; "
                          f"use a new --workdir") from error
@@ -399,11 +398,6 @@ class Checkpointer:
         """Waits for pending saves and releases the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
-
-
-def _say(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
 
 
 def _finite(value) -> bool:
@@ -672,8 +666,8 @@ def acquire(workdir: str) -> tuple[epath.Path, bool]:
         local = holder.get("host") == me["host"]
         pid = holder.get("pid")
         if local and isinstance(pid, int) and pid != me["pid"] and not _pid_alive(pid):
-            print(f"Taking over the stale lock of workdir {workdir} left by "
-                  f"{_describe(holder)}: that process is no longer running", file=sys.stderr, flush=True)
+            say(f"Taking over the stale lock of workdir {workdir} left by {_describe(holder)}: "
+                f"that process is no longer running")
             path.unlink(missing_ok=True)
             continue
         where = "" if local else " (another host: check there, then delete the file by hand)"
