@@ -18,12 +18,14 @@ so code that catches the built-in types keeps working. An ``OSError`` that is
 the user's (an unwritable workdir, a missing data file) is turned into one of
 these where it happens; any other ``OSError`` keeps its traceback.
 
-:func:`require` is the one way to state a check; :func:`say` the one way a run
-tells its user what it decided (one line on stderr, flushed, process 0 only:
-stdout is kept for results, e.g. translations and samples).
+:func:`require` (:func:`require_key` for one config key) is the one way to state
+a check; :func:`say` the one way a run tells its user what it decided (one line on
+stderr, flushed, process 0 only: stdout is kept for results, e.g. translations and
+samples).
 """
 from __future__ import annotations
 
+import math
 import sys
 
 import jax
@@ -57,6 +59,22 @@ def require(ok: bool, message: str, error: type[UserError] = ConfigError) -> Non
     """Raises ``error(message)`` unless ``ok``: the one way a check is written."""
     if not ok:
         raise error(message)
+
+
+def require_key(config, key: str, ok: bool, expected: str,
+                error: type[UserError] = ConfigError) -> None:
+    """``require`` for one config key: ``config.KEY must be EXPECTED, got VALUE``."""
+    require(ok, f"config.{key} must be {expected}, got {config[key]!r}", error)
+
+
+def is_int(value) -> bool:
+    """An int that is not a bool (a config's ``True`` is no count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def say(message: str) -> None:

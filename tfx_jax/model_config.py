@@ -3,7 +3,8 @@
 Every model is built from a stack of the same Transformer block; the options
 of that stack live in :class:`StackConfig`, and each model's config adds what
 is its own (vocabulary, image size, ...). A bad value raises
-:class:`tfx_jax.errors.ConfigError` (a ValueError) naming the field when the config is created, not deep inside a traced function.
+:class:`tfx_jax.errors.ConfigError` (a ValueError) naming the field when the
+config is created, not deep inside a traced function.
 """
 from __future__ import annotations
 

@@ -56,7 +56,8 @@ class ViTConfig(StackConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_positive(self, "image_size", "patch_size", "num_channels", "num_classes", "num_layers")
+        check_positive(self, "image_size", "patch_size", "num_channels", "num_classes",
+                       "num_layers")
         if self.image_size % self.patch_size:
             raise ConfigError(f"ViTConfig.patch_size={self.patch_size} does not divide "
                              f"image_size={self.image_size}")

@@ -68,7 +68,8 @@ import jax
 import ml_collections
 from etils import epath
 
-from tfx_jax.errors import WorkdirError, WorkdirNotFound, require
+from tfx_jax.errors import (WorkdirError, WorkdirNotFound, is_int, is_number, require,
+                            require_key)
 from tfx_jax.train.mesh import MESH_AXES
 from tfx_jax.train.perf import parse_profile_steps
 
@@ -117,19 +118,6 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def require_key(config, key: str, ok: bool, expected: str) -> None:
-    """ConfigError ``config.KEY must be EXPECTED, got VALUE`` unless ``ok``."""
-    require(ok, f"config.{key} must be {expected}, got {config[key]!r}")
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the first key that is missing or out of range."""
     missing = [key for key in default_config() if key not in config]
@@ -137,15 +125,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"configs from tfx_jax.train.default_config()")
     for key in ("batch_size", "num_train_steps", "grad_accum_steps", "max_checkpoints_to_keep",
                 "schedule_d_model", "log_every_steps"):
-        require_key(config, key, _is_int(config[key]) and config[key] > 0, "a positive integer")
+        require_key(config, key, is_int(config[key]) and config[key] > 0, "a positive integer")
     for key in ("warmup_steps", "eval_every_steps", "checkpoint_every_steps", "seed",
                 "early_stopping_patience"):
-        require_key(config, key, _is_int(config[key]) and config[key] >= 0,
+        require_key(config, key, is_int(config[key]) and config[key] >= 0,
                     "a non-negative integer")
     require_key(config, "schedule", config.schedule in SCHEDULES, f"one of {SCHEDULES}")
     require_key(config, "optimizer", config.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}")
     for key in ("learning_rate", "eps"):
-        require_key(config, key, _is_number(config[key]) and config[key] > 0,
+        require_key(config, key, is_number(config[key]) and config[key] > 0,
                     "a positive number")
     require_key(config, "best_metric", isinstance(config.best_metric, str),
                 "an eval metric name or '' (off)")
@@ -156,10 +144,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.best_metric (the eval metric to watch), got ''")
     for key in ("end_learning_rate", "weight_decay", "grad_clip_norm", "early_stopping_min_delta",
                 "peak_tflops"):
-        require_key(config, key, _is_number(config[key]) and config[key] >= 0,
+        require_key(config, key, is_number(config[key]) and config[key] >= 0,
                     "a non-negative number (0 = off)")
     for key in ("b1", "b2"):
-        require_key(config, key, _is_number(config[key]) and 0 <= config[key] < 1, "in [0, 1)")
+        require_key(config, key, is_number(config[key]) and 0 <= config[key] < 1, "in [0, 1)")
     parse_profile_steps(config.profile_steps, start_step=0)  # a bad window fails here, not later
     require(not (config.weight_decay > 0 and config.optimizer != "adamw"),
             f"config.weight_decay = {config.weight_decay} needs config.optimizer = 'adamw' "
@@ -179,7 +167,7 @@ def _validate_mesh(config) -> None:
     require(not unknown, f"config.mesh has unknown axis name(s) {unknown}; the mesh axes are "
             f"{list(MESH_AXES)}")
     for axis, size in mesh.items():
-        require(_is_int(size) and (size > 0 or size == -1), f"config.mesh.{axis} must be a "
+        require(is_int(size) and (size > 0 or size == -1), f"config.mesh.{axis} must be a "
                 f"positive integer or -1 (the remaining devices), got {size!r}")
     require(list(mesh.values()).count(-1) <= 1,
             f"config.mesh = {dict(mesh)}: at most one axis may be -1")
@@ -219,10 +207,10 @@ def is_plan(config) -> bool:
 def check_train_length(config) -> None:
     """The keys a run may take from its data: steps against accumulation and warm-up."""
     require_key(config, "num_train_steps",
-                _is_int(config.num_train_steps) and config.num_train_steps > 0,
+                is_int(config.num_train_steps) and config.num_train_steps > 0,
                 "a positive integer")
     require_key(config, "eval_every_steps",
-                _is_int(config.eval_every_steps) and config.eval_every_steps >= 0,
+                is_int(config.eval_every_steps) and config.eval_every_steps >= 0,
                 "a non-negative integer")
     require_key(config, "num_train_steps", config.num_train_steps % config.grad_accum_steps == 0,
                 f"a multiple of config.grad_accum_steps = {config.grad_accum_steps}")

@@ -27,7 +27,6 @@ prompts from the command line, a file (``@path``) or stdin (``-``).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 from typing import Optional, Sequence
@@ -36,7 +35,8 @@ import grain
 import jax
 
 from tfx_jax import train as tr
-from tfx_jax.errors import DataError, DataNotFound, require, say
+from tfx_jax.errors import (DataError, DataNotFound, is_int, is_number, require, require_key,
+                            say)
 from tfx_jax.apps.language_model.corpus import TextCorpus, open_corpus
 from tfx_jax.apps.language_model.pipeline import (MIN_VOCAB_SIZE, eval_batches, eval_windows,
                                                   lm_tokenizer_path,
@@ -57,51 +57,45 @@ JOB = "lm"
 SAME_DATA = ("dataset", "train_split", "text_key", "max_files")
 
 
-def _require(ok: bool, key: str, value, expected: str) -> None:
-    require(ok, f"config.{key} must be {expected}, got {value!r}")
 
-
-def _int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_sampling_config(config) -> None:
     """The sampling keys (``--generate`` and the samples after training); ValueError naming one."""
-    _require(_number(config.temperature) and config.temperature >= 0, "temperature",
-             config.temperature, "a number >= 0 (0 = greedy)")
-    _require(_int(config.top_k) and config.top_k >= 0, "top_k", config.top_k,
-             "an integer >= 0 (0 = off)")
-    _require(_number(config.top_p) and 0 < config.top_p <= 1, "top_p", config.top_p,
-             "in (0, 1] (1 = off)")
+    require_key(config, "temperature", is_number(config.temperature) and config.temperature >= 0,
+                "a number >= 0 (0 = greedy)")
+    require_key(config, "top_k", is_int(config.top_k) and config.top_k >= 0,
+                "an integer >= 0 (0 = off)")
+    require_key(config, "top_p", is_number(config.top_p) and 0 < config.top_p <= 1,
+                "in (0, 1] (1 = off)")
     for key in ("num_generate_tokens", "num_samples"):
-        _require(_int(config[key]) and config[key] >= 1, key, config[key], "an integer >= 1")
-    _require(_int(config.sample_seed), "sample_seed", config.sample_seed, "an integer")
+        require_key(config, key, is_int(config[key]) and config[key] >= 1, "an integer >= 1")
+    require_key(config, "sample_seed", is_int(config.sample_seed), "an integer")
 
 
 def check(config, mesh) -> None:
     """One ConfigError naming the first bad key; reads no data, writes nothing."""
     tr.validate_config(config)
-    _require(_int(config.max_len) and config.max_len >= 2, "max_len", config.max_len,
-             "an integer >= 2 (tokens per row)")
-    _require(_int(config.vocab_size) and config.vocab_size >= MIN_VOCAB_SIZE, "vocab_size",
-             config.vocab_size, f"an integer >= {MIN_VOCAB_SIZE} (256 byte pieces, 4 reserved "
-             f"ids and the common characters)")
+    require_key(config, "max_len", is_int(config.max_len) and config.max_len >= 2,
+                "an integer >= 2 (tokens per row)")
+    require_key(config, "vocab_size",
+                is_int(config.vocab_size) and config.vocab_size >= MIN_VOCAB_SIZE,
+                f"an integer >= {MIN_VOCAB_SIZE} (256 byte pieces, 4 reserved "
+                f"ids and the common characters)")
     for key in ("eval_batch_size", "max_eval_examples", "tokenizer_max_chars"):
-        _require(_int(config[key]) and config[key] >= 1, key, config[key], "a positive integer")
+        require_key(config, key, is_int(config[key]) and config[key] >= 1, "a positive integer")
     for key in ("num_packing_bins", "data_threads"):
-        _require(_int(config[key]) and config[key] >= 0, key, config[key],
-                 "a non-negative integer (0 = default)")
-    _require(config.max_files is None or (_int(config.max_files) and config.max_files >= 1),
-             "max_files", config.max_files, "None (all) or a positive integer")
-    _require(_number(config.eval_fraction) and 0 < config.eval_fraction < 1, "eval_fraction",
-             config.eval_fraction, "in (0, 1)")
-    _require(isinstance(config.sample_prompts, (tuple, list))
-             and all(isinstance(p, str) for p in config.sample_prompts), "sample_prompts",
-             config.sample_prompts, "a tuple of strings (() = none)")
+        require_key(config, key, is_int(config[key]) and config[key] >= 0,
+                    "a non-negative integer (0 = default)")
+    require_key(config, "max_files",
+                config.max_files is None or (is_int(config.max_files) and config.max_files >= 1),
+                "None (all) or a positive integer")
+    require_key(config, "eval_fraction",
+                is_number(config.eval_fraction) and 0 < config.eval_fraction < 1, "in (0, 1)")
+    require_key(config, "sample_prompts",
+                isinstance(config.sample_prompts, (tuple, list))
+                and all(isinstance(p, str) for p in config.sample_prompts),
+                "a tuple of strings (() = none)")
     packing_setting(config.packing)  # "auto", "true" or "false"
     check_sampling_config(config)
     # a sample prompt is BOS and at least one token, and leaves room for one more

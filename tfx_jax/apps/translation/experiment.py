@@ -38,7 +38,7 @@ import grain
 import jax
 
 from tfx_jax import train as tr
-from tfx_jax.errors import require, say
+from tfx_jax.errors import is_int, is_number, require, require_key, say
 from tfx_jax.apps.translation.data import (TSV_HEADER, TranslationData, bleu_tokenize,
                                            open_data)
 from tfx_jax.apps.translation.evaluation import (make_evaluate, translate_eval_data,
@@ -66,16 +66,7 @@ def _minutes() -> float:
     return (time.monotonic() - STARTED) / 60
 
 
-def _require(ok: bool, key: str, value, expected: str) -> None:
-    require(ok, f"config.{key} must be {expected}, got {value!r}")
 
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def model_config(config, vocab_size: int):
@@ -98,10 +89,10 @@ def check(config, mesh) -> None:
     """
     for key in ("num_train_steps", "max_source_length", "max_target_length"):
         value = config[key]
-        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, key,
-                 value, "a non-negative integer (0 = from the data)")
-    _require(_number(config.num_epochs) and config.num_epochs >= 0, "num_epochs",
-             config.num_epochs, "a non-negative number (0 = use num_train_steps)")
+        require_key(config, key, is_int(value) and value >= 0,
+                    "a non-negative integer (0 = from the data)")
+    require_key(config, "num_epochs", is_number(config.num_epochs) and config.num_epochs >= 0,
+                "a non-negative number (0 = use num_train_steps)")
     require(not (config.num_epochs > 0 and config.num_train_steps > 0),
             f"set one of config.num_epochs ({config.num_epochs}) and config.num_train_steps "
             f"({config.num_train_steps}), not both")
@@ -110,24 +101,25 @@ def check(config, mesh) -> None:
         probe.num_train_steps = config.grad_accum_steps * (config.warmup_steps + 1)
     tr.validate_config(probe)
     for key in ("eval_batch_size", "beam_size", "eval_beam_size", "vocab_size"):
-        _require(_positive_int(config[key]), key, config[key], "a positive integer")
-    _require(config.vocab_size >= 5, "vocab_size", config.vocab_size, ">= 5 (4 reserved ids)")
+        require_key(config, key, isis_int(config[key]) and config[key] > 0, "a positive integer")
+    require_key(config, "vocab_size", config.vocab_size >= 5, ">= 5 (4 reserved ids)")
     for key, value in (("max_source_length", config.max_source_length),
                        ("max_target_length", config.max_target_length)):
-        _require(value == 0 or value >= 2, key, value, "0 (from the data) or >= 2")
-    _require(_number(config.alpha) and config.alpha >= 0, "alpha", config.alpha,
-             "a non-negative number")
-    _require(_number(config.label_smoothing) and 0 <= config.label_smoothing < 1,
-             "label_smoothing", config.label_smoothing, "in [0, 1)")
-    _require(_number(config.eval_holdout) and 0 < config.eval_holdout <= 0.5, "eval_holdout",
-             config.eval_holdout, "in (0, 0.5]")
-    _require(_number(config.length_percentile) and 0 < config.length_percentile <= 100,
-             "length_percentile", config.length_percentile, "in (0, 100]")
-    _require(_number(config.outlier_factor) and config.outlier_factor >= 1, "outlier_factor",
-             config.outlier_factor, ">= 1")
+        require_key(config, key, value == 0 or value >= 2, "0 (from the data) or >= 2")
+    require_key(config, "alpha", is_number(config.alpha) and config.alpha >= 0,
+                "a non-negative number")
+    require_key(config, "label_smoothing",
+                is_number(config.label_smoothing) and 0 <= config.label_smoothing < 1, "in [0, 1)")
+    require_key(config, "eval_holdout",
+                is_number(config.eval_holdout) and 0 < config.eval_holdout <= 0.5, "in (0, 0.5]")
+    require_key(config, "length_percentile",
+                is_number(config.length_percentile) and 0 < config.length_percentile <= 100,
+                "in (0, 100]")
+    require_key(config, "outlier_factor",
+                is_number(config.outlier_factor) and config.outlier_factor >= 1, ">= 1")
     packing_setting(config.packing)  # "auto", "true" or "false"
-    _require(config.tsv_header in TSV_HEADER, "tsv_header", config.tsv_header,
-             f"one of {tuple(TSV_HEADER)}")
+    require_key(config, "tsv_header", config.tsv_header in TSV_HEADER,
+                f"one of {tuple(TSV_HEADER)}")
     tr.check_batch_size(config.batch_size, mesh)
     # d_model % num_heads, unknown fields; then heads, d_ff, vocab against mesh.tensor
     tr.check_params_fit_mesh(make_init_params(model_config(probe, config.vocab_size),
