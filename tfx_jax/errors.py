@@ -25,6 +25,7 @@ samples).
 """
 from __future__ import annotations
 
+import errno
 import math
 import sys
 
@@ -59,6 +60,24 @@ def require(ok: bool, message: str, error: type[UserError] = ConfigError) -> Non
     """Raises ``error(message)`` unless ``ok``: the one way a check is written."""
     if not ok:
         raise error(message)
+
+
+# OSError numbers that are the user's to fix: a full disk or quota, a read-only or
+# unwritable file system (anything else, say EIO or EBADF, keeps its traceback).
+USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def workdir_os_error(error: OSError) -> "WorkdirError | None":
+    """A WorkdirError with ``error``'s message if it is the user's (USER_ERRNOS), else None.
+
+    For the places that write a workdir, which raise it ``from error`` (or re-raise
+    ``error`` itself when None)."""
+    if error.errno not in USER_ERRNOS:
+        return None
+    text = str(error)
+    if error.filename and str(error.filename) not in text:
+        text += f": {error.filename}"
+    return WorkdirError(text)
 
 
 def require_key(config, key: str, ok: bool, expected: str,
