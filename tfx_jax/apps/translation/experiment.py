@@ -101,7 +101,7 @@ def check(config, mesh) -> None:
         probe.num_train_steps = config.grad_accum_steps * (config.warmup_steps + 1)
     tr.validate_config(probe)
     for key in ("eval_batch_size", "beam_size", "eval_beam_size", "vocab_size"):
-        require_key(config, key, isis_int(config[key]) and config[key] > 0, "a positive integer")
+        require_key(config, key, is_int(config[key]) and config[key] > 0, "a positive integer")
     require_key(config, "vocab_size", config.vocab_size >= 5, ">= 5 (4 reserved ids)")
     for key, value in (("max_source_length", config.max_source_length),
                        ("max_target_length", config.max_target_length)):
