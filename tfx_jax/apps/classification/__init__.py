@@ -15,10 +15,10 @@ from tfx_jax.apps.classification.task import (ARCHITECTURE_FIELDS, JOB, Classifi
                                               class_names_of, classification_task,
                                               finetuning_of, format_predictions,
                                               load_classifier, load_pretrained_vit,
-                                              setup_finetuning, vit_config)
+                                              load_splits, setup_finetuning, vit_config)
 
 __all__ = [
     "ARCHITECTURE_FIELDS", "Classifier", "JOB", "class_names_of", "classification_task",
     "finetuning_of", "format_predictions", "load_classifier", "load_pretrained_vit",
-    "setup_finetuning", "vit_config",
+    "load_splits", "setup_finetuning", "vit_config",
 ]

@@ -21,8 +21,8 @@ from etils import epath
 from tfx_jax import train as tr
 from tfx_jax.apps.attention_maps import cls_attention_maps, save_attention_maps
 from tfx_jax.apps.classification.task import (JOB, classification_task, format_predictions,
-                                              load_classifier, setup_finetuning, vit_config)
-from tfx_jax.data.image_datasets import load_image_dataset
+                                              load_classifier, load_splits, setup_finetuning,
+                                              vit_config)
 from tfx_jax.data.image_files import load_image_files
 from tfx_jax.data.image_pipeline import (eval_image_batches, image_input_shape,
                                          train_image_batches)
@@ -68,12 +68,6 @@ def resolve(config, train_data, decided=None):
     if config.eval_every_epochs > 0:
         decided["eval_every_steps"] = config.eval_every_epochs * steps_per_epoch
     return tr.freeze(config, JOB, **decided)
-
-
-def load_splits(config) -> tuple:
-    """(train, eval) :class:`tfx_jax.data.image_datasets.ImageDataset` of ``config.dataset``."""
-    return tuple(load_image_dataset(config.dataset, split, data_dir=config.data_dir)
-                 for split in (config.train_split, config.eval_split))
 
 
 def train(config, workdir: str, mesh=None) -> tr.TrainResult:

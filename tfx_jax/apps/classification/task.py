@@ -30,9 +30,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tfx_jax.errors import ConfigError, DataError, DataNotFound, require
 from tfx_jax import pretrained
 from tfx_jax import train as tr
+from tfx_jax.data.image_datasets import load_image_dataset
+from tfx_jax.errors import ConfigError, DataError, DataNotFound, require
 from tfx_jax.model_config import from_config_dict
 from tfx_jax.pretrained.tree import flatten, unflatten
 from tfx_jax.pretrained.vit_adapt import adapt_vit
@@ -236,6 +237,12 @@ def setup_finetuning(config: ml_collections.ConfigDict, num_classes: int,
     if config.model.get("scan_layers"):
         params = pretrained.to_scan(params, "encoder", cfg.num_layers)
     return finetuning, params, decided
+
+
+def load_splits(config) -> tuple:
+    """(train, eval) :class:`tfx_jax.data.image_datasets.ImageDataset` of ``config.dataset``."""
+    return tuple(load_image_dataset(config.dataset, split, data_dir=config.data_dir)
+                 for split in (config.train_split, config.eval_split))
 
 
 def format_predictions(paths: Sequence[str], labels: np.ndarray, probabilities: np.ndarray,

@@ -17,8 +17,7 @@ from etils import epath
 
 from tfx_jax import train as tr
 from tfx_jax.apps.classification import JOB as CLASSIFIER_JOB
-from tfx_jax.apps.classification import load_classifier
-from tfx_jax.apps.classification.experiment import load_splits
+from tfx_jax.apps.classification import load_classifier, load_splits
 from tfx_jax.apps.dalle.evaluate import (dataset_arrays, evaluate_generator,
                                          generation_evaluate_fn, scalar_metrics, write_report)
 from tfx_jax.apps.dalle.generate import generate_images, save_image_grid
