@@ -44,10 +44,11 @@ def define_flags() -> None:
 
 
 def main(config, workdir: str) -> None:
-    if FLAGS.generate:
-        generate(config, workdir, read_prompts(FLAGS.generate))
-        return
-    train(config, workdir)
+    specs = tr.launch.action("generate", "prompts")
+    if specs is None:
+        train(config, workdir)
+    else:
+        generate(config, workdir, read_prompts(specs))
 
 
 if __name__ == "__main__":

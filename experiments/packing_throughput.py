@@ -136,7 +136,7 @@ def lm_job(workdir: str):
                                                   max_chars=config.tokenizer_max_chars)
     model = CausalLM(lm_app.lm_config(config.model, vocab_size=tokenizer.vocab_size,
                                       max_len=config.max_len))
-    task = lm_app.lm_task(model, max_len=config.max_len)
+    task = lm_app.lm_task(model.config, max_len=config.max_len)
 
     def make_batches(packed: bool):
         return lm_app.train_batches(corpus.train, tokenizer, global_batch_size=config.batch_size,

@@ -50,10 +50,11 @@ def translate(config, workdir: str, sentences: list[str]) -> None:
 
 
 def main(config, workdir: str) -> None:
-    if FLAGS.translate:
-        translate(config, workdir, FLAGS.translate)
-        return
-    train_and_test(config, workdir)
+    sentences = tr.launch.action("translate", "sentences")
+    if sentences is None:
+        train_and_test(config, workdir)
+    else:
+        translate(config, workdir, sentences)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@
     python experiments/vit.py --workdir=/tmp/vit --attention_maps=a.png [--invert]
 
 Prediction and attention maps read the model from the workdir (config.json and
-the latest checkpoint); --config is ignored there. See docs/vision.md.
+the latest checkpoint); --config is ignored there. An action flag given empty
+(``--predict=""``) is refused, never taken as "train". The logic lives in
+tfx_jax/apps/classification/; see docs/vision.md.
 """
 from __future__ import annotations
 
@@ -29,18 +31,9 @@ if __name__ == "__main__":  # Ctrl-C during the slow imports below: one line, ex
 import math
 
 from absl import flags
-from etils import epath
 
 from tfx_jax import train as tr
-from tfx_jax.apps.attention_maps import cls_attention_maps, save_attention_maps
-from tfx_jax.apps.classification import (classification_task, format_predictions, load_classifier,
-                                         setup_finetuning, vit_config)
-from tfx_jax.data.image_datasets import load_image_dataset
-from tfx_jax.data.image_files import load_image_files
-from tfx_jax.data.image_pipeline import (eval_image_batches, image_input_shape,
-                                         train_image_batches)
-from tfx_jax.data.image_preprocess import denormalize_images
-from tfx_jax.train.finetune import parameter_counts
+from tfx_jax.apps.classification.experiment import draw_attention_maps, predict, train
 
 FLAGS = flags.FLAGS
 
@@ -54,76 +47,15 @@ def define_flags() -> None:
                       "digits' bright ink on black).")
 
 
-def resolve_data_keys(config, train_data) -> None:
-    """Fills the keys the dataset decides (input shape, classes) and epoch-based steps."""
-    config.image_shape = image_input_shape(train_data, config.image_size)
-    config.num_classes = train_data.num_classes
-    config.class_names = tuple(train_data.class_names)
-    steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
-    if config.num_epochs > 0:
-        steps = math.ceil(config.num_epochs * steps_per_epoch / config.grad_accum_steps)
-        config.num_train_steps = steps * config.grad_accum_steps
-    if config.eval_every_epochs > 0:
-        config.eval_every_steps = config.eval_every_epochs * steps_per_epoch
-
-
-def train(config, workdir: str, mesh=None) -> tr.TrainResult:
-    """Trains into ``workdir``; ``mesh`` defaults to every device of every host."""
-    data = dict(data_dir=config.data_dir)
-    train_data = load_image_dataset(config.dataset, config.train_split, **data)
-    eval_data = load_image_dataset(config.dataset, config.eval_split, **data)
-    finetuning, params = setup_finetuning(config, train_data.num_classes,
-                                          train_data.image_shape[-1])
-    resolve_data_keys(config, train_data)
-    task = classification_task(vit_config(config), label_smoothing=config.label_smoothing,
-                               finetuning=finetuning, pretrained_params=params)
-    trained, total = parameter_counts(task)
-    print(f"parameters: {trained:,} trainable of {total:,}"
-          + (f" (from {config.init_from}, finetune={config.finetune})" if finetuning else ""),
-          file=sys.stderr)
-    train_iter = train_image_batches(train_data, global_batch_size=config.batch_size,
-                                     seed=config.seed, image_size=config.image_size,
-                                     augment=config.augment, max_shift=config.max_shift)
-    eval_batches = lambda: eval_image_batches(  # noqa: E731 (a fresh pass per evaluation)
-        eval_data, global_batch_size=config.batch_size, image_size=config.image_size)
-    print(f"{config.dataset}: {len(train_data)} train / {len(eval_data)} {config.eval_split} "
-          f"images {tuple(config.image_shape)}, {config.num_classes} classes; "
-          f"{config.num_train_steps} steps, evaluation every {config.eval_every_steps}",
-          file=sys.stderr)
-    return tr.train(config, workdir, task, train_iter, eval_batches=eval_batches, mesh=mesh)
-
-
-def predict(workdir: str, paths: list[str], invert: bool) -> None:
-    classifier = load_classifier(workdir)
-    labels, probs = classifier.predict(load_image_files(paths, classifier.image_shape,
-                                                        invert=invert))
-    print("\n".join(format_predictions(paths, labels, probs, classifier.class_names)))
-
-
-def draw_attention_maps(workdir: str, paths: list[str], invert: bool) -> None:
-    classifier = load_classifier(workdir)
-    images = load_image_files(paths, classifier.image_shape, invert=invert)
-    labels, probs = classifier.predict(images)
-    titles = format_predictions([epath.Path(p).name for p in paths], labels, probs,
-                                classifier.class_names)
-    maps = cls_attention_maps(classifier.model, classifier.params, images)
-    out_dir = epath.Path(workdir) / "attention"
-    for path, image, image_maps, title in zip(paths, images, maps, titles):
-        out = out_dir / f"{epath.Path(path).stem}.png"
-        panels = save_attention_maps(out, denormalize_images(image), image_maps, title=title)
-        layers, heads = image_maps.shape[:2]
-        print(f"{title} -> {out} ({panels} panels: the input, {layers} layer(s) x {heads} head(s))")
-
-
 def main(config, workdir: str) -> None:
-    if FLAGS.predict or FLAGS.attention_maps:
-        with tr.launch.user_errors():
-            if FLAGS.predict:
-                predict(workdir, FLAGS.predict, FLAGS.invert)
-            if FLAGS.attention_maps:
-                draw_attention_maps(workdir, FLAGS.attention_maps, FLAGS.invert)
-        return
-    train(config, workdir)
+    to_predict = tr.launch.action("predict", "image files")
+    to_draw = tr.launch.action("attention_maps", "image files")
+    if to_predict is None and to_draw is None:
+        train(config, workdir)
+    if to_predict is not None:
+        predict(workdir, to_predict, FLAGS.invert)
+    if to_draw is not None:
+        draw_attention_maps(workdir, to_draw, FLAGS.invert)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from tfx_jax import decoding
 from tfx_jax import train as tr
 from tfx_jax.apps.translation.task import transformer_config
 from tfx_jax.data import tokenizer
+from tfx_jax.errors import WorkdirError
 
 KEY = jax.random.key(0)
 TINY = dict(d_model=8, num_heads=2, d_ff=16)
@@ -294,7 +295,7 @@ def corrupt_sentencepiece_model(tmp_path):
 
 FILE_CASES = [
     Case("workdir_is_a_file", workdir_is_a_file,
-         NotADirectoryError, r"workdir '\S+/not_a_directory' is a file, not a directory"),
+         WorkdirError, r"workdir '\S+/not_a_directory' is a file, not a directory"),
     Case("gcs_workdir_without_gcsfs", gcs_workdir_without_gcsfs,
          ImportError, "install gcsfs"),
     Case("corrupt_sentencepiece_model", corrupt_sentencepiece_model,
@@ -342,3 +343,29 @@ def test_bad_input_raises_an_error_naming_the_problem(case, tmp_path, trained_wo
     with pytest.raises(case.error, match=case.message):
         case.call(workdir)
     assert file_digests(workdir / "checkpoints") == before  # nothing deleted or rewritten
+
+
+# --- a bug is not the user's fault: only tfx_jax.errors.UserError becomes "error:" + exit 2 -----
+
+def test_a_bug_while_tracing_keeps_its_traceback_and_a_user_error_is_one_line(
+        tmp_path, monkeypatch, capsys):
+    from tfx_jax.errors import ConfigError
+    from tfx_jax.train import launch
+
+    def broken_loss(logits, targets, **kwargs):  # a shape bug inside the traced loss
+        raise ValueError(f"bug: logits {logits.shape} vs targets {targets.shape}")
+
+    monkeypatch.setattr(tr, "token_cross_entropy", broken_loss)
+    with pytest.raises(ValueError, match="bug: logits") as raised:
+        with launch.user_errors():
+            train(tmp_path / "bug", num_train_steps=2)
+    assert not isinstance(raised.value, ConfigError)
+    frames = [frame.name for frame in raised.traceback]
+    assert "broken_loss" in frames and "loss_fn" in frames  # the traceback reaches the bug
+    assert "error:" not in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # the user's mistake: one line, exit 2
+        with launch.user_errors():
+            train(tmp_path / "user", learning_rate=0)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: config.learning_rate must be a positive number, got 0.0"]

@@ -21,6 +21,8 @@ from tfx_jax.apps.dalle.task import generator_config, generator_task, image_toke
 from tfx_jax.data.image_datasets import load_image_dataset
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tfx_jax.apps.dalle import experiment as dalle_experiment  # noqa: E402
+
 dalle_script = load_script(str(ROOT / "experiments" / "dalle.py"), "dalle_experiment")
 PROMPTS = DigitPrompts()
 TOKENIZER = GrayLevelTokenizer(num_levels=4)
@@ -207,7 +209,7 @@ def test_script_trains_generates_and_evaluates_on_a_gs_workdir(tmp_path, data_di
                        samples_per_prompt=2))
     images = np.stack([digits[i]["image"] for i in range(300)])
     labels = np.asarray([digits[i]["label"] for i in range(300)])
-    monkeypatch.setattr(dalle_script, "load_classifier",
+    monkeypatch.setattr(dalle_experiment, "load_classifier",
                         lambda _: NearestNeighbourClassifier(images, labels))
     with local_bucket(bucket):
         result = dalle_script.train(config, workdir, mesh=tr.make_data_mesh(jax.devices()[:1]))
@@ -253,3 +255,18 @@ def test_evaluate_generator_scores_samples_for_ten_prompts(tiny_lm, digits):
     assert [p["prompt"] for p in report["per_prompt"]] == [t for _, t in
                                                            evaluation_prompts(PROMPTS)]
     assert report["sampling"]["seed"] == 1 and "per_prompt" not in scalar_metrics(report)
+
+
+def test_generate_given_empty_is_refused_and_never_trains(tmp_path):
+    """Issue 23: dalle.py --generate="" must not fall through to training."""
+    from absl import flags
+    from tfx_jax.errors import ConfigError
+    dalle_script.define_flags()
+    try:
+        flags.FLAGS["generate"].parse("")
+        with pytest.raises(ConfigError, match="--generate was given without prompts"):
+            dalle_script.main(default_config("dalle"), str(tmp_path / "w"))
+    finally:
+        for name in ("generate", "output", "evaluate"):
+            delattr(flags.FLAGS, name)
+    assert not (tmp_path / "w").exists()

@@ -356,15 +356,6 @@ def test_train_process_shards_are_disjoint_and_cover_the_data():
     assert seen[0] | seen[1] == {s for s, _ in PAIRS}
 
 
-def test_longest_pair_fits_every_pair_with_eos():
-    pairs = [("ab", "xyz"), ("abcdef", "x"), ("a", "xy")]
-    assert text_pipeline.longest_pair(pairs, CharTokenizer()) == (7, 4)
-    sampled = text_pipeline.longest_pair(pairs * 10, CharTokenizer(), max_pairs=5)
-    assert sampled[0] <= 7 and sampled[1] <= 4
-    with pytest.raises(ValueError, match="empty corpus"):
-        text_pipeline.longest_pair([], CharTokenizer())
-
-
 def test_batch_size_must_divide_over_processes():
     with pytest.raises(ValueError, match="multiple of the number of processes \\(3\\)"):
         _train(process_count=3)

@@ -12,7 +12,7 @@ from tfx_jax import decoding
 from tfx_jax import train as tr
 from tfx_jax.apps.language_model import corpus as corpus_lib
 from tfx_jax.apps.language_model import experiment, pipeline, sampling
-from tfx_jax.apps.language_model.task import lm_config, lm_task, make_evaluate
+from tfx_jax.apps.language_model.task import lm_config, lm_task
 from tfx_jax.data.tokenizer import BOS_ID, EOS_ID
 from tfx_jax.lm import CausalLM, CausalLMConfig
 from tests.scripts import experiment_config
@@ -130,7 +130,9 @@ def test_eval_perplexity_is_exp_of_mean_token_nll():
     windows = pipeline.eval_windows(texts, CharTokenizer(), max_len=8)
     data = pipeline.eval_batches(windows, global_batch_size=2, max_len=8)
     mesh = tr.make_data_mesh(jax.devices()[:1])
-    metrics = make_evaluate(model, data)(params, 0, mesh)
+    task = lm_task(model.config, max_len=8)  # the loop's eval path: loss_fn + eval_summary
+    metrics = tr.evaluate_batches(tr.make_eval_step(task.loss_fn, mesh), params, data, mesh,
+                                  jax.random.key(0), task)
     # by hand in float64: log-softmax of each window's logits at its real targets
     nlls, correct = [], []
     # every window's logits in one call: right padding changes no earlier logit (causality)
@@ -159,7 +161,7 @@ def test_lm_config_rejects_derived_and_unknown_keys():
     assert lm_config({"num_layers": 1, "d_model": 16, "num_heads": 2, "d_ff": 8,
                       "unset_option": None}, vocab_size=10, max_len=8).num_layers == 1
     with pytest.raises(ValueError, match="do not fit the model's context"):
-        lm_task(_tiny_model(max_len=8), max_len=16)
+        lm_task(_tiny_model(max_len=8).config, max_len=16)
 
 
 # ---------------------------------------------------------------------- sampling
@@ -286,13 +288,14 @@ def test_sampled_rows_do_not_depend_on_the_other_prompts_of_the_batch():
     ("sample_prompts", ("def ", 3), "config.sample_prompts must be a tuple of strings"),
     ("model.num_heads", 3, "num_heads"),
     ("num_train_steps", 0, "config.num_train_steps"),
+    ("max_len", 2, "config.max_len = 2 leaves no room for the samples of config.sample_prompts"),
 ])
 def test_check_config_names_the_bad_key_in_one_line(key, value, message):
     mesh = tr.make_data_mesh(jax.devices()[:8])
     config = experiment_config("lm")
-    experiment.check_config(config, mesh)  # the defaults pass on 8 devices
+    experiment.check(config, mesh)  # the defaults pass on 8 devices
     section, _, name = key.rpartition(".")
     (config[section] if section else config)[name] = value
     with pytest.raises(ValueError, match=message) as error:
-        experiment.check_config(config, mesh)
+        experiment.check(config, mesh)
     assert "\n" not in str(error.value)

@@ -199,6 +199,37 @@ def test_refused_configs_write_nothing(tmp_path):
     assert not workdir.exists()
 
 
+def test_a_resume_on_another_dataset_or_a_workdir_of_another_script_is_refused(trained,
+                                                                             tmp_path):
+    """Issue 23: resuming on other data would continue with the old tokenizer and rewrite
+    config.json; a translate workdir is named as such. Both before any data is read."""
+    import hashlib
+    import shutil
+    from tfx_jax.errors import WorkdirError
+
+    def digests(root):
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(trained[0], workdir)
+    before = digests(workdir)
+    other = tmp_path / "texts"
+    other.mkdir()
+    with pytest.raises(WorkdirError, match="was trained with config.dataset = 'python_stdlib', "
+                                           "this run has '.*texts'"):
+        experiment.train(tiny_config(dataset=str(other)), str(workdir), mesh=one_device_mesh())
+    assert digests(workdir) == before
+    translate = tmp_path / "translate"
+    translate.mkdir()
+    (translate / "config.json").write_text(experiment_config("translate").to_json_best_effort())
+    with pytest.raises(WorkdirError, match="holds a run of experiments/translate.py"):
+        experiment.train(tiny_config(), str(translate), mesh=one_device_mesh())
+    with pytest.raises(WorkdirError, match="holds a run of experiments/translate.py"):
+        experiment.generate(tiny_config(), str(translate), ["def"])
+    assert sorted(p.name for p in translate.iterdir()) == ["config.json"]
+
+
 def test_script_errors_are_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     empty = tmp_path / "empty_corpus"

@@ -43,7 +43,7 @@ def test_cross_attention_has_query_length_and_ignores_masked_keys():
     xkv = jax.random.normal(jax.random.key(4), (2, 7, 16))
     mha, variables = init_mha(xq, )
     variables = mha.init(jax.random.key(0), xq, xkv)
-    mask = tfx.key_padding_mask(jnp.array([[1] * 7, [1] * 4 + [0] * 3]))
+    mask = jnp.array([[1] * 7, [1] * 4 + [0] * 3])[:, None, None, :] != 0  # [B, 1, 1, S]
     out = mha.apply(variables, xq, xkv, mask)
     assert out.shape == (2, 3, 16)
     changed = xkv.at[1, 4:].set(100.0)  # only masked keys change
@@ -143,8 +143,8 @@ def test_segment_ids_and_lengths_restrict_keys():
     np.testing.assert_allclose(out[:, :3], mha.apply(variables, x[:, :3]), atol=1e-5)
     np.testing.assert_allclose(out[:, 3:5], mha.apply(variables, x[:, 3:5]), atol=1e-5)
     by_length = mha.apply(variables, x, kv_lengths=jnp.array([4]))
-    np.testing.assert_allclose(by_length, mha.apply(variables, x, mask=tfx.key_padding_mask(
-        jnp.array([[1, 1, 1, 1, 0, 0]]))), atol=1e-6)
+    np.testing.assert_allclose(by_length, mha.apply(variables, x, mask=jnp.array(
+        [[1, 1, 1, 1, 0, 0]])[:, None, None, :] != 0), atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [jnp.complex64, jnp.int32])

@@ -54,8 +54,9 @@ def tiny_config(tmp: Path, **overrides):
                   checkpoint_every_steps=1, progress_bar=False, beam_size=1,
                   num_examples_to_print=1)
     for key, value in overrides.items():
-        if key.startswith("model."):
-            config.model[key[len("model."):]] = value
+        if key.startswith(("model.", "mesh.")):
+            section, name = key.split(".")
+            config[section][name] = value
         else:
             config[key] = value
     return config
@@ -178,6 +179,13 @@ def truncate_metadata(workdir: Path) -> None:
         (workdir / "checkpoints" / step / "state" / "_METADATA").write_bytes(b'{"tree_meta')
 
 
+def lm_workdir(workdir: Path) -> None:
+    """A workdir that experiments/lm.py made (its config.json)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    lm = scripts.experiment_config("lm")
+    (workdir / "config.json").write_text(lm.to_json_best_effort())
+
+
 REFUSALS = [
     Refusal("batch_size_0", dict(batch_size=0),
             "config.batch_size must be a positive integer, got 0"),
@@ -206,6 +214,11 @@ REFUSALS = [
             "does not match the model", on_trained_copy=True),
     Refusal("truncated_checkpoint", {}, "cannot read the checkpoint at step 2",
             on_trained_copy=True, damage=truncate_metadata),
+    # issue 23: what the config alone decides is refused before any data is read
+    Refusal("mesh_tensor_does_not_divide_the_heads", {"mesh.tensor": 4, "mesh.data": 2},
+            "size 2) is split over mesh axis tensor of size 4, which does not divide it"),
+    Refusal("workdir_of_another_script", {}, "holds a run of experiments/lm.py (config.json), "
+            "not of experiments/translate.py", damage=lm_workdir),
 ]
 
 
@@ -228,6 +241,37 @@ def test_refused_runs_say_one_line_exit_2_and_leave_the_workdir_as_it_was(case, 
     # Before the error only the notes of data preparation (held-out split, header, lengths).
     assert all(not line.startswith(("error", "Traceback")) for line in lines[:-1]), err
     assert digests(workdir) == before  # nothing written, nothing removed, no lock left
+
+
+def test_rerunning_a_finished_workdir_does_not_test_again_and_keeps_config_json(
+        tmp_path, trained, corpus):
+    """Issue 23: a rerun of a finished run neither decodes the test split again nor appends
+    a second test line; fewer steps than the checkpoint's says so and rewrites nothing."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained[0], workdir)
+    before = digests(workdir)
+    for steps, said in ((2, "Nothing to train: the checkpoint is at step 2 = "
+                            "config.num_train_steps"),
+                        (1, "Nothing to train: config.num_train_steps = 1 is below the "
+                            "checkpoint's step 2; config.json is kept")):
+        config = tiny_config(tmp_path, train_data=str(corpus), num_train_steps=steps)
+        code, out, err = run(lambda: ex.train_and_test(config, str(workdir)))
+        assert code == 0, err
+        assert said in err and "The test at step 2 is in" in err and "not repeated" in err
+        assert "Example translations" not in out
+        assert len(tr.read_metrics(str(workdir), "test")) == 1
+        after = digests(workdir)
+        kept = [path for path in before if path.startswith(("config.json", "checkpoints/"))]
+        assert kept and all(after[path] == before[path] for path in kept)
+
+
+def test_translating_with_a_workdir_of_another_script_names_it(tmp_path):
+    lm_workdir(tmp_path / "lm")
+    code, _, err = run(lambda: ex.load_translator(str(tmp_path / "lm")))
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: workdir '{tmp_path / 'lm'}' holds a run of experiments/lm.py (config.json), "
+        f"not of experiments/translate.py; use a workdir of experiments/translate.py or a new "
+        f"--workdir"]
 
 
 def test_held_out_split_needs_enough_pairs(tmp_path):
@@ -280,15 +324,15 @@ def test_translate_on_an_empty_workdir_is_one_line_and_creates_nothing(tmp_path)
 ], ids=["number_words", "user_corpus", "small_user_corpus", "epochs", "steps_round_to_accum"])
 def test_training_length_follows_the_data(tmp_path, overrides, pairs_count, user, steps, line):
     config = tiny_config(tmp_path, **{"num_train_steps": 0, **overrides})
-    said = ex.resolve_train_length(config, pairs_count, user)
-    assert config.num_train_steps == steps
+    resolved, said = ex.resolve_train_length(config, pairs_count, user)
+    assert resolved == steps and config.num_train_steps == overrides.get("num_train_steps", 0)
     assert said.startswith("training length: ") and line in said
 
 
 def test_an_epoch_of_packed_rows_is_one_pass_over_the_pairs(tmp_path):
     config = tiny_config(tmp_path, num_train_steps=0, num_epochs=2.0)
-    said = ex.resolve_train_length(config, 10_000, True, pairs_per_row=2.5)
-    assert config.num_train_steps == 63  # ceil(2 * 10,000 / (128 rows * 2.5 pairs))
+    steps, said = ex.resolve_train_length(config, 10_000, True, pairs_per_row=2.5)
+    assert steps == 63  # ceil(2 * 10,000 / (128 rows * 2.5 pairs))
     assert "63 steps of 128 rows of ~2.5 pairs = 2.02 epochs of 10000 pairs" in said
 
 

@@ -132,6 +132,24 @@ def test_preempted_and_resumed_run_is_bitwise_identical(reference, tmp_path):
     assert_trees_equal(host_params(result), params_ref)
 
 
+def test_the_first_train_line_after_a_resume_averages_the_same_steps(tmp_path):
+    """Issue 23: preempted at step 6 of lines every 4 steps, the resumed run's line at
+    step 8 averages steps 5..8 (weight and loss) as the uninterrupted run's does."""
+    reference = tmp_path / "reference"
+    run(reference, num_train_steps=8, log_every_steps=4, checkpoint_every_steps=0)
+    workdir = tmp_path / "run"
+    with pytest.raises(tr.Preempted, match="checkpoint at step 6"):
+        run(workdir, iterator=SigtermAtStep(toy.make_train_iter(16), 6), num_train_steps=8,
+            log_every_steps=4, checkpoint_every_steps=0)
+    assert (workdir / "train_window.json").exists()  # steps 5 and 6, kept with checkpoint 6
+    run(workdir, num_train_steps=8, log_every_steps=4, checkpoint_every_steps=0)
+    lines = {r["step"]: r for r in tr.read_metrics(str(workdir), "train")}
+    expected = {r["step"]: r for r in tr.read_metrics(str(reference), "train")}
+    assert sorted(lines) == sorted(expected) == [4, 8]
+    for key in ("loss", "accuracy", "grad_norm", "weight"):
+        np.testing.assert_allclose(lines[8][key], expected[8][key], rtol=1e-6)
+
+
 def test_checkpoint_moves_from_one_device_to_eight(reference, tmp_path):
     # (8 -> 1 is test_restore_onto_another_mesh_places_arrays_there, test_train_checkpoint.py)
     _, _, params_ref, losses_ref = reference

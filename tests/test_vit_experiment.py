@@ -22,6 +22,8 @@ from tfx_jax.data.image_datasets import load_image_dataset
 from tfx_jax.data.image_preprocess import normalize_images
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tfx_jax.apps.classification import experiment as vit_experiment  # noqa: E402
+
 vit_script = load_script(str(ROOT / "experiments" / "vit.py"), "vit_experiment")
 TINY_MODEL = dict(patch_size=2, d_model=16, num_heads=2, num_layers=1, d_ff=32)
 
@@ -181,7 +183,9 @@ def test_script_trains_predicts_files_and_draws_attention_on_a_gs_workdir(
 
 
 def test_inference_without_a_trained_model_is_a_clear_error(tmp_path, data_dir):
-    with pytest.raises(FileNotFoundError, match="no config.json in workdir"):
+    with pytest.raises(FileNotFoundError, match=r"no trained model in workdir .* \(no config.json"
+                                                r"\); train one first with `python "
+                                                r"experiments/vit.py"):
         load_classifier(str(tmp_path))
     config = tiny_config(data_dir, image_shape=(8, 8, 1), num_classes=10)
     tr.save_config(config, str(tmp_path))
@@ -204,7 +208,9 @@ def test_script_trains_on_a_tfds_dataset_by_name_with_mock_data(tmp_path, data_d
     one_device = tr.make_data_mesh(jax.devices()[:1])  # as above
     with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=24):
         vit_script.train(config, workdir, mesh=one_device)
-    assert tuple(config.image_shape) == (8, 8, 1) and config.num_classes == 10
+    stored = tr.load_config(workdir)  # the plan: the dataset decided shape and classes
+    assert tuple(stored.image_shape) == (8, 8, 1) and stored.num_classes == 10
+    assert config.get("image_shape") is None  # the user's config is not changed
     (line,) = _eval_lines(workdir)
     assert line["weight"] == 24 and 0.0 <= line["accuracy"] <= 1.0
 
@@ -218,7 +224,39 @@ class FakeDigits:
 
 def test_epochs_set_the_steps_and_the_evaluation_interval():
     config = default_config("vit")
-    config.update(dict(num_epochs=3, batch_size=64, eval_every_epochs=2, grad_accum_steps=2))
-    vit_script.resolve_data_keys(config, FakeDigits())
-    assert config.num_train_steps == 70  # ceil(1442 / 64) = 23 per epoch, 69 -> multiple of 2
-    assert config.eval_every_steps == 46
+    config.update(dict(num_epochs=3, batch_size=64, eval_every_epochs=2, grad_accum_steps=2,
+                       warmup_steps=10))  # < the 35 updates the data decides (checked there)
+    plan = vit_experiment.resolve(config, FakeDigits())
+    assert plan.num_train_steps == 70  # ceil(1442 / 64) = 23 per epoch, 69 -> multiple of 2
+    assert plan.eval_every_steps == 46
+    assert plan.job == "vit" and config.num_train_steps != 70  # a frozen copy
+
+
+@pytest.mark.parametrize("flag", ["predict", "attention_maps"])
+def test_an_action_flag_given_empty_is_refused_and_never_trains(tmp_path, flag):
+    """Issue 23: --predict="" (say an unset $FILES) must not fall through to training."""
+    from absl import flags
+    from tfx_jax.errors import ConfigError
+    vit_script.define_flags()
+    try:
+        flags.FLAGS[flag].parse("")
+        with pytest.raises(ConfigError, match=f"--{flag} was given without image files"):
+            vit_script.main(default_config("vit"), str(tmp_path / "w"))
+    finally:
+        for name in ("predict", "attention_maps", "invert"):
+            delattr(flags.FLAGS, name)
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_workdir_of_another_script_is_named(tmp_path):
+    """Issue 23: an lm workdir given to --predict or as DALL-E's classifier names its script."""
+    from tfx_jax.errors import WorkdirError
+    (tmp_path / "config.json").write_text(default_config("lm").to_json_best_effort())
+    with pytest.raises(WorkdirError, match="holds a run of experiments/lm.py .* not of "
+                                           "experiments/vit.py"):
+        load_classifier(str(tmp_path))
+    from tfx_jax.apps.dalle import experiment as dalle_experiment
+    config = default_config("dalle")
+    config.classifier_workdir = str(tmp_path)
+    with pytest.raises(WorkdirError, match="holds a run of experiments/lm.py"):
+        dalle_experiment.check(config, tr.make_data_mesh(jax.devices()[:1]))

@@ -40,7 +40,7 @@ follows one training step from config file to checkpoint.
 """
 from tfx_jax import decoding
 from tfx_jax.attention import attention_weights, causal_mask, dot_product_attention
-from tfx_jax.blocks import (BlockStack, FeedForward, TransformerBlock, key_padding_mask,
+from tfx_jax.blocks import (BlockStack, FeedForward, TransformerBlock,
                             padding_lengths)
 from tfx_jax.context_parallel import context_parallel_attention
 from tfx_jax.model_config import StackConfig
@@ -59,6 +59,6 @@ __all__ = [
     "FeedForward", "MultiHeadAttention", "StackConfig", "Transformer", "TransformerBlock",
     "TransformerConfig", "ViT", "ViTConfig", "attention_weights", "causal_mask",
     "context_parallel_attention",
-    "decoding", "dot_product_attention", "key_padding_mask", "sinusoidal_position_encoding",
+    "decoding", "dot_product_attention", "sinusoidal_position_encoding",
     "SequenceLayout", "apply_rotary", "padding_lengths", "positions_from_segment_ids",
 ]

@@ -247,15 +247,6 @@ class BlockStack(nn.Module):
         return (x, layers) if return_intermediates else x
 
 
-def key_padding_mask(key_tokens: jax.Array, pad_id: int = 0) -> jax.Array:
-    """[B, 1, 1, S] mask: True where the key is a real token, not padding.
-
-    Only keys are masked: a padding query's output is never used, and a mask
-    that is O(S) instead of O(T x S) keeps memory-efficient attention lean.
-    """
-    return (key_tokens != pad_id)[:, None, None, :]
-
-
 def padding_lengths(tokens: jax.Array, pad_id: int = 0) -> jax.Array:
     """int32 [B]: the number of non-pad tokens per row.
 

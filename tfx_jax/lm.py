@@ -31,7 +31,7 @@ from tfx_jax.attention import soft_cap
 from tfx_jax.blocks import BlockStack
 from tfx_jax.errors import ConfigError
 from tfx_jax.logical_axes import with_axes
-from tfx_jax.model_config import POSITION_KINDS, StackConfig, _one_of, _positive
+from tfx_jax.model_config import POSITION_KINDS, StackConfig, check_one_of, check_positive
 from tfx_jax.position import SequenceLayout
 from tfx_jax.transformer import add_positions, check_tokens, self_attention_args
 
@@ -66,8 +66,8 @@ class CausalLMConfig(StackConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _positive(self, "vocab_size", "num_layers", "max_len")
-        _one_of(self, "position", POSITION_KINDS)
+        check_positive(self, "vocab_size", "num_layers", "max_len")
+        check_one_of(self, "position", POSITION_KINDS)
         cap = self.final_logit_soft_cap
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float))
                                 or cap <= 0):

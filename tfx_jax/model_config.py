@@ -2,8 +2,9 @@
 
 Every model is built from a stack of the same Transformer block; the options
 of that stack live in :class:`StackConfig`, and each model's config adds what
-is its own (vocabulary, image size, ...). A bad value raises ValueError naming
-the field when the config is created, not deep inside a traced function.
+is its own (vocabulary, image size, ...). A bad value raises
+:class:`tfx_jax.errors.ConfigError` (a ValueError) naming the field when the
+config is created, not deep inside a traced function.
 """
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from typing import Any, Optional, TypeVar
 
 import jax.numpy as jnp
 
-from tfx_jax.errors import ConfigError
+from tfx_jax.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from tfx_jax.errors import ConfigError, require
 from tfx_jax.rotary import rope_scaling_items
 
 ACTIVATIONS = ("relu", "gelu", "gelu_exact", "silu")  # gelu: tanh approx.; gelu_exact: erf
-ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn", "splash")
 POSITION_KINDS = ("sinusoidal", "learned", "rope")
 NORMS = ("layer_norm", "rms_norm")
 MLPS = ("dense", "gated")
@@ -30,36 +31,38 @@ RUNTIME_FIELDS = ("decode",)
 ConfigT = TypeVar("ConfigT", bound="StackConfig")
 
 
-def _positive(config, *names):
+def check_positive(config, *names: str) -> None:
+    """ConfigError unless each field ``names`` of ``config`` is a positive integer."""
     for name in names:
         value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{type(config).__name__}.{name} must be a positive integer, "
-                             f"got {value!r}")
+        require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                f"{type(config).__name__}.{name} must be a positive integer, got {value!r}")
 
 
-def _one_of(config, name, choices):
+def check_one_of(config, name: str, choices: tuple) -> None:
+    """ConfigError unless the field ``name`` of ``config`` is one of ``choices``."""
     value = getattr(config, name)
-    if value not in choices:
-        raise ValueError(f"{type(config).__name__}.{name} must be one of {choices}, got {value!r}")
+    require(value in choices,
+            f"{type(config).__name__}.{name} must be one of {choices}, got {value!r}")
 
 
-def _rate(config, *names):
+def _check_rate(config, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{type(config).__name__}.{name} must be in [0, 1), got {value!r}")
+        require(0.0 <= value < 1.0,
+                f"{type(config).__name__}.{name} must be in [0, 1), got {value!r}")
 
 
-def _dtype(config, name):
+def _resolve_dtype(config, name: str) -> None:
+    """Checks a dtype field and replaces a name ("bfloat16") by the dtype."""
     value = getattr(config, name)
     if isinstance(value, str):
-        if value not in DTYPES:
-            raise ValueError(f"{type(config).__name__}.{name} must be one of "
-                             f"{tuple(DTYPES)}, got {value!r}")
+        require(value in DTYPES, f"{type(config).__name__}.{name} must be one of "
+                f"{tuple(DTYPES)}, got {value!r}")
         object.__setattr__(config, name, DTYPES[value])
-    elif jnp.dtype(value) not in {jnp.dtype(d) for d in DTYPES.values()}:
-        raise ValueError(f"{type(config).__name__}.{name} must be a floating dtype, got {value!r}")
+    else:
+        require(jnp.dtype(value) in {jnp.dtype(d) for d in DTYPES.values()},
+                f"{type(config).__name__}.{name} must be a floating dtype, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -159,30 +162,30 @@ class StackConfig:
     local_rope_base: Optional[float] = None
 
     def __post_init__(self):
-        _positive(self, "d_model", "num_heads", "d_ff")
+        check_positive(self, "d_model", "num_heads", "d_ff")
         if self.head_dim is not None:
-            _positive(self, "head_dim")
+            check_positive(self, "head_dim")
         elif self.d_model % self.num_heads:
-            raise ValueError(f"{type(self).__name__}.d_model={self.d_model} is not divisible by "
+            raise ConfigError(f"{type(self).__name__}.d_model={self.d_model} is not divisible by "
                              f"num_heads={self.num_heads}")
         if self.num_kv_heads is not None:
-            _positive(self, "num_kv_heads")
+            check_positive(self, "num_kv_heads")
             if self.num_heads % self.num_kv_heads:
-                raise ValueError(f"{type(self).__name__}.num_heads={self.num_heads} is not "
+                raise ConfigError(f"{type(self).__name__}.num_heads={self.num_heads} is not "
                                  f"divisible by num_kv_heads={self.num_kv_heads}")
             if self.fused_qkv and self.num_kv_heads != self.num_heads:
-                raise ValueError(f"{type(self).__name__}.fused_qkv=True needs num_kv_heads == "
+                raise ConfigError(f"{type(self).__name__}.fused_qkv=True needs num_kv_heads == "
                                  f"num_heads, got num_kv_heads={self.num_kv_heads}")
         if not self.rope_base > 1.0:
-            raise ValueError(f"{type(self).__name__}.rope_base must be > 1, got {self.rope_base!r}")
-        _rate(self, "dropout_rate", "attention_dropout_rate")
-        _one_of(self, "activation", ACTIVATIONS)
-        _one_of(self, "attention_implementation", ATTENTION_IMPLEMENTATIONS)
-        _one_of(self, "remat_policy", REMAT_POLICIES)
-        _dtype(self, "dtype")
-        _dtype(self, "param_dtype")
-        _one_of(self, "norm", NORMS)
-        _one_of(self, "mlp", MLPS)
+            raise ConfigError(f"{type(self).__name__}.rope_base must be > 1, got {self.rope_base!r}")
+        _check_rate(self, "dropout_rate", "attention_dropout_rate")
+        check_one_of(self, "activation", ACTIVATIONS)
+        check_one_of(self, "attention_implementation", ATTENTION_IMPLEMENTATIONS)
+        check_one_of(self, "remat_policy", REMAT_POLICIES)
+        _resolve_dtype(self, "dtype")
+        _resolve_dtype(self, "param_dtype")
+        check_one_of(self, "norm", NORMS)
+        check_one_of(self, "mlp", MLPS)
         object.__setattr__(self, "rope_scaling", rope_scaling_items(self.rope_scaling))
         for name in ("query_pre_attn_scalar", "attention_logit_soft_cap", "local_rope_base"):
             value = getattr(self, name)
@@ -191,7 +194,7 @@ class StackConfig:
                 raise ConfigError(f"{type(self).__name__}.{name} must be a positive number or "
                                   f"None, got {value!r}")
         if self.sliding_window is not None:
-            _positive(self, "sliding_window")
+            check_positive(self, "sliding_window")
         if self.layer_types is not None:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
             bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
@@ -234,7 +237,7 @@ def from_config_dict(cls: type[ConfigT], config_dict: Optional[Mapping[str, Any]
     ``ml_collections.ConfigDict`` or a plain mapping; ``None`` means all
     defaults); ``derived`` holds the fields the run fixes from its data
     (``vocab_size`` from the tokenizer, ``image_size`` from the dataset, ...).
-    Every problem is one ValueError naming the key: a derived field also set in
+    Every problem is one ConfigError naming the key: a derived field also set in
     ``config.model``, a runtime field (``decode``), a key that ``cls`` does not
     have (the known ones are listed), or a bad value (the config's own check).
     """
@@ -249,17 +252,17 @@ def from_config_dict(cls: type[ConfigT], config_dict: Optional[Mapping[str, Any]
     derived_keys = sorted(set(config_dict) & set(derived))
     if derived_keys:
         name = derived_keys[0]
-        raise ValueError(f"config.model.{name} is derived by the run ({name}={derived[name]!r} "
+        raise ConfigError(f"config.model.{name} is derived by the run ({name}={derived[name]!r} "
                          f"from the data or tokenizer); remove it from config.model")
     runtime_keys = sorted(set(config_dict) & set(RUNTIME_FIELDS))
     if runtime_keys:
-        raise ValueError(f"config.model.{runtime_keys[0]} is set by the code that uses the "
+        raise ConfigError(f"config.model.{runtime_keys[0]} is set by the code that uses the "
                          f"model (inference), not by a config; remove it from config.model")
     unknown = sorted(set(config_dict) - fields)
     if unknown:
-        raise ValueError(f"config.model has keys {unknown} that {cls.__name__} does not know; "
+        raise ConfigError(f"config.model has keys {unknown} that {cls.__name__} does not know; "
                          f"known: {sorted(fields - set(derived) - set(RUNTIME_FIELDS))}")
     try:
         return cls(**config_dict, **derived)
     except TypeError as e:  # e.g. a string where a number belongs, caught by a comparison
-        raise ValueError(f"config.model: bad value for {cls.__name__} ({e})") from e
+        raise ConfigError(f"config.model: bad value for {cls.__name__} ({e})") from e

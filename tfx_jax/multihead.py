@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 
 from tfx_jax.attention import causal_mask, combine_masks, dot_product_attention
+from tfx_jax.attention import segment_mask as core_segment_mask
 from tfx_jax.context_parallel import context_parallel_attention, context_size
 from tfx_jax.errors import ConfigError
 from tfx_jax.rotary import apply_rotary
@@ -318,12 +319,12 @@ def segment_mask(q_segment_ids: Optional[jax.Array],
                  kv_segment_ids: Optional[jax.Array]) -> Optional[jax.Array]:
     """[B, 1, T, S] mask: query and key in the same non-zero segment (0 = padding).
 
-    None if there are no segment ids. The same rule as the attention core's
-    segment ids, for the decode cache and the recorded attention weights.
+    None if there are no segment ids; else the attention core's
+    :func:`tfx_jax.attention.segment_mask`, for the decode cache and the
+    recorded attention weights.
     """
     if q_segment_ids is None and kv_segment_ids is None:
         return None
     if q_segment_ids is None or kv_segment_ids is None:
         raise ValueError("q_segment_ids and kv_segment_ids must be given together")
-    q, kv = jnp.asarray(q_segment_ids), jnp.asarray(kv_segment_ids)
-    return ((q[:, :, None] == kv[:, None, :]) & (q != 0)[:, :, None])[:, None]
+    return core_segment_mask(q_segment_ids, kv_segment_ids)

@@ -46,23 +46,20 @@ def sinusoidal_position_encoding(length: int, dim: int) -> jax.Array:
 class AddPositionEncoding(nn.Module):
     """Adds a sinusoidal or learned position encoding to [batch, length, d_model] inputs.
 
-    In ``decode`` mode the module remembers how many positions it has already
-    emitted (a "cache" variable), so feeding a prompt and then one token at a
-    time gives each token its true position.
+    Decoding passes each token's ``positions`` (kept by :class:`SequenceLayout`'s
+    decode counter), so this module has no state of its own.
 
     Attributes:
       max_len: longest sequence the encoding covers.
       kind: "sinusoidal" (paper, fixed) or "learned" (ViT/GPT, trained).
-      decode: autoregressive mode with a position counter.
     """
     max_len: int
     kind: str = "sinusoidal"
-    decode: bool = False
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: Optional[jax.Array] = None) -> jax.Array:
-        """Adds the encoding of ``positions`` [B, T] (default 0..T-1, or the decode counter)."""
+        """Adds the encoding of ``positions`` [B, T] (default 0..T-1)."""
         length, dim = x.shape[-2], x.shape[-1]
         if self.kind == "sinusoidal":
             table = sinusoidal_position_encoding(self.max_len, dim)
@@ -78,18 +75,9 @@ class AddPositionEncoding(nn.Module):
                                  f"{tuple(x.shape[:-1])}, got {tuple(positions.shape)}")
             _check_concrete_positions(positions, self.max_len)
             return x + jnp.take(table, positions, axis=0).astype(x.dtype)
-        if not self.decode:
-            if length > self.max_len:
-                raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
-            return x + table[:length].astype(x.dtype)
-        is_initialized = self.has_variable("cache", "position")
-        position = self.variable("cache", "position", jnp.zeros, x.shape[:1], jnp.int32)
-        if not is_initialized:  # init call: shape the cache only
-            return x + table[:length].astype(x.dtype)
-        start = position.value[0]  # one counter per sequence, all equal
-        position.value = position.value + length
-        rows = jax.lax.dynamic_slice_in_dim(table, start, length, axis=0)
-        return x + rows.astype(x.dtype)
+        if length > self.max_len:
+            raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
+        return x + table[:length].astype(x.dtype)
 
 
 def _check_concrete_positions(positions, max_len):

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from tfx_jax.blocks import BlockStack, padding_lengths
 from tfx_jax.errors import ConfigError
 from tfx_jax.logical_axes import with_axes
-from tfx_jax.model_config import POSITION_KINDS, StackConfig, _one_of, _positive
+from tfx_jax.model_config import POSITION_KINDS, StackConfig, check_one_of, check_positive
 from tfx_jax.position import AddPositionEncoding, SequenceLayout
 
 
@@ -62,8 +62,8 @@ class TransformerConfig(StackConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _positive(self, "vocab_size", "num_encoder_layers", "num_decoder_layers", "max_len")
-        _one_of(self, "position", POSITION_KINDS)
+        check_positive(self, "vocab_size", "num_encoder_layers", "num_decoder_layers", "max_len")
+        check_one_of(self, "position", POSITION_KINDS)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "TransformerConfig":

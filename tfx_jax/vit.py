@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from tfx_jax.blocks import BlockStack
 from tfx_jax.errors import ConfigError
 from tfx_jax.logical_axes import with_axes
-from tfx_jax.model_config import StackConfig, _one_of, _positive
+from tfx_jax.errors import ConfigError
+from tfx_jax.model_config import StackConfig, check_one_of, check_positive
 from tfx_jax.position import AddPositionEncoding
 
 POOLINGS = ("cls", "gap")
@@ -60,13 +61,14 @@ class ViTConfig(StackConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _positive(self, "image_size", "patch_size", "num_channels", "num_classes", "num_layers")
+        check_positive(self, "image_size", "patch_size", "num_channels", "num_classes",
+                       "num_layers")
         if self.image_size % self.patch_size:
             raise ConfigError(f"ViTConfig.patch_size={self.patch_size} does not divide "
                              f"image_size={self.image_size}")
-        _one_of(self, "pool", POOLINGS)
+        check_one_of(self, "pool", POOLINGS)
         if self.representation_size is not None:
-            _positive(self, "representation_size")
+            check_positive(self, "representation_size")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ViTConfig":

@@ -31,6 +31,9 @@ import grain
 import jax
 import numpy as np
 
+from tfx_jax.errors import ConfigError, DataError
+
+
 Example = dict[str, Any]
 
 
@@ -48,7 +51,7 @@ def process_shard(
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
     """Per-process batch size; the global batch must split evenly over processes."""
     if global_batch_size < 1 or global_batch_size % process_count:
-        raise ValueError(
+        raise ConfigError(
             f"global batch_size {global_batch_size} must be a positive multiple of the "
             f"number of processes ({process_count})"
         )
@@ -74,7 +77,7 @@ def shuffled_shard(source, *, seed: int, transform, process_index: int,
     """This process's share of ``source``, shuffled per epoch by ``seed``, repeated forever
     and passed through ``transform(example, rng)`` (positions ``index::count``)."""
     if len(source) == 0:
-        raise ValueError("cannot train on an empty data source")
+        raise DataError("cannot train on an empty data source")
     return (grain.MapDataset.source(source).seed(seed).shuffle().repeat()
             .random_map(transform))[process_index::process_count]
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tfx_jax.errors import ConfigError
+
 
 def default_max_shift(image_height: int) -> int:
     """Translation range: 1/8 of the side (4 px on CIFAR's 32, 1 px on 8x8 digits)."""
@@ -28,7 +30,7 @@ def default_max_shift(image_height: int) -> int:
 def random_translate(image: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
     """Moves [H, W, C] content by up to ``max_shift`` pixels, filling with 0."""
     if max_shift < 0:
-        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+        raise ConfigError(f"max_shift must be >= 0, got {max_shift}")
     if max_shift == 0:
         return image
     height, width = image.shape[:2]

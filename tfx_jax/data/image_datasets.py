@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tfx_jax.errors import ConfigError, DataError, DataNotFound
 from tfx_jax.data import digits
 
 DIGITS = "digits"
@@ -85,7 +86,7 @@ def load_image_dataset(name: str, split: str, *, data_dir: str | None = None) ->
       FileNotFoundError: the TFDS dataset is not prepared in ArrayRecord format.
     """
     if not isinstance(name, str) or not name:
-        raise ValueError(f"dataset name must be a non-empty string, got {name!r}")
+        raise ConfigError(f"dataset name must be a non-empty string, got {name!r}")
     if name == DIGITS:
         builder = digits.SklearnDigits(data_dir=data_dir)
         builder.download_and_prepare()  # offline and quick; a no-op once prepared
@@ -93,7 +94,7 @@ def load_image_dataset(name: str, split: str, *, data_dir: str | None = None) ->
         try:
             builder = tfds.builder(name, data_dir=data_dir)
         except tfds.core.registered.DatasetNotFoundError as error:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown image dataset {name!r}: it is neither {DIGITS!r} (built in) "
                 "nor a dataset in the TFDS catalogue (tfds.list_builders()); TFDS "
                 f"said: {str(error).splitlines()[0]}"
@@ -102,7 +103,7 @@ def load_image_dataset(name: str, split: str, *, data_dir: str | None = None) ->
     source = _data_source(name, builder, split)
     image_feature = builder.info.features[image_key]
     if np.dtype(image_feature.np_dtype) != np.uint8:
-        raise ValueError(
+        raise DataError(
             f"dataset {name!r}: feature {image_key!r} has dtype {image_feature.np_dtype},"
             " expected uint8 images"
         )
@@ -129,10 +130,10 @@ def _supervised_keys(name: str, info) -> tuple[str, str]:
     image_key, label_key = keys if keys and len(keys) == 2 else ("image", "label")
     features = info.features
     if not isinstance(image_key, str) or image_key not in features:
-        raise ValueError(f"dataset {name!r} has no image feature {image_key!r}: {features}")
+        raise DataError(f"dataset {name!r} has no image feature {image_key!r}: {features}")
     label_feature = features[label_key] if label_key in features else None
     if not isinstance(label_feature, tfds.features.ClassLabel):
-        raise ValueError(
+        raise DataError(
             f"dataset {name!r} is not an image classification dataset: no ClassLabel"
             f" feature {label_key!r} in {list(features)}"
         )
@@ -144,9 +145,9 @@ def _data_source(name: str, builder, split: str):
     try:
         return builder.as_data_source(split=split)
     except ValueError as error:  # unknown split or bad slice; TFDS lists splits
-        raise ValueError(f"dataset {name!r}, split {split!r}: {error}") from error
+        raise DataError(f"dataset {name!r}, split {split!r}: {error}") from error
     except (NotImplementedError, AssertionError, FileNotFoundError) as error:
-        raise FileNotFoundError(
+        raise DataNotFound(
             f"dataset {name!r} is not prepared in ArrayRecord format under "
             f"{builder.data_dir!r}. Prepare it once where it can be downloaded "
             f"(its Image features need TensorFlow to encode): `tfds build {name} "

@@ -19,6 +19,7 @@ import numpy as np
 from etils import epath
 from PIL import Image, UnidentifiedImageError
 
+from tfx_jax.errors import DataError, DataNotFound
 from tfx_jax.data.image_preprocess import normalize_images, resize_image
 from tfx_jax.errors import DataError, require
 
@@ -35,7 +36,7 @@ def read_image_file(path: str | os.PathLike, channels: int) -> np.ndarray:
             f"files, comma-separated (e.g. --predict={os.path.join(path, 'a.png')},"
             f"{os.path.join(path, 'b.png')})", DataError)
     if not file.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
+        raise DataNotFound(f"image file not found: {path}")
     try:
         with Image.open(io.BytesIO(file.read_bytes())) as image:
             image.load()
@@ -45,7 +46,7 @@ def read_image_file(path: str | os.PathLike, channels: int) -> np.ndarray:
                 )
             image = image.convert(_PIL_MODES[channels])
     except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise ValueError(f"cannot read image file {path}: {error}") from error
+        raise DataError(f"cannot read image file {path}: {error}") from error
     array = np.asarray(image, dtype=np.uint8)
     return array[..., None] if array.ndim == 2 else array
 

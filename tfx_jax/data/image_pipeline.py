@@ -20,6 +20,7 @@ import functools
 import grain
 import numpy as np
 
+from tfx_jax.errors import DataError
 from tfx_jax.data import grain_batches
 from tfx_jax.data.image_augment import augment_image, default_max_shift
 from tfx_jax.data.image_datasets import ImageDataset
@@ -35,7 +36,7 @@ def image_input_shape(
         return (*image_size_pair(image_size), channels)
     height, width = dataset.image_shape[:2]
     if height is None or width is None:
-        raise ValueError(
+        raise DataError(
             f"dataset {dataset.name!r} has images of varying size {dataset.image_shape};"
             " set image_size to resize them"
         )

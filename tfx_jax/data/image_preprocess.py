@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from tfx_jax.errors import ConfigError
+
 
 def normalize_images(images: np.ndarray) -> np.ndarray:
     """uint8 pixels 0..255 -> float32 in [-1, 1] (any leading shape)."""
@@ -35,7 +37,7 @@ def image_size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
         image_size = (image_size, image_size)
     size = tuple(image_size) if isinstance(image_size, (tuple, list)) else ()
     if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size):
-        raise ValueError(
+        raise ConfigError(
             f"image_size must be a positive int or (height, width), got {image_size!r}")
     return int(size[0]), int(size[1])
 

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tfx_jax.errors import DataError
+
 
 @dataclasses.dataclass(frozen=True)
 class LengthCaps:
@@ -85,7 +87,7 @@ def length_caps(pairs: Sequence[tuple[str, str]], tokenizer, *, percentile: floa
     if not outlier_factor >= 1:
         raise ValueError(f"outlier_factor must be >= 1, got {outlier_factor}")
     if len(pairs) == 0:  # pylint: disable=g-explicit-length-test
-        raise ValueError("cannot measure the lengths of an empty corpus")
+        raise DataError("cannot measure the lengths of an empty corpus")
     indices = np.arange(len(pairs))
     if len(pairs) > max_pairs:
         indices = np.random.default_rng(seed).choice(len(pairs), size=max_pairs, replace=False)

@@ -33,6 +33,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tfx_jax.errors import ConfigError
 from tfx_jax.data import number_words_grammar as number_words
 from tfx_jax.data.tfds_translation import TranslationPairs, translation_direction
 
@@ -56,30 +57,30 @@ class NumberWordsConfig(tfds.core.BuilderConfig):
     def __post_init__(self):
         if self.target_language not in number_words.LANGUAGES or (
             self.target_language == SOURCE_LANGUAGE):
-            raise ValueError(
+            raise ConfigError(
                 f"target_language must be one of "
                 f"{[l for l in number_words.LANGUAGES if l != SOURCE_LANGUAGE]}, "
                 f"got {self.target_language!r}")
         if not 0 <= self.max_number <= number_words.MAX_NUMBER:
-            raise ValueError(f"max_number must be in 0..{number_words.MAX_NUMBER}, "
+            raise ConfigError(f"max_number must be in 0..{number_words.MAX_NUMBER}, "
                              f"got {self.max_number}")
         sizes = {"train_size": self.train_size,
                  "validation_size": self.validation_size,
                  "test_size": self.test_size}
         for field, size in sizes.items():
             if size < 1:
-                raise ValueError(f"{field} must be >= 1, got {size}")
+                raise ConfigError(f"{field} must be >= 1, got {size}")
         if sum(sizes.values()) > self.max_number + 1:
-            raise ValueError(
+            raise ConfigError(
                 f"train_size + validation_size + test_size = {sum(sizes.values())} "
                 f"exceeds the {self.max_number + 1} numbers in 0..{self.max_number}")
         if self.train_all_below < 0 or (
                 min(self.train_all_below, self.max_number + 1) > self.train_size):
-            raise ValueError(
+            raise ConfigError(
                 f"train_all_below={self.train_all_below} puts more numbers in train than "
                 f"train_size={self.train_size}; lower it (0: none)")
         if self.small_number_repeats < 1:
-            raise ValueError(f"small_number_repeats must be >= 1, got "
+            raise ConfigError(f"small_number_repeats must be >= 1, got "
                              f"{self.small_number_repeats}")
 
     def split_numbers(self) -> dict[str, np.ndarray]:

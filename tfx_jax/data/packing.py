@@ -43,6 +43,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from tfx_jax.errors import ConfigError, DataError
 from tfx_jax.data import grain_batches
 
 SEGMENTATION = "_segmentation"
@@ -164,7 +165,7 @@ def _measure(batches, keys: Sequence[str], *, num_batches: int,
         examples += (int(np.asarray(segments).max(axis=-1).sum()) if segments is not None
                      else int((tokens != pad_id).any(axis=-1).sum()))
     if total == 0:
-        raise ValueError(f"no batches to measure padding on (keys {list(keys)})")
+        raise DataError(f"no batches to measure padding on (keys {list(keys)})")
     return pad / total, examples / rows
 
 
@@ -230,7 +231,7 @@ def packing_setting(value) -> bool | str:
         return value
     if isinstance(value, str) and value.lower() in ("true", "false", AUTO):
         return {"true": True, "false": False, AUTO: AUTO}[value.lower()]
-    raise ValueError(f"config.packing must be 'auto', 'true' or 'false', got {value!r}")
+    raise ConfigError(f"config.packing must be 'auto', 'true' or 'false', got {value!r}")
 
 
 def choose_packing(setting,

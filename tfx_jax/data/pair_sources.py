@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from tfx_jax.errors import ConfigError
 from tfx_jax.data.number_words_dataset import NumberWordsConfig, number_words_pairs
 from tfx_jax.data.tfds_translation import tfds_translation_pairs
 from tfx_jax.data.tsv_pairs import TsvPairs
@@ -68,11 +69,11 @@ def open_text_pairs(
         dataset; FileNotFoundError: a missing TSV file or unprepared TFDS data.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"data spec must be a non-empty string ('number_words', a "
+        raise ConfigError(f"data spec must be a non-empty string ('number_words', a "
                          f".tsv path or a TFDS name), got {spec!r}")
     if is_file_spec(spec):
         if source_language or target_language:
-            raise ValueError(f"{spec}: a TSV file has a fixed direction (source<TAB>"
+            raise ConfigError(f"{spec}: a TSV file has a fixed direction (source<TAB>"
                              "target); source_language/target_language do not apply")
         return TsvPairs(spec)
     name, _, config_name = spec.partition("/")

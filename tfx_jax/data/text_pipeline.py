@@ -41,6 +41,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from tfx_jax.errors import ConfigError, DataError
 from tfx_jax.data import grain_batches, packing as packing_lib
 from tfx_jax.data.tokenizer import EOS_ID, PAD_ID
 
@@ -56,25 +57,6 @@ def token_row(ids: Sequence[int], max_length: int) -> np.ndarray:
     row = np.full((max_length,), PAD_ID, dtype=np.int32)
     row[:len(ids)] = ids
     return row
-
-
-def longest_pair(pairs: Sequence[tuple[str, str]], tokenizer, *, max_pairs: int = 10_000,
-                 seed: int = 0) -> tuple[int, int]:
-    """Row lengths that fit every pair: (longest source, longest target) in tokens + EOS.
-
-    Corpora larger than ``max_pairs`` are measured on a seeded sample of that
-    size, so a rare longer pair may still be truncated.
-    """
-    if len(pairs) == 0:  # pylint: disable=g-explicit-length-test
-        raise ValueError("cannot measure the lengths of an empty corpus")
-    indices = range(len(pairs))
-    if len(pairs) > max_pairs:
-        indices = np.random.default_rng(seed).choice(len(pairs), size=max_pairs, replace=False)
-    longest = [1, 1]
-    for i in indices:
-        for side, text in enumerate(pairs[int(i)]):
-            longest[side] = max(longest[side], len(tokenizer.encode(text)))
-    return longest[0] + 1, longest[1] + 1
 
 
 def _encode_pair(pair, rng=None, *, tokenizer, max_source_length, max_target_length,
@@ -96,7 +78,7 @@ def _check_lengths(max_source_length: int, max_target_length: int) -> None:
     for name, value in (("max_source_length", max_source_length),
                         ("max_target_length", max_target_length)):
         if value < 2:
-            raise ValueError(f"{name} must be >= 2 (one token and EOS), got {value}")
+            raise ConfigError(f"{name} must be >= 2 (one token and EOS), got {value}")
 
 
 def train_batches(
@@ -200,7 +182,7 @@ def eval_batches(
     """
     _check_lengths(max_source_length, max_target_length)
     if len(pairs) == 0:  # pylint: disable=g-explicit-length-test
-        raise ValueError("the evaluation data has no examples")
+        raise DataError("the evaluation data has no examples")
     encode = functools.partial(
         _encode_pair, tokenizer=tokenizer, max_source_length=max_source_length,
         max_target_length=max_target_length, drop_overlong=False)

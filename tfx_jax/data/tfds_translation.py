@@ -22,6 +22,8 @@ import importlib
 
 import tensorflow_datasets as tfds
 
+from tfx_jax.errors import ConfigError, DataError, DataNotFound
+
 
 def _as_text(value) -> str:
     """TFDS ``Text`` features decode to bytes from ArrayRecord; mocks give str."""
@@ -44,15 +46,15 @@ class TranslationPairs(collections.abc.Sequence):
     def __init__(self, records, source_language: str, target_language: str,
                  *, name: str = "dataset"):
         if source_language == target_language:
-            raise ValueError(f"{name}: source_language and target_language are both "
+            raise ConfigError(f"{name}: source_language and target_language are both "
                              f"{source_language!r}")
         if len(records) == 0:  # pylint: disable=g-explicit-length-test
-            raise ValueError(f"{name}: the split is empty")
+            raise DataError(f"{name}: the split is empty")
         languages = sorted(k for k in records[0] if isinstance(k, str))
         for field, language in (("source_language", source_language),
                                 ("target_language", target_language)):
             if language not in languages:
-                raise ValueError(f"{name}: {field}={language!r} is not a language of "
+                raise ConfigError(f"{name}: {field}={language!r} is not a language of "
                                  f"this dataset; it has {languages}")
         self._records = records
         self.source_language = source_language
@@ -123,12 +125,12 @@ def tfds_translation_pairs(
         records = tfds.data_source(name, split=split, data_dir=data_dir,
                                    download=download)
     except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(f"unknown TFDS dataset name {name!r} (expected e.g. "
+        raise ConfigError(f"unknown TFDS dataset name {name!r} (expected e.g. "
                          "'wmt14_translate/de-en')") from e
     except (NotImplementedError, FileNotFoundError, AssertionError) as e:
         if download:
             raise
-        raise FileNotFoundError(
+        raise DataNotFound(
             f"TFDS dataset {name!r} split {split!r} is not prepared in ArrayRecord "
             f"format under data_dir={data_dir!r}; prepare it with `tfds build "
             f"{name} --data_dir=DIR --file_format=array_record`") from e
@@ -150,13 +152,13 @@ def translation_direction(
     if source_language is not None and target_language is not None:
         return source_language, target_language
     if len(supervised_keys) != 2:
-        raise ValueError(f"{name}: has no supervised_keys; pass source_language "
+        raise ConfigError(f"{name}: has no supervised_keys; pass source_language "
                          "and target_language")
     if source_language is None and target_language is None:
         return supervised_keys
     given = source_language if source_language is not None else target_language
     if given not in supervised_keys:
-        raise ValueError(f"{name}: language {given!r} is not one of "
+        raise ConfigError(f"{name}: language {given!r} is not one of "
                          f"{list(supervised_keys)}")
     other = supervised_keys[1 - supervised_keys.index(given)]
     return (given, other) if source_language is not None else (other, given)

@@ -30,7 +30,7 @@ import numpy as np
 import sentencepiece as spm
 from etils import epath
 
-from tfx_jax.errors import say
+from tfx_jax.errors import ConfigError, DataError, DataNotFound, say
 
 PAD_ID = 0
 EOS_ID = 1
@@ -46,19 +46,19 @@ class SentencePieceTokenizer:
         self.model_path = os.fspath(model_path)
         path = epath.Path(self.model_path)
         if not path.is_file():
-            raise FileNotFoundError(f"SentencePiece model not found: {self.model_path}")
+            raise DataNotFound(f"SentencePiece model not found: {self.model_path}")
         model_proto = path.read_bytes()  # through epath: the file may be on gs://
         try:
             self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
         except RuntimeError as e:  # sentencepiece's only error type for unreadable models
-            raise ValueError(f"{self.model_path}: not a SentencePiece model file (could not "
+            raise DataError(f"{self.model_path}: not a SentencePiece model file (could not "
                              f"parse ModelProto from its {len(model_proto)} bytes); delete it "
                              f"to train a new one, or point to the .model file that "
                              f"train_sentencepiece wrote") from e
         reserved = (self._processor.pad_id(), self._processor.eos_id(),
                     self._processor.bos_id(), self._processor.unk_id())
         if reserved != (PAD_ID, EOS_ID, BOS_ID, UNK_ID):
-            raise ValueError(f"{self.model_path}: reserved ids (pad, eos, bos, unk) "
+            raise DataError(f"{self.model_path}: reserved ids (pad, eos, bos, unk) "
                              f"are {reserved}, expected {(PAD_ID, EOS_ID, BOS_ID, UNK_ID)}")
 
     @property
@@ -101,7 +101,7 @@ def train_sentencepiece(
     code's whitespace: ``normalization_rule_name="identity"``).
     """
     if vocab_size < 5:
-        raise ValueError(f"vocab_size must be >= 5 (4 reserved ids), got {vocab_size}")
+        raise ConfigError(f"vocab_size must be >= 5 (4 reserved ids), got {vocab_size}")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),

@@ -24,7 +24,8 @@ import re
 
 from etils import epath
 
-from tfx_jax.errors import DataError
+from tfx_jax.errors import ConfigError, DataError, DataNotFound
+
 
 _COLUMN_WORDS = (
     "source|target|src|tgt|trg|input|output|inputs|targets|text|sentence|translation|"
@@ -60,11 +61,11 @@ class TsvPairs(collections.abc.Sequence):
 
     def __init__(self, path: str | os.PathLike, *, header: bool | str = "auto"):
         if header not in (True, False, "auto"):
-            raise ValueError(f"header must be True, False or 'auto', got {header!r}")
+            raise ConfigError(f"header must be True, False or 'auto', got {header!r}")
         self.path = os.fspath(path)
         file = epath.Path(self.path)  # a local path or a gs:// URL
         if not file.is_file():
-            raise FileNotFoundError(f"TSV parallel corpus not found: {self.path}")
+            raise DataNotFound(f"TSV parallel corpus not found: {self.path}")
         self._pairs: list[tuple[str, str]] = []
         self.header: str | None = None
         self.had_bom = False
@@ -84,7 +85,7 @@ class TsvPairs(collections.abc.Sequence):
                                     f"(only blank lines at the end of the file are ignored)")
                 self._pairs.append(self._parse(raw_line, line_number))
         if not self._pairs:
-            raise ValueError(f"{self.path}: the file has no sentence pairs")
+            raise DataError(f"{self.path}: the file has no sentence pairs")
 
     def _strip_bom(self, raw_line: bytes) -> bytes:
         encoded_bom = BOM.encode("utf-8")
@@ -108,17 +109,17 @@ class TsvPairs(collections.abc.Sequence):
         try:
             line = raw_line.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"{where}: not valid UTF-8 ({e.reason})") from e
+            raise DataError(f"{where}: not valid UTF-8 ({e.reason})") from e
         line = line.removesuffix("\n").removesuffix("\r")
         fields = line.split("\t")
         if len(fields) != 2:
-            raise ValueError(
+            raise DataError(
                 f"{where}: expected 'source<TAB>target' (exactly one tab), found "
                 f"{len(fields) - 1} tabs in {line[:80]!r}")
         source, target = fields
         for side, text in (("source", source), ("target", target)):
             if not text.strip():
-                raise ValueError(f"{where}: the {side} side is empty")
+                raise DataError(f"{where}: the {side} side is empty")
         return source, target
 
     def __len__(self) -> int:
@@ -138,7 +139,7 @@ def write_tsv_pairs(path: str | os.PathLike, pairs) -> int:
     for index, (source, target) in enumerate(pairs):
         for side, text in (("source", source), ("target", target)):
             if not text or any(c in text for c in "\t\r\n"):
-                raise ValueError(f"pair {index}: the {side} {text!r} is empty or holds a tab "
+                raise DataError(f"pair {index}: the {side} {text!r} is empty or holds a tab "
                                  f"or a line break")
         lines.append(f"{source}\t{target}\n")
     epath.Path(path).write_text("".join(lines), encoding="utf-8")

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import jax
 from etils import epath
 
+from tfx_jax.errors import WorkdirNotFound
 from tfx_jax.data.tokenizer import SentencePieceTokenizer
 
 
@@ -33,7 +34,7 @@ def read_workdir_tokenizer(workdir: str, name: str, *, hint: str = "") -> Senten
     """``<workdir>/<name>``, loaded from a local copy; FileNotFoundError (plus ``hint``) if absent."""
     source = epath.Path(workdir) / name
     if not source.exists():
-        raise FileNotFoundError(f"no tokenizer {source} in workdir {workdir!r}{hint}")
+        raise WorkdirNotFound(f"no tokenizer {source} in workdir {workdir!r}{hint}")
     local = os.path.join(local_temp_dir(), source.name)
     with open(local, "wb") as f:
         f.write(source.read_bytes())

@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from tfx_jax.errors import ConfigError
+from tfx_jax.errors import ConfigError, DataError
 from tfx_jax.lm import CausalLM, CausalLMConfig
 from tfx_jax.pretrained import hf_decoders, hf_gpt2, hf_vit
 from tfx_jax.pretrained.hf_files import (CONFIG, LazyCheckpoint, read_config, read_directory,
@@ -75,7 +75,7 @@ def load_hf(directory: str, *, num_classes: Optional[int] = None,
     weights = os.path.join(str(directory), "model.safetensors")
     if architecture == hf_gpt2.ARCHITECTURE:
         if num_classes is not None or image_size is not None:
-            raise ValueError("num_classes and image_size apply to ViT checkpoints, not "
+            raise ConfigError("num_classes and image_size apply to ViT checkpoints, not "
                              f"{architecture}")
         cfg = hf_gpt2.config_from_hf(config, source)
         return cfg, unflatten(hf_gpt2.params_from_hf(tensors, cfg, weights))

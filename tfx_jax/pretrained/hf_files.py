@@ -22,11 +22,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from tfx_jax.errors import DataError
-
-
-class MissingFileError(DataError, FileNotFoundError):
-    """A model directory, its config.json or one of its weight files is not there."""
+from tfx_jax.errors import DataError, DataNotFound
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -38,18 +34,18 @@ def read_config(directory: str) -> dict[str, Any]:
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"directory must be a path, got {type(directory).__name__}")
     if not os.path.isdir(directory):
-        raise MissingFileError(f"no Hugging Face model directory at {directory!r}")
+        raise DataNotFound(f"no Hugging Face model directory at {directory!r}")
     config_path = os.path.join(directory, CONFIG)
     if not os.path.isfile(config_path):
-        raise MissingFileError(f"{directory}: no {CONFIG} (a Hugging Face model directory has "
+        raise DataNotFound(f"{directory}: no {CONFIG} (a Hugging Face model directory has "
                                 f"{CONFIG} and {WEIGHTS})")
     try:
         with open(config_path) as f:
             config = json.load(f)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path}: not valid JSON ({error})") from None
+        raise DataError(f"{config_path}: not valid JSON ({error})") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+        raise DataError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
     return config
 
 
@@ -64,11 +60,11 @@ def weight_files(directory: str) -> list[str]:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         files = [os.path.join(directory, shard) for shard in shards]
     else:
-        raise MissingFileError(f"{directory}: no {WEIGHTS} (or {INDEX}); only safetensors "
+        raise DataNotFound(f"{directory}: no {WEIGHTS} (or {INDEX}); only safetensors "
                                 f"checkpoints are read (convert pytorch_model.bin first)")
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
-        raise MissingFileError(f"{index} names shard {os.path.basename(missing[0])}, which is "
+        raise DataNotFound(f"{index} names shard {os.path.basename(missing[0])}, which is "
                                 f"not in {directory} ({len(missing)} of {len(files)} missing)")
     return files
 
@@ -88,9 +84,9 @@ def _load_tensors(path: str) -> dict[str, np.ndarray]:
         return load_file(path)
     except TypeError as error:  # NumPy has no bfloat16: read with jax, return float32
         if "bfloat16" not in str(error):
-            raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+            raise DataError(f"{path}: not a readable safetensors file ({error})") from None
     except Exception as error:  # SafetensorError, OSError
-        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+        raise DataError(f"{path}: not a readable safetensors file ({error})") from None
     from safetensors.flax import load_file as load_jax
     return {name: np.asarray(value, np.float32 if value.dtype == "bfloat16" else value.dtype)
             for name, value in load_jax(path).items()}
@@ -112,7 +108,7 @@ class LazyCheckpoint:
             try:
                 handle = safe_open(path, framework="numpy")
             except Exception as error:  # SafetensorError, OSError
-                raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+                raise DataError(f"{path}: not a readable safetensors file ({error})") from None
             self._files[path] = handle
             for name in handle.keys():
                 self._slices[name] = (path, handle.get_slice(name))
@@ -195,7 +191,7 @@ class CheckpointTokenizer:
         import tokenizers
         path = os.path.join(str(directory), TOKENIZER)
         if not os.path.isfile(path):
-            raise MissingFileError(f"{directory}: no {TOKENIZER}; only fast tokenizers are read "
+            raise DataNotFound(f"{directory}: no {TOKENIZER}; only fast tokenizers are read "
                                    f"(save one with transformers' AutoTokenizer first)")
         try:
             self.tokenizer = tokenizers.Tokenizer.from_file(path)

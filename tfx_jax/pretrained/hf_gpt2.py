@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from tfx_jax.errors import DataError
 from tfx_jax.lm import CausalLMConfig
 from tfx_jax.pretrained.tensors import TensorReader
 
@@ -39,11 +40,11 @@ def config_from_hf(config: dict[str, Any], source: str) -> CausalLMConfig:
                             ("add_cross_attention", False, "cross-attention"),
                             ("tie_word_embeddings", True, "an untied lm_head")):
         if config.get(key, value) != value:
-            raise ValueError(f"{source}: {key}={config[key]!r} ({why}) is not supported; "
+            raise DataError(f"{source}: {key}={config[key]!r} ({why}) is not supported; "
                              f"expected {value!r}")
     act = config.get("activation_function", "gelu_new")
     if act not in _FROM_HF_ACT:
-        raise ValueError(f"{source}: activation_function={act!r} is not supported; expected one "
+        raise DataError(f"{source}: activation_function={act!r} is not supported; expected one "
                          f"of {sorted(_FROM_HF_ACT)}")
     d_model = config.get("n_embd", 768)
     return CausalLMConfig(
@@ -96,7 +97,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: CausalLMConfig,
     if "lm_head.weight" in reader:
         head = reader.get("lm_head.weight", (cfg.vocab_size, d))
         if not np.array_equal(head, flat["embedding/embedding"]):
-            raise ValueError(f"{source}: 'lm_head.weight' differs from 'wte.weight'; only tied "
+            raise DataError(f"{source}: 'lm_head.weight' differs from 'wte.weight'; only tied "
                              f"GPT-2 heads are supported")
     for i in range(cfg.num_layers):
         h, ours = f"h.{i}.", f"layers/layer_{i}/"

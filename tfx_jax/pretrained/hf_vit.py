@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from tfx_jax.errors import DataError
 from tfx_jax.pretrained.tensors import TensorReader
 from tfx_jax.vit import ViTConfig
 
@@ -33,7 +34,7 @@ _TO_HF_ACT = {"gelu_exact": "gelu", "gelu": "gelu_pytorch_tanh", "relu": "relu"}
 def _side(value, name, source) -> int:
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
-            raise ValueError(f"{source}: {name}={value!r}; only square images and patches are "
+            raise DataError(f"{source}: {name}={value!r}; only square images and patches are "
                              f"supported")
         value = value[0]
     return int(value)
@@ -44,17 +45,17 @@ def config_from_hf(config: dict[str, Any], architecture: str, tensors: dict,
     """The ViTConfig of an HF ViT config.json (unsupported options raise)."""
     act = config.get("hidden_act", "gelu")
     if act not in _FROM_HF_ACT:
-        raise ValueError(f"{source}: hidden_act={act!r} is not supported; expected one of "
+        raise DataError(f"{source}: hidden_act={act!r} is not supported; expected one of "
                          f"{sorted(_FROM_HF_ACT)}")
     if not config.get("qkv_bias", True):
-        raise ValueError(f"{source}: qkv_bias=False is not supported (our attention has biases "
+        raise DataError(f"{source}: qkv_bias=False is not supported (our attention has biases "
                          f"on all projections)")
     d_model = config.get("hidden_size", 768)
     has_pooler = any(k.startswith(("pooler.", "vit.pooler.")) for k in tensors)
     representation = None
     if architecture == "ViTModel" and has_pooler:
         if config.get("pooler_act", "tanh") != "tanh":
-            raise ValueError(f"{source}: pooler_act={config['pooler_act']!r}; only 'tanh' "
+            raise DataError(f"{source}: pooler_act={config['pooler_act']!r}; only 'tanh' "
                              f"(the paper's pre_logits) is supported")
         representation = config.get("pooler_output_size") or d_model
     labels = config.get("id2label")

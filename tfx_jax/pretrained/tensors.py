@@ -13,6 +13,8 @@ from typing import Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
+from tfx_jax.errors import DataError
+
 
 class TensorReader:
     """Checked access to the tensors of one checkpoint file.
@@ -37,7 +39,7 @@ class TensorReader:
     def shape(self, name: str) -> tuple[int, ...]:
         """The stored shape of ``name`` (for inferring the config); missing -> ValueError."""
         if name not in self.tensors:
-            raise ValueError(f"{self.source}: tensor {name!r} is missing "
+            raise DataError(f"{self.source}: tensor {name!r} is missing "
                              f"({self._hint(name)})")
         return tuple(self.tensors[name].shape)
 
@@ -45,16 +47,16 @@ class TensorReader:
         """The tensor ``name`` as float32, checked to have ``shape``."""
         shape = tuple(int(d) for d in shape)
         if name not in self.tensors:
-            raise ValueError(f"{self.source}: tensor {name!r} is missing; expected shape "
+            raise DataError(f"{self.source}: tensor {name!r} is missing; expected shape "
                              f"{shape} ({self._hint(name)})")
         value = np.asarray(self.tensors[name])
         if value.shape != shape:
-            raise ValueError(f"{self.source}: tensor {name!r} has shape {value.shape}, "
+            raise DataError(f"{self.source}: tensor {name!r} has shape {value.shape}, "
                              f"expected {shape}")
         if value.dtype.kind == "V" and value.dtype.itemsize == 2:
             value = value.view(ml_dtypes.bfloat16)  # .npz stores bfloat16 as raw 2-byte voids
         if not (np.issubdtype(value.dtype, np.floating) or value.dtype == ml_dtypes.bfloat16):
-            raise ValueError(f"{self.source}: tensor {name!r} has dtype {value.dtype}, "
+            raise DataError(f"{self.source}: tensor {name!r} has dtype {value.dtype}, "
                              f"expected a floating-point array")
         self.used.add(name)
         return value.astype(np.float32)
@@ -69,7 +71,7 @@ class TensorReader:
                         if n not in self.used and not n.startswith(self.ignore_prefixes))
         if unused:
             more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
-            raise ValueError(f"{self.source}: tensors {unused[:5]}{more} have no place in "
+            raise DataError(f"{self.source}: tensors {unused[:5]}{more} have no place in "
                              f"a {what}; is this a checkpoint of another model?")
 
     def _hint(self, name: str) -> str:

@@ -13,6 +13,7 @@ from typing import Optional
 
 import numpy as np
 
+from tfx_jax.errors import ConfigError
 from tfx_jax.pretrained.posemb import resize_position_embedding
 from tfx_jax.vit import ViTConfig
 
@@ -36,7 +37,7 @@ def adapt_vit(cfg: ViTConfig, flat: dict[str, np.ndarray], *, num_classes: Optio
         cfg = cfg.replace(num_classes=num_classes, representation_size=None)
     if image_size is not None and image_size != cfg.image_size:
         if image_size % cfg.patch_size:
-            raise ValueError(f"image_size={image_size} is not a multiple of the checkpoint's "
+            raise ConfigError(f"image_size={image_size} is not a multiple of the checkpoint's "
                              f"patch_size={cfg.patch_size}")
         flat["position/embedding"] = resize_position_embedding(
             flat["position/embedding"], image_size // cfg.patch_size,

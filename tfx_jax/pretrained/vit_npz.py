@@ -32,6 +32,7 @@ from typing import Optional
 
 import numpy as np
 
+from tfx_jax.errors import DataError, DataNotFound
 from tfx_jax.pretrained.tensors import TensorReader
 from tfx_jax.pretrained.tree import unflatten
 from tfx_jax.pretrained.vit_adapt import adapt_vit, check_options
@@ -58,12 +59,12 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a file path, got {type(path).__name__}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no .npz checkpoint at {path!r}")
+        raise DataNotFound(f"no .npz checkpoint at {path!r}")
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
     except Exception as error:  # zipfile.BadZipFile, ValueError, OSError
-        raise ValueError(f"{path}: not a readable .npz archive ({error})") from None
+        raise DataError(f"{path}: not a readable .npz archive ({error})") from None
 
 
 def load_vit_npz(path: str, *, num_classes: Optional[int] = None,
@@ -94,7 +95,7 @@ def load_vit_npz(path: str, *, num_classes: Optional[int] = None,
                           str(path))
     for marker, what in _UNSUPPORTED.items():
         if any(name.startswith(marker) or f"/{marker}" in name for name in reader.tensors):
-            raise ValueError(f"{path}: the checkpoint has {what} (tensors {marker}...), which "
+            raise DataError(f"{path}: the checkpoint has {what} (tensors {marker}...), which "
                              f"tfx_jax.ViT does not implement")
     cfg, names = _infer_config(reader, num_classes)
     flat = _read_params(reader, cfg, names)
@@ -108,7 +109,7 @@ def _infer_config(reader: TensorReader, new_classes: Optional[int]) -> tuple[ViT
     """Reads the architecture off the shapes; returns the config and the names it found."""
     kh, kw, channels, d_model = reader.shape("embedding/kernel")
     if kh != kw:
-        raise ValueError(f"{reader.source}: 'embedding/kernel' has shape "
+        raise DataError(f"{reader.source}: 'embedding/kernel' has shape "
                          f"{reader.shape('embedding/kernel')}: non-square patches are not "
                          f"supported (expected [P, P, C, D])")
     names = {"posemb": next((n for n in ("Transformer/posembed_input/pos_embedding",
@@ -119,20 +120,20 @@ def _infer_config(reader: TensorReader, new_classes: Optional[int]) -> tuple[ViT
     patches = tokens - (pool == "cls")
     grid = math.isqrt(patches)
     if grid * grid != patches:
-        raise ValueError(f"{reader.source}: {names['posemb']!r} has {tokens} positions; "
+        raise DataError(f"{reader.source}: {names['posemb']!r} has {tokens} positions; "
                          f"expected 1 + grid**2 (cls) or grid**2 (gap) for a square image")
     block_names = sorted({m.group(1) for n in reader.tensors
                           if (m := re.match(r"Transformer/encoderblock_(\d+)/", n))}, key=int)
     if block_names:
         names["blocks"] = [f"Transformer/encoderblock_{i}/" for i in block_names]
         if block_names != [str(i) for i in range(len(block_names))]:
-            raise ValueError(f"{reader.source}: encoder blocks {block_names} are not numbered "
+            raise DataError(f"{reader.source}: encoder blocks {block_names} are not numbered "
                              f"0..{len(block_names) - 1}")
         first, stacked = names["blocks"][0], None
     elif any(n.startswith("Transformer/encoderblock/") for n in reader.tensors):
         first = stacked = "Transformer/encoderblock/"
     else:
-        raise ValueError(f"{reader.source}: no tensors 'Transformer/encoderblock_0/...' "
+        raise DataError(f"{reader.source}: no tensors 'Transformer/encoderblock_0/...' "
                          f"(vision_transformer) or 'Transformer/encoderblock/...' (big_vision, "
                          f"scanned): not a ViT checkpoint")
     for role, _, candidates in _SUBLAYERS:

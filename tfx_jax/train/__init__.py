@@ -21,7 +21,8 @@ data iterator, and calls :func:`train`. See docs/training.md and docs/ARCHITECTU
 """
 from tfx_jax.train import launch
 from tfx_jax.train.checkpoint import CheckpointWriteError, Checkpointer, restore_params
-from tfx_jax.train.loop import NonFiniteError, Preempted, PreemptionWatcher, TrainResult, train
+from tfx_jax.train.loop import (NonFiniteError, Preempted, PreemptionWatcher, TrainResult,
+                                evaluate_batches, train)
 from tfx_jax.train.mesh import (RULES, batch_sharding, check_batch_size,
                                 initialize_distributed, make_data_mesh, make_mesh, param_shardings,
                                 replicated_sharding, shard_batch)
@@ -29,8 +30,10 @@ from tfx_jax.train.metrics import MetricsWriter, average_metrics, read_metrics
 from tfx_jax.train.optim import (classification_accuracy, classification_cross_entropy,
                                  create_learning_rate_schedule, create_optimizer, token_accuracy,
                                  token_cross_entropy, transformer_schedule)
-from tfx_jax.train.run_config import default_config, load_config, save_config, validate_config
-from tfx_jax.train.state import (Task, TrainState, abstract_train_state, create_sharded_train_state,
+from tfx_jax.train.run_config import (check_workdir, default_config, freeze, load_config,
+                                      save_config, validate_config)
+from tfx_jax.train.state import (Task, TrainState, abstract_train_state, check_params_fit_mesh,
+                                 create_sharded_train_state,
                                  create_train_state, make_eval_step, make_train_step,
                                  train_state_shardings)
 
@@ -38,9 +41,10 @@ __all__ = [
     "Checkpointer", "launch", "MetricsWriter", "NonFiniteError", "Preempted",
     "PreemptionWatcher", "Task", "TrainResult", "TrainState", "abstract_train_state",
     "average_metrics",
-    "batch_sharding", "check_batch_size", "classification_accuracy",
+    "batch_sharding", "check_batch_size", "check_params_fit_mesh", "check_workdir",
+    "classification_accuracy",
     "classification_cross_entropy", "create_learning_rate_schedule", "create_optimizer",
-    "create_train_state", "default_config", "initialize_distributed", "load_config",
+    "create_train_state", "default_config", "evaluate_batches", "freeze", "initialize_distributed", "load_config",
     "make_data_mesh", "make_eval_step", "make_mesh", "RULES", "param_shardings",
     "create_sharded_train_state", "train_state_shardings", "make_train_step", "read_metrics", "replicated_sharding",
     "restore_params", "save_config", "shard_batch",

@@ -59,7 +59,6 @@ import logging
 import math
 import os
 import socket
-import sys
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import flax.linen as nn
@@ -71,7 +70,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from tfx_jax.errors import WorkdirError
+from tfx_jax.errors import WorkdirError, WorkdirNotFound, say
 from tfx_jax.train.mesh import make_data_mesh, param_shardings
 from tfx_jax.train.metrics import is_url
 from tfx_jax.train.state import TrainState, abstract_params_with_axes
@@ -156,7 +155,11 @@ class CheckpointWriteError(WorkdirError):
                          f"to resume")
 
 
-class CorruptCheckpointError(ValueError):
+class CheckpointError(WorkdirError, ValueError):
+    """A workdir's checkpoint that cannot be restored: unreadable, or of another model."""
+
+
+class CorruptCheckpointError(CheckpointError):
     """A checkpoint's arrays do not match the checksums written with them."""
 
     def __init__(self, step: int, step_dir: str, paths: list[str]):
@@ -281,10 +284,8 @@ class Checkpointer:
         """The kept step with the best ``best_metric`` (None without one or no metrics yet)."""
         if not self.best_metric:
             return None
-        best = self._manager.best_step()
-        with_metrics = [info.step for info in self._manager._checkpoints  # pylint: disable=protected-access
-                        if info.metrics is not None]
-        return best if best in with_metrics else None
+        best = self._manager.best_step()  # Orbax falls back to the latest without metrics
+        return best if best is not None and self._manager.metrics(best) is not None else None
 
     def save(self, state: TrainState, data_iterator,
              metrics: Optional[Mapping[str, float]] = None) -> bool:
@@ -381,7 +382,7 @@ class Checkpointer:
         if step is not None:
             return self._restore_step(abstract_state, data_iterator, step)
         if self.latest_step() is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            raise WorkdirNotFound(f"no checkpoint in {self.directory}")
         return self._fall_back(lambda s: self._restore_step(abstract_state, data_iterator, s))
 
     def _fall_back(self, restore_step: Callable[[int], Any]) -> Any:
@@ -393,12 +394,12 @@ class Checkpointer:
             except CorruptCheckpointError as e:
                 error = error or e
                 aside = self._move_aside(step)
-                _say(f"warning: {e}; {aside}trying the checkpoint before it")
+                say(f"warning: {e}; {aside}trying the checkpoint before it")
                 continue
             if error is not None:
-                _say(f"Restored the checkpoint at step {step} instead")
+                say(f"Restored the checkpoint at step {step} instead")
             return result
-        raise ValueError(f"{error}. No earlier checkpoint in {self.directory} is intact; "
+        raise CheckpointError(f"{error}. No earlier checkpoint in {self.directory} is intact; "
                          f"use a new --workdir") from error
 
     def _move_aside(self, step: int) -> str:
@@ -428,7 +429,7 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except FileNotFoundError as e:
-            raise FileNotFoundError(
+            raise WorkdirNotFound(
                 f"checkpoint at step {step} in {self.directory} has no data iterator state "
                 f"for process {jax.process_index()} of {jax.process_count()} (was it written "
                 f"with a different number of processes?): {e}") from e
@@ -440,7 +441,7 @@ class Checkpointer:
             try:
                 data_iterator.set_state(decode_iterator_state(restored[ITERATOR_ITEM]))
             except Exception as e:
-                raise ValueError(
+                raise CheckpointError(
                     f"the data iterator state in the checkpoint at step {step} in "
                     f"{self.directory} does not fit this data pipeline "
                     f"({type(data_iterator).__name__}.set_state raised {e!r}); was it written "
@@ -457,7 +458,7 @@ class Checkpointer:
         """
         if step is None:
             if self.latest_step() is None:
-                raise FileNotFoundError(f"no checkpoint in {self.directory}")
+                raise WorkdirNotFound(f"no checkpoint in {self.directory}")
             return self._fall_back(lambda s: self.restore_params(abstract_params, s))
         target = {"params": abstract_params}
         try:
@@ -491,9 +492,9 @@ class Checkpointer:
         if bad:
             raise CorruptCheckpointError(step, os.path.join(self.directory, str(step)), bad)
 
-    def _unreadable(self, step: int, error: Exception) -> ValueError:
+    def _unreadable(self, step: int, error: Exception) -> CheckpointError:
         step_dir = os.path.join(self.directory, str(step))
-        return ValueError(
+        return CheckpointError(
             f"cannot read the checkpoint at step {step} in {step_dir} (workdir "
             f"{self.workdir}): {type(error).__name__}: {str(error)[:500]}\nThe directory is "
             f"corrupt or incomplete, or was written by another model or optimizer. Nothing "
@@ -514,7 +515,7 @@ class Checkpointer:
         if problems:
             listed = "\n  ".join(problems[:10])
             more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-            raise ValueError(
+            raise CheckpointError(
                 f"the checkpoint at step {step} in {self.directory} does not match the model "
                 f"(workdir {self.workdir}); was it written by a different config?\n  "
                 f"{listed}{more}\nNothing was deleted; use a new --workdir or the config "
@@ -534,11 +535,6 @@ class Checkpointer:
             return
         self._finish_pending()
         self._manager.close()
-
-
-def _say(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
 
 
 def _finite(value) -> bool:
@@ -595,7 +591,7 @@ def restore_params(workdir: str, init_params: Callable[[jax.Array], Any], *,
     """
     directory = epath.Path(workdir) / "checkpoints"
     if not directory.exists() or not any(p.name.isdigit() for p in directory.iterdir()):
-        raise FileNotFoundError(
+        raise WorkdirNotFound(
             f"no trained model in workdir {workdir!r}: {directory} holds no checkpoint; "
             f"train one into this --workdir first")
     mesh = make_data_mesh() if mesh is None else mesh
@@ -729,12 +725,8 @@ LOCK_FILE = ".lock"
 _held: dict[str, int] = {}  # lock path -> nesting depth, in this process
 
 
-class WorkdirLocked(RuntimeError):
+class WorkdirLocked(WorkdirError):
     """Another live process holds the workdir."""
-
-
-def _is_url(path: str) -> bool:
-    return "://" in path
 
 
 def _pid_alive(pid: int) -> bool:
@@ -760,7 +752,7 @@ def _read_holder(path: epath.Path) -> dict:
 
 def _create(path: epath.Path, content: str) -> bool:
     """Writes ``content`` to ``path`` unless it exists; False if it does."""
-    if _is_url(os.fspath(path)):
+    if is_url(os.fspath(path)):
         if path.exists():
             return False
         path.write_text(content)
@@ -777,7 +769,7 @@ def _create(path: epath.Path, content: str) -> bool:
 def _check_directory(workdir: str, directory: epath.Path) -> None:
     """A one-line error for a workdir that is a file or cannot be written."""
     if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"workdir {workdir!r} is a file, not a directory; "
+        raise WorkdirError(f"workdir {workdir!r} is a file, not a directory; "
                                  f"pass a directory for --workdir")
 
 
@@ -789,7 +781,7 @@ def acquire(workdir: str) -> tuple[epath.Path, bool]:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except PermissionError as e:
-        raise PermissionError(f"cannot create workdir {workdir!r}: permission denied") from e
+        raise WorkdirError(f"cannot create workdir {workdir!r}: permission denied") from e
     path = directory / LOCK_FILE
     me = {"host": socket.gethostname(), "pid": os.getpid(),
           "since": datetime.datetime.now(datetime.timezone.utc).strftime(
@@ -800,19 +792,19 @@ def acquire(workdir: str) -> tuple[epath.Path, bool]:
             if _create(path, content):
                 return path, created
         except PermissionError as e:
-            raise PermissionError(f"workdir {workdir!r} is not writable (permission denied "
+            raise WorkdirError(f"workdir {workdir!r} is not writable (permission denied "
                                   f"creating {path})") from e
         except OSError as e:
             if e.errno == errno.EROFS:
-                raise PermissionError(f"workdir {workdir!r} is on a read-only file "
+                raise WorkdirError(f"workdir {workdir!r} is on a read-only file "
                                       f"system") from e
             raise
         holder = _read_holder(path)
         local = holder.get("host") == me["host"]
         pid = holder.get("pid")
         if local and isinstance(pid, int) and pid != me["pid"] and not _pid_alive(pid):
-            print(f"Taking over the stale lock of workdir {workdir} left by "
-                  f"{_describe(holder)}: that process is no longer running", file=sys.stderr, flush=True)
+            say(f"Taking over the stale lock of workdir {workdir} left by {_describe(holder)}: "
+                f"that process is no longer running")
             path.unlink(missing_ok=True)
             continue
         where = "" if local else " (another host: check there, then delete the file by hand)"
@@ -847,7 +839,7 @@ def workdir_lock(workdir: str) -> Iterator[None]:
         yield
         return
     key = os.fspath(epath.Path(workdir) / LOCK_FILE)
-    if not _is_url(key):
+    if not is_url(key):
         key = os.path.abspath(key)
     if key in _held:
         _held[key] += 1

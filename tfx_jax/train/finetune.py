@@ -29,6 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tfx_jax.errors import ConfigError
+
+
 # --- trainable --------------------------------------------------------------------------
 # Training only part of the parameters: masks, the masked optimizer, parameter counts.
 #
@@ -103,10 +106,10 @@ TARGETS = tuple(KERNELS)
 
 def _check(rank, targets):
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise ValueError(f"LoRA rank must be a positive int, got {rank!r}")
+        raise ConfigError(f"LoRA rank must be a positive int, got {rank!r}")
     unknown = sorted(set(targets) - set(KERNELS))
     if unknown:
-        raise ValueError(f"LoRA targets {unknown} are not adaptable kernels; "
+        raise ConfigError(f"LoRA targets {unknown} are not adaptable kernels; "
                          f"choose from {TARGETS}")
 
 
@@ -200,7 +203,7 @@ class FineTuning:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"fine-tuning mode must be one of {MODES}, got {self.mode!r}")
+            raise ConfigError(f"fine-tuning mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "lora":
             _check(self.lora_rank, self.lora_targets)
 

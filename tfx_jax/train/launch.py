@@ -19,11 +19,12 @@ works the same for all scripts (the Flax-examples convention), and:
   Python would swallow it (a gc callback: see ``loop.install_interrupt_handler``);
 * a failed run does not wait for background threads at exit (Orbax's writers
   after a failed save would wait minutes for signals that never come);
-* a bad config key or value, bad data, a workdir in use, unwritable or full, a
-  damaged checkpoint (:class:`tfx_jax.errors.UserError`, ValueError, OSError,
-  :class:`WorkdirLocked`) exits with
-  code 2 and one ``error: ...`` line; ``--verbosity=1`` shows the traceback
-  instead. ``with launch.user_errors():`` does the same inside a script.
+* a user's mistake, i.e. a :class:`tfx_jax.errors.UserError` (a bad config key
+  or value, bad data, a workdir in use, of another script, unwritable or full, a
+  damaged checkpoint) exits with code 2 and one ``error: ...`` line;
+  ``--verbosity=1`` shows the traceback instead. Every other exception, a
+  ``ValueError`` or ``OSError`` included, is a bug until proven otherwise and
+  keeps its traceback. ``with launch.user_errors():`` does the same inside a script.
 """
 from __future__ import annotations
 
@@ -36,15 +37,13 @@ from typing import Callable, Iterator
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tfx_jax.errors import UserError
-from tfx_jax.train.checkpoint import WorkdirLocked
+from tfx_jax.errors import ConfigError, UserError
 from tfx_jax.train.loop import (INTERRUPT_EXIT_CODE, NonFiniteError, Preempted,
                                 install_interrupt_handler)
 from tfx_jax.train.mesh import initialize_distributed
 
 NONFINITE_EXIT_CODE = 3
 USER_ERROR_EXIT_CODE = 2
-USER_ERRORS = (UserError, ValueError, OSError, WorkdirLocked)  # OSError: unwritable, full, missing files
 
 
 def _show_traceback() -> bool:
@@ -61,17 +60,34 @@ def _one_line(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def user_errors(*types: type) -> Iterator[None]:
-    """Turns ``types`` (default ValueError, OSError, WorkdirLocked) into ``error: <message>``
-    on stderr and exit code 2: errors that name what to fix need no traceback
-    (``--verbosity=1`` shows it anyway)."""
+def user_errors() -> Iterator[None]:
+    """Turns a :class:`UserError` into ``error: <message>`` on stderr and exit code 2: an
+    error that names what to fix needs no traceback (``--verbosity=1`` shows it anyway)."""
     try:
         yield
-    except (types or USER_ERRORS) as error:
+    except UserError as error:
         if _show_traceback():
             raise
         print(f"error: {_one_line(error)}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
+
+
+def action(name: str, what: str):
+    """The value of the action flag ``--name`` if the command line gave it, else None.
+
+    A flag that was given means its action, even with an empty value (say an
+    unset shell variable, ``--predict="$FILES"``): that is refused with one
+    :class:`tfx_jax.errors.ConfigError` naming ``what`` it needs, never taken as
+    "no flag" (which would train).
+    """
+    flag = flags.FLAGS[name]
+    if not flag.present:
+        return None
+    values = flag.value if isinstance(flag.value, list) else [flag.value]
+    if not any(isinstance(v, str) and v.strip() for v in values):
+        raise ConfigError(f"--{name} was given without {what} (an empty value, e.g. an unset "
+                          f"shell variable); pass {what}, or leave the flag out to train")
+    return flag.value
 
 
 def _define_flags(default_config: str) -> None:

@@ -22,9 +22,9 @@ import _thread
 import dataclasses
 import gc
 import itertools
+import json
 import math
 import signal
-import sys
 import threading
 import time
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
@@ -32,16 +32,18 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from tfx_jax.errors import say, workdir_os_error
 from tfx_jax.train.checkpoint import Checkpointer, check_iterator_checkpointable, hold_workdir_lock
 from tfx_jax.train.finetune import mask_optimizer
 from tfx_jax.train.mesh import check_batch_size, check_eval_batches, make_mesh, shard_batch
 from tfx_jax.train.metrics import MetricsWriter, average_metrics, make_progress_bar, print_summary
 from tfx_jax.train.optim import create_optimizer
 from tfx_jax.train.perf import StepProfiler, ThroughputMeter
-from tfx_jax.train.run_config import save_config, validate_config
+from tfx_jax.train.run_config import is_plan, save_config, validate_config
 from tfx_jax.train.state import (Batch, Task, TrainState, abstract_train_state,
                                  create_sharded_train_state, make_eval_step, make_train_step,
                                  train_state_shardings)
@@ -121,21 +123,56 @@ def _eval_pass(eval_batches) -> Iterator[Batch]:
         yield batch
 
 
-def _say(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
+WINDOW_FILE = "train_window.json"  # the steps since the last train line, at the last save
+
+
+def evaluate_batches(eval_step, params, eval_batches, mesh: Mesh, rng,
+                     task: Optional[Task] = None) -> dict:
+    """The eval line's loss-function metrics: ``eval_step`` (:func:`make_eval_step`) over one
+    pass of ``eval_batches``, averaged weighted by ``"weight"``, plus ``task.eval_summary``."""
+    per_batch = []
+    for batch in _eval_pass(eval_batches):
+        loss, metrics = eval_step(params, shard_batch(batch, mesh), rng)
+        per_batch.append({"loss": loss, **metrics})
+    results = _loss_first(average_metrics(jax.device_get(per_batch)))
+    if task is not None and task.eval_summary is not None:
+        results.update(task.eval_summary(results))
+    return results
 
 
 class _TrainWindow:
-    """Metrics of the steps since the last log line, kept on device until needed."""
+    """Metrics of the steps since the last log line, kept on device until needed.
+
+    ``carried``: the steps a resumed run trained before its checkpoint and after its
+    last train line (host values from :data:`WINDOW_FILE`), so that the first line
+    after a resume averages the same steps as an uninterrupted run's.
+    """
 
     def __init__(self):
         self.steps: list[tuple[int, dict]] = []
+        self.carried: list[tuple[int, dict]] = []
         self.started = time.perf_counter()
         self.paused_seconds = 0.0
 
     def fetch(self) -> list[tuple[int, dict]]:
-        return [(step, jax.device_get(m)) for step, m in self.steps]
+        return self.carried + [(step, jax.device_get(m)) for step, m in self.steps]
+
+    def save(self, workdir: str, step: int) -> None:
+        """Keeps the window beside the checkpoint at ``step`` (process 0; none if empty)."""
+        if jax.process_index() != 0 or not (self.steps or self.carried):
+            return
+        steps = [[s, {k: float(v) for k, v in m.items()}] for s, m in self.fetch()]
+        (epath.Path(workdir) / WINDOW_FILE).write_text(json.dumps({"step": step,
+                                                                   "steps": steps}))
+
+    def resume(self, workdir: str, step: int) -> None:
+        """Carries the window kept with the checkpoint at ``step``, if there is one."""
+        path = epath.Path(workdir) / WINDOW_FILE
+        if not path.exists():
+            return
+        kept = json.loads(path.read_text())
+        if kept.get("step") == step:
+            self.carried = [(int(s), m) for s, m in kept["steps"]]
 
     def first_nonfinite(self) -> Optional[tuple[int, dict]]:
         flags = jax.device_get([m["finite"] for _, m in self.steps])
@@ -146,6 +183,7 @@ class _TrainWindow:
 
     def reset(self) -> None:
         self.steps = []
+        self.carried = []
         self.started = time.perf_counter()
         self.paused_seconds = 0.0
 
@@ -178,11 +216,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
       NonFiniteError: a non-finite step with ``skip_nonfinite_updates=False``.
       ValueError: bad config, batch shapes, or a checkpoint that does not fit.
     """
-    validate_config(config)
+    if not is_plan(config):  # a plan (run_config.freeze) was checked by its app already
+        validate_config(config)
     check_iterator_checkpointable(train_iter)
     _check_eval_batches(eval_batches)
     mesh = make_mesh(config.mesh) if mesh is None else mesh
-    check_batch_size(config.batch_size, mesh)
+    if not is_plan(config):
+        check_batch_size(config.batch_size, mesh)
     check_eval_batches(eval_batches, mesh)
     optimizer, schedule = create_optimizer(config)
     if task.trainable is not None:  # fine-tuning: frozen parameters get zero updates
@@ -204,22 +244,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
             state = checkpointer.restore(
                 abstract_train_state(task.init_params, optimizer, config.seed, shardings),
                 train_iter)
-            _say(f"Resuming from the checkpoint at step {int(state.step)} in "
-                 f"{checkpointer.directory}")
+            say(f"Resuming from the checkpoint at step {int(state.step)} in "
+                f"{checkpointer.directory}")
         else:
             state = create_sharded_train_state(task.init_params, optimizer, config.seed,
                                                shardings)
         start_step = int(jax.device_get(state.step))
-        if start_step >= config.num_train_steps:
-            _say(f"Nothing to do: the checkpoint is at step {start_step} and "
-                 f"config.num_train_steps = {config.num_train_steps}")
+        if start_step > config.num_train_steps:
+            say(f"Nothing to train: config.num_train_steps = {config.num_train_steps} is below "
+                f"the checkpoint's step {start_step}; config.json is kept as the run that "
+                f"trained it wrote it")
+        elif start_step == config.num_train_steps:
+            say(f"Nothing to train: the checkpoint is at step {start_step} = "
+                f"config.num_train_steps")
         writer = MetricsWriter(workdir, start_step=start_step)
-        save_config(config, workdir)
+        if start_step < config.num_train_steps:  # a finished run's config.json stays its own
+            save_config(config, workdir)
         bar = make_progress_bar(config.num_train_steps, start_step, enabled=config.progress_bar)
         run = _Run(config, task, mesh, train_iter, eval_batches, checkpointer, writer, bar,
                    make_train_step(task.loss_fn, optimizer, schedule, mesh,
                                    grad_accum_steps=config.grad_accum_steps,
-                                   state_shardings=shardings), shardings.params)
+                                   state_shardings=shardings), shardings.params, workdir)
+        run.window.resume(workdir, start_step)
         run.profiler = StepProfiler(config.get("profile_steps"), workdir, start_step)
         try:
             state = run.loop(state, start_step)
@@ -228,7 +274,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
         checkpointer.wait_until_finished()
         bar.close()
         if checkpointer.best_step() is not None:
-            _say(f"Best checkpoint by eval {config.best_metric}: step {checkpointer.best_step()}")
+            say(f"Best checkpoint by eval {config.best_metric}: step {checkpointer.best_step()}")
         print_summary(f"Finished at step {int(jax.device_get(state.step))} (workdir {workdir})",
                       {split: {k: v for k, v in record.items() if k != "split"}
                        for split, record in (("train", run.last_train),
@@ -248,8 +294,9 @@ class _Run:
     """The per-step bookkeeping of :func:`train` (kept apart to keep ``train`` readable)."""
 
     def __init__(self, config, task, mesh, train_iter, eval_batches, checkpointer, writer,
-                 bar, train_step, params_shardings=None):
+                 bar, train_step, params_shardings=None, workdir: str = ""):
         self.config = config
+        self.workdir = workdir
         self.task = task
         self.mesh = mesh
         self.train_iter = train_iter
@@ -297,7 +344,7 @@ class _Run:
                     self.evaluate_or_save(state, step)
                     if not final and self.early_stopping.update(step, self.last_eval):
                         self.save(state)
-                        _say(self.early_stopping.message(step))
+                        say(self.early_stopping.message(step))
                         break
                 if final or (config.checkpoint_every_steps
                              and step % config.checkpoint_every_steps == 0):
@@ -306,7 +353,7 @@ class _Run:
                     self.save(state)
                     self.checkpointer.wait_until_finished()
                     preempted = Preempted(step, self.checkpointer.directory, watcher.signal_name)
-                    _say(str(preempted))
+                    say(str(preempted))
                     raise preempted
         return state
 
@@ -323,14 +370,15 @@ class _Run:
     def write_train_metrics(self, step: int) -> None:
         self._stop_if_nonfinite()
         fetched = self.window.fetch()
+        trained = len(self.window.steps)  # by this process: the speed metrics' steps
         seconds = time.perf_counter() - self.window.started - self.window.paused_seconds
         finite = [m for _, m in fetched if m["finite"]]
         averaged = _loss_first(average_metrics([
             {k: v for k, v in m.items() if k not in ("finite", "learning_rate")}
             for m in finite]))
         averaged["learning_rate"] = float(fetched[-1][1]["learning_rate"])
-        averaged["steps_per_sec"] = len(fetched) / max(seconds, 1e-9)
-        averaged.update(self.meter.rates(len(fetched), seconds))
+        averaged["steps_per_sec"] = trained / max(seconds, 1e-9)
+        averaged.update(self.meter.rates(trained, seconds))
         if len(finite) < len(fetched):
             averaged["nonfinite_steps"] = len(fetched) - len(finite)
         self.last_train = self.writer.write(step, "train", averaged)
@@ -338,7 +386,7 @@ class _Run:
         self.bar.set_postfix(loss=f"{averaged.get('loss', float('nan')):.4f}",
                              steps_per_sec=f"{averaged['steps_per_sec']:.2f}")
         if self.bar.disable:
-            _say(f"step {step}: " + ", ".join(
+            say(f"step {step}: " + ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                 for k, v in averaged.items()))
 
@@ -355,8 +403,8 @@ class _Run:
         except Exception:
             if jax.process_count() == 1 and self.checkpointer.save(state, self.train_iter):
                 self.checkpointer.wait_until_finished()
-                _say(f"The evaluation at step {step} failed; saved a checkpoint at step {step} "
-                     f"first, so a rerun does not repeat the training")
+                say(f"The evaluation at step {step} failed; saved a checkpoint at step {step} "
+                    f"first, so a rerun does not repeat the training")
             raise
 
     def evaluate(self, state: TrainState, step: int) -> None:
@@ -364,12 +412,8 @@ class _Run:
         started = time.perf_counter()
         results = {}
         if self.eval_batches is not None:
-            per_batch = []
-            for batch in _eval_pass(self.eval_batches):
-                loss, metrics = self.eval_step(state.params, shard_batch(batch, self.mesh),
-                                               state.rng)
-                per_batch.append({"loss": loss, **metrics})
-            results.update(_loss_first(average_metrics(jax.device_get(per_batch))))
+            results.update(evaluate_batches(self.eval_step, state.params, self.eval_batches,
+                                            self.mesh, state.rng, self.task))
         if self.task.evaluate is not None:
             results.update(self.task.evaluate(state.params, step, self.mesh))
         self.last_eval = self.writer.write(step, "eval", results)
@@ -380,7 +424,14 @@ class _Run:
         started = time.perf_counter()
         step = int(jax.device_get(state.step))
         metrics = self.last_eval if self.last_eval.get("step") == step else None
-        self.checkpointer.save(state, self.train_iter, metrics=metrics)
+        try:
+            self.checkpointer.save(state, self.train_iter, metrics=metrics)
+        except OSError as error:  # a full or read-only disk is the user's; others are bugs
+            user = workdir_os_error(error)
+            if user is None:
+                raise
+            raise user from error
+        self.window.save(self.workdir, step)
         self.window.paused_seconds += time.perf_counter() - started
 
 

@@ -35,6 +35,9 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tfx_jax.errors import ConfigError
+
+
 # --- mesh -------------------------------------------------------------------------------
 
 
@@ -73,25 +76,25 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, .
     config = dict(mesh_config)
     unknown = sorted(set(config) - set(MESH_AXES))
     if unknown:
-        raise ValueError(f"config.mesh has unknown axis name(s) {unknown}; the mesh axes are "
+        raise ConfigError(f"config.mesh has unknown axis name(s) {unknown}; the mesh axes are "
                          f"{list(MESH_AXES)}")
     for axis, size in config.items():
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (
                 size < 1 and size != -1):
-            raise ValueError(f"config.mesh.{axis} must be a positive integer or -1 (the "
+            raise ConfigError(f"config.mesh.{axis} must be a positive integer or -1 (the "
                              f"remaining devices), got {size!r}")
     sizes = [int(config.get(axis, 1)) for axis in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ValueError(f"config.mesh = {config}: at most one axis may be -1")
+        raise ConfigError(f"config.mesh = {config}: at most one axis may be -1")
     fixed = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if num_devices % fixed:
-            raise ValueError(f"config.mesh = {config}: the fixed axes ({fixed} devices) do not "
+            raise ConfigError(f"config.mesh = {config}: the fixed axes ({fixed} devices) do not "
                              f"divide the {num_devices} devices")
         sizes[sizes.index(-1)] = num_devices // fixed
     if int(np.prod(sizes)) != num_devices:
         named = [(a, n) for a, n in zip(MESH_AXES, sizes) if a != CONTEXT or n != 1]
-        raise ValueError(f"config.mesh = {config} gives {' x '.join(a for a, _ in named)} = "
+        raise ConfigError(f"config.mesh = {config} gives {' x '.join(a for a, _ in named)} = "
                          f"{' x '.join(str(n) for _, n in named)} = {int(np.prod(sizes))} "
                          f"devices, but "
                          f"there are {num_devices}; make the product {num_devices} or use -1")
@@ -120,7 +123,7 @@ def make_mesh(mesh_config: Optional[Mapping[str, int]] = None,
     num_slices = len({getattr(d, "slice_index", 0) for d in devices})
     if num_slices > 1:
         if shape[0] % num_slices:
-            raise ValueError(f"config.mesh.data = {shape[0]} must be a multiple of the "
+            raise ConfigError(f"config.mesh.data = {shape[0]} must be a multiple of the "
                              f"{num_slices} TPU slices (only data parallelism crosses slices)")
         grid = mesh_utils.create_hybrid_device_mesh(
             (shape[0] // num_slices,) + shape[1:], (num_slices,) + (1,) * (len(shape) - 1),
@@ -152,13 +155,13 @@ def check_batch_size(batch_size: int, mesh: Mesh, *, what: str = "config.batch_s
     """Raises ValueError unless the global batch splits evenly over devices and hosts."""
     ways = batch_parallelism(mesh)
     if batch_size % ways:
-        raise ValueError(
+        raise ConfigError(
             f"{what} = {batch_size} must be divisible by the number of devices in the mesh "
             f"({ways}) that split the batch (data x fsdp of "
             f"{dict(zip(mesh.axis_names, mesh.devices.shape))}); "
             f"e.g. use {max(ways, batch_size // ways * ways)}")
     if batch_size % jax.process_count():
-        raise ValueError(
+        raise ConfigError(
             f"{what} = {batch_size} must be divisible by the number of processes "
             f"({jax.process_count()})")
 
@@ -288,7 +291,7 @@ def param_shardings(abstract_params: Any, mesh: Mesh, rules: Optional[Rules] = N
             axes = _mesh_axes(entry)
             split = int(np.prod([sizes[a] for a in axes])) if axes else 1
             if size % split:
-                raise ValueError(
+                raise ConfigError(
                     f"parameter {name} of shape {shape}: dimension {dim} ({logical!r}, size "
                     f"{size}) is split over mesh axis {'x'.join(axes)} of size {split}, "
                     f"which does not divide it; change config.mesh or the model size")
@@ -331,7 +334,7 @@ def batch_parallelism(mesh: Mesh) -> int:
 def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
     """``batch_size`` rounded up to a multiple of the mesh's devices (and processes)."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+        raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
     multiple = int(np.lcm(mesh.devices.size, jax.process_count()))
     return -(-batch_size // multiple) * multiple
 
@@ -352,7 +355,7 @@ def check_eval_batches(eval_batches, mesh: Mesh) -> None:
     for path, leaf in jax.tree_util.tree_flatten_with_path(first)[0]:
         rows = np.shape(leaf)[0] if np.ndim(leaf) else 0
         if rows == 0 or rows % local_devices:
-            raise ValueError(
+            raise ConfigError(
                 f"eval batches have {rows} rows per process (batch{jax.tree_util.keystr(path)} "
                 f"of shape {np.shape(leaf)}), not divisible by this host's {local_devices} "
                 f"device(s) in the mesh; pad the eval batch to a multiple of the device count "

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from tfx_jax.errors import ConfigError
+
 
 # --- optimizers -------------------------------------------------------------------------
 def create_optimizer(config: ml_collections.ConfigDict
@@ -90,7 +92,7 @@ def create_learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Sc
             end_value=config.end_learning_rate)
     if config.schedule == "constant":
         return optax.constant_schedule(config.learning_rate)
-    raise ValueError(
+    raise ConfigError(
         f"config.schedule must be 'transformer', 'warmup_cosine' or 'constant', "
         f"got {config.schedule!r}")
 

@@ -39,6 +39,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from tfx_jax.errors import ConfigError
 from tfx_jax.train.mesh import batch_sharding
 from tfx_jax.train.state import Task, abstract_train_state, make_train_step, train_state_shardings
 
@@ -214,7 +215,7 @@ def parse_profile_steps(value: Any, start_step: int) -> Optional[tuple[int, int]
         return start_step + 2, start_step + 1 + parts[0]
     if len(parts) == 2 and 0 < parts[0] <= parts[1]:
         return parts[0], parts[1]
-    raise ValueError(f"config.profile_steps must be 'FIRST,LAST' (1 <= FIRST <= LAST), a "
+    raise ConfigError(f"config.profile_steps must be 'FIRST,LAST' (1 <= FIRST <= LAST), a "
                      f"positive step count, or '' (off); got {value!r}")
 
 

@@ -64,15 +64,22 @@ the model that wrote the checkpoints with :func:`load_config`.
 from __future__ import annotations
 
 import json
+from typing import Optional, Sequence
 
 import jax
 import ml_collections
 from etils import epath
 
+from tfx_jax.errors import (WorkdirError, WorkdirNotFound, is_int, is_number, require,
+                            require_key)
 from tfx_jax.train.mesh import MESH_AXES
 from tfx_jax.train.perf import parse_profile_steps
 
 CONFIG_FILE = "config.json"
+JOB_KEY = "job"  # which script's run a workdir holds (written into config.json)
+# A key only that job's config has: names the job of a workdir whose config.json has no "job".
+JOB_SIGNATURES = {"translate": "max_source_length", "lm": "sample_prompts",
+                  "dalle": "image_tokenizer", "vit": "eval_every_epochs"}
 
 SCHEDULES = ("transformer", "warmup_cosine", "constant")
 OPTIMIZERS = ("adam", "adamw")
@@ -113,84 +120,150 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
-def _require(config, key: str, ok: bool, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"config.{key} must be {expected}, got {config[key]!r}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the first key that is missing or out of range."""
+    """Raises ConfigError naming the first key that is missing or out of range."""
     missing = [key for key in default_config() if key not in config]
-    if missing:
-        raise ValueError(
-            f"config is missing the training keys {missing}; start experiment configs "
-            f"from tfx_jax.train.default_config()")
+    require(not missing, f"config is missing the training keys {missing}; start experiment "
+            f"configs from tfx_jax.train.default_config()")
     for key in ("batch_size", "num_train_steps", "grad_accum_steps", "max_checkpoints_to_keep",
-                "schedule_d_model"):
-        _require(config, key, _is_int(config[key]) and config[key] > 0, "a positive integer")
-    for key in ("warmup_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-                "seed", "early_stopping_patience"):
-        _require(config, key, _is_int(config[key]) and config[key] >= 0,
-                 "a non-negative integer")
-    _require(config, "log_every_steps", config.log_every_steps > 0, "a positive integer")
-    _require(config, "schedule", config.schedule in SCHEDULES, f"one of {SCHEDULES}")
-    _require(config, "optimizer", config.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}")
+                "schedule_d_model", "log_every_steps"):
+        require_key(config, key, is_int(config[key]) and config[key] > 0, "a positive integer")
+    for key in ("warmup_steps", "eval_every_steps", "checkpoint_every_steps", "seed",
+                "early_stopping_patience"):
+        require_key(config, key, is_int(config[key]) and config[key] >= 0,
+                    "a non-negative integer")
+    require_key(config, "schedule", config.schedule in SCHEDULES, f"one of {SCHEDULES}")
+    require_key(config, "optimizer", config.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}")
     for key in ("learning_rate", "eps"):
-        _require(config, key, _is_number(config[key]) and config[key] > 0, "a positive number")
-    _require(config, "best_metric", isinstance(config.best_metric, str),
-             "an eval metric name or '' (off)")
-    _require(config, "best_metric_mode", config.best_metric_mode in ("min", "max"),
-             "'min' or 'max'")
-    if config.early_stopping_patience and not config.best_metric:
-        raise ValueError(f"config.early_stopping_patience = {config.early_stopping_patience} "
-                         f"needs config.best_metric (the eval metric to watch), got ''")
+        require_key(config, key, is_number(config[key]) and config[key] > 0,
+                    "a positive number")
+    require_key(config, "best_metric", isinstance(config.best_metric, str),
+                "an eval metric name or '' (off)")
+    require_key(config, "best_metric_mode", config.best_metric_mode in ("min", "max"),
+                "'min' or 'max'")
+    require(not (config.early_stopping_patience and not config.best_metric),
+            f"config.early_stopping_patience = {config.early_stopping_patience} needs "
+            f"config.best_metric (the eval metric to watch), got ''")
     for key in ("end_learning_rate", "weight_decay", "grad_clip_norm", "early_stopping_min_delta",
                 "peak_tflops"):
-        _require(config, key, _is_number(config[key]) and config[key] >= 0,
-                 "a non-negative number (0 = off)")
+        require_key(config, key, is_number(config[key]) and config[key] >= 0,
+                    "a non-negative number (0 = off)")
     for key in ("b1", "b2"):
-        _require(config, key, _is_number(config[key]) and 0 <= config[key] < 1, "in [0, 1)")
+        require_key(config, key, is_number(config[key]) and 0 <= config[key] < 1, "in [0, 1)")
     parse_profile_steps(config.profile_steps, start_step=0)  # a bad window fails here, not later
-    if config.weight_decay > 0 and config.optimizer != "adamw":
-        raise ValueError(
+    require(not (config.weight_decay > 0 and config.optimizer != "adamw"),
             f"config.weight_decay = {config.weight_decay} needs config.optimizer = 'adamw' "
             f"(plain Adam has no decoupled weight decay), got {config.optimizer!r}")
-    _require(config, "num_train_steps", config.num_train_steps % config.grad_accum_steps == 0,
-             f"a multiple of config.grad_accum_steps = {config.grad_accum_steps}")
-    num_updates = config.num_train_steps // config.grad_accum_steps
-    if config.schedule == "warmup_cosine":
-        _require(config, "warmup_steps", config.warmup_steps < num_updates,
-                 f"smaller than the number of optimizer updates ({num_updates}) for the "
-                 f"'warmup_cosine' schedule")
+    check_train_length(config)
     _validate_mesh(config)
     if config.schedule == "transformer":
-        _require(config, "warmup_steps", config.warmup_steps > 0,
-                 "positive for the 'transformer' schedule")
+        require_key(config, "warmup_steps", config.warmup_steps > 0,
+                    "positive for the 'transformer' schedule")
 
 
 def _validate_mesh(config) -> None:
     mesh = config.mesh
-    if not hasattr(mesh, "items"):
-        raise ValueError(f"config.mesh must be a mapping like {{'data': -1, 'fsdp': 1, "
-                         f"'tensor': 1}}, got {mesh!r}")
+    require(hasattr(mesh, "items"), f"config.mesh must be a mapping like {{'data': -1, "
+            f"'fsdp': 1, 'tensor': 1}}, got {mesh!r}")
     unknown = sorted(set(mesh.keys()) - set(MESH_AXES))
-    if unknown:
-        raise ValueError(f"config.mesh has unknown axis name(s) {unknown}; the mesh axes are "
-                         f"{list(MESH_AXES)}")
+    require(not unknown, f"config.mesh has unknown axis name(s) {unknown}; the mesh axes are "
+            f"{list(MESH_AXES)}")
     for axis, size in mesh.items():
-        if not (_is_int(size) and (size > 0 or size == -1)):
-            raise ValueError(f"config.mesh.{axis} must be a positive integer or -1 (the "
-                             f"remaining devices), got {size!r}")
-    if list(mesh.values()).count(-1) > 1:
-        raise ValueError(f"config.mesh = {dict(mesh)}: at most one axis may be -1")
+        require(is_int(size) and (size > 0 or size == -1), f"config.mesh.{axis} must be a "
+                f"positive integer or -1 (the remaining devices), got {size!r}")
+    require(list(mesh.values()).count(-1) <= 1,
+            f"config.mesh = {dict(mesh)}: at most one axis may be -1")
+
+
+def freeze(config: ml_collections.ConfigDict, job: str,
+           **decided) -> ml_collections.FrozenConfigDict:
+    """The run's plan: an immutable copy of the checked ``config`` plus what the data decided.
+
+    ``decided`` holds the keys the data fixed (row lengths, training steps, image
+    shape, ...), dotted keys for sections (``**{"model.image_size": 224}``); the
+    user's ``config`` itself is left as it was. ``job`` ("translate", "lm",
+    "vit", "dalle") is kept as ``config.json``'s ``job``, so a workdir names the
+    script that made it. :func:`tfx_jax.train.train` does not validate a plan
+    again: its app checked the config before reading data, and the keys the
+    data decided are checked here (:func:`check_train_length`).
+    """
+    plan = config.copy_and_resolve_references()
+    with plan.unlocked():
+        plan[JOB_KEY] = job
+        for key, value in decided.items():
+            *parents, leaf = key.split(".")
+            section = plan
+            for parent in parents:
+                section = section[parent]
+            section[leaf] = value
+    if "num_train_steps" in decided or "eval_every_steps" in decided:
+        check_train_length(plan)
+    return ml_collections.FrozenConfigDict(plan)
+
+
+def is_plan(config) -> bool:
+    """Whether ``config`` is a plan from :func:`freeze` (checked, immutable)."""
+    return isinstance(config, ml_collections.FrozenConfigDict)
+
+
+def check_train_length(config) -> None:
+    """The keys a run may take from its data: steps against accumulation and warm-up."""
+    require_key(config, "num_train_steps",
+                is_int(config.num_train_steps) and config.num_train_steps > 0,
+                "a positive integer")
+    require_key(config, "eval_every_steps",
+                is_int(config.eval_every_steps) and config.eval_every_steps >= 0,
+                "a non-negative integer")
+    require_key(config, "num_train_steps", config.num_train_steps % config.grad_accum_steps == 0,
+                f"a multiple of config.grad_accum_steps = {config.grad_accum_steps}")
+    num_updates = config.num_train_steps // config.grad_accum_steps
+    if config.schedule == "warmup_cosine":
+        require_key(config, "warmup_steps", config.warmup_steps < num_updates,
+                    f"smaller than the number of optimizer updates ({num_updates}) for the "
+                    f"'warmup_cosine' schedule")
+
+
+def script_of(job: str) -> str:
+    return f"experiments/{job}.py"
+
+
+def job_of(stored: ml_collections.ConfigDict) -> Optional[str]:
+    """The job a stored config.json belongs to ("job", else its signature key), or None."""
+    if stored.get(JOB_KEY):
+        return stored[JOB_KEY]
+    return next((job for job, key in JOB_SIGNATURES.items() if key in stored), None)
+
+
+def check_workdir(workdir: str, job: str, config=None, *, same: Sequence[str] = ()) -> None:
+    """WorkdirError for a workdir another script made, or (``same``) one trained on other data.
+
+    Reads ``<workdir>/config.json`` if there is one. A workdir of another job is
+    refused naming its script; with ``config``, a workdir that holds a
+    checkpoint and was trained with other values of the ``same`` keys (the
+    dataset, the tokenizer) is refused instead of resumed with the old data's
+    tokenizer and rewritten.
+    """
+    path = epath.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        return
+    stored = ml_collections.ConfigDict(json.loads(path.read_text()))
+    made_by = job_of(stored)
+    require(made_by in (None, job), f"workdir {workdir!r} holds a run of {script_of(made_by)} "
+            f"(config.json), not of {script_of(job)}; use a workdir of {script_of(job)} or a "
+            f"new --workdir", WorkdirError)
+    if config is None or not same:
+        return
+    checkpoints = epath.Path(workdir) / "checkpoints"
+    if not (checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+        return
+    for key in same:
+        before, now = stored.get(key), config.get(key)
+        before = tuple(before) if isinstance(before, list) else before
+        now = tuple(now) if isinstance(now, list) else now
+        require(before == now, f"workdir {workdir!r} was trained with config.{key} = "
+                f"{before!r}, this run has {now!r}; resuming would continue with the old "
+                f"data's tokenizer and rewrite config.json: use a new --workdir, or "
+                f"--config.{key}={before} to resume", WorkdirError)
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -203,18 +276,26 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
-def load_config(workdir: str, *, script: str | None = None) -> ml_collections.ConfigDict:
+def load_config(workdir: str, *, script: str | None = None,
+                job: str | None = None) -> ml_collections.ConfigDict:
     """The config a run in ``workdir`` was trained with (see :func:`save_config`).
 
     JSON has no tuples: sequence values come back as lists. Without one,
-    FileNotFoundError; ``script`` names the script that trains such a workdir.
+    :class:`tfx_jax.errors.WorkdirNotFound`; ``script`` names the script that
+    trains such a workdir. With ``job``, a workdir of another job is a
+    :class:`tfx_jax.errors.WorkdirError` naming the script that made it.
     """
+    if job is not None:
+        script = script or script_of(job)
     path = epath.Path(workdir) / CONFIG_FILE
     if not path.exists():
         if script:
-            raise FileNotFoundError(f"no trained model in workdir {workdir!r} (no "
+            raise WorkdirNotFound(f"no trained model in workdir {workdir!r} (no "
                                     f"{CONFIG_FILE}); train one first with `python {script} "
                                     f"--workdir={workdir}`")
-        raise FileNotFoundError(
+        raise WorkdirNotFound(
             f"no {CONFIG_FILE} in workdir {workdir!r}: is it a training run's --workdir?")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    stored = ml_collections.ConfigDict(json.loads(path.read_text()))
+    if job is not None:
+        check_workdir(workdir, job)
+    return stored

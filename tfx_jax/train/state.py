@@ -68,6 +68,12 @@ def abstract_params_with_axes(init_params: Callable[[jax.Array], Any]) -> Any:
         return jax.eval_shape(init_params, jax.random.PRNGKey(0))
 
 
+def check_params_fit_mesh(init_params: Callable[[jax.Array], Any], mesh: Mesh) -> None:
+    """ConfigError naming a parameter the mesh cannot split by the rules (e.g. 2 heads over
+    ``mesh.tensor = 4``); shapes only, so a script checks this before reading any data."""
+    param_shardings(abstract_params_with_axes(init_params), mesh)
+
+
 def train_state_shardings(init_params: Callable[[jax.Array], Any],
                           optimizer: optax.GradientTransformation, mesh: Mesh,
                           rules: Optional[Rules] = None) -> TrainState:
@@ -303,9 +309,13 @@ def make_eval_step(loss_fn: LossFn, mesh: Mesh, params_shardings: Any = None,
 # ``tfx_jax.model_config.from_config_dict``), then keyword-only arguments:
 # ``translation_task(cfg, max_source_length=..., max_target_length=...,
 # label_smoothing=0.1, evaluate=...)``, ``classification_task(cfg,
-# label_smoothing=0.0, evaluate=...)``, ``generator_task(cfg, layout=...,
-# evaluate=...)``. The factory builds the model from the config, so a script
+# label_smoothing=0.0, evaluate=...)``, ``lm_task(cfg, max_len=...,
+# evaluate=...)``, ``generator_task(cfg, layout=..., evaluate=...)``. The factory builds the model from the config, so a script
 # never needs the model object to train.
+#
+# ``eval_summary(averaged) -> {name: float}`` (optional) adds metrics that derive
+# from the eval pass's weighted averages, e.g. the LM's ``perplexity = exp(loss)``
+# (an exp of the mean token loss, never a mean of per-batch perplexities).
 #
 # ``trainable(params) -> pytree of bools`` (optional) marks the parameters the
 # optimizer updates; the others stay exactly as initialised (fine-tuning with a
@@ -334,6 +344,7 @@ class Task:
     trainable: Optional[Callable[[Params], Any]] = None
     flops_per_example: Optional[float] = None
     count_tokens: Optional[Callable[[Batch], int]] = None
+    eval_summary: Optional[Callable[[Mapping[str, float]], Mapping[str, float]]] = None
 
     def __post_init__(self):
         if self.trainable is not None and not callable(self.trainable):
@@ -341,7 +352,7 @@ class Task:
         for name in ("init_params", "loss_fn"):
             if not callable(getattr(self, name)):
                 raise TypeError(f"Task.{name} must be callable, got {getattr(self, name)!r}")
-        for name in ("evaluate", "count_tokens"):
+        for name in ("evaluate", "count_tokens", "eval_summary"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise TypeError(f"Task.{name} must be callable or None, got "
                                 f"{getattr(self, name)!r}")

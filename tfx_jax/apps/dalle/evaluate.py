@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from tfx_jax.errors import ConfigError
 from tfx_jax.apps.classification import Classifier
 from tfx_jax.apps.dalle.generate import generate_images
 from tfx_jax.apps.dalle.image_tokenizer import ImageTokenizer
@@ -96,7 +97,7 @@ def score_generated_images(images: np.ndarray, labels: Sequence[int], classifier
         raise ValueError(f"images must be [prompts={len(labels)}, samples >= 2, H, W, C], "
                          f"got {images.shape}")
     if tuple(images.shape[2:]) != classifier.image_shape:
-        raise ValueError(f"generated images {images.shape[2:]} do not fit the classifier's "
+        raise ConfigError(f"generated images {images.shape[2:]} do not fit the classifier's "
                          f"input {classifier.image_shape}")
     num_prompts, num_samples = images.shape[:2]
     predicted, _ = classifier.predict(normalize_images(images.reshape(-1, *images.shape[2:])))

@@ -15,6 +15,7 @@ import dataclasses
 
 import numpy as np
 
+from tfx_jax.errors import ConfigError
 from tfx_jax.apps.dalle.image_tokenizer import check_images, check_tokens
 
 
@@ -27,13 +28,13 @@ class GrayLevelTokenizer:
 
     def __post_init__(self):
         if len(self.image_shape) != 3 or self.image_shape[-1] != 1:
-            raise ValueError(
+            raise ConfigError(
                 "GrayLevelTokenizer needs grey images (H, W, 1), got image_shape "
                 f"{self.image_shape}"
                 " (use PatchVQTokenizer for colour)"
             )
         if not 2 <= self.num_levels <= 256:
-            raise ValueError(f"num_levels must be in 2..256, got {self.num_levels}")
+            raise ConfigError(f"num_levels must be in 2..256, got {self.num_levels}")
 
     @property
     def vocab_size(self) -> int:

@@ -23,6 +23,7 @@ import functools
 import grain
 import numpy as np
 
+from tfx_jax.errors import ConfigError
 from tfx_jax.apps.dalle.image_tokenizer import ImageTokenizer
 from tfx_jax.apps.dalle.joint_sequence import JointLayout
 from tfx_jax.apps.dalle.prompts import DigitPrompts
@@ -55,12 +56,12 @@ def _canonical_prompt_example(example, **kwargs):
 
 def _transform(example_fn, dataset: ImageDataset, prompts, image_tokenizer, text_loss_weight):
     if tuple(dataset.image_shape) != tuple(image_tokenizer.image_shape):
-        raise ValueError(
+        raise ConfigError(
             f"dataset {dataset.name!r} has images {dataset.image_shape} but the image "
             f"tokenizer expects {image_tokenizer.image_shape}"
         )
     if not 0.0 <= text_loss_weight <= 1.0:
-        raise ValueError(f"text_loss_weight must be in [0, 1], got {text_loss_weight}")
+        raise ConfigError(f"text_loss_weight must be in [0, 1], got {text_loss_weight}")
     return functools.partial(
         example_fn, prompts=prompts, image_tokenizer=image_tokenizer,
         text_loss_weight=text_loss_weight,

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tfx_jax.errors import DataError
 from tfx_jax.data.tokenizer import BOS_ID, NUM_RESERVED_IDS, PAD_ID
 
 BOI_ID = NUM_RESERVED_IDS  # DALL-E's own special token: the first id the project leaves free
@@ -78,11 +79,11 @@ class JointLayout:
         """int32 [image_position]: BOS, shifted text ids, PAD..., BOI."""
         text_ids = np.asarray(text_ids, dtype=np.int64)
         if text_ids.ndim != 1 or not 1 <= len(text_ids) <= self.max_text_length:
-            raise ValueError(
+            raise DataError(
                 f"text must be 1..{self.max_text_length} ids, got shape {text_ids.shape}"
             )
         if text_ids.min() < 0 or text_ids.max() >= self.text_vocab_size:
-            raise ValueError(
+            raise DataError(
                 f"text ids must lie in [0, {self.text_vocab_size}), got {text_ids.tolist()}")
         prefix = np.full(self.image_position, PAD_ID, dtype=np.int32)
         prefix[0] = BOS_ID

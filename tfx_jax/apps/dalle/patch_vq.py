@@ -19,6 +19,7 @@ import os
 import numpy as np
 from etils import epath
 
+from tfx_jax.errors import ConfigError
 from tfx_jax.apps.dalle.image_tokenizer import check_images, check_tokens
 
 
@@ -83,7 +84,7 @@ class PatchVQTokenizer:
     def __post_init__(self):
         height, width, channels = self.image_shape
         if height % self.patch_size or width % self.patch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"image_shape {self.image_shape} is not divisible into {self.patch_size}x"
                 f"{self.patch_size} patches"
             )
@@ -110,7 +111,7 @@ class PatchVQTokenizer:
         image_shape = tuple(int(d) for d in images.shape[1:])
         check_images(images, image_shape)
         if codebook_size < 1:
-            raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
+            raise ConfigError(f"codebook_size must be >= 1, got {codebook_size}")
         points = image_patches(images, patch_size).reshape(-1, patch_size**2 * image_shape[-1])
         centers = kmeans(points, codebook_size, iterations=iterations,
                          rng=np.random.default_rng(seed))

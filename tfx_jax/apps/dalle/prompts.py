@@ -77,7 +77,7 @@ class DigitPrompts:
         """Lower-cased words of ``prompt``; unknown words or too many raise a ValueError."""
         words = prompt.lower().split()
         if not words:
-            raise ValueError("empty prompt")
+            raise DataError("empty prompt")
         shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
         require(len(words) <= self.max_length,
                 f"prompt {shown!r} has {len(words)} words; prompts have at most "
@@ -85,7 +85,7 @@ class DigitPrompts:
                 f"{self.prompt(7)!r}", DataError)
         unknown = [w for w in words if w not in self._word_ids]
         if unknown:
-            raise ValueError(
+            raise DataError(
                 f"unknown word(s) {unknown} in prompt {prompt!r}; the vocabulary is: "
                 + " ".join(self.vocab)
             )
@@ -96,11 +96,11 @@ class DigitPrompts:
         words = self.words(prompt)
         slots = [i for i, w in enumerate(words) if w in NUMBER_WORDS or w in NUMERALS]
         if len(slots) != 1:
-            raise ValueError(f"prompt {prompt!r} must name exactly one digit, found {len(slots)}")
+            raise DataError(f"prompt {prompt!r} must name exactly one digit, found {len(slots)}")
         number = words[slots[0]]
         pattern = " ".join(words[: slots[0]] + [SLOT] + words[slots[0] + 1 :])
         if pattern not in self.templates:
-            raise ValueError(
+            raise DataError(
                 f"prompt {prompt!r} does not follow the grammar; prompts are one of "
                 f"{list(self.templates)} with {SLOT} a digit (word or numeral)"
             )

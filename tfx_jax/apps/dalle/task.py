@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from etils import epath
 
+from tfx_jax.errors import ConfigError, WorkdirNotFound
 from tfx_jax import train as tr
 from tfx_jax.apps.dalle.gray_levels import GrayLevelTokenizer
 from tfx_jax.apps.dalle.image_tokenizer import ImageTokenizer
@@ -55,13 +56,13 @@ def image_tokenizer_from_config(config: ml_collections.ConfigDict, workdir: str,
         return GrayLevelTokenizer(image_shape=tuple(config.image_shape),
                                   num_levels=config.num_gray_levels)
     if config.image_tokenizer != "patch_vq":
-        raise ValueError(f"config.image_tokenizer must be one of {IMAGE_TOKENIZERS}, "
+        raise ConfigError(f"config.image_tokenizer must be one of {IMAGE_TOKENIZERS}, "
                          f"got {config.image_tokenizer!r}")
     path = epath.Path(workdir) / PATCH_VQ_FILE
     if path.exists():
         return PatchVQTokenizer.load(path)
     if train_images is None:
-        raise FileNotFoundError(f"no {PATCH_VQ_FILE} in workdir {workdir!r}: the patch "
+        raise WorkdirNotFound(f"no {PATCH_VQ_FILE} in workdir {workdir!r}: the patch "
                                 f"codebook is fitted when training starts")
     tokenizer = PatchVQTokenizer.fit(train_images, codebook_size=config.codebook_size,
                                      patch_size=config.vq_patch_size, seed=config.seed)
@@ -140,7 +141,7 @@ def load_generator(workdir: str, *, step: Optional[int] = None) -> Generator:
 
     Raises FileNotFoundError when the workdir holds no trained generator.
     """
-    config = tr.load_config(workdir)
+    config = tr.load_config(workdir, job="dalle")
     prompts = DigitPrompts()
     image_tokenizer = image_tokenizer_from_config(config, workdir)
     layout = JointLayout.for_tokenizers(prompts, image_tokenizer)

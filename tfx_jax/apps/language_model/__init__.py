@@ -16,13 +16,13 @@ from tfx_jax.apps.language_model.corpus import STDLIB, TextCorpus, open_corpus, 
 from tfx_jax.apps.language_model.pipeline import (eval_batches, eval_windows,
                                                   load_or_train_lm_tokenizer, train_batches)
 from tfx_jax.apps.language_model.sampling import generate_ids, generate_texts
-from tfx_jax.apps.language_model.task import lm_config, lm_task, make_evaluate, make_loss_fn
-from tfx_jax.apps.language_model.experiment import (TrainedLM, check_config, generate,
+from tfx_jax.apps.language_model.task import lm_config, lm_task, make_loss_fn
+from tfx_jax.apps.language_model.experiment import (TrainedLM, check, generate,
                                                     load_trained_lm, read_prompts, train)
 
 __all__ = [
-    "STDLIB", "TextCorpus", "TrainedLM", "check_config", "eval_batches", "eval_windows",
+    "STDLIB", "TextCorpus", "TrainedLM", "check", "eval_batches", "eval_windows",
     "generate", "generate_ids", "generate_texts", "lm_config", "lm_task",
-    "load_or_train_lm_tokenizer", "load_trained_lm", "make_evaluate", "make_loss_fn",
+    "load_or_train_lm_tokenizer", "load_trained_lm", "make_loss_fn",
     "open_corpus", "read_prompts", "stdlib_corpus", "train", "train_batches",
 ]

@@ -39,7 +39,7 @@ from typing import Optional, Sequence
 import tensorflow_datasets as tfds
 
 from tfx_jax.data.pair_sources import is_file_spec
-from tfx_jax.errors import DataError, require, say
+from tfx_jax.errors import ConfigError, DataError, DataNotFound, require, say
 
 STDLIB = "python_stdlib"
 TEST_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
@@ -165,7 +165,7 @@ def stdlib_corpus(root: Optional[str] = None, *, eval_fraction: float = 0.02,
     blocks (at least one) is held out instead, and the run says so.
     """
     if not 0 < eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+        raise ConfigError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
     root = stdlib_root() if root is None else root
     files = list(_corpus_files(root, extensions) if files is None else files)[:max_files]
     train, held_out, skipped = [], [], []
@@ -224,9 +224,9 @@ class TfdsTexts(collections.abc.Sequence):
 
     def __init__(self, records, text_key: str, *, name: str):
         if len(records) == 0:  # pylint: disable=g-explicit-length-test
-            raise ValueError(f"{name}: the split is empty")
+            raise DataError(f"{name}: the split is empty")
         if text_key not in records[0]:
-            raise ValueError(f"{name}: text_key={text_key!r} is not a feature of this dataset; "
+            raise ConfigError(f"{name}: text_key={text_key!r} is not a feature of this dataset; "
                              f"it has {sorted(records[0])}")
         self._records = records
         self._key = text_key
@@ -248,10 +248,10 @@ def tfds_texts(name: str, split: str, *, data_dir: Optional[str] = None,
     try:
         records = tfds.data_source(name, split=split, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(f"unknown TFDS dataset name {name!r} (expected e.g. 'lm1b' or "
+        raise ConfigError(f"unknown TFDS dataset name {name!r} (expected e.g. 'lm1b' or "
                          f"{STDLIB!r} for the built-in corpus)") from e
     except (NotImplementedError, FileNotFoundError, AssertionError) as e:
-        raise FileNotFoundError(
+        raise DataNotFound(
             f"TFDS dataset {name!r} split {split!r} is not prepared in ArrayRecord format "
             f"under data_dir={data_dir!r}; prepare it with `tfds build {name} "
             f"--data_dir=DIR --file_format=array_record`") from e
@@ -263,7 +263,7 @@ def open_corpus(dataset: str, *, data_dir: Optional[str] = None, train_split: st
                 max_files: Optional[int] = None) -> TextCorpus:
     """``"python_stdlib"`` (built in), a directory of text files, or a TFDS name (``"lm1b"``)."""
     if not isinstance(dataset, str) or not dataset.strip():
-        raise ValueError(f"config.dataset must be {STDLIB!r}, a directory or a TFDS name like "
+        raise ConfigError(f"config.dataset must be {STDLIB!r}, a directory or a TFDS name like "
                          f"'lm1b', got {dataset!r}")
     if dataset == STDLIB:
         return stdlib_corpus(eval_fraction=eval_fraction, max_files=max_files)

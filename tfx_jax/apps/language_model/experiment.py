@@ -4,15 +4,18 @@
 everything that can be refused is refused before anything is written, so a
 refused run leaves the workdir as it was:
 
-1. :func:`check_config`: training keys, rows (``max_len``), the tokenizer's
-   ``vocab_size``, the model section, both batch sizes against the mesh,
+1. :func:`check`: training keys, rows (``max_len``, also against the sample
+   prompts), the tokenizer's ``vocab_size``, the model section and its heads
+   and widths against the mesh, both batch sizes against the mesh,
    ``packing`` and the sampling keys. No data is read yet.
-2. The workdir lock (one run per workdir).
+2. The workdir: one of another script, or one trained on other data
+   (``SAME_DATA``), is refused; then its lock (one run per workdir).
 3. :func:`prepare`: the corpus, the tokenizer (trained into a temporary
    directory, or read from the workdir), the held-out windows and the packing
    decision (:func:`tfx_jax.data.packing.choose_packing`: the first batches,
    built as process 0 of 1 so that every process decides alike, measured with
-   and without packing), then :func:`tfx_jax.train.check_checkpoint_fits`.
+   and without packing); the plan (:func:`tfx_jax.train.freeze`), one Task and
+   :func:`tfx_jax.train.check_checkpoint_fits`.
 4. Only then the tokenizer is written into the workdir and
    :func:`tfx_jax.train.train` writes config.json and checkpoints; samples of
    ``config.sample_prompts`` are printed at the end.
@@ -24,7 +27,6 @@ prompts from the command line, a file (``@path``) or stdin (``-``).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 from typing import Optional, Sequence
@@ -32,84 +34,82 @@ from typing import Optional, Sequence
 import grain
 import jax
 
+from tfx_jax import pretrained
 from tfx_jax import train as tr
 from tfx_jax.apps.language_model.corpus import TextCorpus, open_corpus, read_text_file
 from tfx_jax.apps.language_model.pipeline import (MIN_VOCAB_SIZE, eval_batches, eval_windows,
-                                                  lm_tokenizer_path,
-                                                  load_or_train_lm_tokenizer, train_batches)
+                                                  lm_tokenizer_path, load_or_train_lm_tokenizer,
+                                                  train_batches)
 from tfx_jax.apps.language_model.sampling import generate_texts
-from tfx_jax.apps.language_model.task import lm_config, lm_task, make_evaluate
+from tfx_jax.apps.language_model.task import lm_config, lm_task, make_init_params
 from tfx_jax.data.packing import PackingChoice, choose_packing, packing_setting
 from tfx_jax.data.tokenizer import SentencePieceTokenizer
 from tfx_jax.data.workdir_tokenizer import (read_workdir_tokenizer, workdir_tokenizer,
                                             write_workdir_file)
-from tfx_jax import pretrained
-from tfx_jax.errors import ConfigError
+from tfx_jax.errors import (ConfigError, DataError, DataNotFound, is_int, is_number, require,
+                            require_key, say)
 from tfx_jax.lm import CausalLM, CausalLMConfig
-from tfx_jax.train.checkpoint import check_checkpoint_fits
-from tfx_jax.train.checkpoint import workdir_lock
+from tfx_jax.train.checkpoint import check_checkpoint_fits, workdir_lock
+
+JOB = "lm"
+# What a resumed workdir must have been trained on: other data would continue with the
+# old data's tokenizer (and config.json would then name data it never saw).
+SAME_DATA = ("dataset", "train_split", "text_key", "max_files")
 
 
-def say(message: str) -> None:
-    """A line on stderr from process 0."""
-    if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
 
-
-def _require(ok: bool, key: str, value, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"config.{key} must be {expected}, got {value!r}")
-
-
-def _int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_sampling_config(config) -> None:
     """The sampling keys (``--generate`` and the samples after training); ValueError naming one."""
-    _require(_number(config.temperature) and config.temperature >= 0, "temperature",
-             config.temperature, "a number >= 0 (0 = greedy)")
-    _require(_int(config.top_k) and config.top_k >= 0, "top_k", config.top_k,
-             "an integer >= 0 (0 = off)")
-    _require(_number(config.top_p) and 0 < config.top_p <= 1, "top_p", config.top_p,
-             "in (0, 1] (1 = off)")
+    require_key(config, "temperature", is_number(config.temperature) and config.temperature >= 0,
+                "a number >= 0 (0 = greedy)")
+    require_key(config, "top_k", is_int(config.top_k) and config.top_k >= 0,
+                "an integer >= 0 (0 = off)")
+    require_key(config, "top_p", is_number(config.top_p) and 0 < config.top_p <= 1,
+                "in (0, 1] (1 = off)")
     for key in ("num_generate_tokens", "num_samples"):
-        _require(_int(config[key]) and config[key] >= 1, key, config[key], "an integer >= 1")
-    _require(_int(config.sample_seed), "sample_seed", config.sample_seed, "an integer")
+        require_key(config, key, is_int(config[key]) and config[key] >= 1, "an integer >= 1")
+    require_key(config, "sample_seed", is_int(config.sample_seed), "an integer")
 
 
-def check_config(config, mesh) -> None:
-    """One ValueError naming the first bad key; reads no data, writes nothing."""
+def check(config, mesh) -> None:
+    """One ConfigError naming the first bad key; reads no data, writes nothing."""
     tr.validate_config(config)
-    _require(not config.get("init_from"), "init_from", config.get("init_from"),
-             "'' when training (training from a checkpoint is not implemented yet; "
-             "--generate continues prompts with it)")
-    _require(_int(config.max_len) and config.max_len >= 2, "max_len", config.max_len,
-             "an integer >= 2 (tokens per row)")
-    _require(_int(config.vocab_size) and config.vocab_size >= MIN_VOCAB_SIZE, "vocab_size",
-             config.vocab_size, f"an integer >= {MIN_VOCAB_SIZE} (256 byte pieces, 4 reserved "
-             f"ids and the common characters)")
+    require_key(config, "init_from", not config.get("init_from"),
+                "'' when training (training from a checkpoint is not implemented yet; "
+                "--generate continues prompts with it)")
+    require_key(config, "max_len", is_int(config.max_len) and config.max_len >= 2,
+                "an integer >= 2 (tokens per row)")
+    require_key(config, "vocab_size",
+                is_int(config.vocab_size) and config.vocab_size >= MIN_VOCAB_SIZE,
+                f"an integer >= {MIN_VOCAB_SIZE} (256 byte pieces, 4 reserved "
+                f"ids and the common characters)")
     for key in ("eval_batch_size", "max_eval_examples", "tokenizer_max_chars"):
-        _require(_int(config[key]) and config[key] >= 1, key, config[key], "a positive integer")
+        require_key(config, key, is_int(config[key]) and config[key] >= 1, "a positive integer")
     for key in ("num_packing_bins", "data_threads"):
-        _require(_int(config[key]) and config[key] >= 0, key, config[key],
-                 "a non-negative integer (0 = default)")
-    _require(config.max_files is None or (_int(config.max_files) and config.max_files >= 1),
-             "max_files", config.max_files, "None (all) or a positive integer")
-    _require(_number(config.eval_fraction) and 0 < config.eval_fraction < 1, "eval_fraction",
-             config.eval_fraction, "in (0, 1)")
-    _require(isinstance(config.sample_prompts, (tuple, list))
-             and all(isinstance(p, str) for p in config.sample_prompts), "sample_prompts",
-             config.sample_prompts, "a tuple of strings (() = none)")
+        require_key(config, key, is_int(config[key]) and config[key] >= 0,
+                    "a non-negative integer (0 = default)")
+    require_key(config, "max_files",
+                config.max_files is None or (is_int(config.max_files) and config.max_files >= 1),
+                "None (all) or a positive integer")
+    require_key(config, "eval_fraction",
+                is_number(config.eval_fraction) and 0 < config.eval_fraction < 1, "in (0, 1)")
+    require_key(config, "sample_prompts",
+                isinstance(config.sample_prompts, (tuple, list))
+                and all(isinstance(p, str) for p in config.sample_prompts),
+                "a tuple of strings (() = none)")
     packing_setting(config.packing)  # "auto", "true" or "false"
     check_sampling_config(config)
-    lm_config(config.model, vocab_size=config.vocab_size, max_len=config.max_len)
+    # a sample prompt is BOS and at least one token, and leaves room for one more
+    require(not config.sample_prompts or config.max_len >= 3,
+            f"config.max_len = {config.max_len} leaves no room for the samples of "
+            f"config.sample_prompts after training (BOS, a prompt token and a new token need "
+            f"3); raise max_len or set --config.sample_prompts='()'")
     tr.check_batch_size(config.batch_size, mesh)
     tr.check_batch_size(config.eval_batch_size, mesh, what="config.eval_batch_size")
+    model = lm_config(config.model, vocab_size=config.vocab_size, max_len=config.max_len)
+    tr.check_params_fit_mesh(make_init_params(model, max_len=config.max_len), mesh)
 
 
 def sampling_kwargs(config) -> dict:
@@ -149,6 +149,14 @@ def run_tokenizer(config, workdir: str, texts: Sequence[str]):
 
 # -------------------------------------------------------------------------- training
 
+def make_train_batches(config, corpus: TextCorpus, tokenizer, *, packing: bool, **kwargs):
+    """The run's Grain training iterator (``kwargs``: process_index / count, read_options)."""
+    kwargs.setdefault("read_options", grain.ReadOptions(num_threads=config.data_threads))
+    return train_batches(corpus.train, tokenizer, global_batch_size=config.batch_size,
+                         max_len=config.max_len, seed=config.seed, packing_enabled=packing,
+                         num_packing_bins=config.num_packing_bins or None, **kwargs)
+
+
 @dataclasses.dataclass
 class Prepared:
     """What :func:`prepare` read and decided; nothing of it is in the workdir yet."""
@@ -156,16 +164,7 @@ class Prepared:
     tokenizer: SentencePieceTokenizer
     tokenizer_bytes: Optional[bytes]
     windows: list
-    model: CausalLM
     packing: PackingChoice
-
-
-def make_train_batches(config, corpus: TextCorpus, tokenizer, *, packing: bool, **kwargs):
-    """The run's Grain training iterator (``kwargs``: process_index / count, read_options)."""
-    kwargs.setdefault("read_options", grain.ReadOptions(num_threads=config.data_threads))
-    return train_batches(corpus.train, tokenizer, global_batch_size=config.batch_size,
-                         max_len=config.max_len, seed=config.seed, packing_enabled=packing,
-                         num_packing_bins=config.num_packing_bins or None, **kwargs)
 
 
 def prepare(config, workdir: str) -> Prepared:
@@ -181,42 +180,43 @@ def prepare(config, workdir: str) -> Prepared:
         config.packing, lambda packed: make_train_batches(
             config, corpus, tokenizer, packing=packed, process_index=0, process_count=1,
             read_options=grain.ReadOptions(num_threads=0)), ("targets",))
-    model = CausalLM(lm_config(config.model, vocab_size=tokenizer.vocab_size,
-                               max_len=config.max_len))
-    check_checkpoint_fits(workdir, lm_task(model, max_len=config.max_len).init_params)
     return Prepared(corpus=corpus, tokenizer=tokenizer, tokenizer_bytes=tokenizer_bytes,
-                    windows=windows, model=model, packing=packing)
+                    windows=windows, packing=packing)
 
 
 def train(config, workdir: str, mesh=None) -> tr.TrainResult:
     """Checks, trains into ``workdir`` (resuming it), prints samples of ``sample_prompts``.
 
     ``mesh`` defaults to ``config.mesh`` over every device of every host. Bad
-    config keys, an empty corpus or a checkpoint that does not fit the model
-    raise ValueError before anything is written.
+    config keys, a workdir of another script or of other data, an empty corpus
+    or a checkpoint that does not fit the model are refused (one
+    :class:`tfx_jax.errors.UserError`) before anything is written.
     """
     mesh = tr.make_mesh(config.mesh) if mesh is None else mesh
-    check_config(config, mesh)
+    check(config, mesh)
+    tr.check_workdir(workdir, JOB, config, same=SAME_DATA)
     with workdir_lock(workdir):
         ready = prepare(config, workdir)
-        if ready.tokenizer_bytes is not None:
-            write_workdir_file(workdir, _tokenizer_name(config), ready.tokenizer_bytes)
-        eval_data = eval_batches(ready.windows, global_batch_size=config.eval_batch_size,
-                                 max_len=config.max_len)
-        task = lm_task(ready.model, max_len=config.max_len,
-                       evaluate=make_evaluate(ready.model, eval_data,
-                                              num_examples=len(ready.windows)))
-        train_iter = make_train_batches(config, ready.corpus, ready.tokenizer,
+        plan = tr.freeze(config, JOB)  # nothing of an LM run is decided by its data
+        model = CausalLM(lm_config(plan.model, vocab_size=ready.tokenizer.vocab_size,
+                                   max_len=plan.max_len))
+        eval_data = eval_batches(ready.windows, global_batch_size=plan.eval_batch_size,
+                                 max_len=plan.max_len)
+        task = lm_task(model.config, max_len=plan.max_len, num_eval_examples=len(ready.windows))
+        check_checkpoint_fits(workdir, task.init_params)  # reads metadata, writes nothing
+        if ready.tokenizer_bytes is not None:  # the first write into the workdir
+            write_workdir_file(workdir, _tokenizer_name(plan), ready.tokenizer_bytes)
+        train_iter = make_train_batches(plan, ready.corpus, ready.tokenizer,
                                         packing=ready.packing.enabled)
         say(f"{ready.corpus.description}; vocabulary {ready.tokenizer.vocab_size}, rows of "
-            f"{config.max_len} tokens, {len(ready.windows)} held-out windows; "
-            f"{config.num_train_steps} steps of {config.batch_size} rows")
+            f"{plan.max_len} tokens, {len(ready.windows)} held-out windows; "
+            f"{plan.num_train_steps} steps of {plan.batch_size} rows")
         say(ready.packing.report(ready.corpus.name))
-        result = tr.train(config, workdir, task, train_iter, mesh=mesh)
-    if config.sample_prompts:
-        print_samples(config.sample_prompts, generate_texts(
-            ready.model, result.state.params, ready.tokenizer, list(config.sample_prompts),
-            **sampling_kwargs(config)))
+        result = tr.train(plan, workdir, task, train_iter, eval_batches=eval_data, mesh=mesh)
+    if plan.sample_prompts:
+        print_samples(plan.sample_prompts, generate_texts(
+            model, result.state.params, ready.tokenizer, list(plan.sample_prompts),
+            **sampling_kwargs(plan)))
     return result
 
 
@@ -236,11 +236,11 @@ def load_trained_lm(workdir: str, *, step: Optional[int] = None) -> TrainedLM:
 
     Raises FileNotFoundError when the workdir holds no trained LM.
     """
-    config = tr.load_config(workdir, script="experiments/lm.py")
+    config = tr.load_config(workdir, job=JOB)
     tokenizer = read_tokenizer(config, workdir)
     model = CausalLM(lm_config(config.model, vocab_size=tokenizer.vocab_size,
                                max_len=config.max_len))
-    params = tr.restore_params(workdir, lm_task(model, max_len=config.max_len).init_params,
+    params = tr.restore_params(workdir, make_init_params(model.config, max_len=config.max_len),
                                step=step)
     return TrainedLM(config=config, model=model, params=params, tokenizer=tokenizer)
 
@@ -276,13 +276,13 @@ def read_prompts(specs: Sequence[str], stdin=None) -> list[str]:
             else:
                 path = spec[1:]
                 if not os.path.isfile(path):
-                    raise FileNotFoundError(f"--generate={spec}: no prompt file {path!r}")
+                    raise DataNotFound(f"--generate={spec}: no prompt file {path!r}")
                 lines = read_text_file(path).splitlines()  # DataError naming the file
             prompts += [unescape_prompt(line) for line in lines if line]
         else:
             prompts.append(spec)
     if not prompts:
-        raise ValueError(f"--generate={','.join(specs)} gave no prompts (empty file or "
+        raise DataError(f"--generate={','.join(specs)} gave no prompts (empty file or "
                          f"stdin); write one prompt per line")
     return prompts
 
@@ -305,7 +305,7 @@ def generate(config, workdir: str, prompts: Sequence[str]) -> list[list[str]]:
     """
     check_sampling_config(config)
     if not prompts:
-        raise ValueError("no prompts to continue")
+        raise DataError("no prompts to continue")
     init_from = config.get("init_from")
     trained = load_checkpoint_lm(init_from) if init_from else load_trained_lm(workdir)
     samples = generate_texts(trained.model, trained.params, trained.tokenizer, list(prompts),

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from tfx_jax.errors import ConfigError, DataError
 from tfx_jax.data import grain_batches, packing
 from tfx_jax.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, SentencePieceTokenizer,
                                     tokenizer_path, train_sentencepiece)
@@ -49,7 +50,7 @@ MIN_VOCAB_SIZE = 384
 def tokenizer_sample(texts: Sequence[str], max_chars: int, seed: int) -> list[str]:
     """A seeded random sample of ``texts`` with at most ``max_chars`` characters in all."""
     if len(texts) == 0:  # pylint: disable=g-explicit-length-test
-        raise ValueError("empty corpus: no training text to train the tokenizer on")
+        raise DataError("empty corpus: no training text to train the tokenizer on")
     order = np.random.default_rng(seed).permutation(len(texts))
     sample, total = [], 0
     for index in order:
@@ -78,7 +79,7 @@ def load_or_train_lm_tokenizer(texts: Sequence[str], model_dir: str, *, vocab_si
     if os.path.exists(path):
         return SentencePieceTokenizer(path)
     if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size must be >= {MIN_VOCAB_SIZE} for the LM tokenizer (256 "
+        raise ConfigError(f"vocab_size must be >= {MIN_VOCAB_SIZE} for the LM tokenizer (256 "
                          f"byte pieces, 4 reserved ids and the common characters), got "
                          f"{vocab_size}")
     try:
@@ -86,7 +87,7 @@ def load_or_train_lm_tokenizer(texts: Sequence[str], model_dir: str, *, vocab_si
                                    vocab_size=vocab_size, model_type=model_type,
                                    character_coverage=0.9995, options=VERBATIM_OPTIONS)
     except RuntimeError as e:  # SentencePiece's only error type
-        raise ValueError(f"cannot train a {vocab_size}-piece tokenizer on this text: {e}") from e
+        raise DataError(f"cannot train a {vocab_size}-piece tokenizer on this text: {e}") from e
 
 
 def sequence_ids(text: str, tokenizer) -> np.ndarray:
@@ -113,7 +114,7 @@ def _training_example(text, rng, *, tokenizer, max_len: int, padded: bool):
 
 def check_max_len(max_len: int) -> None:
     if not isinstance(max_len, (int, np.integer)) or max_len < 2:
-        raise ValueError(f"max_len must be an integer >= 2 (tokens per row), got {max_len!r}")
+        raise ConfigError(f"max_len must be an integer >= 2 (tokens per row), got {max_len!r}")
 
 
 def train_batches(texts: Sequence[str], tokenizer, *, global_batch_size: int, max_len: int,
@@ -129,7 +130,7 @@ def train_batches(texts: Sequence[str], tokenizer, *, global_batch_size: int, ma
     """
     check_max_len(max_len)
     if len(texts) == 0:  # pylint: disable=g-explicit-length-test
-        raise ValueError("empty corpus: no training examples")
+        raise DataError("empty corpus: no training examples")
     transform = functools.partial(_training_example, tokenizer=tokenizer, max_len=max_len,
                                   padded=not packing_enabled)
     options = dict(global_batch_size=global_batch_size, seed=seed, transform=transform,
@@ -153,7 +154,7 @@ def eval_windows(texts: Sequence[str], tokenizer, *, max_len: int,
         for start in range(0, len(sequence) - 1, max_len):
             windows.append(sequence[start:start + max_len + 1])
     if not windows:
-        raise ValueError("empty corpus: no held-out examples to evaluate on")
+        raise DataError("empty corpus: no held-out examples to evaluate on")
     return windows
 
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tfx_jax.errors import ConfigError, DataError
 from tfx_jax import decoding
 from tfx_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from tfx_jax.lm import CausalLM
@@ -82,7 +83,7 @@ def prompt_ids(text: str, tokenizer, max_len: int, *, number: Optional[int] = No
     ids = np.asarray([*([] if bos_id is None else [bos_id]), *tokenizer.encode(text)], np.int32)
     if len(ids) >= max_len:
         which = f"prompt {number} " if number is not None else "prompt "
-        raise ValueError(f"{which}{text[:40]!r}{'...' if len(text) > 40 else ''} is "
+        raise DataError(f"{which}{text[:40]!r}{'...' if len(text) > 40 else ''} is "
                          f"{len(ids)} tokens with BOS, longer than the model's context allows "
                          f"(max_len={max_len} tokens, at least one of them generated); "
                          f"shorten the prompt")
@@ -113,15 +114,15 @@ def generate_ids(model: CausalLM, params: Any, prompts: Sequence[Sequence[int]],
     """
     decoding.check_sampling_options(temperature, top_k, top_p)
     if num_tokens < 1 or num_samples < 1:
-        raise ValueError(f"num_tokens and num_samples must be >= 1, got {num_tokens} and "
+        raise ConfigError(f"num_tokens and num_samples must be >= 1, got {num_tokens} and "
                          f"{num_samples}")
     max_len = model.config.max_len
     prompts = [np.asarray(p, np.int32) for p in prompts]
     if not prompts:
-        raise ValueError("no prompts to continue")
+        raise DataError("no prompts to continue")
     too_long = [i for i, p in enumerate(prompts) if len(p) >= max_len]
     if too_long:
-        raise ValueError(f"prompt {too_long[0] + 1} has {len(prompts[too_long[0]])} tokens; "
+        raise DataError(f"prompt {too_long[0] + 1} has {len(prompts[too_long[0]])} tokens; "
                          f"max_len={max_len} leaves room for at most {max_len - 1}")
     for number, p in enumerate(prompts, 1):
         decoding.check_token_ids(p, model.config.vocab_size, f"prompt {number}")
@@ -162,7 +163,7 @@ def generate_texts(model: CausalLM, params: Any, tokenizer, prompts: Sequence[st
     pad_id = next((i for i in (pad_id, eos_id) if i is not None), 0)  # padding is masked
     decoding.check_sampling_options(temperature, top_k, top_p)
     if not prompts:
-        raise ValueError("no prompts to continue")
+        raise DataError("no prompts to continue")
     max_len = model.config.max_len
     encoded = [prompt_ids(text, tokenizer, max_len, number=i + 1 if len(prompts) > 1 else None,
                           bos_id=bos_id) for i, text in enumerate(prompts)]

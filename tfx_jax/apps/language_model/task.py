@@ -18,14 +18,13 @@ example sees only itself and starts at position 0.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from tfx_jax import train as tr
+from tfx_jax.errors import ConfigError
 from tfx_jax.lm import CausalLM, CausalLMConfig
 from tfx_jax.model_config import from_config_dict
 from tfx_jax.train.perf import causal_lm_forward_flops, training_flops
@@ -50,24 +49,16 @@ def packing_kwargs(batch: Mapping[str, Any]) -> dict:
     return dict(segment_ids=batch["inputs_segmentation"], positions=batch["inputs_position"])
 
 
-def token_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-position NLL (float32) and real-token weights (targets != 0) of ``logits [B,T,V]``."""
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    return nll, (targets != 0).astype(jnp.float32)
-
-
 def make_loss_fn(model: CausalLM):
-    """``loss_fn(params, batch, rng, train) -> (mean token NLL, {"accuracy", "weight"})``."""
+    """``loss_fn(params, batch, rng, train) -> (mean token NLL, {"accuracy", "weight"})``
+    (:func:`tfx_jax.train.token_cross_entropy` / ``token_accuracy``: padding 0 ignored)."""
 
     def loss_fn(params, batch, rng, train):
         logits = model.apply({"params": params}, batch["inputs"], **packing_kwargs(batch),
                              deterministic=not train, rngs={"dropout": rng})
-        nll, weights = token_nll(logits, batch["targets"])
-        num_tokens = weights.sum()
-        correct = (jnp.argmax(logits, axis=-1) == batch["targets"]) * weights
-        denominator = jnp.maximum(num_tokens, 1.0)
-        return (nll * weights).sum() / denominator, {"accuracy": correct.sum() / denominator,
-                                                     "weight": num_tokens}
+        loss, num_tokens = tr.token_cross_entropy(logits, batch["targets"])
+        accuracy, _ = tr.token_accuracy(logits, batch["targets"])
+        return loss, {"accuracy": accuracy, "weight": num_tokens}
 
     return loss_fn
 
@@ -77,50 +68,37 @@ def count_tokens(batch: Mapping[str, np.ndarray]) -> int:
     return int(np.count_nonzero(batch["targets"]))
 
 
-def make_evaluate(model: CausalLM, eval_data: Iterable, *, num_examples: Optional[int] = None):
-    """``evaluate(params, step, mesh) -> {"loss", "perplexity", "accuracy", "num_tokens"}``.
-
-    Sums the NLL and the correct predictions of every real token of one pass
-    over ``eval_data`` (re-iterable process-local batches), then divides once.
-    """
-
-    def sums(params, batch):
-        logits = model.apply({"params": params}, batch["inputs"], deterministic=True)
-        nll, weights = token_nll(logits, batch["targets"])
-        correct = (jnp.argmax(logits, axis=-1) == batch["targets"]) * weights
-        return jnp.stack([(nll * weights).sum(), correct.sum(), weights.sum()])
-
-    compiled = {}
-
-    def evaluate(params, step, mesh):
-        del step
-        if "fn" not in compiled:
-            compiled["fn"] = jax.jit(sums, out_shardings=tr.replicated_sharding(mesh))
-        total = np.zeros(3, np.float64)
-        for batch in eval_data:
-            batch = tr.shard_batch({k: batch[k] for k in ("inputs", "targets")}, mesh)
-            total += np.asarray(compiled["fn"](params, batch), np.float64)
-        nll, correct, tokens = total
-        loss = nll / max(tokens, 1.0)
-        metrics = {"loss": loss, "perplexity": float(np.exp(loss)),
-                   "accuracy": correct / max(tokens, 1.0), "num_tokens": int(tokens)}
-        if num_examples is not None:
-            metrics["num_examples"] = num_examples
-        return metrics
-
-    return evaluate
-
-
-def lm_task(model: CausalLM, *, max_len: int, evaluate=None) -> tr.Task:
-    """The :class:`tfx_jax.train.Task` of next-token prediction on rows of ``max_len`` tokens."""
-    if max_len > model.config.max_len:
-        raise ValueError(f"rows of max_len={max_len} tokens do not fit the model's context "
-                         f"max_len={model.config.max_len}")
+def make_init_params(config: CausalLMConfig, *, max_len: int):
+    """``init_params(rng) -> params`` of the LM on rows of ``max_len`` tokens."""
+    model = CausalLM(config)
 
     def init_params(rng):
         return model.init({"params": rng}, jnp.ones((1, max_len), jnp.int32))["params"]
 
-    return tr.Task(init_params=init_params, loss_fn=make_loss_fn(model), evaluate=evaluate,
-                   flops_per_example=training_flops(causal_lm_forward_flops(model.config,
-                                                                            max_len)),
-                   count_tokens=count_tokens)
+    return init_params
+
+
+def lm_task(config: CausalLMConfig, *, max_len: int, num_eval_examples: Optional[int] = None,
+            evaluate=None) -> tr.Task:
+    """The :class:`tfx_jax.train.Task` of next-token prediction on rows of ``max_len`` tokens.
+
+    Evaluation is the loop's common path (its eval batches through ``loss_fn``:
+    token-weighted ``loss`` and ``accuracy``); ``eval_summary`` adds
+    ``perplexity = exp(loss)``, ``num_tokens`` and, if given, ``num_examples``.
+    """
+    if max_len > config.max_len:
+        raise ConfigError(f"rows of max_len={max_len} tokens do not fit the model's context "
+                          f"max_len={config.max_len}")
+    model = CausalLM(config)
+
+    def eval_summary(averaged):
+        summary = {"perplexity": float(np.exp(averaged["loss"])),
+                   "num_tokens": int(averaged["weight"])}
+        if num_eval_examples is not None:
+            summary["num_examples"] = num_eval_examples
+        return summary
+
+    return tr.Task(init_params=make_init_params(config, max_len=max_len),
+                   loss_fn=make_loss_fn(model), evaluate=evaluate,
+                   flops_per_example=training_flops(causal_lm_forward_flops(config, max_len)),
+                   count_tokens=count_tokens, eval_summary=eval_summary)

@@ -25,6 +25,7 @@ import dataclasses
 
 import numpy as np
 
+from tfx_jax.errors import ConfigError
 from tfx_jax.data.number_words_dataset import number_words_config
 from tfx_jax.data.pair_sources import NUMBER_WORDS, is_file_spec, open_text_pairs
 from tfx_jax.data.tsv_pairs import TsvPairs
@@ -88,7 +89,7 @@ def hold_out(pairs, fraction: float, seed: int, name: str):
     """(train, held-out) views of ``pairs``: a seeded ``fraction`` (<= 1,000 pairs) held out."""
     count = min(MAX_HOLDOUT, int(round(len(pairs) * fraction)))
     if count < MIN_HOLDOUT or len(pairs) - count < MIN_HOLDOUT:
-        raise ValueError(
+        raise ConfigError(
             f"config.train_data {name} has {len(pairs)} pairs and no config.eval_data was "
             f"given: {fraction:.0%} of them ({count}) is too few to hold out for evaluation; "
             f"pass --config.eval_data=FILE (or raise config.eval_holdout)")
@@ -101,7 +102,7 @@ def open_data(config) -> TranslationData:
     notes: list[str] = []
     if (config.eval_data or config.test_data) and not config.train_data:
         given = "config.eval_data" if config.eval_data else "config.test_data"
-        raise ValueError(f"{given} is set but config.train_data is not: the model would train "
+        raise ConfigError(f"{given} is set but config.train_data is not: the model would train "
                          f"on {config.dataset!r} and be scored on your data; set "
                          f"--config.train_data too")
     train_spec = config.train_data or config.dataset

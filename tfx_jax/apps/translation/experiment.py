@@ -4,19 +4,22 @@
 the point: everything that can be refused is refused before anything is
 written, so a refused run leaves the workdir as it was.
 
-1. :func:`check_config`: training keys, model section (``d_model`` divisible by
-   ``num_heads``, known fields), every batch size against the mesh, decoding
-   and data keys. No data is read yet.
-2. The workdir lock (one run per workdir; a file or read-only workdir fails
-   here, before data preparation).
-3. Data (:mod:`.data`), the tokenizer (trained into a temporary directory,
-   or read from the workdir), row lengths from the data
-   (:mod:`tfx_jax.data.length_caps`) and the training length (steps, or
-   epochs of the corpus).
-4. :func:`tfx_jax.train.check_checkpoint_fits`: a resumed workdir's
-   checkpoint must fit the model.
+1. :func:`check`: training keys, model section (``d_model`` divisible by
+   ``num_heads``, known fields, heads and widths against ``mesh.tensor``),
+   every batch size against the mesh, decoding and data keys. No data is read.
+2. The workdir: one of another script is refused naming it
+   (:func:`tfx_jax.train.check_workdir`); then its lock (one run per workdir; a
+   file or read-only workdir fails here, before data preparation).
+3. Data (:mod:`.data`) and the tokenizer (trained into a temporary directory,
+   or read from the workdir); :func:`resolve` turns what they decide (row
+   lengths, :mod:`tfx_jax.data.length_caps`; packing; the training length in
+   steps or epochs) into the frozen plan the rest of the run reads.
+4. One Task; :func:`tfx_jax.train.check_checkpoint_fits`: a resumed
+   workdir's checkpoint must fit the model.
 5. Only then the tokenizer is written into the workdir, and
-   :func:`tfx_jax.train.train` writes config.json (once) and checkpoints.
+   :func:`tfx_jax.train.train` writes config.json (once) and checkpoints;
+   :func:`final_test` reports (once per step: a rerun of a finished workdir
+   does not test again).
 
 Every workdir file goes through ``etils.epath``, so a ``gs://`` workdir
 stays a URL. :func:`load_translator` restores only the parameters
@@ -28,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 import time
 from typing import Optional
 
@@ -36,12 +38,14 @@ import grain
 import jax
 
 from tfx_jax import train as tr
+from tfx_jax.errors import is_int, is_number, require, require_key, say
 from tfx_jax.apps.translation.data import (TSV_HEADER, TranslationData, bleu_tokenize,
                                            open_data)
 from tfx_jax.apps.translation.evaluation import (make_evaluate, translate_eval_data,
                                                  translation_scores)
 from tfx_jax.apps.translation.inference import translate_texts
-from tfx_jax.apps.translation.task import transformer_config, translation_task
+from tfx_jax.apps.translation.task import (make_init_params, transformer_config,
+                                           translation_task)
 from tfx_jax.data.length_caps import length_caps
 from tfx_jax.data.packing import PackingChoice, choose_packing, packing_setting
 from tfx_jax.data.text_pipeline import eval_batches, train_batches
@@ -49,18 +53,12 @@ from tfx_jax.data.tokenizer import (SentencePieceTokenizer, load_or_train_tokeni
                                     tokenizer_path)
 from tfx_jax.data.workdir_tokenizer import (read_workdir_tokenizer, workdir_tokenizer,
                                             write_workdir_file)
+from tfx_jax.train.checkpoint import check_checkpoint_fits, workdir_lock
 from tfx_jax.train.mesh import padded_batch_size
-from tfx_jax.train.checkpoint import check_checkpoint_fits
 from tfx_jax.train.metrics import print_summary
-from tfx_jax.train.checkpoint import workdir_lock
 
+JOB = "translate"
 STARTED = time.monotonic()
-
-
-def say(message: str) -> None:
-    """A line on stderr from process 0."""
-    if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
 
 
 def _minutes() -> float:
@@ -68,17 +66,7 @@ def _minutes() -> float:
     return (time.monotonic() - STARTED) / 60
 
 
-def _require(ok: bool, key: str, value, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"config.{key} must be {expected}, got {value!r}")
 
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def model_config(config, vocab_size: int):
@@ -86,47 +74,61 @@ def model_config(config, vocab_size: int):
                               max_len=max(config.max_source_length, config.max_target_length, 2))
 
 
-def check_config(config, mesh) -> None:
-    """One ValueError naming the first bad key; reads no data, writes nothing."""
+def make_task(config, model, evaluate=None) -> tr.Task:
+    """The app's task factory: ``make_task(plan, model config, evaluate)``."""
+    return translation_task(model, max_source_length=max(config.max_source_length, 2),
+                            max_target_length=max(config.max_target_length, 2),
+                            label_smoothing=config.label_smoothing, evaluate=evaluate)
+
+
+def check(config, mesh) -> None:
+    """One ConfigError naming the first bad key; reads no data, writes nothing.
+
+    What the data decides later (row lengths, steps) is checked with stand-ins
+    here and for real in :func:`resolve`.
+    """
     for key in ("num_train_steps", "max_source_length", "max_target_length"):
         value = config[key]
-        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, key,
-                 value, "a non-negative integer (0 = from the data)")
-    _require(_number(config.num_epochs) and config.num_epochs >= 0, "num_epochs",
-             config.num_epochs, "a non-negative number (0 = use num_train_steps)")
-    if config.num_epochs > 0 and config.num_train_steps > 0:
-        raise ValueError(f"set one of config.num_epochs ({config.num_epochs}) and "
-                         f"config.num_train_steps ({config.num_train_steps}), not both")
+        require_key(config, key, is_int(value) and value >= 0,
+                    "a non-negative integer (0 = from the data)")
+    require_key(config, "num_epochs", is_number(config.num_epochs) and config.num_epochs >= 0,
+                "a non-negative number (0 = use num_train_steps)")
+    require(not (config.num_epochs > 0 and config.num_train_steps > 0),
+            f"set one of config.num_epochs ({config.num_epochs}) and config.num_train_steps "
+            f"({config.num_train_steps}), not both")
     probe = config.copy_and_resolve_references()
     if not config.num_train_steps:  # decided by the data; check the other keys now
         probe.num_train_steps = config.grad_accum_steps * (config.warmup_steps + 1)
     tr.validate_config(probe)
     for key in ("eval_batch_size", "beam_size", "eval_beam_size", "vocab_size"):
-        _require(_positive_int(config[key]), key, config[key], "a positive integer")
-    _require(config.vocab_size >= 5, "vocab_size", config.vocab_size, ">= 5 (4 reserved ids)")
+        require_key(config, key, is_int(config[key]) and config[key] > 0, "a positive integer")
+    require_key(config, "vocab_size", config.vocab_size >= 5, ">= 5 (4 reserved ids)")
     for key, value in (("max_source_length", config.max_source_length),
                        ("max_target_length", config.max_target_length)):
-        _require(value == 0 or value >= 2, key, value, "0 (from the data) or >= 2")
-    _require(_number(config.alpha) and config.alpha >= 0, "alpha", config.alpha,
-             "a non-negative number")
-    _require(_number(config.label_smoothing) and 0 <= config.label_smoothing < 1,
-             "label_smoothing", config.label_smoothing, "in [0, 1)")
-    _require(_number(config.eval_holdout) and 0 < config.eval_holdout <= 0.5, "eval_holdout",
-             config.eval_holdout, "in (0, 0.5]")
-    _require(_number(config.length_percentile) and 0 < config.length_percentile <= 100,
-             "length_percentile", config.length_percentile, "in (0, 100]")
-    _require(_number(config.outlier_factor) and config.outlier_factor >= 1, "outlier_factor",
-             config.outlier_factor, ">= 1")
+        require_key(config, key, value == 0 or value >= 2, "0 (from the data) or >= 2")
+    require_key(config, "alpha", is_number(config.alpha) and config.alpha >= 0,
+                "a non-negative number")
+    require_key(config, "label_smoothing",
+                is_number(config.label_smoothing) and 0 <= config.label_smoothing < 1, "in [0, 1)")
+    require_key(config, "eval_holdout",
+                is_number(config.eval_holdout) and 0 < config.eval_holdout <= 0.5, "in (0, 0.5]")
+    require_key(config, "length_percentile",
+                is_number(config.length_percentile) and 0 < config.length_percentile <= 100,
+                "in (0, 100]")
+    require_key(config, "outlier_factor",
+                is_number(config.outlier_factor) and config.outlier_factor >= 1, ">= 1")
     packing_setting(config.packing)  # "auto", "true" or "false"
-    _require(config.tsv_header in TSV_HEADER, "tsv_header", config.tsv_header,
-             f"one of {tuple(TSV_HEADER)}")
-    model_config(config, vocab_size=config.vocab_size)  # d_model % num_heads, unknown fields
+    require_key(config, "tsv_header", config.tsv_header in TSV_HEADER,
+                f"one of {tuple(TSV_HEADER)}")
     tr.check_batch_size(config.batch_size, mesh)
+    # d_model % num_heads, unknown fields; then heads, d_ff, vocab against mesh.tensor
+    tr.check_params_fit_mesh(make_init_params(model_config(probe, config.vocab_size),
+                                              max_source_length=2, max_target_length=2), mesh)
 
 
 def resolve_train_length(config, num_pairs: int, user_corpus: bool,
-                         pairs_per_row: float = 1.0) -> str:
-    """Sets ``config.num_train_steps`` (steps, epochs or the default); returns a line saying so.
+                         pairs_per_row: float = 1.0) -> tuple[int, str]:
+    """(training steps from steps, epochs or the default; a line saying so).
 
     ``pairs_per_row``: training pairs per row (more than 1 when packed), so
     that an epoch is still one pass over the pairs.
@@ -147,12 +149,12 @@ def resolve_train_length(config, num_pairs: int, user_corpus: bool,
     else:
         steps, how = auto.number_words_steps, "default for number_words"
     accum = config.grad_accum_steps
-    config.num_train_steps = max(accum, math.ceil(steps / accum) * accum)
-    epochs = config.num_train_steps / steps_per_epoch
+    steps = max(accum, math.ceil(steps / accum) * accum)
+    epochs = steps / steps_per_epoch
     rows = (f"{config.batch_size} rows of ~{pairs_per_row:.1f} pairs" if pairs_per_row != 1
             else f"{config.batch_size}")
-    return (f"training length: {config.num_train_steps} steps of {rows} = "
-            f"{epochs:.2f} epochs of {num_pairs} pairs ({how})")
+    return steps, (f"training length: {steps} steps of {rows} = {epochs:.2f} epochs of "
+                   f"{num_pairs} pairs ({how})")
 
 
 # ------------------------------------------------------------------------ the tokenizer
@@ -177,96 +179,91 @@ def run_tokenizer(config, workdir: str, train_pairs):
 
 # -------------------------------------------------------------------------- training
 
-@dataclasses.dataclass
-class Prepared:
-    """What :func:`prepare` decided: data, tokenizer, model and the evaluation batches."""
-    data: TranslationData
-    tokenizer: SentencePieceTokenizer
-    tokenizer_bytes: Optional[bytes]
-    model: object
-    eval_batch_size: int
-    packing: PackingChoice
+def _train_batches(config, data: TranslationData, tokenizer, *, packing: bool, **kwargs):
+    """The Grain training pipeline (``kwargs``: process_index / count, read_options)."""
+    kwargs.setdefault("read_options", grain.ReadOptions(num_threads=config.data_threads))
+    return train_batches(data.train, tokenizer, global_batch_size=config.batch_size,
+                         seed=config.seed, max_source_length=config.max_source_length,
+                         max_target_length=config.max_target_length,
+                         drop_overlong=config.drop_overlong, packing=packing, **kwargs)
 
 
-def make_task(config, model, evaluate=None) -> tr.Task:
-    return translation_task(model, max_source_length=config.max_source_length,
-                            max_target_length=config.max_target_length,
-                            label_smoothing=config.label_smoothing, evaluate=evaluate)
+def resolve(config, data: TranslationData, tokenizer) -> tuple[object, PackingChoice]:
+    """(the run's plan, the packing decision): what the data decides, computed once.
 
-
-def prepare(config, workdir: str, mesh, data: Optional[TranslationData] = None) -> Prepared:
-    """Steps 3-4 of the module docstring: reads data, writes nothing."""
-    data = open_data(config) if data is None else data
-    for note in data.notes:
-        say(note)
-    tokenizer, tokenizer_bytes = run_tokenizer(config, workdir, data.train)
-    if not (config.max_source_length and config.max_target_length):
+    Row lengths (``max_source_length`` / ``max_target_length`` when 0), packing
+    (measured on the first batches, built as process 0 of 1 so every process
+    decides alike) and the training length go into a frozen copy of ``config``
+    (:func:`tfx_jax.train.freeze`); ``config`` itself is not changed.
+    """
+    lengths = dict(max_source_length=config.max_source_length,
+                   max_target_length=config.max_target_length)
+    if not (lengths["max_source_length"] and lengths["max_target_length"]):
         caps = length_caps(data.train, tokenizer, percentile=config.length_percentile,
                            outlier_factor=config.outlier_factor, seed=config.seed)
-        config.max_source_length = config.max_source_length or caps.max_source_length
-        config.max_target_length = config.max_target_length or caps.max_target_length
+        lengths = dict(max_source_length=lengths["max_source_length"] or caps.max_source_length,
+                       max_target_length=lengths["max_target_length"] or caps.max_target_length)
         say(caps.describe(config.drop_overlong))
-    packing = choose_packing(  # the same pairs on every process: every process decides alike
-        config.packing, lambda packed: train_batches(
-            data.train, tokenizer, global_batch_size=config.batch_size, seed=config.seed,
-            max_source_length=config.max_source_length,
-            max_target_length=config.max_target_length, drop_overlong=config.drop_overlong,
-            packing=packed, process_index=0, process_count=1,
-            read_options=grain.ReadOptions(num_threads=0)), ("inputs", "targets"))
+    sized = tr.freeze(config, JOB, **lengths)
+    packing = choose_packing(config.packing, lambda packed: _train_batches(
+        sized, data, tokenizer, packing=packed, process_index=0, process_count=1,
+        read_options=grain.ReadOptions(num_threads=0)), ("inputs", "targets"))
     say(packing.report("train rows"))
-    say(resolve_train_length(config, len(data.train), data.user_corpus,
-                             packing.examples_per_row))
-    model = model_config(config, tokenizer.vocab_size)
-    tr.validate_config(config)
-    eval_batch_size = padded_batch_size(config.eval_batch_size, mesh)
-    if eval_batch_size != config.eval_batch_size:
-        say(f"eval/test batches of {eval_batch_size} (config.eval_batch_size = "
-            f"{config.eval_batch_size} padded to a multiple of the {mesh.devices.size} "
-            f"devices; padding rows are not scored)")
-    check_checkpoint_fits(workdir, make_task(config, model).init_params)
-    return Prepared(data=data, tokenizer=tokenizer, tokenizer_bytes=tokenizer_bytes,
-                    model=model, eval_batch_size=eval_batch_size, packing=packing)
+    steps, line = resolve_train_length(config, len(data.train), data.user_corpus,
+                                       packing.examples_per_row)
+    say(line)
+    return tr.freeze(config, JOB, **lengths, num_train_steps=steps), packing
 
 
 def train_and_test(config, workdir: str, data: Optional[TranslationData] = None,
                    mesh=None) -> dict:
     """Checks, trains on the train pairs, then beam-decodes and scores the test pairs.
 
+    The order is the module docstring's: :func:`check` (config only), the
+    workdir (another script's is refused) and its lock, data and tokenizer,
+    :func:`resolve` (the plan), one Task, the checkpoint fit, then training.
     Returns the test scores, sources and hypotheses.
     """
     mesh = tr.make_mesh(config.mesh) if mesh is None else mesh  # --config.mesh.fsdp=4 etc.
-    check_config(config, mesh)
+    check(config, mesh)
+    tr.check_workdir(workdir, JOB)
     with workdir_lock(workdir):
-        ready = prepare(config, workdir, mesh, data)
-        if ready.tokenizer_bytes is not None:
-            write_workdir_file(workdir, _tokenizer_name(config), ready.tokenizer_bytes)
-        lengths = dict(max_source_length=config.max_source_length,
-                       max_target_length=config.max_target_length)
-        train_iter = train_batches(  # packed: several pairs per row (tfx_jax.data.packing)
-            ready.data.train, ready.tokenizer, global_batch_size=config.batch_size,
-            seed=config.seed, drop_overlong=config.drop_overlong,
-            packing=ready.packing.enabled,
-            read_options=grain.ReadOptions(num_threads=config.data_threads), **lengths)
-        eval_data = eval_batches(ready.data.eval, ready.tokenizer,
-                                 global_batch_size=ready.eval_batch_size, **lengths)
+        data = open_data(config) if data is None else data
+        for note in data.notes:
+            say(note)
+        tokenizer, tokenizer_bytes = run_tokenizer(config, workdir, data.train)
+        plan, packing = resolve(config, data, tokenizer)
+        model = model_config(plan, tokenizer.vocab_size)
+        eval_batch_size = padded_batch_size(plan.eval_batch_size, mesh)
+        if eval_batch_size != plan.eval_batch_size:
+            say(f"eval/test batches of {eval_batch_size} (config.eval_batch_size = "
+                f"{plan.eval_batch_size} padded to a multiple of the {mesh.devices.size} "
+                f"devices; padding rows are not scored)")
+        lengths = dict(max_source_length=plan.max_source_length,
+                       max_target_length=plan.max_target_length)
+        eval_data = eval_batches(data.eval, tokenizer, global_batch_size=eval_batch_size,
+                                 **lengths)
         translation_metrics = make_evaluate(
-            ready.model, eval_data, ready.tokenizer, max_length=config.max_target_length,
-            beam_size=config.eval_beam_size, alpha=config.alpha,
-            bleu_tokenize=bleu_tokenize(config))
+            model, eval_data, tokenizer, max_length=plan.max_target_length,
+            beam_size=plan.eval_beam_size, alpha=plan.alpha, bleu_tokenize=bleu_tokenize(plan))
 
         def evaluate(params, step, mesh):  # + minutes since start, for learning curves in time
             return {**translation_metrics(params, step, mesh), "wall_minutes": _minutes()}
 
-        data = ready.data
+        task = make_task(plan, model, evaluate)
+        check_checkpoint_fits(workdir, task.init_params)  # reads metadata, writes nothing
+        if tokenizer_bytes is not None:  # the first write into the workdir
+            write_workdir_file(workdir, _tokenizer_name(plan), tokenizer_bytes)
         say(f"data: {len(data.train)} train / {len(data.eval)} eval / {len(data.test)} test "
-            f"pairs, vocabulary {ready.tokenizer.vocab_size}, rows of "
-            f"{config.max_source_length} / {config.max_target_length} tokens; "
-            f"{config.num_train_steps} steps of {config.batch_size}")
-        result = tr.train(config, workdir, make_task(config, ready.model, evaluate), train_iter,
+            f"pairs, vocabulary {tokenizer.vocab_size}, rows of "
+            f"{plan.max_source_length} / {plan.max_target_length} tokens; "
+            f"{plan.num_train_steps} steps of {plan.batch_size}")
+        result = tr.train(plan, workdir, task, _train_batches(plan, data, tokenizer,
+                                                              packing=packing.enabled),
                           eval_batches=eval_data, mesh=mesh)
-        test_data = eval_batches(data.test, ready.tokenizer,
-                                 global_batch_size=ready.eval_batch_size, **lengths)
-        return final_test(config, workdir, result, ready.model, ready.tokenizer, test_data, mesh)
+        test_data = eval_batches(data.test, tokenizer, global_batch_size=eval_batch_size,
+                                 **lengths)
+        return final_test(plan, workdir, result, model, tokenizer, test_data, mesh)
 
 
 def decoding_name(beam_size: int) -> str:
@@ -290,13 +287,24 @@ def print_examples(sources, references, hypotheses, count: int, decoding: str) -
 
 def final_test(config, workdir: str, result: tr.TrainResult, model, tokenizer, test_data,
                mesh) -> dict:
-    """Beam search on the test split: a "test" line in metrics.jsonl, examples, summary."""
+    """Beam search on the test split: a "test" line in metrics.jsonl, examples, summary.
+
+    A rerun of a finished workdir (nothing trained) whose test at this step is in
+    metrics.jsonl already says so and returns that line's scores instead of
+    decoding again and appending a second one.
+    """
+    step = int(result.state.step)
+    done = [r for r in tr.read_metrics(workdir, "test") if r.get("step") == step]
+    if result.start_step == step and done:
+        say(f"The test at step {step} is in {workdir}/metrics.jsonl already "
+            f"(bleu {done[-1].get('bleu', float('nan')):.4g}); not repeated")
+        return dict(scores={k: v for k, v in done[-1].items() if k != "split"},
+                    sources=test_data.sources, hypotheses=None)
     hypotheses = translate_eval_data(result.state.params, model, test_data, tokenizer, mesh,
                                      max_length=config.max_target_length,
                                      beam_size=config.beam_size, alpha=config.alpha)
     scores = translation_scores(hypotheses, test_data.references,
                                 bleu_tokenize=bleu_tokenize(config))
-    step = int(result.state.step)
     writer = tr.MetricsWriter(workdir, start_step=step)
     try:
         test_record = writer.write(step, "test", {**scores, "beam_size": config.beam_size,
@@ -327,7 +335,7 @@ class Translator:
 
 def load_translator(workdir: str, *, step: Optional[int] = None) -> Translator:
     """The model trained in ``workdir``: its config.json, tokenizer and parameters only."""
-    config = tr.load_config(workdir, script="experiments/translate.py")
+    config = tr.load_config(workdir, job=JOB)
     tokenizer = read_tokenizer(config, workdir)
     model = model_config(config, tokenizer.vocab_size)
     params = tr.restore_params(workdir, make_task(config, model).init_params, step=step)

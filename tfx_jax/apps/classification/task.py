@@ -1,4 +1,4 @@
-"""Image classification with the Vision Transformer: the training Task and inference.
+"""Image classification with the Vision Transformer: the model, the Task and inference.
 
 ViT (Dosovitskiy et al. 2021) is trained like any classifier: cross-entropy
 of the [CLS] head's logits against the label, optionally label-smoothed (the
@@ -32,6 +32,8 @@ import numpy as np
 
 from tfx_jax import pretrained
 from tfx_jax import train as tr
+from tfx_jax.data.image_datasets import load_image_dataset
+from tfx_jax.errors import ConfigError, DataError, DataNotFound, require
 from tfx_jax.model_config import from_config_dict
 from tfx_jax.pretrained.tree import flatten, unflatten
 from tfx_jax.pretrained.vit_adapt import adapt_vit
@@ -41,6 +43,7 @@ from tfx_jax.train.perf import training_flops, vit_forward_flops
 from tfx_jax.vit import ViT, ViTConfig
 
 # ViTConfig fields a checkpoint fixes (written into config.model by setup_finetuning).
+JOB = "vit"  # the script of such workdirs: experiments/vit.py
 ARCHITECTURE_FIELDS = ("patch_size", "d_model", "num_heads", "num_layers", "d_ff", "pool",
                        "representation_size", "activation", "layer_norm_epsilon", "pre_norm",
                        "use_bias")
@@ -55,12 +58,11 @@ def vit_config(config: ml_collections.ConfigDict) -> ViTConfig:
     ``config.num_classes``, which the training script sets from the dataset.
     """
     for key in ("image_shape", "num_classes"):
-        if config.get(key) is None:
-            raise ValueError(f"config.{key} is not set; the training script fills it from "
-                             f"the dataset (config.dataset)")
+        require(config.get(key) is not None, f"config.{key} is not set; the training run "
+                f"takes it from the dataset (config.dataset)")
     height, width, channels = (int(d) for d in config.image_shape)
     if height != width:
-        raise ValueError(f"ViT needs square images, config.image_shape = "
+        raise ConfigError(f"ViT needs square images, config.image_shape = "
                          f"{tuple(config.image_shape)}; set config.image_size to resize")
     return from_config_dict(ViTConfig, config.model, image_size=height, num_channels=channels,
                             num_classes=int(config.num_classes))
@@ -158,7 +160,7 @@ def load_classifier(workdir: str, *, step: int | None = None) -> Classifier:
       FileNotFoundError: no config.json or no checkpoint in the workdir.
       ValueError: the checkpoint does not fit the stored config.
     """
-    config = tr.load_config(workdir)
+    config = tr.load_config(workdir, job=JOB)
     model_config = vit_config(config)
     finetuning = finetuning_of(config)
     task = classification_task(model_config, finetuning=finetuning)
@@ -175,7 +177,7 @@ def finetuning_of(config: ml_collections.ConfigDict) -> Optional[FineTuning]:
         return None
     mode = config.get("finetune", "full")
     if mode not in MODES:
-        raise ValueError(f"config.finetune must be one of {MODES}, got {mode!r}")
+        raise ConfigError(f"config.finetune must be one of {MODES}, got {mode!r}")
     return FineTuning(mode=mode, lora_rank=int(config.get("lora_rank", 8)),
                       lora_alpha=float(config.get("lora_alpha", 16.0)))
 
@@ -197,14 +199,14 @@ def load_pretrained_vit(path: str, *, num_classes: Optional[int] = None,
     elif os.path.isfile(path) and path.endswith(".npz"):
         cfg, params = pretrained.load_vit_npz(path)
     else:
-        raise FileNotFoundError(f"init_from={path!r} is neither a .npz ViT checkpoint nor a "
+        raise DataNotFound(f"init_from={path!r} is neither a .npz ViT checkpoint nor a "
                                 f"Hugging Face model directory")
     if not isinstance(cfg, ViTConfig):
-        raise ValueError(f"init_from={path!r} holds a {type(cfg).__name__}, not a ViT")
+        raise DataError(f"init_from={path!r} holds a {type(cfg).__name__}, not a ViT")
     cfg, flat = adapt_vit(cfg, flatten(params), num_classes=num_classes, image_size=image_size)
     if num_channels is not None and num_channels != cfg.num_channels:
         if num_channels != 1:
-            raise ValueError(f"the checkpoint takes {cfg.num_channels}-channel images; images "
+            raise DataError(f"the checkpoint takes {cfg.num_channels}-channel images; images "
                              f"with {num_channels} channels cannot be fed to it")
         flat["patch_embedding/kernel"] = flat["patch_embedding/kernel"].sum(axis=2,
                                                                             keepdims=True)
@@ -213,29 +215,34 @@ def load_pretrained_vit(path: str, *, num_classes: Optional[int] = None,
 
 
 def setup_finetuning(config: ml_collections.ConfigDict, num_classes: int,
-                     num_channels: int) -> tuple[Optional[FineTuning], Any]:
-    """Reads ``config.init_from`` (if set): ``(FineTuning, parameters)``, else ``(None, None)``.
+                     num_channels: int) -> tuple[Optional[FineTuning], Any, dict]:
+    """Reads ``config.init_from`` (if set): ``(FineTuning, parameters, decided)``, else
+    ``(None, None, {})``.
 
-    Also writes what the checkpoint decides into the config (kept in the
-    run's config.json, so :func:`load_classifier` rebuilds the model):
-    ``config.model``'s architecture fields and, when unset,
-    ``config.image_size`` (the checkpoint's resolution; a set one resizes the
-    position embeddings instead).
+    ``decided`` holds what the checkpoint fixes, as keys for the run's plan
+    (:func:`tfx_jax.train.freeze`, kept in its config.json, so
+    :func:`load_classifier` rebuilds the model): ``config.model``'s
+    architecture fields and, when unset, ``image_size`` (the checkpoint's
+    resolution; a set one resizes the position embeddings instead).
     """
     finetuning = finetuning_of(config)
     if finetuning is None:
-        return None, None
+        return None, None, {}
     cfg, params = load_pretrained_vit(config.init_from, num_classes=num_classes,
                                       image_size=config.get("image_size"),
                                       num_channels=num_channels)
-    with config.unlocked():
-        if config.get("image_size") is None:
-            config.image_size = cfg.image_size
-        for field in ARCHITECTURE_FIELDS:
-            config.model[field] = getattr(cfg, field)
+    decided = {f"model.{field}": getattr(cfg, field) for field in ARCHITECTURE_FIELDS}
+    if config.get("image_size") is None:
+        decided["image_size"] = cfg.image_size
     if config.model.get("scan_layers"):
         params = pretrained.to_scan(params, "encoder", cfg.num_layers)
-    return finetuning, params
+    return finetuning, params, decided
+
+
+def load_splits(config) -> tuple:
+    """(train, eval) :class:`tfx_jax.data.image_datasets.ImageDataset` of ``config.dataset``."""
+    return tuple(load_image_dataset(config.dataset, split, data_dir=config.data_dir)
+                 for split in (config.train_split, config.eval_split))
 
 
 def format_predictions(paths: Sequence[str], labels: np.ndarray, probabilities: np.ndarray,
