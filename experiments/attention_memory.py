@@ -66,7 +66,6 @@ from __future__ import annotations
 import csv
 import datetime
 import json
-import math
 import os
 import platform as platform_lib
 import re

@@ -28,8 +28,6 @@ if __name__ == "__main__":  # Ctrl-C during the slow imports below: one line, ex
                                                    "starting; nothing was written",
                                                    file=sys.stderr), os._exit(130)))
 
-import math
-
 from absl import flags
 
 from tfx_jax import train as tr

@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from tfx_jax.errors import ConfigError, DataError
+from tfx_jax.errors import ConfigError
 from tfx_jax.lm import CausalLM, CausalLMConfig
 from tfx_jax.pretrained import hf_decoders, hf_gpt2, hf_vit
 from tfx_jax.pretrained.hf_files import (CONFIG, LazyCheckpoint, read_config, read_directory,

@@ -38,7 +38,7 @@ from tfx_jax.train.state import (Task, TrainState, abstract_train_state, check_p
                                  train_state_shardings)
 
 __all__ = [
-    "Checkpointer", "launch", "MetricsWriter", "NonFiniteError", "Preempted",
+    "CheckpointWriteError", "Checkpointer", "launch", "MetricsWriter", "NonFiniteError", "Preempted",
     "PreemptionWatcher", "Task", "TrainResult", "TrainState", "abstract_train_state",
     "average_metrics",
     "batch_sharding", "check_batch_size", "check_params_fit_mesh", "check_workdir",

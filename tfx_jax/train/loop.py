@@ -25,6 +25,7 @@ import itertools
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
