@@ -19,7 +19,6 @@ import jax.numpy as jnp
 from tfx_jax.blocks import BlockStack
 from tfx_jax.errors import ConfigError
 from tfx_jax.logical_axes import with_axes
-from tfx_jax.errors import ConfigError
 from tfx_jax.model_config import StackConfig, check_one_of, check_positive
 from tfx_jax.position import AddPositionEncoding
 

@@ -19,9 +19,8 @@ import numpy as np
 from etils import epath
 from PIL import Image, UnidentifiedImageError
 
-from tfx_jax.errors import DataError, DataNotFound
 from tfx_jax.data.image_preprocess import normalize_images, resize_image
-from tfx_jax.errors import DataError, require
+from tfx_jax.errors import DataError, DataNotFound, require
 
 _PIL_MODES = {1: "L", 3: "RGB"}
 
