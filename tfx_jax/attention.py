@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tfx_jax.attention_chunked import DEFAULT_BLOCK_KV, DEFAULT_BLOCK_Q, chunked_attention
-from tfx_jax.attention_cudnn import cudnn_attention, cudnn_unsupported_reason
+from tfx_jax.attention_cudnn import (compute_capability_of, cudnn_attention,
+                                     cudnn_unsupported_reason)
 from tfx_jax.attention_dropout import dense_keep_multiplier, dropout_seeds
 from tfx_jax.attention_splash import splash_attention, splash_unsupported_reason
 
@@ -38,6 +39,39 @@ IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn", "splash")
 # (docs/attention_memory.md): from T = 512 on chunked was faster in both passes and
 # its gradient needed half the memory; below, a tile or two cover the whole sequence.
 CHUNKED_MIN_LENGTH = 512
+
+
+class Placement(NamedTuple):
+    """The accelerator a computation is placed on: what "auto" and the kernels decide by."""
+    platform: str                       # "cpu", "gpu" (CUDA and ROCm: "gpu"), "tpu"
+    device_kind: str                    # e.g. "TPU v5 lite", "NVIDIA H100 80GB HBM3"
+    compute_capability: Optional[str]   # CUDA devices only, e.g. "9.0"
+    mesh: Optional[jax.sharding.AbstractMesh]  # the mesh in context (None: none set)
+
+
+def placement() -> Placement:
+    """Where the computation being traced runs: the devices of the mesh in context.
+
+    That mesh is the one ``jax.set_mesh(mesh)`` sets, or the one the training
+    library's steps trace under (``jax.sharding.use_abstract_mesh``); its abstract
+    mesh names the devices' platform and kind, also for compile-only devices (a
+    TPU topology described on a CPU host), so compiling for a TPU chooses the TPU
+    kernels. Without a mesh: the first local device (``jax.devices()[0]``).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is not None and not mesh.empty and mesh.abstract_device is not None:
+        kind = mesh.abstract_device.device_kind
+        platform = mesh.abstract_device.platform
+        capability = None
+        if platform in ("cuda", "gpu"):
+            local = jax.devices()[0]  # the mesh's own kind of device: ask it
+            capability = (getattr(local, "compute_capability", None)
+                          if local.device_kind == kind else None) or compute_capability_of(kind)
+        return Placement("gpu" if platform in ("cuda", "rocm") else platform, kind,
+                         capability, mesh)
+    device = jax.devices()[0]
+    return Placement(device.platform, device.device_kind,
+                     getattr(device, "compute_capability", None), None)
 
 
 def _as_array(x, name):
@@ -368,7 +402,9 @@ def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0,
     5. otherwise "dense" (short sequences: one tile would cover them anyway).
 
     ``platform`` ("cpu"/"gpu"/"tpu") and ``compute_capability`` (e.g. "9.0")
-    default to the first local device; pass them to ask about another machine.
+    default to the devices the computation is placed on (:func:`placement`: the
+    mesh in context, else the first local device); pass them to ask about
+    another machine.
     ``value_head_dim``: the value's head size when it differs from the query's.
     """
     del scale  # every implementation takes it
@@ -376,7 +412,8 @@ def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0,
     if bias is not None:
         return "dense"
     if platform is None:
-        platform = jax.devices()[0].platform
+        placed = placement()
+        platform, compute_capability = placed.platform, placed.compute_capability
     if kv_segment_ids is None:
         kv_segment_ids = q_segment_ids
     common = dict(mask=mask, bias=bias, causal=causal, dropout_rate=dropout_rate,

@@ -10,8 +10,11 @@ sequences come as ``SegmentIds`` (a query sees only keys with its id), and
 grouped-query attention is native: query head n reads key/value head
 ``n // (num_heads / num_kv_heads)``, as everywhere in tfx_jax.
 
-What this wrapper adds: the [B, T, N, H] layout (the kernel takes one example,
-[heads, length, head_dim], so it is vmapped over the batch), ``scale`` (the
+What this wrapper adds: ``jax.shard_map`` over the mesh in context (XLA cannot
+partition a Mosaic kernel: batch over the data-parallel axes, heads over
+``tensor``), tiles that fit the chip's VMEM (:func:`choose_blocks`), the
+[B, T, N, H] layout (the kernel takes one example, [heads, length, head_dim],
+so it is vmapped over the batch), ``scale`` (the
 kernel does not scale, so the query is multiplied first), padding as lengths
 (turned into segment ids), and the zero-row contract (padding queries return
 zeros). It refuses what the kernel cannot do safely: a mask array, a bias,
@@ -74,7 +77,8 @@ def splash_unsupported_reason(query_shape, key_shape, *, has_mask: bool, has_bia
     if local_window is not None and t != s:
         return (f"splash with a local window needs q_length == kv_length, got {t} and {s}")
     if platform is None:
-        platform = jax.devices()[0].platform
+        from tfx_jax.attention import placement  # attention.py imports this module
+        platform = placement().platform
         if platform != "tpu" and _interpret_mode_forced():
             return None
     if platform != "tpu":
@@ -117,22 +121,121 @@ def _block(length: int, block: int) -> int:
     return block
 
 
+# VMEM per TensorCore (the kernel's tiles live there), by device kind (Google's TPU
+# system-architecture pages). First match of a lower-cased substring wins.
+VMEM_BYTES = (("v4", 16 << 20), ("v5 lite", 128 << 20), ("v5e", 128 << 20), ("v5", 64 << 20),
+              ("v6", 128 << 20), ("7x", 64 << 20))
+# The kernel's working set must stay well under VMEM: Mosaic also keeps the
+# double buffers of every pipelined input and output, and its own scratch there.
+VMEM_FRACTION = 0.5
+
+
+def vmem_bytes(device_kind: str) -> Optional[int]:
+    """The VMEM of one TensorCore of this TPU kind (None: unknown)."""
+    kind = device_kind.lower()
+    for pattern, size in VMEM_BYTES:
+        if pattern in kind:
+            return size
+    return None
+
+
+def block_vmem_bytes(block_q: int, block_kv: int, head_dim: int, itemsize: int) -> int:
+    """Estimated VMEM the kernel's largest pass (the dK/dV backward) needs at these tiles.
+
+    Double-buffered query, key, value, output and gradient tiles in the input
+    dtype, float32 accumulators for the output / dK / dV, and two float32
+    ``block_q x block_kv`` score tiles (scores and probabilities).
+    """
+    tiles = 2 * itemsize * head_dim * (3 * block_q + 4 * block_kv)
+    accumulators = 4 * head_dim * (block_q + 2 * block_kv)
+    scores = 2 * 4 * block_q * block_kv
+    return tiles + accumulators + scores
+
+
+def choose_blocks(t: int, s: int, head_dim: int, itemsize: int, device_kind: str, *,
+                  block_q: Optional[int] = None, block_kv: Optional[int] = None
+                  ) -> tuple[int, int]:
+    """The splash tiles for this chip and head size: the largest multiples of 128
+    that divide the lengths, at most ``DEFAULT_BLOCK`` and within the chip's VMEM
+    budget; tiles a user gives are checked against that budget (ValueError)."""
+    budget = vmem_bytes(device_kind)
+    budget = None if budget is None else int(budget * VMEM_FRACTION)
+    if block_q is not None or block_kv is not None:
+        bq, bkv = _block(t, block_q or DEFAULT_BLOCK), _block(s, block_kv or DEFAULT_BLOCK)
+        need = block_vmem_bytes(bq, bkv, head_dim, itemsize)
+        if budget is not None and need > budget:
+            raise ValueError(
+                f"splash blocks block_q={bq}, block_kv={bkv} at head_dim {head_dim} need about "
+                f"{need / 2**20:.1f} MiB of VMEM, over the {budget / 2**20:.0f} MiB budget of "
+                f"a {device_kind} core ({VMEM_FRACTION:.0%} of its VMEM); use smaller blocks "
+                f"(multiples of {LANES})")
+        return bq, bkv
+    bq, bkv = _block(t, DEFAULT_BLOCK), _block(s, DEFAULT_BLOCK)
+    while budget is not None and block_vmem_bytes(bq, bkv, head_dim, itemsize) > budget and (
+            bq > LANES or bkv > LANES):
+        if bq >= bkv and bq > LANES:
+            bq = _block(t, bq - LANES)
+        else:
+            bkv = _block(s, bkv - LANES)
+    return bq, bkv
+
+
+def _free_axes(mesh) -> list:
+    """The mesh's axes of size > 1 that are not already manual (inside a shard_map)."""
+    manual = set(mesh.manual_axes)
+    return [a for a, size in zip(mesh.axis_names, mesh.axis_sizes)
+            if a not in manual and size > 1]
+
+
+def _shard_axes(mesh, batch: int, num_heads: int, num_kv_heads: int):
+    """Mesh axes the kernel's calls split: (batch axes, heads axis or None).
+
+    Heads go over ``tensor`` when it divides both head counts; the batch over the
+    other free (not already manual) axes, in mesh order, while their product
+    divides it. Axes left out hold the whole batch / all heads (replicated work).
+    """
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    free = _free_axes(mesh)
+    heads = None
+    if "tensor" in free and num_heads % sizes["tensor"] == 0 and (
+            num_kv_heads % sizes["tensor"] == 0):
+        heads = "tensor"
+    batch_axes, ways = [], 1
+    for axis in free:
+        if axis != "tensor" and batch % (ways * sizes[axis]) == 0:
+            batch_axes.append(axis)
+            ways *= sizes[axis]
+    return tuple(batch_axes), heads
+
+
 def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                      causal: bool = False, local_window=None, scale: Optional[float] = None,
                      q_segment_ids: Optional[jax.Array] = None,
                      q_lengths: Optional[jax.Array] = None,
-                     block_q: int = DEFAULT_BLOCK, block_kv: int = DEFAULT_BLOCK) -> jax.Array:
+                     block_q: Optional[int] = None, block_kv: Optional[int] = None
+                     ) -> jax.Array:
     """Splash attention on [B, T, N, H] query and [B, S, K, H] key/value; returns [B, T, N, H].
 
     Inputs are assumed validated by ``tfx_jax.dot_product_attention`` /
     `splash_unsupported_reason`; padding arrives as one set of ``q_segment_ids``
     (shared by the keys, 0 = padding) and/or one ``q_lengths`` (shared by the keys).
+    ``block_q`` / ``block_kv``: the kernel's tiles (default: :func:`choose_blocks`
+    for the chip and head size).
+
+    A Mosaic kernel cannot be partitioned by XLA, so on a mesh (``jax.set_mesh``,
+    or the training library's steps) the calls run under ``jax.shard_map``:
+    batch over the data-parallel axes, heads over ``tensor`` (:func:`_shard_axes`);
+    each device runs the kernel on its own examples and heads.
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+    from tfx_jax.attention import placement  # attention.py imports this module
+    placed = placement()
     b, t, n, h = query.shape
     s = key.shape[1]
     scale = h ** -0.5 if scale is None else scale
-    kernel = _kernel(t, s, n, bool(causal), local_window, _block(t, block_q), _block(s, block_kv))
+    bq, bkv = choose_blocks(t, s, h, jnp.dtype(query.dtype).itemsize, placed.device_kind,
+                            block_q=block_q, block_kv=block_kv)
     q = (query * jnp.asarray(scale, query.dtype)).transpose(0, 2, 1, 3)  # [B, N, T, H]
     k, v = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)        # [B, K, S, H]
     ids = None
@@ -145,12 +248,26 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     # batch a kernel's grid (its dimension semantics keep their length), so under
     # interpret mode on a CPU the examples go one after another instead.
     over_batch = jax.vmap
-    if jax.devices()[0].platform != "tpu":
-        over_batch = lambda f: lambda *xs: jax.lax.map(lambda x: f(*x), xs)
-    if ids is None:
-        out = over_batch(kernel)(q, k, v)
-    else:
-        out = over_batch(kernel)(q, k, v, SegmentIds(q=ids, kv=ids))
+    if placed.platform != "tpu":
+        over_batch = lambda f: lambda *xs: jax.lax.map(lambda x: f(*x), xs)  # noqa: E731
+
+    def attend(q, k, v, *ids):
+        kernel = _kernel(t, s, q.shape[1], bool(causal), local_window, bq, bkv)
+        segments = [SegmentIds(q=ids[0], kv=ids[0])] if ids else []
+        return over_batch(kernel)(q, k, v, *segments)
+
+    args = (q, k, v) if ids is None else (q, k, v, ids)
+    mesh = placed.mesh
+    if mesh is not None and _free_axes(mesh):
+        batch_axes, heads = _shard_axes(mesh, b, n, k.shape[1])
+        P = jax.sharding.PartitionSpec
+        spec = P(batch_axes or None, heads, None, None)
+        attend = jax.shard_map(attend, mesh=mesh, out_specs=spec, check_vma=False,
+                               axis_names=frozenset(mesh.axis_names) - set(mesh.manual_axes),
+                               in_specs=(spec,) * 3 + ((P(batch_axes or None, None),)
+                                                       if ids is not None else ()))
+    out = attend(*args)
+    if ids is not None:
         # Padding queries attended padding keys (same id 0): our contract is zeros.
         out = jnp.where((ids != 0)[:, None, :, None], out, jnp.zeros((), out.dtype))
     return out.transpose(0, 2, 1, 3).astype(value.dtype)

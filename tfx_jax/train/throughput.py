@@ -53,7 +53,7 @@ class ThroughputMeter:
         self.task = task
         self.batch_size = config.batch_size
         self.num_devices = mesh.devices.size
-        peak = peak_tflops_per_device(jax.devices()[0].device_kind,
+        peak = peak_tflops_per_device(mesh.devices.flat[0].device_kind,  # the run's chips
                                       config.get("peak_tflops") or None)
         self.peak_flops = None if peak is None else peak * 1e12 * self.num_devices
         self.reset()
