@@ -20,9 +20,11 @@ linear in the lengths; "cudnn" (``attention_cudnn.py``) is NVIDIA's fused kernel
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +74,33 @@ def placement() -> Placement:
     device = jax.devices()[0]
     return Placement(device.platform, device.device_kind,
                      getattr(device, "compute_capability", None), None)
+
+
+_KERNEL_FLOPS: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar(
+    "tfx_jax_kernel_flops", default=None)
+
+
+@contextlib.contextmanager
+def counting_kernel_flops() -> Iterator[list]:
+    """Collects the forward FLOPs (all devices) of the fused kernels traced inside.
+
+    XLA's cost analysis counts nothing inside a Pallas (splash) or cuDNN call, so
+    these kernels report their own matmul FLOPs, 2 per multiply-add of Q K^T and
+    of P V over the tiles they compute (causal and windowed tiles skipped).
+    """
+    counter: list = []
+    token = _KERNEL_FLOPS.set(counter)
+    try:
+        yield counter
+    finally:
+        _KERNEL_FLOPS.reset(token)
+
+
+def record_kernel_flops(flops: float) -> None:
+    """Called by the kernels while tracing; a no-op outside `counting_kernel_flops`."""
+    counter = _KERNEL_FLOPS.get()
+    if counter is not None:
+        counter.append(float(flops))
 
 
 def _as_array(x, name):

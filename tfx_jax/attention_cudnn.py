@@ -117,6 +117,10 @@ def cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, causa
     Queries that have nothing to attend (past ``q_lengths``, or a sequence with
     ``kv_lengths == 0``) are set to zero, as the other implementations return.
     """
+    from tfx_jax.attention import record_kernel_flops  # (attention.py imports this module)
+    batch, t, n, h = query.shape
+    s = key.shape[1]
+    record_kernel_flops(4 * batch * n * h * t * s * (0.5 if causal or local_window else 1.0))
     if q_lengths is not None:
         q_lengths = jnp.asarray(q_lengths, jnp.int32)
     if kv_lengths is not None:

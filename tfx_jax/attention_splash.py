@@ -187,6 +187,22 @@ def _free_axes(mesh) -> list:
             if a not in manual and size > 1]
 
 
+def computed_tiles(t: int, s: int, block_q: int, block_kv: int, causal: bool,
+                   local_window) -> int:
+    """How many ``block_q x block_kv`` tiles of the T x S scores the kernel computes
+    (the others are empty under the causal / window mask and skipped)."""
+    left, right = (None, None) if local_window is None else local_window
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    tiles = 0
+    for first in range(0, t, block_q):
+        lo = 0 if left is None else max(0, first - left)
+        hi = s - 1 if right is None else min(s - 1, first + block_q - 1 + right)
+        if hi >= lo:
+            tiles += hi // block_kv - lo // block_kv + 1
+    return tiles
+
+
 def _shard_axes(mesh, batch: int, num_heads: int, num_kv_heads: int):
     """Mesh axes the kernel's calls split: (batch axes, heads axis or None).
 
@@ -229,13 +245,15 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
-    from tfx_jax.attention import placement  # attention.py imports this module
+    from tfx_jax.attention import placement, record_kernel_flops  # (attention.py imports us)
     placed = placement()
     b, t, n, h = query.shape
     s = key.shape[1]
     scale = h ** -0.5 if scale is None else scale
     bq, bkv = choose_blocks(t, s, h, jnp.dtype(query.dtype).itemsize, placed.device_kind,
                             block_q=block_q, block_kv=block_kv)
+    record_kernel_flops(4 * b * n * h * bq * bkv * computed_tiles(t, s, bq, bkv, causal,
+                                                                   local_window))
     q = (query * jnp.asarray(scale, query.dtype)).transpose(0, 2, 1, 3)  # [B, N, T, H]
     k, v = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)        # [B, K, S, H]
     ids = None

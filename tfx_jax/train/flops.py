@@ -29,8 +29,8 @@ from __future__ import annotations
 from typing import Optional
 
 # Peak dense (no sparsity) bf16 tensor FLOP/s per JAX device, from the vendors' data
-# sheets. First match (lower-cased substring of device.device_kind) wins. On TPU v4 and
-# later one JAX device is one chip.
+# sheets. First match (lower-cased substring of device.device_kind) wins. On TPU v4,
+# v5e, v5p and v6e one JAX device is one chip; on TPU7x one of a chip's two cores.
 PEAK_BF16_TFLOPS = (
     ("h100 pcie", 756.0),   # NVIDIA H100 PCIe
     ("h100 nvl", 835.0),    # NVIDIA H100 NVL
@@ -41,6 +41,7 @@ PEAK_BF16_TFLOPS = (
     ("tpu v5 lite", 197.0), ("tpu v5e", 197.0),   # TPU v5e
     ("tpu v5p", 459.0), ("tpu v5", 459.0),         # TPU v5p reports "TPU v5"
     ("tpu v6 lite", 918.0), ("tpu v6e", 918.0),   # TPU v6e (Trillium)
+    ("tpu7x", 1153.5),      # TPU7x (Ironwood): 2307 per chip, JAX shows its 2 cores
 )
 
 

@@ -27,10 +27,12 @@ import contextlib
 import sys
 from typing import Callable, Iterator
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tfx_jax.train.loop import NonFiniteError
+from tfx_jax.train import topology
 from tfx_jax.train.mesh import initialize_distributed
 from tfx_jax.train.preemption import INTERRUPT_EXIT_CODE, Preempted
 from tfx_jax.train.workdir_lock import WorkdirLocked
@@ -84,6 +86,12 @@ def _define_flags(default_config: str) -> None:
     flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (GPU clusters).")
     flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
     flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+    flags.DEFINE_string("compile_topology", None, "Compile the run's train and eval steps for "
+                        "this target instead of training (v5e:2x4, v5p-32, v6e-8, h100:8, ...; "
+                        "tfx_jax.train.topology); writes WORKDIR/compile/NAME.json, exits 0 if "
+                        "it fits, 2 if not.")
+    flags.DEFINE_integer("compile_num_slices", 1, "TPU slices of --compile_topology "
+                         "(multi-slice: data parallelism across slices).")
 
 
 def run(main: Callable, default_config: str) -> None:
@@ -96,11 +104,20 @@ def run(main: Callable, default_config: str) -> None:
         f = flags.FLAGS
         if not f["verbosity"].present:  # keep Orbax's per-save INFO lines out of the way
             logging.set_verbosity(logging.WARNING)
-        initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
-                               auto_detect=f.multihost)
-        try:
+        target = contextlib.nullcontext()
+        if f.compile_topology:
             with user_errors():
+                target = topology.compiling_for(topology.parse_target(
+                    f.compile_topology, f.compile_num_slices))
+            jax.config.update("jax_platforms", "cpu")  # compile only: probe for no chip
+        else:
+            initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
+                                   auto_detect=f.multihost)
+        try:
+            with user_errors(), target:
                 main(f.config, f.workdir)
+        except topology.Compiled:
+            sys.exit(0)
         except Preempted as e:
             print(f"Stopped: {e}", file=sys.stderr)
             sys.exit(e.exit_code)

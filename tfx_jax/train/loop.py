@@ -38,6 +38,7 @@ from tfx_jax.train.progress import make_progress_bar, print_summary
 from tfx_jax.train.state import (TrainState, abstract_train_state, create_sharded_train_state,
                                  train_state_shardings)
 from tfx_jax.train.step import make_eval_step, make_train_step
+from tfx_jax.train.topology import compile_run, compile_target
 from tfx_jax.train.task import Batch, Task
 from tfx_jax.train.workdir_lock import hold_workdir_lock
 from tfx_jax.train.trainable import mask_optimizer
@@ -184,6 +185,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
     if task.trainable is not None:  # fine-tuning: frozen parameters get zero updates
         optimizer = mask_optimizer(optimizer, task.trainable)
     shardings = train_state_shardings(task.init_params, optimizer, mesh)  # checks the mesh
+    if compile_target() is not None:  # --compile_topology: compile, report, stop
+        compile_run(config, workdir, task, train_iter, eval_batches, mesh, optimizer, schedule,
+                    shardings)
 
     release_lock = hold_workdir_lock(workdir)  # one run per workdir (workdir_lock.py)
     try:
