@@ -34,7 +34,8 @@ from tfx_jax.attention_chunked import DEFAULT_BLOCK_KV, DEFAULT_BLOCK_Q, chunked
 from tfx_jax.attention_cudnn import (compute_capability_of, cudnn_attention,
                                      cudnn_unsupported_reason)
 from tfx_jax.attention_dropout import dense_keep_multiplier, dropout_seeds
-from tfx_jax.attention_splash import splash_attention, splash_unsupported_reason
+from tfx_jax.attention_splash import (LANES, padded_length, splash_attention,
+                                      splash_unsupported_reason)
 
 IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn", "splash")
 # "auto" switches from dense to chunked at this length. CPU measurements
@@ -402,13 +403,25 @@ def _unsupported_reason(implementation, query, key, *, mask, bias, causal, dropo
             dropout_rate=dropout_rate, has_padding=has_padding,
             padding_shared=_padding_shared(q_segment_ids, kv_segment_ids, q_lengths,
                                            kv_lengths),
-            local_window=local_window, platform=platform, value_head_dim=value_head_dim)
+            local_window=local_window, platform=platform, value_head_dim=value_head_dim,
+            causal=causal, has_segment_ids=q_segment_ids is not None)
     return cudnn_unsupported_reason(
         query.dtype, query.shape[-1], has_mask=mask is not None, dropout_rate=dropout_rate,
         causal=causal, q_length=query.shape[1], kv_length=key.shape[1],
         value_head_dim=value_head_dim, platform=platform,
         compute_capability=compute_capability,
         has_segment_ids=q_segment_ids is not None, local_window=local_window)
+
+
+# "auto" sends lengths that are not multiples of splash's 128-wide tile to splash padded
+# to the tile when that adds at most a third (ViT-B/16's 197 tokens -> 256); lengths
+# under one tile stay with "dense" (one XLA tile covers them anyway).
+SPLASH_MAX_TILE_PADDING = 4 / 3
+
+
+def _splash_tile_padding_ok(length: int) -> bool:
+    return length % LANES == 0 or (
+        length >= LANES and padded_length(length) <= SPLASH_MAX_TILE_PADDING * length)
 
 
 def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0, *,
@@ -421,8 +434,10 @@ def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0,
     `dot_product_attention`; only their shapes, dtypes and presence matter).
 
     1. an additive ``bias`` -> "dense" (the only implementation that takes one);
-    2. a TPU, lengths multiples of 128, no mask array and no dropout, padding (if
-       any) shared by queries and keys -> "splash" (the Pallas TPU kernel);
+    2. a TPU, no mask array and no dropout, lengths that are multiples of 128 or
+       padded to them at a cost of at most a third (``SPLASH_MAX_TILE_PADDING``),
+       and padding a window or causal segment ids leave no real query without a
+       key (shared by queries and keys) -> "splash" (the Pallas TPU kernel);
     3. an NVIDIA GPU (sm80+), float16/bfloat16, a cuDNN head_dim, no mask array, no
        segment ids and no dropout (causal, lengths, GQA and a left window are
        fine) -> "cudnn";
@@ -450,7 +465,8 @@ def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0,
                   value_head_dim=value_head_dim, platform=platform,
                   compute_capability=compute_capability, kv_segment_ids=kv_segment_ids,
                   q_lengths=q_lengths, kv_lengths=kv_lengths)
-    if platform == "tpu" and _unsupported_reason("splash", query, key, **common) is None:
+    if (platform == "tpu" and _unsupported_reason("splash", query, key, **common) is None
+            and all(_splash_tile_padding_ok(n) for n in (query.shape[1], key.shape[1]))):
         return "splash"
     if _unsupported_reason("cudnn", query, key, **common) is None:
         return "cudnn"
@@ -545,6 +561,7 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     if implementation == "splash":
         return splash_attention(query, key, value, causal=causal, local_window=local_window,
                                 scale=scale, q_segment_ids=q_segment_ids,
-                                q_lengths=q_lengths if q_lengths is not None else kv_lengths)
+                                kv_segment_ids=kv_segment_ids, q_lengths=q_lengths,
+                                kv_lengths=kv_lengths)
     return cudnn_attention(query, key, value, causal=causal, q_lengths=q_lengths,
                            kv_lengths=kv_lengths, local_window=local_window, scale=scale)

@@ -50,11 +50,13 @@ def _interpret_mode_forced() -> bool:
 def splash_unsupported_reason(query_shape, key_shape, *, has_mask: bool, has_bias: bool,
                               dropout_rate: float, has_padding: bool, padding_shared: bool,
                               local_window, platform: Optional[str] = None,
-                              value_head_dim: Optional[int] = None) -> Optional[str]:
+                              value_head_dim: Optional[int] = None, causal: bool = False,
+                              has_segment_ids: bool = False) -> Optional[str]:
     """None if splash can run these inputs, else a sentence saying why not.
 
     ``has_padding``: segment ids or lengths are given; ``padding_shared``: the
     keys get the very same ones as the queries (self-attention padding).
+    Lengths that are not multiples of the tile are padded (:func:`splash_attention`).
     """
     t, n, h = query_shape[1], query_shape[2], query_shape[3]
     s = key_shape[1]
@@ -67,13 +69,11 @@ def splash_unsupported_reason(query_shape, key_shape, *, has_mask: bool, has_bia
         return "splash has no attention dropout; use implementation='chunked'"
     if value_head_dim is not None and value_head_dim != h:
         return f"splash needs value head_dim == query head_dim ({h}), got {value_head_dim}"
-    if t % LANES or s % LANES:
-        return (f"splash needs q_length and kv_length multiples of {LANES} (its tile "
-                f"width), got q_length {t} and kv_length {s}")
-    if has_padding and not (padding_shared and t == s):
-        return ("splash takes segment ids / lengths only when queries and keys share the "
-                "same ones (self-attention): otherwise a query may see no key, where its "
-                "softmax is undefined; use implementation='chunked'")
+    if has_padding and not padding_shared and (
+            local_window is not None or (causal and has_segment_ids)):
+        return ("splash takes a local window, or causal segment ids, only with padding that "
+                "queries and keys share (self-attention): otherwise a real query may see no "
+                "key inside its window; use implementation='chunked'")
     if local_window is not None and t != s:
         return (f"splash with a local window needs q_length == kv_length, got {t} and {s}")
     if platform is None:
@@ -110,7 +110,10 @@ def _kernel(t: int, s: int, num_heads: int, causal: bool, local_window, block_q:
                            block_q_dkv=block_q, block_kv_dkv=block_kv,
                            block_kv_dkv_compute=block_kv, block_q_dq=block_q,
                            block_kv_dq=block_kv)
-    return sa.make_splash_mha_single_device(mask, block_sizes=blocks)
+    # Built (and cached) outside any trace: the kernel holds its mask tables as arrays,
+    # which under jit would be the tracers of one trace (leaked into the next caller).
+    with jax.ensure_compile_time_eval():
+        return sa.make_splash_mha_single_device(mask, block_sizes=blocks)
 
 
 def _block(length: int, block: int) -> int:
@@ -224,17 +227,57 @@ def _shard_axes(mesh, batch: int, num_heads: int, num_kv_heads: int):
     return tuple(batch_axes), heads
 
 
+def padded_length(length: int) -> int:
+    """``length`` rounded up to the kernel's tile width."""
+    return -(-length // LANES) * LANES
+
+
+def _segment_ids(b: int, t: int, s: int, q_segment_ids, kv_segment_ids, q_lengths, kv_lengths):
+    """Padding of every kind as the kernel's segment ids (0 = padding), queries' and keys';
+    the keys' are the queries' very array when both sides share them (self-attention).
+    (None, None) when there is no padding and no tile padding."""
+    if all(x is None for x in (q_segment_ids, kv_segment_ids, q_lengths, kv_lengths)):
+        if t % LANES == 0 and s % LANES == 0:
+            return None, None
+        ones = jnp.ones((b, t), jnp.int32)
+        return (ones, ones) if t == s else (ones, jnp.ones((b, s), jnp.int32))
+
+    def ids(segment_ids, lengths, length):
+        out = (jnp.ones((b, length), jnp.int32) if segment_ids is None
+               else jnp.asarray(segment_ids, jnp.int32))
+        if lengths is not None:
+            out = jnp.where(jnp.arange(length)[None, :] < lengths[:, None], out, 0)
+        return out
+
+    q_ids = ids(q_segment_ids, q_lengths, t)
+    shared = t == s and kv_segment_ids is q_segment_ids and kv_lengths is q_lengths
+    return q_ids, q_ids if shared else ids(kv_segment_ids, kv_lengths, s)
+
+
+def _has_key(q_ids: jax.Array, kv_ids: jax.Array) -> jax.Array:
+    """[B, T]: query i is real (id != 0) and some real key has its segment id."""
+    padding = jnp.iinfo(jnp.int32).min  # sorts first, matches no real id
+    keys = jnp.sort(jnp.where(kv_ids == 0, padding, kv_ids), axis=-1)
+    where = jax.vmap(jnp.searchsorted)(keys, q_ids)
+    found = jnp.take_along_axis(keys, jnp.minimum(where, keys.shape[-1] - 1), axis=-1)
+    return (found == q_ids) & (q_ids != 0)
+
+
 def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                      causal: bool = False, local_window=None, scale: Optional[float] = None,
                      q_segment_ids: Optional[jax.Array] = None,
+                     kv_segment_ids: Optional[jax.Array] = None,
                      q_lengths: Optional[jax.Array] = None,
+                     kv_lengths: Optional[jax.Array] = None,
                      block_q: Optional[int] = None, block_kv: Optional[int] = None
                      ) -> jax.Array:
     """Splash attention on [B, T, N, H] query and [B, S, K, H] key/value; returns [B, T, N, H].
 
     Inputs are assumed validated by ``tfx_jax.dot_product_attention`` /
-    `splash_unsupported_reason`; padding arrives as one set of ``q_segment_ids``
-    (shared by the keys, 0 = padding) and/or one ``q_lengths`` (shared by the keys).
+    `splash_unsupported_reason`. Padding (segment ids, 0 = padding, and/or
+    lengths, for queries and keys) becomes the kernel's ``SegmentIds``; lengths
+    that are not multiples of the 128-wide tile are padded to it with id 0 and
+    the result cut back. Queries with no key to attend return zeros.
     ``block_q`` / ``block_kv``: the kernel's tiles (default: :func:`choose_blocks`
     for the chip and head size).
 
@@ -247,21 +290,24 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
 
     from tfx_jax.attention import placement, record_kernel_flops  # (attention.py imports us)
     placed = placement()
-    b, t, n, h = query.shape
-    s = key.shape[1]
+    b, t0, n, h = query.shape
+    s0 = key.shape[1]
     scale = h ** -0.5 if scale is None else scale
+    q_ids, kv_ids = _segment_ids(b, t0, s0, q_segment_ids, kv_segment_ids, q_lengths,
+                                 kv_lengths)
+    t, s = padded_length(t0), padded_length(s0)
+    if (t, s) != (t0, s0):  # to the tile: padded queries and keys get segment id 0
+        query = jnp.pad(query, ((0, 0), (0, t - t0), (0, 0), (0, 0)))
+        key, value = (jnp.pad(x, ((0, 0), (0, s - s0), (0, 0), (0, 0))) for x in (key, value))
+        shared = kv_ids is q_ids
+        q_ids = jnp.pad(q_ids, ((0, 0), (0, t - t0)))
+        kv_ids = q_ids if shared else jnp.pad(kv_ids, ((0, 0), (0, s - s0)))
     bq, bkv = choose_blocks(t, s, h, jnp.dtype(query.dtype).itemsize, placed.device_kind,
                             block_q=block_q, block_kv=block_kv)
     record_kernel_flops(4 * b * n * h * bq * bkv * computed_tiles(t, s, bq, bkv, causal,
                                                                    local_window))
     q = (query * jnp.asarray(scale, query.dtype)).transpose(0, 2, 1, 3)  # [B, N, T, H]
     k, v = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)        # [B, K, S, H]
-    ids = None
-    if q_segment_ids is not None:
-        ids = jnp.asarray(q_segment_ids, jnp.int32)
-    if q_lengths is not None:
-        real = jnp.arange(t)[None, :] < q_lengths[:, None]
-        ids = jnp.where(real, 1 if ids is None else ids, 0).astype(jnp.int32)
     # Over the batch: vmap (a grid axis on the TPU). jax's TPU interpret mode cannot
     # batch a kernel's grid (its dimension semantics keep their length), so under
     # interpret mode on a CPU the examples go one after another instead.
@@ -271,10 +317,10 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
 
     def attend(q, k, v, *ids):
         kernel = _kernel(t, s, q.shape[1], bool(causal), local_window, bq, bkv)
-        segments = [SegmentIds(q=ids[0], kv=ids[0])] if ids else []
+        segments = [SegmentIds(q=ids[0], kv=ids[1])] if ids else []
         return over_batch(kernel)(q, k, v, *segments)
 
-    args = (q, k, v) if ids is None else (q, k, v, ids)
+    args = (q, k, v) if q_ids is None else (q, k, v, q_ids, kv_ids)
     mesh = placed.mesh
     if mesh is not None and _free_axes(mesh):
         batch_axes, heads = _shard_axes(mesh, b, n, k.shape[1])
@@ -282,10 +328,12 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
         spec = P(batch_axes or None, heads, None, None)
         attend = jax.shard_map(attend, mesh=mesh, out_specs=spec, check_vma=False,
                                axis_names=frozenset(mesh.axis_names) - set(mesh.manual_axes),
-                               in_specs=(spec,) * 3 + ((P(batch_axes or None, None),)
-                                                       if ids is not None else ()))
+                               in_specs=(spec,) * 3 + ((P(batch_axes or None, None),) * 2
+                                                       if q_ids is not None else ()))
     out = attend(*args)
-    if ids is not None:
-        # Padding queries attended padding keys (same id 0): our contract is zeros.
-        out = jnp.where((ids != 0)[:, None, :, None], out, jnp.zeros((), out.dtype))
-    return out.transpose(0, 2, 1, 3).astype(value.dtype)
+    if q_ids is not None:
+        # Queries with no key (padding, or a segment id the keys lack) got the kernel's
+        # uniform average over masked keys: our contract is zeros.
+        attends = (q_ids != 0) if kv_ids is q_ids else _has_key(q_ids, kv_ids)
+        out = jnp.where(attends[:, None, :, None], out, jnp.zeros((), out.dtype))
+    return out[:, :, :t0].transpose(0, 2, 1, 3).astype(value.dtype)

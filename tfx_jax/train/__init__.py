@@ -37,6 +37,7 @@ from tfx_jax.train.state import (TrainState, abstract_train_state, create_sharde
                                  create_train_state, train_state_shardings)
 from tfx_jax.train.step import make_eval_step, make_train_step
 from tfx_jax.train.task import Task
+from tfx_jax.train.topology import compile_target, compile_task, compiling_for, parse_target
 
 __all__ = [
     "Checkpointer", "DATA_AXIS", "launch", "MetricsWriter", "NonFiniteError", "Preempted",
@@ -49,4 +50,5 @@ __all__ = [
     "create_sharded_train_state", "train_state_shardings", "make_train_step", "read_metrics", "replicated_sharding",
     "restore_params", "save_config", "shard_batch",
     "token_accuracy", "token_cross_entropy", "train", "transformer_schedule", "validate_config",
+    "compile_target", "compile_task", "compiling_for", "parse_target",
 ]

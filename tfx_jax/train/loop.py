@@ -186,8 +186,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
         optimizer = mask_optimizer(optimizer, task.trainable)
     shardings = train_state_shardings(task.init_params, optimizer, mesh)  # checks the mesh
     if compile_target() is not None:  # --compile_topology: compile, report, stop
-        compile_run(config, workdir, task, train_iter, eval_batches, mesh, optimizer, schedule,
-                    shardings)
+        compile_run(config, workdir, task, train_iter, eval_batches, mesh, optimizer, schedule)
 
     release_lock = hold_workdir_lock(workdir)  # one run per workdir (workdir_lock.py)
     try:

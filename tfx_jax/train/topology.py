@@ -337,41 +337,60 @@ def does_not_fit_line(report: Mapping[str, Any]) -> str:
             f"chip has {report['hbm_bytes_per_chip'] / GiB:.2f} GiB; try {report['knobs']}")
 
 
-def compile_run(config, workdir: str, task, train_iter, eval_batches, mesh, optimizer,
-                schedule, shardings) -> None:
-    """What ``tfx_jax.train.train`` does under :func:`compiling_for`: compiles the run's
-    train and eval steps for the target, writes the report, and raises
-    :class:`Compiled` (fits) or :class:`DoesNotFit` (one line)."""
+def compile_task(task, optimizer, schedule, mesh, batch, *, eval_batch=None, seed: int = 0,
+                 grad_accum_steps: int = 1, target: Optional[Target] = None) -> dict:
+    """Compiles the library's train step (and eval step, given ``eval_batch``) of
+    ``task`` on ``mesh`` for abstract inputs, as ``train()`` would build them; the
+    :func:`compile_report`. ``batch`` / ``eval_batch``: one global batch (arrays
+    or ``ShapeDtypeStruct``; only shapes and dtypes are used)."""
     from tfx_jax.train.mesh import batch_sharding, replicated_sharding
-    from tfx_jax.train.state import abstract_train_state
+    from tfx_jax.train.state import abstract_train_state, train_state_shardings
     from tfx_jax.train.step import make_eval_step, make_train_step
-    target = compile_target()
+    target = target or compile_target()
     placed = batch_sharding(mesh)
 
     def abstract(batch):
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-            (np.shape(x)[0] * jax.process_count(),) + np.shape(x)[1:], np.asarray(x).dtype,
-            sharding=placed), batch)
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
+                                                           sharding=placed), batch)
 
-    state = abstract_train_state(task.init_params, optimizer, config.seed, shardings)
+    shardings = train_state_shardings(task.init_params, optimizer, mesh)
+    state = abstract_train_state(task.init_params, optimizer, seed, shardings)
     train_step = make_train_step(task.loss_fn, optimizer, schedule, mesh,
-                                 grad_accum_steps=config.grad_accum_steps,
-                                 state_shardings=shardings)
+                                 grad_accum_steps=grad_accum_steps, state_shardings=shardings)
     eval_step = eval_args = None
+    if eval_batch is not None:
+        eval_step = make_eval_step(task.loss_fn, mesh, shardings.params)
+        rng = jax.ShapeDtypeStruct(state.rng.shape, state.rng.dtype,
+                                   sharding=replicated_sharding(mesh))
+        eval_args = (state.params, abstract(eval_batch), rng)
+    batch = abstract(batch)
+    rows = jax.tree.leaves(batch)[0].shape[0]
+    return compile_report(target, mesh, train_step=train_step, train_args=(state, batch),
+                          eval_step=eval_step, eval_args=eval_args,
+                          model_flops_per_step=(task.flops_per_example * rows
+                                                if task.flops_per_example else None))
+
+
+def _global(batch):
+    """A process-local NumPy batch as the global batch's shapes (every host feeds one)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        (np.shape(x)[0] * jax.process_count(),) + np.shape(x)[1:], np.asarray(x).dtype), batch)
+
+
+def compile_run(config, workdir: str, task, train_iter, eval_batches, mesh, optimizer,
+                schedule) -> None:
+    """What ``tfx_jax.train.train`` does under :func:`compiling_for`: compiles the run's
+    train and eval steps for the target (their batch shapes from the first batch of
+    each), writes the report, and raises :class:`Compiled` (it fits) or
+    :class:`DoesNotFit` (one line)."""
+    target = compile_target()
+    eval_batch = None
     if eval_batches is not None:
-        batches = eval_batches() if callable(eval_batches) else eval_batches
-        first = next(iter(batches), None)
-        if first is not None:
-            eval_step = make_eval_step(task.loss_fn, mesh, shardings.params)
-            rng = jax.ShapeDtypeStruct(state.rng.shape, state.rng.dtype,
-                                       sharding=replicated_sharding(mesh))
-            eval_args = (state.params, abstract(first), rng)
-    model_flops = (task.flops_per_example * config.batch_size
-                   if task.flops_per_example else None)
-    report = compile_report(target, mesh, train_step=train_step,
-                            train_args=(state, abstract(next(train_iter))),
-                            eval_step=eval_step, eval_args=eval_args,
-                            model_flops_per_step=model_flops)
+        first = next(iter(eval_batches() if callable(eval_batches) else eval_batches), None)
+        eval_batch = None if first is None else _global(first)
+    report = compile_task(task, optimizer, schedule, mesh, _global(next(train_iter)),
+                          eval_batch=eval_batch, seed=config.seed,
+                          grad_accum_steps=config.grad_accum_steps, target=target)
     path = write_report(report, workdir, target)
     print(format_report(report))
     print(f"wrote {path}")
