@@ -109,6 +109,14 @@ class Target:
         return f"{self.chip.name}:{'x'.join(map(str, self.shape))}"
 
     @property
+    def accelerator_type(self) -> str:
+        """The Cloud TPU accelerator type of one slice (v5litepod-8, v5p-16, ...)."""
+        chips = int(np.prod(self.shape))
+        if self.chip.name in _TWO_D:
+            return f"{'v5litepod' if self.chip.name == 'v5e' else 'v6e'}-{chips}"
+        return f"{self.chip.name}-{2 * chips}"
+
+    @property
     def file_stem(self) -> str:
         stem = self.name if self.num_slices == 1 else f"{self.name}x{self.num_slices}slices"
         return re.sub(r"[^A-Za-z0-9._-]", "_", stem)
@@ -175,7 +183,8 @@ def target_devices(target: Target) -> list:
     # libtpu, found without chips: no metadata server, one local "worker", and other
     # processes (test workers) may load it at the same time.
     for variable, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
-                            ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+                            ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
+                            ("TPU_ACCELERATOR_TYPE", target.accelerator_type)):
         os.environ.setdefault(variable, value)
     kwargs = {"chip_config_name": "megacore"} if target.chip.cores_per_device == 2 else {}
     try:
@@ -220,18 +229,41 @@ def _custom_calls(text: str) -> dict:
             "cudnn": len(re.findall(r'custom_call_target="__cudnn\$fmha', text))}
 
 
+_HBM_EXHAUSTED = re.compile(r"RESOURCE_EXHAUSTED: Ran out of memory on HBM.*?\(([\d.]+)([KMGT])\) "
+                            r"exceeds available HBM \(([\d.]+)([KMGT])\)", re.S)
+
+
+def _size(number: str, unit: str) -> int:
+    return int(float(number) * 2 ** (10 * "KMGT".index(unit) + 10))
+
+
 def compile_step(jitted, args, *, num_devices: int, differentiated: bool) -> dict:
-    """Lowers and compiles one jitted step for abstract ``args``; its per-device figures."""
+    """Lowers and compiles one jitted step for abstract ``args``; its per-device figures.
+
+    When the TPU compiler itself refuses the program for HBM (its temporaries
+    alone exceed the chip), the figures are the compiler's: ``needed_bytes`` and
+    ``available_bytes``, with ``compile_error`` its message.
+    """
     from tfx_jax.train.memory import compiled_memory
     start = time.perf_counter()
     with counting_kernel_flops() as kernel:
         lowered = jitted.lower(*args)
-    compiled = lowered.compile()
+    kernel_flops = sum(kernel) * ((1 + KERNEL_BACKWARD_FACTOR) if differentiated else 1)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as error:
+        found = _HBM_EXHAUSTED.search(str(error))
+        if found is None:
+            raise
+        needed, available = _size(*found.groups()[:2]), _size(*found.groups()[2:])
+        return {"compile_s": round(time.perf_counter() - start, 2),
+                "compile_error": str(error).splitlines()[0], "needed_bytes": needed,
+                "available_bytes": available, "total_bytes": needed, "temp_bytes": needed,
+                "kernel_flops_per_device": kernel_flops / num_devices}
     seconds = time.perf_counter() - start
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
-    kernel_flops = sum(kernel) * ((1 + KERNEL_BACKWARD_FACTOR) if differentiated else 1)
     xla_flops = float(cost.get("flops", 0.0))
     return {"compile_s": round(seconds, 2), **compiled_memory(compiled),
             "xla_flops_per_device": xla_flops,
@@ -270,25 +302,28 @@ def compile_report(target: Target, mesh, *, train_step, train_args, eval_step=No
                                       differentiated=False)
         steps["eval"]["peak_bytes"] = steps["eval"]["total_bytes"] + state_bytes - params_bytes
     peak = max(step["peak_bytes"] for step in steps.values())
+    hbm = min([chip.hbm_bytes] + [step["available_bytes"] for step in steps.values()
+                                  if "available_bytes" in step])
     train = steps["train"]
-    roofline = _roofline(train, chip)
+    refused = any("compile_error" in step for step in steps.values())
+    roofline = None if refused else _roofline(train, chip)
     num_devices = mesh.devices.size
-    useful = model_flops_per_step or train["flops_per_device"] * num_devices
+    useful = model_flops_per_step or train.get("flops_per_device", 0.0) * num_devices
     return {
         "target": target.name, "topology": target.topology_name,
         "num_slices": target.num_slices, "device_kind": mesh.devices.flat[0].device_kind,
         "chips": num_devices,
         "mesh": dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),
-        "hbm_bytes_per_chip": chip.hbm_bytes, "peak_flops_per_chip": chip.peak_flops,
+        "hbm_bytes_per_chip": hbm, "peak_flops_per_chip": chip.peak_flops,
         "hbm_bytes_per_s_per_chip": chip.hbm_bytes_per_s,
         "state_bytes_per_chip": state_bytes, "params_bytes_per_chip": params_bytes,
-        "peak_bytes_per_chip": peak, "fits": peak <= chip.hbm_bytes,
+        "peak_bytes_per_chip": peak, "fits": not refused and peak <= hbm,
         "steps": steps,
         "model_flops_per_step": model_flops_per_step,
         "roofline_step_s": roofline,
-        "roofline_bound": ("compute" if train["flops_per_device"] / chip.peak_flops
-                           >= train["bytes_accessed_per_device"] / chip.hbm_bytes_per_s
-                           else "memory"),
+        "roofline_bound": None if refused else (
+            "compute" if train["flops_per_device"] / chip.peak_flops
+            >= train["bytes_accessed_per_device"] / chip.hbm_bytes_per_s else "memory"),
         "mfu_ceiling": useful / (roofline * chip.peak_flops * num_devices) if roofline else None,
         "compile_s": round(sum(step["compile_s"] for step in steps.values()), 2),
         "knobs": knobs,
@@ -305,6 +340,9 @@ def format_report(report: Mapping[str, Any]) -> str:
              f"{gib(report['peak_bytes_per_chip'])} of {gib(report['hbm_bytes_per_chip'])} HBM: "
              f"{'fits' if report['fits'] else 'DOES NOT FIT'}"]
     for name, step in report["steps"].items():
+        if "compile_error" in step:
+            lines.append(f"  {name} step: the TPU compiler refused it: {step['compile_error']}")
+            continue
         calls = step["custom_calls"]
         lines.append(
             f"  {name} step: temp {gib(step['temp_bytes'])}, peak {gib(step['peak_bytes'])}; "
@@ -313,6 +351,8 @@ def format_report(report: Mapping[str, Any]) -> str:
             f"{step['kernel_flops_per_device'] / 1e12:.3f}); Mosaic calls {calls['mosaic']}, "
             f"cuDNN calls {calls['cudnn']}; compiled in {step['compile_s']:.1f} s")
     mfu = report["mfu_ceiling"]
+    if report["roofline_step_s"] is None:
+        return "\n".join(lines)
     lines.append(f"  roofline train step {report['roofline_step_s'] * 1e3:.2f} ms "
                  f"({report['roofline_bound']}-bound), MFU ceiling "
                  f"{'n/a' if mfu is None else f'{mfu:.1%}'}")
