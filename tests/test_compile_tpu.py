@@ -121,6 +121,26 @@ def test_splash_blocks_a_chip_cannot_hold_fail_with_a_clear_message():
         choose_blocks(8192, 8192, 256, 2, "TPU v4", block_q=8192, block_kv=8192)
 
 
+@pytest.mark.parametrize("start,limit,expected", [(8, 44, 44), (64, 44, 44), (8, 2, None),
+                                                  (4, 1000, 512)])  # 8 compiles: 4 ... 512
+def test_batch_search_finds_the_largest_batch_that_fits(start, limit, expected):
+    """Against a stand-in compiler that fits up to ``limit`` rows, on a 4-way batch mesh."""
+    calls = []
+
+    def compile_at(batch):
+        rows = jax.tree.leaves(batch)[0].shape[0]
+        calls.append(rows)
+        return {"fits": rows <= limit, "peak_bytes_per_chip": rows}
+
+    with tr.compiling_for(V5E):
+        mesh = tr.make_mesh({"data": 4})
+    found = topology.search_batch_size(compile_at, {"x": _tokens((start, 16))}, mesh)
+    assert found["search"]["batch_size"] == expected and len(calls) <= 8
+    assert all(rows % 4 == 0 for rows in calls) and len(set(calls)) == len(calls)
+    if expected is not None:
+        assert found["peak_bytes_per_chip"] == expected and found["fits"]
+
+
 # ------------------------------------------------------------------ models as the library trains them
 def _compile(task, batch, mesh_config, target=V5E, eval_batch=None):
     optimizer = optax.adamw(1e-3)

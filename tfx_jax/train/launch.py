@@ -92,6 +92,8 @@ def _define_flags(default_config: str) -> None:
                         "it fits, 2 if not.")
     flags.DEFINE_integer("compile_num_slices", 1, "TPU slices of --compile_topology "
                          "(multi-slice: data parallelism across slices).")
+    flags.DEFINE_string("compile_search", None, "With --compile_topology: 'batch_size' finds "
+                        "the largest global batch that fits (a few compiles).")
 
 
 def run(main: Callable, default_config: str) -> None:
@@ -105,10 +107,13 @@ def run(main: Callable, default_config: str) -> None:
         if not f["verbosity"].present:  # keep Orbax's per-save INFO lines out of the way
             logging.set_verbosity(logging.WARNING)
         target = contextlib.nullcontext()
+        if f.compile_search and not f.compile_topology:
+            print("error: --compile_search needs --compile_topology", file=sys.stderr)
+            sys.exit(USER_ERROR_EXIT_CODE)
         if f.compile_topology:
             with user_errors():
                 target = topology.compiling_for(topology.parse_target(
-                    f.compile_topology, f.compile_num_slices))
+                    f.compile_topology, f.compile_num_slices), f.compile_search)
             jax.config.update("jax_platforms", "cpu")  # compile only: probe for no chip
         else:
             initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -202,20 +203,29 @@ _TARGET: contextvars.ContextVar[Optional[Target]] = contextvars.ContextVar(
     "tfx_jax_compile_target", default=None)
 
 
+_SEARCH: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "tfx_jax_compile_search", default=None)
+SEARCHES = ("batch_size",)
+
+
 def compile_target() -> Optional[Target]:
     """The target of a ``--compile_topology`` run (None: a real run)."""
     return _TARGET.get()
 
 
 @contextlib.contextmanager
-def compiling_for(target: Target) -> Iterator[None]:
+def compiling_for(target: Target, search: Optional[str] = None) -> Iterator[None]:
     """Inside, ``make_mesh`` builds meshes on the target's devices and ``train()``
-    compiles its steps for them instead of training (:func:`compile_run`)."""
-    token = _TARGET.set(target)
+    compiles its steps for them instead of training (:func:`compile_run`);
+    ``search="batch_size"`` makes it look for the largest global batch that fits."""
+    if search and search not in SEARCHES:
+        raise ValueError(f"--compile_search must be one of {SEARCHES}, got {search!r}")
+    tokens = _TARGET.set(target), _SEARCH.set(search or None)
     try:
         yield
     finally:
-        _TARGET.reset(token)
+        _TARGET.reset(tokens[0])
+        _SEARCH.reset(tokens[1])
 
 
 # A flash-attention backward recomputes the scores and takes four more matmuls
@@ -350,6 +360,12 @@ def format_report(report: Mapping[str, Any]) -> str:
             f"{step['xla_flops_per_device'] / 1e12:.3f} + kernels "
             f"{step['kernel_flops_per_device'] / 1e12:.3f}); Mosaic calls {calls['mosaic']}, "
             f"cuDNN calls {calls['cudnn']}; compiled in {step['compile_s']:.1f} s")
+    if "search" in report:
+        found = report["search"]
+        tried = ", ".join(f"{t['batch_size']} {'fits' if t['fits'] else 'no'}"
+                          for t in found["tried"])
+        lines.append(f"  largest global batch that fits: {found['batch_size']} (tried {tried}); "
+                     f"the figures above are at that batch")
     mfu = report["mfu_ceiling"]
     if report["roofline_step_s"] is None:
         return "\n".join(lines)
@@ -411,6 +427,45 @@ def compile_task(task, optimizer, schedule, mesh, batch, *, eval_batch=None, see
                                                 if task.flops_per_example else None))
 
 
+def _with_rows(batch, rows: int):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((rows,) + x.shape[1:], x.dtype), batch)
+
+
+def search_batch_size(compile_at, batch, mesh, *, max_compiles: int = 8) -> dict:
+    """The report at the largest global batch that fits, found by compiling: doubling
+    from the run's batch (or halving, when it does not fit), then bisecting, in
+    steps of the mesh's batch parallelism, at most ``max_compiles`` compiles. The
+    report's ``search`` lists every batch tried with its peak bytes and fit."""
+    from tfx_jax.train.partitioning import batch_parallelism
+    step = batch_parallelism(mesh)
+    tried: dict[int, dict] = {}
+
+    def fits(rows: int) -> bool:
+        if rows not in tried:
+            tried[rows] = compile_at(_with_rows(batch, rows))
+        return tried[rows]["fits"]
+
+    rows = jax.tree.leaves(batch)[0].shape[0]
+    lo, hi = (rows, None) if fits(rows) else (None, rows)
+    while len(tried) < max_compiles and (lo is None or hi is None):
+        if lo is None:
+            if hi <= step:
+                break
+            candidate = max(step, hi // 2 // step * step)
+            lo, hi = (candidate, hi) if fits(candidate) else (None, candidate)
+        else:
+            candidate = lo * 2
+            lo, hi = (candidate, None) if fits(candidate) else (lo, candidate)
+    while lo is not None and hi is not None and hi - lo > step and len(tried) < max_compiles:
+        middle = (lo + hi) // 2 // step * step
+        lo, hi = (middle, hi) if fits(middle) else (lo, middle)
+    best = tried[lo] if lo is not None else tried[min(tried)]
+    return {**best, "search": {
+        "batch_size": lo, "step": step,
+        "tried": [{"batch_size": b, "peak_bytes_per_chip": r["peak_bytes_per_chip"],
+                   "fits": r["fits"]} for b, r in sorted(tried.items())]}}
+
+
 def _global(batch):
     """A process-local NumPy batch as the global batch's shapes (every host feeds one)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
@@ -428,9 +483,14 @@ def compile_run(config, workdir: str, task, train_iter, eval_batches, mesh, opti
     if eval_batches is not None:
         first = next(iter(eval_batches() if callable(eval_batches) else eval_batches), None)
         eval_batch = None if first is None else _global(first)
-    report = compile_task(task, optimizer, schedule, mesh, _global(next(train_iter)),
-                          eval_batch=eval_batch, seed=config.seed,
-                          grad_accum_steps=config.grad_accum_steps, target=target)
+    compile_at = functools.partial(compile_task, task, optimizer, schedule, mesh,
+                                   eval_batch=eval_batch, seed=config.seed,
+                                   grad_accum_steps=config.grad_accum_steps, target=target)
+    batch = _global(next(train_iter))
+    if _SEARCH.get() == "batch_size":
+        report = search_batch_size(compile_at, batch, mesh)
+    else:
+        report = compile_at(batch)
     path = write_report(report, workdir, target)
     print(format_report(report))
     print(f"wrote {path}")
