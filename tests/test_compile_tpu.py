@@ -254,6 +254,7 @@ def test_lm_script_compiles_for_a_topology_and_writes_only_its_report(tmp_path):
     assert files == ["compile/v5litepod-4.json"]
     report = json.loads((tmp_path / "run" / "compile" / "v5litepod-4.json").read_text())
     assert report["chips"] == 4 and report["device_kind"] == "TPU v5 lite" and report["fits"]
+    assert report["versions"]["libtpu"] and report["topology"] == "v5e:2x2"
     assert report["steps"]["train"]["custom_calls"]["mosaic"] == 3
     assert "fits" in done.stdout and "Mosaic calls 3" in done.stdout
 

@@ -31,7 +31,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import datetime
 import functools
+import importlib.metadata
 import json
 import os
 import re
@@ -336,8 +338,19 @@ def compile_report(target: Target, mesh, *, train_step, train_args, eval_step=No
             >= train["bytes_accessed_per_device"] / chip.hbm_bytes_per_s else "memory"),
         "mfu_ceiling": useful / (roofline * chip.peak_flops * num_devices) if roofline else None,
         "compile_s": round(sum(step["compile_s"] for step in steps.values()), 2),
-        "knobs": knobs,
+        "knobs": knobs, "versions": _versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _versions() -> dict:
+    out = {}
+    for package in ("jax", "jaxlib", "libtpu", "flax"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = None
+    return out
 
 
 def format_report(report: Mapping[str, Any]) -> str:
