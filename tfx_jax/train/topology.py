@@ -73,9 +73,25 @@ CHIPS = {
     "v5p": Chip("v5p", "tpu", "TPU v5", 95 * GiB, 2.765e12, cores_per_device=2),
     "v6e": Chip("v6e", "tpu", "TPU v6 lite", 32 * GiB, 1.64e12),
     "tpu7x": Chip("tpu7x", "tpu", "TPU7x", 96 * GiB, 3.69e12),  # one of a chip's 2 cores
-    "h100": Chip("h100", "gpu", "NVIDIA H100 80GB HBM3", 80 * GiB, 3.35e12),
-    "h200": Chip("h200", "gpu", "NVIDIA H200", 141 * GiB, 4.8e12),
+    "h100": Chip("h100", "gpu", "NVIDIA H100 80GB HBM3", 84_942_979_072, 3.35e12),
+    "h200": Chip("h200", "gpu", "NVIDIA H200", 143_771 * 2 ** 20, 4.8e12),
 }
+# What XLA's GPU compiler needs to know of a device it cannot see (its GpuTargetConfig):
+# the published SXM figures (132 SMs at 1.98 GHz boost, 50 MiB L2, 228 KiB shared memory
+# per SM), memory size and bandwidth from CHIPS, cuDNN 9.28 (the CUDA 12 wheels' release).
+_GPU_TARGET = """gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: {bandwidth} l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: {memory} shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 }} registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 28 }}
+device_description_str: "{kind}"
+"""
 # Cloud TPU accelerator types: name prefix -> (chip, TensorCores counted per chip).
 CLOUD_TYPES = {"v5litepod": ("v5e", 1), "v5e": ("v5e", 1), "v6e": ("v6e", 1),
                "v4": ("v4", 2), "v5p": ("v5p", 2)}
@@ -178,11 +194,21 @@ def parse_target(name: str, num_slices: int = 1) -> Target:
 def target_devices(target: Target) -> list:
     """The target's compile-only devices (no chip needed; JAX_PLATFORMS may be cpu)."""
     from jax.experimental import topologies
-    if target.chip.platform != "tpu":
-        raise ValueError(
-            f"compiling for {target.name} needs JAX's CUDA plugin and a GPU target "
-            f"description (pip install \"jax[cuda12]\", see README 'Check a run fits before "
-            f"renting'); this environment compiles TPU targets only")
+    if target.chip.platform == "gpu":
+        chip = target.chip
+        config = _GPU_TARGET.format(bandwidth=int(chip.hbm_bytes_per_s), memory=chip.hbm_bytes,
+                                    kind=chip.device_kind)
+        per_host, hosts = target.shape
+        try:
+            topology = topologies.get_topology_desc(
+                platform="cuda", topology=f"1x{hosts}x{per_host}", target_config=config)
+        except (RuntimeError, ValueError, NotImplementedError, ImportError) as error:
+            raise ValueError(
+                f"compiling for {target.name} needs JAX's CUDA plugin (pip install "
+                f"\"jax[cuda12]\", about 5.5 GB; README 'Check a run fits before renting') "
+                f"and JAX_PLATFORMS=cpu: {str(error).splitlines()[0] if str(error) else ''}"
+            ) from None
+        return list(topology.devices)
     # libtpu, found without chips: no metadata server, one local "worker", and other
     # processes (test workers) may load it at the same time.
     for variable, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
