@@ -308,6 +308,7 @@ def compile_step(jitted, args, *, num_devices: int, differentiated: bool) -> dic
             "kernel_flops_per_device": kernel_flops / num_devices,
             "flops_per_device": xla_flops + kernel_flops / num_devices,
             "bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
+            "cost_analysis": bool(cost),  # XLA's GPU compiler gives none without a GPU
             "custom_calls": _custom_calls(compiled.as_text())}
 
 
@@ -344,7 +345,7 @@ def compile_report(target: Target, mesh, *, train_step, train_args, eval_step=No
                                   if "available_bytes" in step])
     train = steps["train"]
     refused = any("compile_error" in step for step in steps.values())
-    roofline = None if refused else _roofline(train, chip)
+    roofline = None if refused or not train.get("cost_analysis") else _roofline(train, chip)
     num_devices = mesh.devices.size
     useful = model_flops_per_step or train.get("flops_per_device", 0.0) * num_devices
     return {
@@ -359,7 +360,7 @@ def compile_report(target: Target, mesh, *, train_step, train_args, eval_step=No
         "steps": steps,
         "model_flops_per_step": model_flops_per_step,
         "roofline_step_s": roofline,
-        "roofline_bound": None if refused else (
+        "roofline_bound": None if roofline is None else (
             "compute" if train["flops_per_device"] / chip.peak_flops
             >= train["bytes_accessed_per_device"] / chip.hbm_bytes_per_s else "memory"),
         "mfu_ceiling": useful / (roofline * chip.peak_flops * num_devices) if roofline else None,
@@ -407,11 +408,17 @@ def format_report(report: Mapping[str, Any]) -> str:
                      f"the figures above are at that batch")
     mfu = report["mfu_ceiling"]
     if report["roofline_step_s"] is None:
+        if not refused_any(report):
+            lines.append("  roofline n/a: the compiler gave no cost analysis (GPU without a GPU)")
         return "\n".join(lines)
     lines.append(f"  roofline train step {report['roofline_step_s'] * 1e3:.2f} ms "
                  f"({report['roofline_bound']}-bound), MFU ceiling "
                  f"{'n/a' if mfu is None else f'{mfu:.1%}'}")
     return "\n".join(lines)
+
+
+def refused_any(report: Mapping[str, Any]) -> bool:
+    return any("compile_error" in step for step in report["steps"].values())
 
 
 def write_report(report: Mapping[str, Any], workdir: str, target: Target) -> str:
