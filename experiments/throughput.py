@@ -523,10 +523,10 @@ def parse_mesh(text: str) -> dict:
 def plan_memory(name: str, mesh_config: dict, budget_gib: float) -> dict:
     """Compile-only memory of one model on one mesh (see tfx_jax.train.perf)."""
     try:
-        bench = MEMORY_BENCHMARKS[name](stack_knobs(jax.devices()[0].platform), FLAGS.small,
+        mesh = tr.make_mesh(mesh_config)  # the platform is the mesh's (a compile target's)
+        bench = MEMORY_BENCHMARKS[name](stack_knobs(mesh.devices.flat[0].platform), FLAGS.small,
                                         batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
                                         image_size=FLAGS.image_size)
-        mesh = tr.make_mesh(mesh_config)
         tr.check_batch_size(bench.batch_size, mesh, what="--batch_size")
         config = tr.default_config()
         config.update(schedule="constant", learning_rate=1e-4, warmup_steps=0,

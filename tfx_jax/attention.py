@@ -20,24 +20,88 @@ linear in the lengths; "cudnn" (``attention_cudnn.py``) is NVIDIA's fused kernel
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
-from typing import Optional
+from typing import Iterator, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tfx_jax.attention_chunked import DEFAULT_BLOCK_KV, DEFAULT_BLOCK_Q, chunked_attention
-from tfx_jax.attention_cudnn import cudnn_attention, cudnn_unsupported_reason
+from tfx_jax.attention_cudnn import (compute_capability_of, cudnn_attention,
+                                     cudnn_unsupported_reason)
 from tfx_jax.attention_dropout import dense_keep_multiplier, dropout_seeds
-from tfx_jax.attention_splash import splash_attention, splash_unsupported_reason
+from tfx_jax.attention_splash import (LANES, padded_length, splash_attention,
+                                      splash_unsupported_reason)
 
 IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn", "splash")
 # "auto" switches from dense to chunked at this length. CPU measurements
 # (docs/attention_memory.md): from T = 512 on chunked was faster in both passes and
 # its gradient needed half the memory; below, a tile or two cover the whole sequence.
 CHUNKED_MIN_LENGTH = 512
+
+
+class Placement(NamedTuple):
+    """The accelerator a computation is placed on: what "auto" and the kernels decide by."""
+    platform: str                       # "cpu", "gpu" (CUDA and ROCm: "gpu"), "tpu"
+    device_kind: str                    # e.g. "TPU v5 lite", "NVIDIA H100 80GB HBM3"
+    compute_capability: Optional[str]   # CUDA devices only, e.g. "9.0"
+    mesh: Optional[jax.sharding.AbstractMesh]  # the mesh in context (None: none set)
+
+
+def placement() -> Placement:
+    """Where the computation being traced runs: the devices of the mesh in context.
+
+    That mesh is the one ``jax.set_mesh(mesh)`` sets, or the one the training
+    library's steps trace under (``jax.sharding.use_abstract_mesh``); its abstract
+    mesh names the devices' platform and kind, also for compile-only devices (a
+    TPU topology described on a CPU host), so compiling for a TPU chooses the TPU
+    kernels. Without a mesh: the first local device (``jax.devices()[0]``).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is not None and not mesh.empty and mesh.abstract_device is not None:
+        kind = mesh.abstract_device.device_kind
+        platform = mesh.abstract_device.platform
+        capability = None
+        if platform in ("cuda", "gpu"):
+            local = jax.devices()[0]  # the mesh's own kind of device: ask it
+            capability = (getattr(local, "compute_capability", None)
+                          if local.device_kind == kind else None) or compute_capability_of(kind)
+        return Placement("gpu" if platform in ("cuda", "rocm") else platform, kind,
+                         capability, mesh)
+    device = jax.devices()[0]
+    return Placement(device.platform, device.device_kind,
+                     getattr(device, "compute_capability", None), None)
+
+
+_KERNEL_FLOPS: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar(
+    "tfx_jax_kernel_flops", default=None)
+
+
+@contextlib.contextmanager
+def counting_kernel_flops() -> Iterator[list]:
+    """Collects the forward FLOPs (all devices) of the fused kernels traced inside.
+
+    XLA's cost analysis counts nothing inside a Pallas (splash) or cuDNN call, so
+    these kernels report their own matmul FLOPs, 2 per multiply-add of Q K^T and
+    of P V over the tiles they compute (causal and windowed tiles skipped).
+    """
+    counter: list = []
+    token = _KERNEL_FLOPS.set(counter)
+    try:
+        yield counter
+    finally:
+        _KERNEL_FLOPS.reset(token)
+
+
+def record_kernel_flops(flops: float) -> None:
+    """Called by the kernels while tracing; a no-op outside `counting_kernel_flops`."""
+    counter = _KERNEL_FLOPS.get()
+    if counter is not None:
+        counter.append(float(flops))
 
 
 def _as_array(x, name):
@@ -356,13 +420,25 @@ def _unsupported_reason(implementation, query, key, *, mask, bias, causal, dropo
             dropout_rate=dropout_rate, has_padding=has_padding,
             padding_shared=_padding_shared(q_segment_ids, kv_segment_ids, q_lengths,
                                            kv_lengths),
-            local_window=local_window, platform=platform, value_head_dim=value_head_dim)
+            local_window=local_window, platform=platform, value_head_dim=value_head_dim,
+            causal=causal, has_segment_ids=q_segment_ids is not None)
     return cudnn_unsupported_reason(
         query.dtype, query.shape[-1], has_mask=mask is not None, dropout_rate=dropout_rate,
         causal=causal, q_length=query.shape[1], kv_length=key.shape[1],
         value_head_dim=value_head_dim, platform=platform,
         compute_capability=compute_capability,
         has_segment_ids=q_segment_ids is not None, local_window=local_window)
+
+
+# "auto" sends lengths that are not multiples of splash's 128-wide tile to splash padded
+# to the tile when that adds at most a third (ViT-B/16's 197 tokens -> 256); lengths
+# under one tile stay with "dense" (one XLA tile covers them anyway).
+SPLASH_MAX_TILE_PADDING = 4 / 3
+
+
+def _splash_tile_padding_ok(length: int) -> bool:
+    return length % LANES == 0 or (
+        length >= LANES and padded_length(length) <= SPLASH_MAX_TILE_PADDING * length)
 
 
 def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0, *,
@@ -377,8 +453,10 @@ def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0,
 
     1. an additive ``bias`` -> "dense" (the only implementation that takes one);
        a ``logit_soft_cap`` rules out "splash" and "cudnn";
-    2. a TPU, lengths multiples of 128, no mask array and no dropout, padding (if
-       any) shared by queries and keys -> "splash" (the Pallas TPU kernel);
+    2. a TPU, no mask array and no dropout, lengths that are multiples of 128 or
+       padded to them at a cost of at most a third (``SPLASH_MAX_TILE_PADDING``),
+       and padding a window or causal segment ids leave no real query without a
+       key (shared by queries and keys) -> "splash" (the Pallas TPU kernel);
     3. an NVIDIA GPU (sm80+), float16/bfloat16, a cuDNN head_dim, no mask array, no
        segment ids and no dropout (causal, lengths, GQA and a left window are
        fine) -> "cudnn";
@@ -387,7 +465,9 @@ def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0,
     5. otherwise "dense" (short sequences: one tile would cover them anyway).
 
     ``platform`` ("cpu"/"gpu"/"tpu") and ``compute_capability`` (e.g. "9.0")
-    default to the first local device; pass them to ask about another machine.
+    default to the devices the computation is placed on (:func:`placement`: the
+    mesh in context, else the first local device); pass them to ask about
+    another machine.
     ``value_head_dim``: the value's head size when it differs from the query's.
     """
     del scale  # every implementation takes it
@@ -395,7 +475,8 @@ def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0,
     if bias is not None:
         return "dense"
     if platform is None:
-        platform = jax.devices()[0].platform
+        placed = placement()
+        platform, compute_capability = placed.platform, placed.compute_capability
     if kv_segment_ids is None:
         kv_segment_ids = q_segment_ids
     common = dict(mask=mask, bias=bias, causal=causal, dropout_rate=dropout_rate,
@@ -403,7 +484,8 @@ def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0,
                   value_head_dim=value_head_dim, platform=platform,
                   compute_capability=compute_capability, kv_segment_ids=kv_segment_ids,
                   q_lengths=q_lengths, kv_lengths=kv_lengths, logit_soft_cap=logit_soft_cap)
-    if platform == "tpu" and _unsupported_reason("splash", query, key, **common) is None:
+    if (platform == "tpu" and _unsupported_reason("splash", query, key, **common) is None
+            and all(_splash_tile_padding_ok(n) for n in (query.shape[1], key.shape[1]))):
         return "splash"
     if _unsupported_reason("cudnn", query, key, **common) is None:
         return "cudnn"
@@ -516,6 +598,7 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     if implementation == "splash":
         return splash_attention(query, key, value, causal=causal, local_window=local_window,
                                 scale=scale, q_segment_ids=q_segment_ids,
-                                q_lengths=q_lengths if q_lengths is not None else kv_lengths)
+                                kv_segment_ids=kv_segment_ids, q_lengths=q_lengths,
+                                kv_lengths=kv_lengths)
     return cudnn_attention(query, key, value, causal=causal, q_lengths=q_lengths,
                            kv_lengths=kv_lengths, local_window=local_window, scale=scale)

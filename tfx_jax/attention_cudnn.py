@@ -32,14 +32,20 @@ def _parse_capability(capability) -> Optional[tuple[int, int]]:
     return int(major), int(minor)
 
 
-def default_platform_and_capability() -> tuple[str, Optional[str]]:
-    """('gpu', '9.0') on an H100, ('cpu', None) here, ('tpu', None) on a TPU.
+# CUDA compute capability by device kind (NVIDIA's tables), for devices that do not
+# report one: compile-only devices of a GPU target description have only a kind.
+COMPUTE_CAPABILITIES = (("h100", "9.0"), ("h200", "9.0"), ("gh200", "9.0"), ("h800", "9.0"),
+                        ("b200", "10.0"), ("gb200", "10.0"), ("a100", "8.0"), ("a800", "8.0"),
+                        ("a10", "8.6"), ("a40", "8.6"), ("l40", "8.9"), ("l4", "8.9"))
 
-    ``compute_capability`` is an attribute of CUDA devices only (ROCm GPUs have
-    none, so cuDNN is never chosen for them).
-    """
-    device = jax.devices()[0]
-    return device.platform, getattr(device, "compute_capability", None)
+
+def compute_capability_of(device_kind: str) -> Optional[str]:
+    """"9.0" for "NVIDIA H100 80GB HBM3"; None for a kind not in the table."""
+    kind = device_kind.lower()
+    for pattern, capability in COMPUTE_CAPABILITIES:
+        if pattern in kind:
+            return capability
+    return None
 
 
 def cudnn_unsupported_reason(dtype, head_dim: int, *, has_mask: bool, dropout_rate: float,
@@ -51,8 +57,9 @@ def cudnn_unsupported_reason(dtype, head_dim: int, *, has_mask: bool, dropout_ra
                              local_window: Optional[tuple] = None) -> Optional[str]:
     """None if cuDNN attention can run these inputs, else a sentence saying why not.
 
-    ``platform`` / ``compute_capability`` default to the first local device, so
-    the rule can be tested for any machine by passing them explicitly.
+    ``platform`` / ``compute_capability`` default to the devices the computation
+    is placed on (``tfx_jax.attention.placement``), so the rule can be tested for
+    any machine by passing them explicitly.
     """
     if has_mask:
         return ("cuDNN attention takes masks only as causal=True and q_lengths/kv_lengths; "
@@ -76,7 +83,9 @@ def cudnn_unsupported_reason(dtype, head_dim: int, *, has_mask: bool, dropout_ra
         return (f"causal cross-attention (q_length {q_length} != kv_length {kv_length}) is not "
                 f"routed to cuDNN: its diagonal alignment for T != S is untested here")
     if platform is None:
-        platform, compute_capability = default_platform_and_capability()
+        from tfx_jax.attention import placement  # attention.py imports this module
+        placed = placement()
+        platform, compute_capability = placed.platform, placed.compute_capability
     capability = _parse_capability(compute_capability)
     if platform != "gpu" or capability is None:
         return (f"cuDNN attention needs an NVIDIA GPU, but the platform is {platform!r}"
@@ -108,6 +117,10 @@ def cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, causa
     Queries that have nothing to attend (past ``q_lengths``, or a sequence with
     ``kv_lengths == 0``) are set to zero, as the other implementations return.
     """
+    from tfx_jax.attention import record_kernel_flops  # (attention.py imports this module)
+    batch, t, n, h = query.shape
+    s = key.shape[1]
+    record_kernel_flops(4 * batch * n * h * t * s * (0.5 if causal or local_window else 1.0))
     if q_lengths is not None:
         q_lengths = jnp.asarray(q_lengths, jnp.int32)
     if kv_lengths is not None:

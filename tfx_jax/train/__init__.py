@@ -33,9 +33,9 @@ from tfx_jax.train.optim import (classification_accuracy, classification_cross_e
 from tfx_jax.train.run_config import (check_workdir, default_config, freeze, load_config,
                                       save_config, validate_config)
 from tfx_jax.train.state import (Task, TrainState, abstract_train_state, check_params_fit_mesh,
-                                 create_sharded_train_state,
-                                 create_train_state, make_eval_step, make_train_step,
-                                 train_state_shardings)
+                                 create_sharded_train_state, create_train_state, make_eval_step,
+                                 make_train_step, train_state_shardings)
+from tfx_jax.train.topology import compile_target, compile_task, compiling_for, parse_target
 
 __all__ = [
     "CheckpointWriteError", "Checkpointer", "launch", "MetricsWriter", "NonFiniteError", "Preempted",
@@ -49,4 +49,5 @@ __all__ = [
     "create_sharded_train_state", "train_state_shardings", "make_train_step", "read_metrics", "replicated_sharding",
     "restore_params", "save_config", "shard_batch",
     "token_accuracy", "token_cross_entropy", "train", "transformer_schedule", "validate_config",
+    "compile_target", "compile_task", "compiling_for", "parse_target",
 ]

@@ -34,10 +34,12 @@ import sys
 import threading
 from typing import Callable, Iterator
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tfx_jax.errors import ConfigError, UserError
+from tfx_jax.train import topology
 from tfx_jax.train.loop import (INTERRUPT_EXIT_CODE, NonFiniteError, Preempted,
                                 install_interrupt_handler)
 from tfx_jax.train.mesh import initialize_distributed
@@ -107,6 +109,14 @@ def _define_flags(default_config: str) -> None:
     flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (GPU clusters).")
     flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
     flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+    flags.DEFINE_string("compile_topology", None, "Compile the run's train and eval steps for "
+                        "this target instead of training (v5e:2x4, v5p-32, v6e-8, h100:8, ...; "
+                        "tfx_jax.train.topology); writes WORKDIR/compile/NAME.json, exits 0 if "
+                        "it fits, 2 if not.")
+    flags.DEFINE_integer("compile_num_slices", 1, "TPU slices of --compile_topology "
+                         "(multi-slice: data parallelism across slices).")
+    flags.DEFINE_string("compile_search", None, "With --compile_topology: 'batch_size' finds "
+                        "the largest global batch that fits (a few compiles).")
 
 
 def _exit_without_waiting(code: int) -> None:
@@ -148,11 +158,23 @@ def _run(main: Callable, default_config: str) -> None:
         f = flags.FLAGS
         if not f["verbosity"].present:  # keep Orbax's per-save INFO lines out of the way
             logging.set_verbosity(logging.WARNING)
-        initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
-                               auto_detect=f.multihost)
-        try:
+        target = contextlib.nullcontext()
+        if f.compile_search and not f.compile_topology:
+            print("error: --compile_search needs --compile_topology", file=sys.stderr)
+            sys.exit(USER_ERROR_EXIT_CODE)
+        if f.compile_topology:
             with user_errors():
+                target = topology.compiling_for(topology.parse_target(
+                    f.compile_topology, f.compile_num_slices), f.compile_search)
+            jax.config.update("jax_platforms", "cpu")  # compile only: probe for no chip
+        else:
+            initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
+                                   auto_detect=f.multihost)
+        try:
+            with user_errors(), target:
                 main(f.config, f.workdir)
+        except topology.Compiled:
+            sys.exit(0)
         except Preempted as e:
             print(f"Stopped: {e}", file=sys.stderr)
             sys.exit(e.exit_code)

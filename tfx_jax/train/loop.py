@@ -48,6 +48,7 @@ from tfx_jax.train.run_config import is_plan, save_config, validate_config
 from tfx_jax.train.state import (Batch, Task, TrainState, abstract_train_state,
                                  create_sharded_train_state, make_eval_step, make_train_step,
                                  train_state_shardings)
+from tfx_jax.train.topology import compile_run, compile_target
 
 
 # --- loop -------------------------------------------------------------------------------
@@ -229,6 +230,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
     if task.trainable is not None:  # fine-tuning: frozen parameters get zero updates
         optimizer = mask_optimizer(optimizer, task.trainable)
     shardings = train_state_shardings(task.init_params, optimizer, mesh)  # checks the mesh
+    if compile_target() is not None:  # --compile_topology: compile, report, stop
+        compile_run(config, workdir, task, train_iter, eval_batches, mesh, optimizer, schedule)
 
     release_lock = hold_workdir_lock(workdir)  # one run per workdir (checkpoint.py)
     try:

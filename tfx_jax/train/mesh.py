@@ -103,8 +103,9 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, .
 
 def make_mesh(mesh_config: Optional[Mapping[str, int]] = None,
               devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """The ``("data", "fsdp", "tensor")`` mesh over ``devices`` (default: every host's),
-    with ``"context"`` before ``"tensor"`` when ``mesh_config`` asks for more than one.
+    """The ``("data", "fsdp", "tensor")`` mesh over ``devices`` (default: every host's, or
+    a ``--compile_topology`` target's, :mod:`tfx_jax.train.topology`), with ``"context"``
+    before ``"tensor"`` when ``mesh_config`` asks for more than one.
 
     ``mesh_config`` maps axis names to sizes (default ``{"data": -1}``: pure data
     parallelism). The device order follows the topology: ``jax.make_mesh``
@@ -113,7 +114,11 @@ def make_mesh(mesh_config: Optional[Mapping[str, int]] = None,
     (``create_hybrid_device_mesh``) only ``data`` crosses the slow
     data-centre network (DCN) between slices.
     """
-    devices = list(jax.devices() if devices is None else devices)
+    if devices is None:  # a --compile_topology run: the target's devices
+        from tfx_jax.train.topology import compile_target, target_devices
+        target = compile_target()
+        devices = jax.devices() if target is None else target_devices(target)
+    devices = list(devices)
     if not devices:
         raise ValueError("make_mesh needs at least one device")
     sizes = mesh_shape({"data": -1} if mesh_config is None else mesh_config, len(devices))

@@ -45,8 +45,8 @@ from tfx_jax.train.state import Task, abstract_train_state, make_train_step, tra
 
 # --- flops ------------------------------------------------------------------------------
 # Peak dense (no sparsity) bf16 tensor FLOP/s per JAX device, from the vendors' data
-# sheets. First match (lower-cased substring of device.device_kind) wins. On TPU v4 and
-# later one JAX device is one chip.
+# sheets. First match (lower-cased substring of device.device_kind) wins. On TPU v4,
+# v5e, v5p and v6e one JAX device is one chip; on TPU7x one of a chip's two cores.
 PEAK_BF16_TFLOPS = (
     ("h100 pcie", 756.0),   # NVIDIA H100 PCIe
     ("h100 nvl", 835.0),    # NVIDIA H100 NVL
@@ -57,6 +57,7 @@ PEAK_BF16_TFLOPS = (
     ("tpu v5 lite", 197.0), ("tpu v5e", 197.0),   # TPU v5e
     ("tpu v5p", 459.0), ("tpu v5", 459.0),         # TPU v5p reports "TPU v5"
     ("tpu v6 lite", 918.0), ("tpu v6e", 918.0),   # TPU v6e (Trillium)
+    ("tpu7x", 1153.5),      # TPU7x (Ironwood): 2307 per chip, JAX shows its 2 cores
 )
 
 
@@ -172,7 +173,7 @@ class ThroughputMeter:
         self.task = task
         self.batch_size = config.batch_size
         self.num_devices = mesh.devices.size
-        peak = peak_tflops_per_device(jax.devices()[0].device_kind,
+        peak = peak_tflops_per_device(mesh.devices.flat[0].device_kind,  # the run's chips
                                       config.get("peak_tflops") or None)
         self.peak_flops = None if peak is None else peak * 1e12 * self.num_devices
         self.reset()
