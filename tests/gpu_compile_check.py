@@ -25,9 +25,9 @@ from tfx_jax.apps.language_model.task import lm_task  # noqa: E402
 
 
 def lm(**changes):
-    return lm_task(tfx.CausalLM(tfx.CausalLMConfig(**{**dict(
+    return lm_task(tfx.CausalLMConfig(**{**dict(
         vocab_size=64, max_len=256, num_layers=1, d_model=64, num_heads=4, d_ff=128,
-        dtype=jnp.bfloat16), **changes})), max_len=256)
+        dtype=jnp.bfloat16), **changes}), max_len=256)
 
 
 def main() -> int:

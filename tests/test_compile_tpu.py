@@ -155,10 +155,10 @@ def _tokens(shape, vocab=64):
 
 
 def _lm(**changes):
-    model = tfx.CausalLM(tfx.CausalLMConfig(**{**dict(
+    config = tfx.CausalLMConfig(**{**dict(
         vocab_size=64, max_len=256, num_layers=1, d_model=32, num_heads=4, d_ff=64,
-        dtype=jnp.bfloat16), **changes}))
-    return lm_task(model, max_len=256)
+        dtype=jnp.bfloat16), **changes})
+    return lm_task(config, max_len=256)
 
 
 def test_causal_lm_train_step_holds_splash_and_reports():

@@ -48,7 +48,7 @@ def test_non_utf8_files_are_named_and_a_corpus_that_loses_most_is_refused(tmp_pa
         blocks_file(tmp_path / f"good{i}.txt")
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
     corpus = corpus_lib.open_corpus(str(tmp_path))
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert f"{tmp_path}: skipped 1 of 4 files: latin1.txt (not UTF-8); they are left out" in out
     assert len(corpus.train) + len(corpus.eval) == 60
     for i in range(4):
@@ -94,7 +94,7 @@ def test_few_files_still_get_a_held_out_split(tmp_path, capsys, num_files):
     assert corpus.train and corpus.eval
     assert len(corpus.train) + len(corpus.eval) == 20 * num_files
     if not any(corpus_lib.is_held_out(f"f{i}.txt", 0.05) for i in range(num_files)):
-        assert "held out the last" in capsys.readouterr().out
+        assert "held out the last" in capsys.readouterr().err
 
 
 def test_a_single_file_of_any_name_is_a_corpus(tmp_path, capsys):
@@ -102,6 +102,7 @@ def test_a_single_file_of_any_name_is_a_corpus(tmp_path, capsys):
     corpus = corpus_lib.open_corpus(str(tmp_path / "notes.rst"))
     assert len(corpus.train) == 39 and corpus.eval == ["block 39 of notes.rst"]
     assert corpus.description == f"file {tmp_path / 'notes.rst'}: 39 / 1 blocks"
+    capsys.readouterr()  # the run's notes (stderr) so far
     assert run_as_script(lambda: corpus_lib.open_corpus(str(tmp_path / "missing.txt"))) == 2
     assert one_error_line(capsys) == f"config.dataset: no such file '{tmp_path / 'missing.txt'}'"
 
@@ -112,7 +113,7 @@ def test_one_line_300kb_files_are_cut_into_blocks_sentencepiece_can_train_on(tmp
     corpus = corpus_lib.open_corpus(str(tmp_path))
     assert (f"{tmp_path}: cut 2 blocks longer than 65,536 bytes into pieces of at most 16,384 "
             f"characters at line breaks or spaces (SentencePiece's longest sentence)"
-            in capsys.readouterr().out)
+            in capsys.readouterr().err)
     blocks = list(corpus.train) + list(corpus.eval)
     assert max(map(len, blocks)) <= corpus_lib.MAX_BLOCK_CHARS
     assert sum(len(b.split()) for b in blocks) == 120_000  # no word lost or split
@@ -143,7 +144,7 @@ def test_tsv_trailing_blank_lines_are_accepted_but_not_inner_ones(tmp_path, caps
 def test_a_vocab_size_the_text_cannot_support_is_shrunk_with_a_note(tmp_path, capsys):
     tokenizer = train_sentencepiece(["one two three four five six"] * 20, tmp_path / "t.model",
                                     vocab_size=100_000)
-    out = capsys.readouterr().out.strip()
+    out = capsys.readouterr().err.strip()
     assert out == (f"Tokenizer: {tokenizer.vocab_size:,} pieces instead of vocab_size = "
                    f"100,000: the training text supports no more (SentencePiece runs out of "
                    f"pieces to add; more text gives more), so the model's vocabulary has "

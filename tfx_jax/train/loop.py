@@ -37,7 +37,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from tfx_jax.errors import say, workdir_os_error
+from tfx_jax.errors import DataError, say, workdir_os_error
 from tfx_jax.train.checkpoint import Checkpointer, check_iterator_checkpointable, hold_workdir_lock
 from tfx_jax.train.finetune import mask_optimizer
 from tfx_jax.train.mesh import check_batch_size, check_eval_batches, make_mesh, shard_batch
@@ -107,7 +107,7 @@ def _eval_pass(eval_batches) -> Iterator[Batch]:
     Every eval step is a collective over all hosts, so a host that runs out of
     batches early would leave the others waiting in it (a hang, or on CPU an
     abort). With several processes the hosts therefore agree before each batch
-    that all of them have one, and raise the same ValueError if not.
+    that all of them have one, and raise the same DataError if not.
     """
     batches = iter(eval_batches() if callable(eval_batches) else eval_batches)
     for index in itertools.count():
@@ -115,7 +115,7 @@ def _eval_pass(eval_batches) -> Iterator[Batch]:
         if jax.process_count() > 1:
             has_batch = multihost_utils.process_allgather(np.asarray(batch is not None))
             if has_batch.any() and not has_batch.all():
-                raise ValueError(
+                raise DataError(
                     f"eval_batches: process(es) {np.flatnonzero(~has_batch).tolist()} have "
                     f"{index} batches but process(es) {np.flatnonzero(has_batch).tolist()} "
                     f"have more; every process must yield the same number of eval batches "
