@@ -203,20 +203,18 @@ def has_checkpoint(workdir: str) -> bool:
     return directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Start:
-    """What a run from ``config.init_from`` starts with: the model, its tokenizer, the
-    weights (None when resuming: the workdir's checkpoint has them) and their files."""
+    """The model and tokenizer a run from ``config.init_from`` starts with, and where their
+    files are (the workdir's copy when resuming, else init_from itself)."""
     model: CausalLMConfig
     tokenizer: pretrained.CheckpointTokenizer
-    params: Any
-    files: str  # config.json + tokenizer: the workdir's copy, or init_from itself
-    copied: bool  # the workdir has them already
+    files: str
+    copied: bool  # the workdir has the files already
 
 
 def checkpoint_start(config, workdir: str) -> Optional[Start]:
-    """The model and tokenizer of ``config.init_from`` (the workdir's copy when resuming),
-    its weights only when the workdir has no checkpoint yet; None without init_from."""
+    """The model and tokenizer of ``config.init_from`` (no weights read); None without it."""
     if not config.get("init_from"):
         return None
     copy = workdir_checkpoint_files(workdir)
@@ -226,17 +224,23 @@ def checkpoint_start(config, workdir: str) -> Optional[Start]:
     require(tokenizer.vocab_size <= model.vocab_size,
             f"{files}: tokenizer.json has {tokenizer.vocab_size} tokens, more than the "
             f"model's vocab_size {model.vocab_size}", DataError)
+    return Start(model=model, tokenizer=tokenizer, files=files, copied=copy is not None)
+
+
+def checkpoint_params(config, start: Start, workdir: str):
+    """The checkpoint's weights (in ``start.model``'s layer layout), or None when the
+    workdir has a checkpoint of its own (a resume starts from that)."""
+    model = start.model
     say(f"config.init_from={config.init_from}: {model.num_layers} layers, d_model "
         f"{model.d_model}, vocabulary {model.vocab_size}, context {model.max_len}; the "
         f"checkpoint's architecture and tokenizer (config.model's other keys, vocab_size and "
         f"the tokenizer keys do not apply)")
-    params = None
-    if not has_checkpoint(workdir):
-        _, params = pretrained.load_hf(config.init_from)
-        if model.scan_layers:
-            params = pretrained.to_scan(params, "layers", model.num_layers)
-    return Start(model=model, tokenizer=tokenizer, params=params, files=files,
-                 copied=copy is not None)
+    if has_checkpoint(workdir):
+        return None
+    _, params = pretrained.load_hf(config.init_from)
+    if model.scan_layers:
+        params = pretrained.to_scan(params, "layers", model.num_layers)
+    return params
 
 
 def sampling_kwargs(config) -> dict:
@@ -340,7 +344,8 @@ def train(config, workdir: str, mesh=None) -> tr.TrainResult:
                                  max_len=plan.max_len, pad_id=pad_id)
         finetuning = finetuning_of(plan)
         task = lm_task(model.config, max_len=plan.max_len, num_eval_examples=len(ready.windows),
-                       finetuning=finetuning, pretrained_params=start and start.params)
+                       finetuning=finetuning,
+                       pretrained_params=start and checkpoint_params(plan, start, workdir))
         check_checkpoint_fits(workdir, task.init_params)  # reads metadata, writes nothing
         if ready.tokenizer_bytes is not None:  # the first write into the workdir
             write_workdir_file(workdir, _tokenizer_name(plan), ready.tokenizer_bytes)
