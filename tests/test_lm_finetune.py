@@ -70,7 +70,9 @@ def response_nll(cfg, params, examples):
     for example in examples:
         prompt, response = encode(example["prompt"]), encode(example["response"])
         ids = [1, *prompt, *response, 2]  # the fixture's <s> = 1, </s> = 2
-        logits = np.asarray(forward(jnp.asarray([ids[:-1]])), np.float64)[0]
+        row = np.zeros((1, 48), np.int32)  # right padding: invisible to earlier positions
+        row[0, :len(ids) - 1] = ids[:-1]
+        logits = np.asarray(forward(jnp.asarray(row)), np.float64)[0, :len(ids) - 1]
         logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)
                                )[:, None] - logits.max(-1, keepdims=True)
         for position in range(len(prompt), len(ids) - 1):  # predicting response[0] .. EOS
@@ -113,6 +115,42 @@ def test_lora_lowers_held_out_loss_and_leaves_the_frozen_weights_bitwise(finetun
                for b in jax.tree.leaves(raw["lora"]) if b.shape[-2] == finetuning.lora_rank)
     assert "parameters: 16,384 trainable of 155,968" in finetuned["said"]  # r (in + out) x 14
     assert "finetune=lora" in finetuned["said"]
+
+
+def test_a_resume_needs_only_the_workdir(finetuned, tmp_path):
+    """The checkpoint directory is gone (the fixture deleted it): 4 more steps resume from the
+    workdir's checkpoint and its init_from/ copy of config.json and the tokenizer."""
+    workdir = tmp_path / "w"
+    shutil.copytree(finetuned["workdir"], workdir)
+    config = finetuned["config"].copy_and_resolve_references()
+    config.num_train_steps = 28
+    assert not pathlib.Path(config.init_from).exists()
+    with contextlib.redirect_stderr(io.StringIO()):
+        experiment.train(config, str(workdir), mesh=one_device_mesh())
+    assert [r["step"] for r in tr.read_metrics(str(workdir), "train")] == [8, 16, 24, 28]
+    _, base = pretrained.load_hf(str(LLAMA))
+    task = experiment.lm_task(experiment.load_trained_lm(str(workdir)).model.config,
+                              max_len=48, finetuning=experiment.finetuning_of(config))
+    raw = tr.restore_params(str(workdir), task.init_params)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), raw["model"], base)
+
+
+def test_full_finetuning_trains_every_weight(tmp_path):
+    write_task(tmp_path / "task.jsonl", count=16)
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        experiment.train(config_for(tmp_path / "task.jsonl", LLAMA, finetune="full",
+                                    num_train_steps=2, checkpoint_every_steps=2),
+                         str(tmp_path / "w"), mesh=one_device_mesh())
+    assert "parameters: 139,584 trainable of 139,584" in said.getvalue()
+    _, base = pretrained.load_hf(str(LLAMA))
+    trained = experiment.load_trained_lm(str(tmp_path / "w")).params
+    for path in (("layers", "layer_0", "self_attention", "query", "kernel"),
+                 ("layers", "final_norm", "scale"), ("logits", "kernel")):
+        before, after = base, trained
+        for key in path:
+            before, after = before[key], after[key]
+        assert not np.array_equal(np.asarray(after), before), path
 
 
 def test_the_loss_mask_covers_the_response_tokens_only(tmp_path):

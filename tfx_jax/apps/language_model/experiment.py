@@ -76,14 +76,14 @@ def check_sampling_config(config) -> None:
     require_key(config, "sample_seed", is_int(config.sample_seed), "an integer")
 
 
-def check(config, mesh) -> None:
+def check(config, mesh, workdir: Optional[str] = None) -> None:
     """One ConfigError naming the first bad key; reads no data (a checkpoint's config.json
-    at most), writes nothing."""
+    at most: the copy in ``workdir`` when it has one), writes nothing."""
     tr.validate_config(config)
     require_key(config, "max_len", is_int(config.max_len) and config.max_len >= 2,
                 "an integer >= 2 (tokens per row)")
     if config.get("init_from"):
-        model = checkpoint_model(config, check_init_from(config))
+        model = checkpoint_model(config, check_init_from(config, workdir))
         require(config.max_len <= model.max_len,
                 f"config.max_len = {config.max_len} is longer than config.init_from's context "
                 f"({model.max_len} positions); lower config.max_len")
@@ -132,17 +132,22 @@ RUN_MODEL_KEYS = ("dropout_rate", "attention_dropout_rate", "dtype", "attention_
                   "scan_layers", "remat_policy")
 
 
-def check_init_from(config) -> str:
-    """``config.init_from`` (a directory with a tokenizer.json) and ``config.finetune``."""
+def check_init_from(config, workdir: Optional[str] = None) -> str:
+    """``config.finetune`` and ``config.init_from`` (a directory with a tokenizer.json);
+    returns where the checkpoint's config.json and tokenizer are: the copy in ``workdir``
+    when it has one (a resume needs no more of the checkpoint), else init_from."""
+    require_key(config, "finetune", config.get("finetune") in FINETUNE_MODES,
+                f"one of {FINETUNE_MODES} with config.init_from")
+    finetuning_of(config)  # the LoRA keys
+    copy = workdir_checkpoint_files(workdir) if workdir is not None else None
+    if copy is not None:
+        return copy
     directory = config.init_from
     require_key(config, "init_from", isinstance(directory, str) and os.path.isdir(directory),
                 "a Hugging Face model directory (config.json, *.safetensors, tokenizer.json)")
     require(os.path.isfile(os.path.join(directory, "tokenizer.json")),
             f"config.init_from={directory!r} has no tokenizer.json, which the run tokenizes "
             f"its data with (save one with transformers' AutoTokenizer)", DataNotFound)
-    require_key(config, "finetune", config.get("finetune") in FINETUNE_MODES,
-                f"one of {FINETUNE_MODES} with config.init_from")
-    finetuning_of(config)  # the LoRA keys
     return directory
 
 
@@ -176,9 +181,10 @@ def checkpoint_model(config, directory: str) -> CausalLMConfig:
 
 
 def workdir_checkpoint_files(workdir: str) -> Optional[str]:
-    """A local copy of ``WORKDIR/init_from/`` (config.json, tokenizer) if the run has one."""
+    """A local copy of ``WORKDIR/init_from/`` (config.json, tokenizer) when the workdir
+    holds a checkpoint of a run from ``init_from``, else None."""
     source = epath.Path(workdir) / CHECKPOINT_DIR
-    if not (source / "config.json").exists():
+    if not ((source / "config.json").exists() and has_checkpoint(workdir)):
         return None
     local = local_temp_dir()
     for name in CHECKPOINT_FILES:
@@ -331,8 +337,8 @@ def train(config, workdir: str, mesh=None) -> tr.TrainResult:
     model, weights and tokenizer, fine-tuned as ``config.finetune`` says.
     """
     mesh = tr.make_mesh(config.mesh) if mesh is None else mesh
-    check(config, mesh)
     tr.check_workdir(workdir, JOB, config, same=SAME_DATA)
+    check(config, mesh, workdir)
     with workdir_lock(workdir):
         start = checkpoint_start(config, workdir)
         ready = prepare(config, workdir, start and start.tokenizer)
