@@ -32,5 +32,5 @@ from tfx_jax.pretrained.layers import from_scan, to_scan
 from tfx_jax.pretrained.posemb import resize_position_embedding
 from tfx_jax.pretrained.vit_npz import load_vit_npz
 
-__all__ = ["CheckpointTokenizer", "from_scan", "load_hf", "load_hf_config", "load_tokenizer", "load_vit_npz",
-           "resize_position_embedding", "save_hf", "to_scan"]
+__all__ = ["CheckpointTokenizer", "from_scan", "load_hf", "load_hf_config", "load_tokenizer",
+           "load_vit_npz", "resize_position_embedding", "save_hf", "to_scan"]

@@ -103,8 +103,8 @@ def lm_task(config: CausalLMConfig, *, max_len: int, num_eval_examples: Optional
     With ``finetuning`` the run starts from ``pretrained_params`` (None: parameters of
     the same structure, to restore a fine-tuned checkpoint) and trains what its mode
     marks trainable (:class:`tfx_jax.train.finetune.FineTuning`; LoRA adapts the
-    attention and MLP kernels). Evaluation is the loop's common path (its eval batches through ``loss_fn``:
-    token-weighted ``loss`` and ``accuracy``); ``eval_summary`` adds
+    attention and MLP kernels). Evaluation is the loop's common path (its eval batches
+    through ``loss_fn``: token-weighted ``loss`` and ``accuracy``); ``eval_summary`` adds
     ``perplexity = exp(loss)``, ``num_tokens`` and, if given, ``num_examples``.
     """
     if max_len > config.max_len:
