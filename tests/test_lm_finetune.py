@@ -23,6 +23,7 @@ from tfx_jax import pretrained
 from tfx_jax import train as tr
 from tfx_jax.apps.language_model import experiment, pipeline
 from tfx_jax.apps.language_model.task import make_loss_fn
+from tfx_jax.errors import WorkdirError
 from tfx_jax.lm import CausalLM
 
 flags.FLAGS.mark_as_parsed()  # Grain reads absl flags
@@ -125,6 +126,10 @@ def test_a_resume_needs_only_the_workdir(finetuned, tmp_path):
     config = finetuned["config"].copy_and_resolve_references()
     config.num_train_steps = 28
     assert not pathlib.Path(config.init_from).exists()
+    other = config.copy_and_resolve_references()
+    other.finetune = "full"
+    with pytest.raises(WorkdirError, match="was fine-tuned with config.finetune = 'lora'"):
+        experiment.train(other, str(workdir), mesh=one_device_mesh())
     with contextlib.redirect_stderr(io.StringIO()):
         experiment.train(config, str(workdir), mesh=one_device_mesh())
     assert [r["step"] for r in tr.read_metrics(str(workdir), "train")] == [8, 16, 24, 28]

@@ -48,8 +48,8 @@ from tfx_jax.data.packing import PackingChoice, choose_packing, packing_setting
 from tfx_jax.data.tokenizer import SentencePieceTokenizer
 from tfx_jax.data.workdir_tokenizer import (local_temp_dir, read_workdir_tokenizer,
                                             workdir_tokenizer, write_workdir_file)
-from tfx_jax.errors import (ConfigError, DataError, DataNotFound, WorkdirNotFound, is_int,
-                            is_number, require, require_key, say)
+from tfx_jax.errors import (ConfigError, DataError, DataNotFound, WorkdirError,
+                            WorkdirNotFound, is_int, is_number, require, require_key, say)
 from tfx_jax.lm import CausalLM, CausalLMConfig
 from tfx_jax.train.checkpoint import check_checkpoint_fits, workdir_lock
 from tfx_jax.train.finetune import FineTuning, parameter_counts
@@ -57,7 +57,7 @@ from tfx_jax.train.finetune import FineTuning, parameter_counts
 JOB = "lm"
 # What a resumed workdir must have been trained on: other data would continue with the
 # old data's tokenizer (and config.json would then name data it never saw).
-SAME_DATA = ("dataset", "train_split", "text_key", "max_files", "init_from", "finetune")
+SAME_DATA = ("dataset", "train_split", "text_key", "max_files", "init_from")
 
 
 
@@ -338,6 +338,11 @@ def train(config, workdir: str, mesh=None) -> tr.TrainResult:
     """
     mesh = tr.make_mesh(config.mesh) if mesh is None else mesh
     tr.check_workdir(workdir, JOB, config, same=SAME_DATA)
+    if config.get("init_from") and has_checkpoint(workdir):  # a resumed fine-tuning run
+        before = tr.load_config(workdir).get("finetune")
+        require(before == config.get("finetune"), f"workdir {workdir!r} was fine-tuned with "
+                f"config.finetune = {before!r}, this run has {config.get('finetune')!r}: use a "
+                f"new --workdir, or --config.finetune={before} to resume", WorkdirError)
     check(config, mesh, workdir)
     with workdir_lock(workdir):
         start = checkpoint_start(config, workdir)
