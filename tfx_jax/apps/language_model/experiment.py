@@ -4,25 +4,31 @@
 everything that can be refused is refused before anything is written, so a
 refused run leaves the workdir as it was:
 
-1. :func:`check`: training keys, rows (``max_len``, also against the sample
+1. The workdir: one of another script, or one trained on other data or from
+   another checkpoint (``SAME_DATA``, ``finetune``), is refused.
+2. :func:`check`: training keys, rows (``max_len``, also against the sample
    prompts), the tokenizer's ``vocab_size``, the model section and its heads
    and widths against the mesh, both batch sizes against the mesh,
-   ``packing`` and the sampling keys. No data is read yet.
-2. The workdir: one of another script, or one trained on other data
-   (``SAME_DATA``), is refused; then its lock (one run per workdir).
+   ``packing`` and the sampling keys; with ``init_from`` the checkpoint's
+   config.json instead of the model section (:func:`checkpoint_model`: a
+   changed architecture key that disagrees is refused), ``finetune`` and the
+   LoRA keys. No data is read yet. Then the workdir's lock (one run per workdir).
 3. :func:`prepare`: the corpus, the tokenizer (trained into a temporary
-   directory, or read from the workdir), the held-out windows and the packing
-   decision (:func:`tfx_jax.data.packing.choose_packing`: the first batches,
-   built as process 0 of 1 so that every process decides alike, measured with
-   and without packing); the plan (:func:`tfx_jax.train.freeze`), one Task and
+   directory, read from the workdir, or the checkpoint's), the held-out windows
+   and the packing decision (:func:`tfx_jax.data.packing.choose_packing`: the
+   first batches, built as process 0 of 1 so that every process decides alike,
+   measured with and without packing); the plan (:func:`tfx_jax.train.freeze`),
+   the checkpoint's weights (not when resuming), one Task and
    :func:`tfx_jax.train.check_checkpoint_fits`.
-4. Only then the tokenizer is written into the workdir and
+4. Only then the tokenizer (or the checkpoint's config.json and tokenizer
+   files, into ``WORKDIR/init_from/``) is written into the workdir and
    :func:`tfx_jax.train.train` writes config.json and checkpoints; samples of
    ``config.sample_prompts`` are printed at the end.
 
 :func:`generate` continues prompts with the model a run left in a workdir
-(its config.json, tokenizer and latest parameters); :func:`read_prompts` reads
-prompts from the command line, a file (``@path``) or stdin (``-``).
+(its config.json, tokenizer and latest parameters) or with a checkpoint
+directory as it is; :func:`read_prompts` reads prompts from the command line,
+a file (``@path``) or stdin (``-``).
 """
 from __future__ import annotations
 
