@@ -158,6 +158,27 @@ def test_full_finetuning_trains_every_weight(tmp_path):
         assert not np.array_equal(np.asarray(after), before), path
 
 
+def test_text_files_are_tokenized_with_the_checkpoint_tokenizer(tmp_path):
+    """No SentencePiece model is trained; every held-out token (and EOS) is scored once."""
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    rng = random.Random(1)
+    for i in range(3):
+        (texts / f"notes{i}.txt").write_text("\n\n".join(
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(10)))
+    workdir = tmp_path / "w"
+    with contextlib.redirect_stderr(io.StringIO()):
+        experiment.train(config_for(texts, LLAMA, num_train_steps=2, checkpoint_every_steps=2,
+                                    eval_fraction=0.2, packing="true"),
+                         str(workdir), mesh=one_device_mesh())
+    held_out = experiment.open_corpus(str(texts), eval_fraction=0.2).eval
+    evaluation = tr.read_metrics(str(workdir), "eval")[-1]
+    assert evaluation["num_tokens"] == sum(len(encode(text)) + 1 for text in held_out)
+    assert sorted(p.name for p in (workdir / "init_from").iterdir()) == [
+        "config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert not list(workdir.glob("sentencepiece*"))
+
+
 def test_the_loss_mask_covers_the_response_tokens_only(tmp_path):
     examples = write_task(tmp_path / "task.jsonl", count=12)
     tokenizer = pretrained.load_tokenizer(str(LLAMA))
