@@ -27,6 +27,7 @@ from tfx_jax.errors import WorkdirError
 from tfx_jax.lm import CausalLM
 
 flags.FLAGS.mark_as_parsed()  # Grain reads absl flags
+pytestmark = pytest.mark.slow  # end-to-end runs (small, still part of CI)
 
 LLAMA = pathlib.Path(__file__).parent / "fixtures" / "pretrained" / "decoders" / "llama"
 WORDS = ("apple", "river", "stone", "cloud", "green", "music", "table", "light")
