@@ -3,6 +3,10 @@ r"""GPT-style language modelling with a causal Transformer: train, evaluate, sam
     # train (built-in corpus: the Python standard library's source code)
     python experiments/lm.py --workdir=/tmp/lm [--config=experiments/configs/lm.py]
         [--config.dataset=lm1b --config.data_dir=DIR] [--config.KEY=VALUE ...]
+    # fine-tune a Hugging Face decoder (Llama, Mistral, Qwen, Gemma; tokenizer.json) on text
+    # files or a JSONL of {"prompt": ..., "response": ...} lines (loss on the responses)
+    python experiments/lm.py --workdir=/tmp/lm_ft --config.init_from=HF_DIR \
+        --config.dataset=task.jsonl [--config.finetune=lora|full]
     # continue prompts with the trained model (KV cache; temperature, top-k, top-p);
     # @FILE: one prompt per line (\n in a line is a newline), -: the same from stdin
     python experiments/lm.py --workdir=/tmp/lm --generate="def fibonacci(n):" \
@@ -15,7 +19,7 @@ Training evaluates loss, perplexity and next-token accuracy on held-out text
 the model from the workdir (config.json, the cached tokenizer, the latest
 checkpoint) and continues every prompt in one batch; of --config only the
 sampling keys apply there. The logic lives in tfx_jax/apps/language_model/;
-see docs/lm.md.
+see docs/lm.md (fine-tuning: docs/pretrained.md).
 """
 from __future__ import annotations
 

@@ -29,11 +29,13 @@ class CharTokenizer:
 
 
 def _only_segment(batch, row, segment, keys=("targets",)):
-    """Row ``row`` of a packed batch with the targets of other segments set to padding."""
+    """Row ``row`` of a packed batch with the targets (and loss weights) of other segments
+    set to padding."""
     out = {k: v[row:row + 1] for k, v in batch.items()}
-    for key in keys:
-        seg = out[key + "_segmentation"]
-        out[key] = np.where(seg == segment, out[key], 0)
+    for key in (*keys, "weights"):
+        if key in out:
+            seg = out[key + "_segmentation"]
+            out[key] = np.where(seg == segment, out[key], 0)
     return out
 
 

@@ -17,13 +17,15 @@ import ml_collections
 from ml_collections import config_dict
 
 from tfx_jax import train as tr
+from tfx_jax.apps.language_model.task import DEFAULT_MODEL
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """The default (small, CPU-sized) config; ``"gpt2"`` gives a GPT-2-small-sized model."""
     config = tr.default_config()
 
-    # Data: "python_stdlib" (built in), a directory of text files, or a TFDS name ("lm1b").
+    # Data: "python_stdlib" (built in), a directory of text files, a text file, a JSONL file
+    # of {"prompt": ..., "response": ...} lines (loss on the responses), or a TFDS name.
     config.dataset = "python_stdlib"
     config.data_dir = config_dict.placeholder(str)  # TFDS data_dir (None: TFDS's default)
     config.train_split = "train"  # TFDS splits (lm1b has train and test)
@@ -47,10 +49,18 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     # Model: CausalLMConfig fields except vocab_size / max_len. position: "learned" (GPT),
     # "sinusoidal" or "rope"; num_kv_heads < num_heads: grouped-query attention (None: off).
+    # With config.init_from the checkpoint fixes the architecture: only dropout_rate, dtype,
+    # attention_implementation, scan_layers and remat_policy apply then.
     config.model = ml_collections.ConfigDict(dict(
-        num_layers=4, d_model=128, num_heads=4, d_ff=512, dropout_rate=0.0,
-        position="learned", num_kv_heads=config_dict.placeholder(int), dtype="float32",
-        attention_implementation="auto", scan_layers=False, remat_policy="none"))
+        DEFAULT_MODEL, num_kv_heads=config_dict.placeholder(int)))
+
+    # Start from a Hugging Face decoder directory (Llama, Mistral, Qwen, Gemma, GPT-2 with
+    # tokenizer.json; "" = a new model): its config, weights and tokenizer (config.vocab_size
+    # and the tokenizer keys do not apply). --generate continues prompts with it directly.
+    config.init_from = ""
+    config.finetune = "lora"  # with init_from: "full" (every weight) or "lora" (adapters on
+    config.lora_rank = 8      # the attention q/k/v/o and MLP kernels; the rest frozen)
+    config.lora_alpha = 16.0
 
     # Training.
     config.batch_size = 32
@@ -67,9 +77,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 250
 
     # Sampling (--generate, and the samples printed after training).
-    # a Hugging Face decoder directory (Llama, Mistral, Qwen, Gemma, GPT-2 with tokenizer.json):
-    # --generate continues prompts with it and its own tokenizer ("" = the workdir's model)
-    config.init_from = ""
     config.sample_prompts = ("def ",)  # printed after training; () = none
     config.num_generate_tokens = 96
     config.num_samples = 1

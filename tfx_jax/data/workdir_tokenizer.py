@@ -63,8 +63,8 @@ def write_workdir_file(workdir: str, name: str, content: bytes) -> None:
     if jax.process_index() != 0 or compile_target() is not None:
         return
     directory = epath.Path(workdir)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / name
+    target = directory / name  # ``name`` may name a subdirectory: "init_from/config.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
     if "://" in os.fspath(workdir):  # object stores write whole objects
         target.write_bytes(content)
         return

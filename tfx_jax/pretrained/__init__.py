@@ -4,6 +4,7 @@
     cfg, params = pretrained.load_vit_npz(path, num_classes=None, image_size=None)
     cfg, params = pretrained.load_hf(directory)        # config.json + *.safetensors
     cfg, params = pretrained.load_hf(directory, mesh=mesh)  # each device reads its block
+    cfg = pretrained.load_hf_config(directory)         # a decoder's config.json only
     pretrained.save_hf(cfg, params, directory)         # loadable by transformers
     tokenizer = pretrained.load_tokenizer(directory)   # tokenizer.json + BOS/EOS/pad ids
     cfg = tfx.CausalLMConfig.preset("llama3.2-1b")     # released shapes, no weights
@@ -25,11 +26,11 @@ checkpoint families each loader accepts.
   hf_vit.py     ViTModel / ViTForImageClassification <-> ViT tensor map
   hf.py         load_hf / save_hf
 """
-from tfx_jax.pretrained.hf import load_hf, save_hf
+from tfx_jax.pretrained.hf import load_hf, load_hf_config, save_hf
 from tfx_jax.pretrained.hf_files import CheckpointTokenizer, load_tokenizer
 from tfx_jax.pretrained.layers import from_scan, to_scan
 from tfx_jax.pretrained.posemb import resize_position_embedding
 from tfx_jax.pretrained.vit_npz import load_vit_npz
 
-__all__ = ["CheckpointTokenizer", "from_scan", "load_hf", "load_tokenizer", "load_vit_npz",
-           "resize_position_embedding", "save_hf", "to_scan"]
+__all__ = ["CheckpointTokenizer", "from_scan", "load_hf", "load_hf_config", "load_tokenizer",
+           "load_vit_npz", "resize_position_embedding", "save_hf", "to_scan"]

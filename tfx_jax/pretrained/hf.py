@@ -44,6 +44,20 @@ def _architecture(config: dict[str, Any], source: str) -> str:
                      f"{list(SUPPORTED)}")
 
 
+def load_hf_config(directory: str) -> CausalLMConfig:
+    """The :class:`CausalLMConfig` of a decoder or GPT-2 directory, from its config.json
+    alone (no tensor is read): what a run checks before loading the weights."""
+    config = read_config(directory)
+    source = os.path.join(str(directory), CONFIG)
+    architecture = _architecture(config, source)
+    if architecture in hf_decoders.ARCHITECTURES:
+        return hf_decoders.config_from_hf(config, architecture, source)
+    if architecture == hf_gpt2.ARCHITECTURE:
+        return hf_gpt2.config_from_hf(config, source)
+    raise ConfigError(f"{source}: {architecture} is not a causal LM; a decoder or GPT-2 "
+                      f"directory is needed")
+
+
 def load_hf(directory: str, *, num_classes: Optional[int] = None,
             image_size: Optional[int] = None, mesh=None, rules=None
             ) -> tuple[Union[CausalLMConfig, ViTConfig], dict]:

@@ -133,8 +133,8 @@ def _smoothed_cross_entropy(logits, labels, label_smoothing: float):
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array, *,
-                        label_smoothing: float = 0.0,
-                        pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
+                        label_smoothing: float = 0.0, pad_id: int = 0,
+                        weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Mean (label-smoothed) cross-entropy over the real tokens of a padded batch.
 
     Args:
@@ -142,6 +142,8 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, *,
       targets: ``[batch, length]`` integer token ids; ``pad_id`` marks padding.
       label_smoothing: ``alpha`` of ``optax.smooth_labels`` (paper: 0.1).
       pad_id: the padding id, ignored by the loss.
+      weights: ``[batch, length]`` 0/1 per target instead of ``targets != pad_id``
+        (a loss mask: e.g. the response tokens of prompt/response examples).
 
     Returns:
       ``(mean_loss, num_tokens)``: the loss averaged over non-pad positions
@@ -149,7 +151,7 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, *,
       weight to use when averaging this loss with others.
     """
     _check_logits_and_labels(logits, targets, "targets")
-    weights = (targets != pad_id).astype(jnp.float32)
+    weights = _token_weights(targets, pad_id, weights)
     losses = _smoothed_cross_entropy(logits, targets, label_smoothing)
     num_tokens = weights.sum()
     return (losses * weights).sum() / jnp.maximum(num_tokens, 1.0), num_tokens
@@ -178,11 +180,21 @@ def classification_cross_entropy(logits: jax.Array, labels: jax.Array, *,
     return _example_mean(_smoothed_cross_entropy(logits, labels, label_smoothing), weights)
 
 
-def token_accuracy(logits: jax.Array, targets: jax.Array, *,
-                   pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
-    """``(fraction of non-pad positions whose argmax is the target, num_tokens)``."""
+def _token_weights(targets: jax.Array, pad_id: int, weights) -> jax.Array:
+    if weights is None:
+        return (targets != pad_id).astype(jnp.float32)
+    if weights.shape != targets.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} must have the targets' shape "
+                         f"{tuple(targets.shape)}")
+    return weights.astype(jnp.float32)
+
+
+def token_accuracy(logits: jax.Array, targets: jax.Array, *, pad_id: int = 0,
+                   weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(fraction of non-pad positions (or of ``weights``) whose argmax is the target,
+    num_tokens)``."""
     _check_logits_and_labels(logits, targets, "targets")
-    weights = (targets != pad_id).astype(jnp.float32)
+    weights = _token_weights(targets, pad_id, weights)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     num_tokens = weights.sum()
     return (correct * weights).sum() / jnp.maximum(num_tokens, 1.0), num_tokens

@@ -1,13 +1,16 @@
 """GPT-style language modelling with :class:`tfx_jax.CausalLM`: corpus, pipeline, task, sampling.
 
 * ``corpus``: the built-in corpus (the Python standard library's source), a
-  directory of text files, or a TFDS dataset such as lm1b.
-* ``pipeline``: SentencePiece tokenizer, packed training rows, eval windows.
+  directory of text files, a JSONL of prompt/response examples, or a TFDS dataset
+  such as lm1b.
+* ``pipeline``: SentencePiece tokenizer, packed training rows with loss weights
+  (responses only for prompt/response examples), eval windows.
 * ``task``: next-token loss, perplexity and the :class:`tfx_jax.train.Task`.
 * ``sampling``: temperature / top-k / top-p (nucleus) sampling with the KV
   cache, every prompt in one left-padded batch.
 * ``experiment``: the whole run, checked before anything is written
-  (:func:`train`), and :func:`load_trained_lm` / :func:`generate` /
+  (:func:`train`; from a Hugging Face checkpoint with ``config.init_from``, full or
+  LoRA fine-tuning), and :func:`load_trained_lm` / :func:`generate` /
   :func:`read_prompts` for a trained workdir.
 
 ``experiments/lm.py`` is the thin script over ``experiment`` (docs/lm.md).

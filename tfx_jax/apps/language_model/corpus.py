@@ -20,6 +20,11 @@ blocks the same way (your own code base or notes); a single file of any name
 the same way (part of its blocks held out). Files must be UTF-8 text: others
 are skipped and named, and a corpus that would lose most of its files is refused.
 
+A JSONL file (``*.jsonl``): one ``{"prompt": ..., "response": ...}`` object a
+line, for supervised fine-tuning (the loss is on the response only; see
+``pipeline``); the last ``eval_fraction`` of the examples (at least one) is
+held out.
+
 TFDS: any dataset with a text feature (default key ``"text"``), e.g.
 ``"lm1b"`` (one sentence per example), prepared in ArrayRecord format and read
 with random access through ``tfds.data_source``.
@@ -30,6 +35,7 @@ import collections
 import collections.abc
 import dataclasses
 import importlib
+import json
 import os
 import re
 import sysconfig
@@ -38,6 +44,7 @@ from typing import Optional, Sequence
 
 import tensorflow_datasets as tfds
 
+from tfx_jax.apps.language_model.pipeline import PromptResponse
 from tfx_jax.data.pair_sources import is_file_spec
 from tfx_jax.errors import ConfigError, DataError, DataNotFound, require, say
 
@@ -258,10 +265,39 @@ def tfds_texts(name: str, split: str, *, data_dir: Optional[str] = None,
     return TfdsTexts(records, text_key, name=f"{name}[{split}]")
 
 
+JSONL = ".jsonl"
+
+
+def jsonl_corpus(path: str, *, eval_fraction: float = 0.02) -> TextCorpus:
+    """The ``{"prompt", "response"}`` examples of a JSONL file (:class:`PromptResponse`),
+    the last ``eval_fraction`` held out; DataError naming the first bad line."""
+    require(os.path.isfile(path), f"config.dataset: no such file {path!r}", DataError)
+    examples = []
+    for number, line in enumerate(read_text_file(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not JSON ({e.msg})") from None
+        require(isinstance(record, dict) and all(
+            isinstance(record.get(key), str) for key in ("prompt", "response")),
+            f"{path}:{number}: expected an object with string \"prompt\" and \"response\", "
+            f"got {line[:60]!r}", DataError)
+        examples.append(PromptResponse(record["prompt"], record["response"]))
+    require(len(examples) >= 2, f"{path}: {len(examples)} examples; training and held-out "
+            f"examples need at least 2", DataError)
+    count = max(1, round(eval_fraction * len(examples)))
+    return TextCorpus(name=path, train=examples[:-count], eval=examples[-count:],
+                      description=f"JSONL {path}: {len(examples) - count} / {count} "
+                                  f"prompt/response examples")
+
+
 def open_corpus(dataset: str, *, data_dir: Optional[str] = None, train_split: str = "train",
                 eval_split: str = "test", text_key: str = "text", eval_fraction: float = 0.02,
                 max_files: Optional[int] = None) -> TextCorpus:
-    """``"python_stdlib"`` (built in), a directory of text files, or a TFDS name (``"lm1b"``)."""
+    """``"python_stdlib"`` (built in), a directory of text files, a text file, a JSONL
+    file of prompt/response examples, or a TFDS name (``"lm1b"``)."""
     if not isinstance(dataset, str) or not dataset.strip():
         raise ConfigError(f"config.dataset must be {STDLIB!r}, a directory or a TFDS name like "
                          f"'lm1b', got {dataset!r}")
@@ -270,6 +306,8 @@ def open_corpus(dataset: str, *, data_dir: Optional[str] = None, train_split: st
     if os.path.isdir(dataset):
         return stdlib_corpus(dataset, eval_fraction=eval_fraction, max_files=max_files,
                              extensions=DIRECTORY_EXTENSIONS)
+    if dataset.lower().endswith(JSONL):
+        return jsonl_corpus(dataset, eval_fraction=eval_fraction)
     if is_file_spec(dataset):  # one file, whatever its name (as translate.py's data flags)
         require(os.path.isfile(dataset), f"config.dataset: no such file {dataset!r}", DataError)
         corpus = stdlib_corpus(os.path.dirname(os.path.abspath(dataset)),

@@ -4,57 +4,66 @@
 everything that can be refused is refused before anything is written, so a
 refused run leaves the workdir as it was:
 
-1. :func:`check`: training keys, rows (``max_len``, also against the sample
+1. The workdir: one of another script, or one trained on other data or from
+   another checkpoint (``SAME_DATA``, ``finetune``), is refused.
+2. :func:`check`: training keys, rows (``max_len``, also against the sample
    prompts), the tokenizer's ``vocab_size``, the model section and its heads
    and widths against the mesh, both batch sizes against the mesh,
-   ``packing`` and the sampling keys. No data is read yet.
-2. The workdir: one of another script, or one trained on other data
-   (``SAME_DATA``), is refused; then its lock (one run per workdir).
+   ``packing`` and the sampling keys; with ``init_from`` the checkpoint's
+   config.json instead of the model section (:func:`checkpoint_model`: a
+   changed architecture key that disagrees is refused), ``finetune`` and the
+   LoRA keys. No data is read yet. Then the workdir's lock (one run per workdir).
 3. :func:`prepare`: the corpus, the tokenizer (trained into a temporary
-   directory, or read from the workdir), the held-out windows and the packing
-   decision (:func:`tfx_jax.data.packing.choose_packing`: the first batches,
-   built as process 0 of 1 so that every process decides alike, measured with
-   and without packing); the plan (:func:`tfx_jax.train.freeze`), one Task and
+   directory, read from the workdir, or the checkpoint's), the held-out windows
+   and the packing decision (:func:`tfx_jax.data.packing.choose_packing`: the
+   first batches, built as process 0 of 1 so that every process decides alike,
+   measured with and without packing); the plan (:func:`tfx_jax.train.freeze`),
+   the checkpoint's weights (not when resuming), one Task and
    :func:`tfx_jax.train.check_checkpoint_fits`.
-4. Only then the tokenizer is written into the workdir and
+4. Only then the tokenizer (or the checkpoint's config.json and tokenizer
+   files, into ``WORKDIR/init_from/``) is written into the workdir and
    :func:`tfx_jax.train.train` writes config.json and checkpoints; samples of
    ``config.sample_prompts`` are printed at the end.
 
 :func:`generate` continues prompts with the model a run left in a workdir
-(its config.json, tokenizer and latest parameters); :func:`read_prompts` reads
-prompts from the command line, a file (``@path``) or stdin (``-``).
+(its config.json, tokenizer and latest parameters) or with a checkpoint
+directory as it is; :func:`read_prompts` reads prompts from the command line,
+a file (``@path``) or stdin (``-``).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import grain
 import jax
+from etils import epath
 
 from tfx_jax import pretrained
 from tfx_jax import train as tr
 from tfx_jax.apps.language_model.corpus import TextCorpus, open_corpus, read_text_file
 from tfx_jax.apps.language_model.pipeline import (MIN_VOCAB_SIZE, eval_batches, eval_windows,
                                                   lm_tokenizer_path, load_or_train_lm_tokenizer,
-                                                  train_batches)
+                                                  special_ids, train_batches)
 from tfx_jax.apps.language_model.sampling import generate_texts
-from tfx_jax.apps.language_model.task import lm_config, lm_task, make_init_params
+from tfx_jax.apps.language_model.task import (DEFAULT_MODEL, lm_config, lm_task,
+                                              make_init_params)
 from tfx_jax.data.packing import PackingChoice, choose_packing, packing_setting
 from tfx_jax.data.tokenizer import SentencePieceTokenizer
-from tfx_jax.data.workdir_tokenizer import (read_workdir_tokenizer, workdir_tokenizer,
-                                            write_workdir_file)
-from tfx_jax.errors import (ConfigError, DataError, DataNotFound, is_int, is_number, require,
-                            require_key, say)
+from tfx_jax.data.workdir_tokenizer import (local_temp_dir, read_workdir_tokenizer,
+                                            workdir_tokenizer, write_workdir_file)
+from tfx_jax.errors import (ConfigError, DataError, DataNotFound, WorkdirError,
+                            WorkdirNotFound, is_int, is_number, require, require_key, say)
 from tfx_jax.lm import CausalLM, CausalLMConfig
 from tfx_jax.train.checkpoint import check_checkpoint_fits, workdir_lock
+from tfx_jax.train.finetune import FineTuning, parameter_counts
 
 JOB = "lm"
 # What a resumed workdir must have been trained on: other data would continue with the
 # old data's tokenizer (and config.json would then name data it never saw).
-SAME_DATA = ("dataset", "train_split", "text_key", "max_files")
+SAME_DATA = ("dataset", "train_split", "text_key", "max_files", "init_from")
 
 
 
@@ -73,18 +82,23 @@ def check_sampling_config(config) -> None:
     require_key(config, "sample_seed", is_int(config.sample_seed), "an integer")
 
 
-def check(config, mesh) -> None:
-    """One ConfigError naming the first bad key; reads no data, writes nothing."""
+def check(config, mesh, workdir: Optional[str] = None) -> None:
+    """One ConfigError naming the first bad key; reads no data (a checkpoint's config.json
+    at most: the copy in ``workdir`` when it has one), writes nothing."""
     tr.validate_config(config)
-    require_key(config, "init_from", not config.get("init_from"),
-                "'' when training (training from a checkpoint is not implemented yet; "
-                "--generate continues prompts with it)")
     require_key(config, "max_len", is_int(config.max_len) and config.max_len >= 2,
                 "an integer >= 2 (tokens per row)")
-    require_key(config, "vocab_size",
-                is_int(config.vocab_size) and config.vocab_size >= MIN_VOCAB_SIZE,
-                f"an integer >= {MIN_VOCAB_SIZE} (256 byte pieces, 4 reserved "
-                f"ids and the common characters)")
+    if config.get("init_from"):
+        model = checkpoint_model(config, check_init_from(config, workdir))
+        require(config.max_len <= model.max_len,
+                f"config.max_len = {config.max_len} is longer than config.init_from's context "
+                f"({model.max_len} positions); lower config.max_len")
+    else:
+        require_key(config, "vocab_size",
+                    is_int(config.vocab_size) and config.vocab_size >= MIN_VOCAB_SIZE,
+                    f"an integer >= {MIN_VOCAB_SIZE} (256 byte pieces, 4 reserved "
+                    f"ids and the common characters)")
+        model = lm_config(config.model, vocab_size=config.vocab_size, max_len=config.max_len)
     for key in ("eval_batch_size", "max_eval_examples", "tokenizer_max_chars"):
         require_key(config, key, is_int(config[key]) and config[key] >= 1, "a positive integer")
     for key in ("num_packing_bins", "data_threads"):
@@ -108,8 +122,137 @@ def check(config, mesh) -> None:
             f"3); raise max_len or set --config.sample_prompts='()'")
     tr.check_batch_size(config.batch_size, mesh)
     tr.check_batch_size(config.eval_batch_size, mesh, what="config.eval_batch_size")
-    model = lm_config(config.model, vocab_size=config.vocab_size, max_len=config.max_len)
     tr.check_params_fit_mesh(make_init_params(model, max_len=config.max_len), mesh)
+
+
+# ------------------------------------------------------------ starting from a checkpoint
+
+FINETUNE_MODES = ("full", "lora")
+# A run from a checkpoint copies these of its files into WORKDIR/init_from/, so that a
+# resume and --generate rebuild the same model and tokenizer without the checkpoint.
+CHECKPOINT_DIR = "init_from"
+CHECKPOINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
+                    "generation_config.json")
+# config.model keys that apply on top of a checkpoint (how it computes, not its weights).
+RUN_MODEL_KEYS = ("dropout_rate", "attention_dropout_rate", "dtype", "attention_implementation",
+                  "scan_layers", "remat_policy")
+
+
+def check_init_from(config, workdir: Optional[str] = None) -> str:
+    """``config.finetune`` and ``config.init_from`` (a directory with a tokenizer.json);
+    returns where the checkpoint's config.json and tokenizer are: the copy in ``workdir``
+    when it has one (a resume needs no more of the checkpoint), else init_from."""
+    require_key(config, "finetune", config.get("finetune") in FINETUNE_MODES,
+                f"one of {FINETUNE_MODES} with config.init_from")
+    finetuning_of(config)  # the LoRA keys
+    copy = workdir_checkpoint_files(workdir) if workdir is not None else None
+    if copy is not None:
+        return copy
+    directory = config.init_from
+    require_key(config, "init_from", isinstance(directory, str) and os.path.isdir(directory),
+                "a Hugging Face model directory (config.json, *.safetensors, tokenizer.json)")
+    require(os.path.isfile(os.path.join(directory, "tokenizer.json")),
+            f"config.init_from={directory!r} has no tokenizer.json, which the run tokenizes "
+            f"its data with (save one with transformers' AutoTokenizer)", DataNotFound)
+    return directory
+
+
+def finetuning_of(config) -> Optional[FineTuning]:
+    """How a run from ``config.init_from`` trains (None without one): every weight, or LoRA
+    adapters on the attention and MLP kernels (nothing new: the LM keeps its head)."""
+    if not config.get("init_from"):
+        return None
+    return FineTuning(mode=config.finetune, new=(), lora_rank=config.lora_rank,
+                      lora_alpha=float(config.lora_alpha))
+
+
+def checkpoint_model(config, directory: str) -> CausalLMConfig:
+    """The checkpoint's model (its config.json) with ``config.model``'s RUN_MODEL_KEYS.
+
+    Any other key of ``config.model`` is the checkpoint's: one the user changed from
+    the default config (DEFAULT_MODEL) that the checkpoint disagrees with is refused.
+    """
+    cfg = pretrained.load_hf_config(directory)
+    section = config.model
+    section = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+    for key, value in section.items():
+        if key in RUN_MODEL_KEYS or value is None or value == DEFAULT_MODEL.get(key):
+            continue
+        require(value == getattr(cfg, key, None),
+                f"config.model.{key} = {value!r} conflicts with config.init_from's "
+                f"{key} = {getattr(cfg, key, None)!r}: the checkpoint fixes the architecture "
+                f"(only {', '.join(RUN_MODEL_KEYS)} apply); leave config.model.{key} out")
+    run = {key: section[key] for key in RUN_MODEL_KEYS if section.get(key) is not None}
+    return dataclasses.replace(cfg, **run)
+
+
+def workdir_checkpoint_files(workdir: str) -> Optional[str]:
+    """A local copy of ``WORKDIR/init_from/`` (config.json, tokenizer) when the workdir
+    holds a checkpoint of a run from ``init_from``, else None."""
+    source = epath.Path(workdir) / CHECKPOINT_DIR
+    if not ((source / "config.json").exists() and has_checkpoint(workdir)):
+        return None
+    local = local_temp_dir()
+    for name in CHECKPOINT_FILES:
+        if (source / name).exists():
+            with open(os.path.join(local, name), "wb") as f:
+                f.write((source / name).read_bytes())
+    return local
+
+
+def write_checkpoint_files(workdir: str, directory: str) -> None:
+    """Copies the checkpoint's CHECKPOINT_FILES into ``WORKDIR/init_from/``."""
+    for name in CHECKPOINT_FILES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                write_workdir_file(workdir, f"{CHECKPOINT_DIR}/{name}", f.read())
+
+
+def has_checkpoint(workdir: str) -> bool:
+    """Whether ``workdir`` holds a checkpoint (a resumed run starts from it)."""
+    directory = epath.Path(workdir) / "checkpoints"
+    return directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """The model and tokenizer a run from ``config.init_from`` starts with, and where their
+    files are (the workdir's copy when resuming, else init_from itself)."""
+    model: CausalLMConfig
+    tokenizer: pretrained.CheckpointTokenizer
+    files: str
+    copied: bool  # the workdir has the files already
+
+
+def checkpoint_start(config, workdir: str) -> Optional[Start]:
+    """The model and tokenizer of ``config.init_from`` (no weights read); None without it."""
+    if not config.get("init_from"):
+        return None
+    copy = workdir_checkpoint_files(workdir)
+    files = copy or config.init_from
+    model = checkpoint_model(config, files)
+    tokenizer = pretrained.load_tokenizer(files)
+    require(tokenizer.vocab_size <= model.vocab_size,
+            f"{files}: tokenizer.json has {tokenizer.vocab_size} tokens, more than the "
+            f"model's vocab_size {model.vocab_size}", DataError)
+    return Start(model=model, tokenizer=tokenizer, files=files, copied=copy is not None)
+
+
+def checkpoint_params(config, start: Start, workdir: str):
+    """The checkpoint's weights (in ``start.model``'s layer layout), or None when the
+    workdir has a checkpoint of its own (a resume starts from that)."""
+    model = start.model
+    say(f"config.init_from={config.init_from}: {model.num_layers} layers, d_model "
+        f"{model.d_model}, vocabulary {model.vocab_size}, context {model.max_len}; the "
+        f"checkpoint's architecture and tokenizer (config.model's other keys, vocab_size and "
+        f"the tokenizer keys do not apply)")
+    if has_checkpoint(workdir):
+        return None
+    _, params = pretrained.load_hf(config.init_from)
+    if model.scan_layers:
+        params = pretrained.to_scan(params, "layers", model.num_layers)
+    return params
 
 
 def sampling_kwargs(config) -> dict:
@@ -161,25 +304,30 @@ def make_train_batches(config, corpus: TextCorpus, tokenizer, *, packing: bool, 
 class Prepared:
     """What :func:`prepare` read and decided; nothing of it is in the workdir yet."""
     corpus: TextCorpus
-    tokenizer: SentencePieceTokenizer
+    tokenizer: Any  # SentencePieceTokenizer, or a checkpoint's CheckpointTokenizer
     tokenizer_bytes: Optional[bytes]
     windows: list
     packing: PackingChoice
 
 
-def prepare(config, workdir: str) -> Prepared:
-    """Step 3 of the module docstring: reads data, decides packing, writes nothing."""
+def prepare(config, workdir: str, tokenizer=None) -> Prepared:
+    """Step 3 of the module docstring: reads data, decides packing, writes nothing.
+
+    ``tokenizer``: a checkpoint's (else the run's SentencePiece model, trained or read).
+    """
     corpus = open_corpus(config.dataset, data_dir=config.data_dir,
                          train_split=config.train_split, eval_split=config.eval_split,
                          text_key=config.text_key, eval_fraction=config.eval_fraction,
                          max_files=config.max_files)
-    tokenizer, tokenizer_bytes = run_tokenizer(config, workdir, corpus.train)
+    tokenizer_bytes = None
+    if tokenizer is None:
+        tokenizer, tokenizer_bytes = run_tokenizer(config, workdir, corpus.train)
     windows = eval_windows(corpus.eval, tokenizer, max_len=config.max_len,
                            max_examples=config.max_eval_examples)
     packing = choose_packing(  # the same examples on every process: every process decides alike
         config.packing, lambda packed: make_train_batches(
             config, corpus, tokenizer, packing=packed, process_index=0, process_count=1,
-            read_options=grain.ReadOptions(num_threads=0)), ("targets",))
+            read_options=grain.ReadOptions(num_threads=0)), ("weights",))
     return Prepared(corpus=corpus, tokenizer=tokenizer, tokenizer_bytes=tokenizer_bytes,
                     windows=windows, packing=packing)
 
@@ -190,32 +338,51 @@ def train(config, workdir: str, mesh=None) -> tr.TrainResult:
     ``mesh`` defaults to ``config.mesh`` over every device of every host. Bad
     config keys, a workdir of another script or of other data, an empty corpus
     or a checkpoint that does not fit the model are refused (one
-    :class:`tfx_jax.errors.UserError`) before anything is written.
+    :class:`tfx_jax.errors.UserError`) before anything is written. With
+    ``config.init_from`` the run starts from that Hugging Face checkpoint: its
+    model, weights and tokenizer, fine-tuned as ``config.finetune`` says.
     """
     mesh = tr.make_mesh(config.mesh) if mesh is None else mesh
-    check(config, mesh)
     tr.check_workdir(workdir, JOB, config, same=SAME_DATA)
+    if config.get("init_from") and has_checkpoint(workdir):  # a resumed fine-tuning run
+        before = tr.load_config(workdir).get("finetune")
+        require(before == config.get("finetune"), f"workdir {workdir!r} was fine-tuned with "
+                f"config.finetune = {before!r}, this run has {config.get('finetune')!r}: use a "
+                f"new --workdir, or --config.finetune={before} to resume", WorkdirError)
+    check(config, mesh, workdir)
     with workdir_lock(workdir):
-        ready = prepare(config, workdir)
+        start = checkpoint_start(config, workdir)
+        ready = prepare(config, workdir, start and start.tokenizer)
         plan = tr.freeze(config, JOB)  # nothing of an LM run is decided by its data
-        model = CausalLM(lm_config(plan.model, vocab_size=ready.tokenizer.vocab_size,
-                                   max_len=plan.max_len))
+        model = CausalLM(start.model if start else lm_config(
+            plan.model, vocab_size=ready.tokenizer.vocab_size, max_len=plan.max_len))
+        pad_id = special_ids(ready.tokenizer).pad
         eval_data = eval_batches(ready.windows, global_batch_size=plan.eval_batch_size,
-                                 max_len=plan.max_len)
-        task = lm_task(model.config, max_len=plan.max_len, num_eval_examples=len(ready.windows))
+                                 max_len=plan.max_len, pad_id=pad_id)
+        finetuning = finetuning_of(plan)
+        task = lm_task(model.config, max_len=plan.max_len, num_eval_examples=len(ready.windows),
+                       finetuning=finetuning,
+                       pretrained_params=start and checkpoint_params(plan, start, workdir))
         check_checkpoint_fits(workdir, task.init_params)  # reads metadata, writes nothing
         if ready.tokenizer_bytes is not None:  # the first write into the workdir
             write_workdir_file(workdir, _tokenizer_name(plan), ready.tokenizer_bytes)
+        if start and not start.copied:
+            write_checkpoint_files(workdir, start.files)
         train_iter = make_train_batches(plan, ready.corpus, ready.tokenizer,
                                         packing=ready.packing.enabled)
+        trained, total = parameter_counts(task)
+        say(f"parameters: {trained:,} trainable of {total:,}"
+            + (f" (from {plan.init_from}, finetune={plan.finetune})" if finetuning else ""))
         say(f"{ready.corpus.description}; vocabulary {ready.tokenizer.vocab_size}, rows of "
             f"{plan.max_len} tokens, {len(ready.windows)} held-out windows; "
             f"{plan.num_train_steps} steps of {plan.batch_size} rows")
         say(ready.packing.report(ready.corpus.name))
         result = tr.train(plan, workdir, task, train_iter, eval_batches=eval_data, mesh=mesh)
     if plan.sample_prompts:
+        params = finetuning.model_params(result.state.params) if finetuning else (
+            result.state.params)
         print_samples(plan.sample_prompts, generate_texts(
-            model, result.state.params, ready.tokenizer, list(plan.sample_prompts),
+            model, params, ready.tokenizer, list(plan.sample_prompts),
             **sampling_kwargs(plan)))
     return result
 
@@ -232,16 +399,27 @@ class TrainedLM:
 
 
 def load_trained_lm(workdir: str, *, step: Optional[int] = None) -> TrainedLM:
-    """The LM trained in ``workdir``: its config.json, tokenizer and parameters only.
+    """The LM trained in ``workdir``: its config.json, tokenizer and parameters only (a run
+    from a checkpoint: the model and tokenizer of its ``init_from/`` copy, LoRA merged).
 
-    Raises FileNotFoundError when the workdir holds no trained LM.
+    Raises WorkdirNotFound when the workdir holds no trained LM.
     """
     config = tr.load_config(workdir, job=JOB)
-    tokenizer = read_tokenizer(config, workdir)
-    model = CausalLM(lm_config(config.model, vocab_size=tokenizer.vocab_size,
-                               max_len=config.max_len))
-    params = tr.restore_params(workdir, make_init_params(model.config, max_len=config.max_len),
-                               step=step)
+    finetuning = finetuning_of(config)
+    if finetuning is None:
+        tokenizer = read_tokenizer(config, workdir)
+        model = CausalLM(lm_config(config.model, vocab_size=tokenizer.vocab_size,
+                                   max_len=config.max_len))
+    else:
+        files = workdir_checkpoint_files(workdir)
+        require(files is not None, f"workdir {workdir!r} has no {CHECKPOINT_DIR}/config.json "
+                f"of the checkpoint it was trained from", WorkdirNotFound)
+        tokenizer = pretrained.load_tokenizer(files)
+        model = CausalLM(checkpoint_model(config, files))
+    task = lm_task(model.config, max_len=config.max_len, finetuning=finetuning)
+    params = tr.restore_params(workdir, task.init_params, step=step)
+    if finetuning is not None:
+        params = finetuning.model_params(params)
     return TrainedLM(config=config, model=model, params=params, tokenizer=tokenizer)
 
 
@@ -298,8 +476,8 @@ def load_checkpoint_lm(directory: str) -> TrainedLM:
 
 
 def generate(config, workdir: str, prompts: Sequence[str]) -> list[list[str]]:
-    """Continues ``prompts`` (all in one batch) with the model in ``workdir``, or with the
-    Hugging Face checkpoint ``config.init_from`` when set; prints them.
+    """Continues ``prompts`` (all in one batch) with the model trained in ``workdir``, or,
+    when it holds no run, with the Hugging Face checkpoint ``config.init_from``; prints them.
 
     Of ``config`` only the sampling keys (and ``init_from``) apply; they are checked first.
     """
@@ -307,7 +485,10 @@ def generate(config, workdir: str, prompts: Sequence[str]) -> list[list[str]]:
     if not prompts:
         raise DataError("no prompts to continue")
     init_from = config.get("init_from")
-    trained = load_checkpoint_lm(init_from) if init_from else load_trained_lm(workdir)
+    if init_from and not (epath.Path(workdir) / "config.json").exists():
+        trained = load_checkpoint_lm(init_from)  # no training run in the workdir
+    else:
+        trained = load_trained_lm(workdir)
     samples = generate_texts(trained.model, trained.params, trained.tokenizer, list(prompts),
                              **sampling_kwargs(config))
     print_samples(prompts, samples)

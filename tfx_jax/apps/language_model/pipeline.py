@@ -3,8 +3,18 @@
 An example text becomes ``[BOS] + ids + [EOS]``; the model reads ``inputs =
 sequence[:-1]`` and predicts ``targets = sequence[1:]`` (teacher forcing: the
 input is the target shifted right, starting at BOS), so every example is
-trained to predict its first token from BOS and to end with EOS. Padding is 0
-in both; the loss weighs the non-zero targets.
+trained to predict its first token from BOS and to end with EOS. ``weights``
+(int32, like the rows) is 1 on the targets the loss counts and 0 on padding.
+The special ids are the tokenizer's (:func:`special_ids`): the project's
+SentencePiece ids, or a checkpoint's own (``pretrained.load_tokenizer``; no
+BOS, e.g. Qwen, means none is put first).
+
+A prompt/response example (:class:`PromptResponse`, from a JSONL file) becomes
+``[BOS] + prompt ids + response ids + [EOS]``, the two parts tokenized apart
+and joined as they are (a separator belongs at the end of the prompt); its
+``weights`` are 0 on the targets of the prompt and 1 on the response and EOS,
+so the loss is the response's alone (supervised fine-tuning). A too long one
+is cut at its end (its start, the prompt, is kept).
 
 Training: an example longer than ``max_len + 1`` tokens is cut to a random
 window of ``max_len + 1`` tokens (a new window each epoch, seeded), so every
@@ -26,9 +36,11 @@ spaces for indentation) and spells characters it has no piece for (the rarest
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Sequence
+from typing import NamedTuple, Optional, Union
 
 import grain
 import numpy as np
@@ -43,7 +55,7 @@ VERBATIM_OPTIONS = dict(normalization_rule_name="identity", remove_extra_whitesp
                         add_dummy_prefix=False, byte_fallback=True,
                         allow_whitespace_only_pieces=True, split_by_whitespace=False,
                         user_defined_symbols=["\n"], max_sentence_length=1 << 16)
-LENGTHS_KEYS = ("inputs", "targets")
+LENGTHS_KEYS = ("inputs", "targets", "weights")
 MIN_VOCAB_SIZE = 384
 
 
@@ -90,26 +102,83 @@ def load_or_train_lm_tokenizer(texts: Sequence[str], model_dir: str, *, vocab_si
         raise DataError(f"cannot train a {vocab_size}-piece tokenizer on this text: {e}") from e
 
 
+class SpecialIds(NamedTuple):
+    """The ids a pipeline puts around examples: BOS first (None: none), EOS last (None:
+    none), padding (never counted: its weight is 0)."""
+    bos: Optional[int]
+    eos: Optional[int]
+    pad: int
+
+
+def special_ids(tokenizer) -> SpecialIds:
+    """The tokenizer's own ``bos_id`` / ``eos_id`` / ``pad_id`` (a checkpoint tokenizer's),
+    else the project's (:mod:`tfx_jax.data.tokenizer`); padding falls back to EOS, then 0."""
+    bos = getattr(tokenizer, "bos_id", BOS_ID)
+    eos = getattr(tokenizer, "eos_id", EOS_ID)
+    pad = getattr(tokenizer, "pad_id", PAD_ID)
+    return SpecialIds(bos, eos, next((i for i in (pad, eos) if i is not None), 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptResponse:
+    """One supervised example: the loss is on ``response`` only."""
+    prompt: str
+    response: str
+
+
+Example = Union[str, PromptResponse]
+
+
 def sequence_ids(text: str, tokenizer) -> np.ndarray:
-    """``[BOS] + tokenizer.encode(text) + [EOS]`` (int32)."""
-    return np.asarray([BOS_ID, *tokenizer.encode(text), EOS_ID], np.int32)
+    """``[BOS] + tokenizer.encode(text) + [EOS]`` (int32; the tokenizer's special ids)."""
+    return example_ids(text, tokenizer)[0]
 
 
-def _pad(ids: np.ndarray, length: int) -> np.ndarray:
-    row = np.full((length,), PAD_ID, np.int32)
+def example_ids(example: Example, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(sequence, weights of its targets ``sequence[1:]``), both int32.
+
+    A text: ``[BOS] + ids + [EOS]``, every target weighted. A :class:`PromptResponse`:
+    ``[BOS] + prompt ids + response ids + [EOS]``, the prompt's targets weighted 0.
+    """
+    bos, eos, _ = special_ids(tokenizer)
+    head = [] if bos is None else [bos]
+    tail = [] if eos is None else [eos]
+    if isinstance(example, PromptResponse):
+        prefix = [*head, *tokenizer.encode(example.prompt)]
+        body = [*tokenizer.encode(example.response), *tail]
+    else:
+        prefix, body = head, [*tokenizer.encode(example), *tail]
+    sequence = np.asarray([*prefix, *body], np.int32)
+    weights = np.ones((max(len(sequence) - 1, 0),), np.int32)
+    weights[:max(len(prefix) - 1, 0)] = 0  # targets that are prompt tokens
+    return sequence, weights
+
+
+def _pad(ids: np.ndarray, length: int, pad_id: int = PAD_ID) -> np.ndarray:
+    row = np.full((length,), pad_id, np.int32)
     row[:len(ids)] = ids
     return row
 
 
-def _training_example(text, rng, *, tokenizer, max_len: int, padded: bool):
-    sequence = sequence_ids(text, tokenizer)
-    if len(sequence) > max_len + 1:
-        start = int(rng.integers(0, len(sequence) - max_len))
-        sequence = sequence[start:start + max_len + 1]
-    inputs, targets = sequence[:-1], sequence[1:]
+def _row(sequence: np.ndarray, weights: np.ndarray, *, max_len: int, padded: bool,
+         pad_id: int) -> dict:
+    row = {"inputs": sequence[:-1], "targets": sequence[1:], "weights": weights}
     if padded:
-        inputs, targets = _pad(inputs, max_len), _pad(targets, max_len)
-    return {"inputs": inputs, "targets": targets}
+        row = {key: _pad(value, max_len, 0 if key == "weights" else pad_id)
+               for key, value in row.items()}
+    return row
+
+
+def _training_example(example, rng, *, tokenizer, max_len: int, padded: bool):
+    sequence, weights = example_ids(example, tokenizer)
+    if len(sequence) > max_len + 1:
+        # a text: a random window (another each epoch); a prompt/response: its start
+        start = (0 if isinstance(example, PromptResponse)
+                 else int(rng.integers(0, len(sequence) - max_len)))
+        sequence = sequence[start:start + max_len + 1]
+        weights = weights[start:start + max_len]
+    return _row(sequence, weights, max_len=max_len, padded=padded,
+                pad_id=special_ids(tokenizer).pad)
 
 
 def check_max_len(max_len: int) -> None:
@@ -124,9 +193,9 @@ def train_batches(texts: Sequence[str], tokenizer, *, global_batch_size: int, ma
                   read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
     """Infinite, shuffled LM training batches of rows of ``max_len`` tokens for this process.
 
-    Batches: ``inputs``, ``targets`` int32 [b, max_len] and ``valid``; with
-    packing also ``inputs_segmentation``, ``inputs_position``,
-    ``targets_segmentation``, ``targets_position``.
+    ``texts``: strings, or :class:`PromptResponse` examples. Batches: ``inputs``,
+    ``targets``, ``weights`` int32 [b, max_len] and ``valid``; with packing also
+    ``<key>_segmentation`` and ``<key>_position`` of each of them.
     """
     check_max_len(max_len)
     if len(texts) == 0:  # pylint: disable=g-explicit-length-test
@@ -143,30 +212,38 @@ def train_batches(texts: Sequence[str], tokenizer, *, global_batch_size: int, ma
     return grain_batches.training_batches(texts, **options)
 
 
-def eval_windows(texts: Sequence[str], tokenizer, *, max_len: int,
-                 max_examples: int | None = None) -> list[np.ndarray]:
-    """Each text's ``[BOS] + ids + [EOS]`` cut into windows of ``max_len + 1`` tokens that
-    overlap by one (each token is a target once), of the first ``max_examples`` texts."""
+def eval_windows(texts: Sequence[Example], tokenizer, *, max_len: int,
+                 max_examples: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(sequence, target weights) windows of the first ``max_examples`` examples.
+
+    A text's ``[BOS] + ids + [EOS]`` is cut into windows of ``max_len + 1`` tokens that
+    overlap by one (each token is a target once); a :class:`PromptResponse` is one
+    window, cut at its end like in training. Windows with no weighted target are left out.
+    """
     check_max_len(max_len)
     windows = []
-    for text in texts[:max_examples] if max_examples else texts:
-        sequence = sequence_ids(text, tokenizer)
-        for start in range(0, len(sequence) - 1, max_len):
-            windows.append(sequence[start:start + max_len + 1])
+    for example in texts[:max_examples] if max_examples else texts:
+        sequence, weights = example_ids(example, tokenizer)
+        starts = ([0] if isinstance(example, PromptResponse)
+                  else range(0, len(sequence) - 1, max_len))
+        for start in starts:
+            window = (sequence[start:start + max_len + 1], weights[start:start + max_len])
+            if window[1].any():
+                windows.append(window)
     if not windows:
         raise DataError("empty corpus: no held-out examples to evaluate on")
     return windows
 
 
-def _eval_example(window: np.ndarray, *, max_len: int) -> dict:
-    return {"inputs": _pad(window[:-1], max_len), "targets": _pad(window[1:], max_len)}
+def _eval_example(window, *, max_len: int, pad_id: int) -> dict:
+    return _row(*window, max_len=max_len, padded=True, pad_id=pad_id)
 
 
-def eval_batches(windows: Sequence[np.ndarray], *, global_batch_size: int, max_len: int,
-                 process_index: int | None = None,
+def eval_batches(windows: Sequence[tuple[np.ndarray, np.ndarray]], *, global_batch_size: int,
+                 max_len: int, pad_id: int = PAD_ID, process_index: int | None = None,
                  process_count: int | None = None) -> grain.MapDataset:
     """One padded, deterministic pass over ``windows`` (re-iterable; see grain_batches)."""
     return grain_batches.evaluation_dataset(
         windows, global_batch_size=global_batch_size,
-        transform=functools.partial(_eval_example, max_len=max_len),
+        transform=functools.partial(_eval_example, max_len=max_len, pad_id=pad_id),
         process_index=process_index, process_count=process_count)

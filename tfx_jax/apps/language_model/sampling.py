@@ -34,6 +34,7 @@ import numpy as np
 
 from tfx_jax.errors import ConfigError, DataError
 from tfx_jax import decoding
+from tfx_jax.apps.language_model.pipeline import special_ids
 from tfx_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from tfx_jax.lm import CausalLM
 
@@ -157,10 +158,7 @@ def generate_texts(model: CausalLM, params: Any, tokenizer, prompts: Sequence[st
     ``pad_id`` attributes (a checkpoint's, ``pretrained.load_tokenizer``) brings
     its own special ids; otherwise the project tokenizer's are used.
     """
-    bos_id = getattr(tokenizer, "bos_id", BOS_ID)
-    eos_id = getattr(tokenizer, "eos_id", EOS_ID)
-    pad_id = getattr(tokenizer, "pad_id", PAD_ID)
-    pad_id = next((i for i in (pad_id, eos_id) if i is not None), 0)  # padding is masked
+    bos_id, eos_id, pad_id = special_ids(tokenizer)  # padding is masked
     decoding.check_sampling_options(temperature, top_k, top_p)
     if not prompts:
         raise DataError("no prompts to continue")

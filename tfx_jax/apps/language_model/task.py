@@ -2,8 +2,9 @@
 
 The model reads ``inputs`` (the sequence shifted right behind BOS) and is
 trained to predict ``targets`` at every position; the loss is the mean
-negative log-likelihood (NLL, nats) over real target tokens (padding 0 has
-weight 0). On held-out text
+negative log-likelihood (NLL, nats) over the targets of ``weights`` 1 (padding,
+and the prompts of prompt/response examples, have weight 0; a batch without
+``weights`` counts its non-zero targets). On held-out text
 
     perplexity = exp(sum of token NLLs / number of tokens)
 
@@ -27,7 +28,16 @@ from tfx_jax import train as tr
 from tfx_jax.errors import ConfigError
 from tfx_jax.lm import CausalLM, CausalLMConfig
 from tfx_jax.model_config import from_config_dict
+from tfx_jax.train.finetune import FineTuning
 from tfx_jax.train.perf import causal_lm_forward_flops, training_flops
+
+
+# The default config's model section (experiments/configs/lm.py). A run from a checkpoint
+# takes the checkpoint's architecture: a key of config.model that differs from this
+# default was set by the user, and is refused when the checkpoint disagrees.
+DEFAULT_MODEL = dict(num_layers=4, d_model=128, num_heads=4, d_ff=512, dropout_rate=0.0,
+                     position="learned", num_kv_heads=None, dtype="float32",
+                     attention_implementation="auto", scan_layers=False, remat_policy="none")
 
 
 def lm_config(model: Mapping[str, Any], *, vocab_size: int, max_len: int) -> CausalLMConfig:
@@ -49,22 +59,29 @@ def packing_kwargs(batch: Mapping[str, Any]) -> dict:
     return dict(segment_ids=batch["inputs_segmentation"], positions=batch["inputs_position"])
 
 
-def make_loss_fn(model: CausalLM):
+def make_loss_fn(model: CausalLM, model_params=None):
     """``loss_fn(params, batch, rng, train) -> (mean token NLL, {"accuracy", "weight"})``
-    (:func:`tfx_jax.train.token_cross_entropy` / ``token_accuracy``: padding 0 ignored)."""
+    (:func:`tfx_jax.train.token_cross_entropy` / ``token_accuracy`` on ``batch["weights"]``,
+    without them padding 0 ignored). ``model_params(params)``: what ``model.apply`` takes
+    (fine-tuning: LoRA adapters merged); default the parameters themselves."""
 
     def loss_fn(params, batch, rng, train):
-        logits = model.apply({"params": params}, batch["inputs"], **packing_kwargs(batch),
+        applied = params if model_params is None else model_params(params)
+        logits = model.apply({"params": applied}, batch["inputs"], **packing_kwargs(batch),
                              deterministic=not train, rngs={"dropout": rng})
-        loss, num_tokens = tr.token_cross_entropy(logits, batch["targets"])
-        accuracy, _ = tr.token_accuracy(logits, batch["targets"])
+        weights = batch.get("weights")
+        loss, num_tokens = tr.token_cross_entropy(logits, batch["targets"], weights=weights)
+        accuracy, _ = tr.token_accuracy(logits, batch["targets"], weights=weights)
         return loss, {"accuracy": accuracy, "weight": num_tokens}
 
     return loss_fn
 
 
 def count_tokens(batch: Mapping[str, np.ndarray]) -> int:
-    """Real tokens of a batch: its non-padding targets (each is one prediction)."""
+    """Real tokens of a batch: its weighted targets (each is one prediction), without
+    ``weights`` its non-padding targets."""
+    if "weights" in batch:
+        return int(np.count_nonzero(batch["weights"]))
     return int(np.count_nonzero(batch["targets"]))
 
 
@@ -79,11 +96,15 @@ def make_init_params(config: CausalLMConfig, *, max_len: int):
 
 
 def lm_task(config: CausalLMConfig, *, max_len: int, num_eval_examples: Optional[int] = None,
-            evaluate=None) -> tr.Task:
+            evaluate=None, finetuning: Optional[FineTuning] = None,
+            pretrained_params: Any = None) -> tr.Task:
     """The :class:`tfx_jax.train.Task` of next-token prediction on rows of ``max_len`` tokens.
 
-    Evaluation is the loop's common path (its eval batches through ``loss_fn``:
-    token-weighted ``loss`` and ``accuracy``); ``eval_summary`` adds
+    With ``finetuning`` the run starts from ``pretrained_params`` (None: parameters of
+    the same structure, to restore a fine-tuned checkpoint) and trains what its mode
+    marks trainable (:class:`tfx_jax.train.finetune.FineTuning`; LoRA adapts the
+    attention and MLP kernels). Evaluation is the loop's common path (its eval batches
+    through ``loss_fn``: token-weighted ``loss`` and ``accuracy``); ``eval_summary`` adds
     ``perplexity = exp(loss)``, ``num_tokens`` and, if given, ``num_examples``.
     """
     if max_len > config.max_len:
@@ -98,7 +119,11 @@ def lm_task(config: CausalLMConfig, *, max_len: int, num_eval_examples: Optional
             summary["num_examples"] = num_eval_examples
         return summary
 
-    return tr.Task(init_params=make_init_params(config, max_len=max_len),
-                   loss_fn=make_loss_fn(model), evaluate=evaluate,
+    init_params, model_params, trainable = make_init_params(config, max_len=max_len), None, None
+    if finetuning is not None:
+        init_params = finetuning.init_params(init_params, pretrained_params)
+        model_params, trainable = finetuning.model_params, finetuning.trainable
+    return tr.Task(init_params=init_params, trainable=trainable,
+                   loss_fn=make_loss_fn(model, model_params), evaluate=evaluate,
                    flops_per_example=training_flops(causal_lm_forward_flops(config, max_len)),
                    count_tokens=count_tokens, eval_summary=eval_summary)
