@@ -98,15 +98,16 @@ def test_a_full_disk_is_said_at_the_save_that_failed_and_the_previous_checkpoint
     # into Orbax's event loop, closed when the save failed), possibly interleaved with the
     # other lines: the only lines besides progress and the one error line.
     lines = err.strip().splitlines()
-    assert [line for line in lines if line.startswith("error:")] == [
+    # (C++ noise can land in the middle of our line: "    " + "error: ...", so the error
+    # line is found by its text, from "error:" on)
+    assert [line[line.index("error:"):] for line in lines if "error:" in line] == [
         f"error: cannot write the checkpoint at step 8 to {workdir / 'checkpoints'}: No space "
         f"left on device; the checkpoint at step 4 is kept. Free some space and rerun the "
         f"same command to resume"], err
     assert "/orbax/" not in err, err
-    noise = ("Traceback (most recent call last):", "  File ", "    ",
-             "RuntimeError: Event loop is closed")
-    assert all(line.startswith(("step ", "Resuming from", "error:") + noise) or not line.strip()
-               for line in lines), err
+    # C++ writes can split that noise anywhere, even inside a word, so it is not matched
+    # line by line: what must not be there is a traceback through our code or Orbax's.
+    assert "tfx_jax/" not in err and "tfx_jax." not in err, err
     assert "step 12:" not in err  # stopped before the next save
     assert sorted(os.listdir(workdir / "checkpoints")) in (["4"], ["4", "8.orbax-checkpoint-tmp"])
     assert digests(workdir / "checkpoints" / "4") == before
