@@ -332,12 +332,18 @@ def test_config_errors_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, o
 
 
 def test_full_disk_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
-    def no_space(self, state, iterator, metrics=None):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run"))
-    monkeypatch.setattr(tr.Checkpointer, "save", no_space)
+    """ENOSPC from the first file a save writes (the checkpointer's write probe)."""
+    real_open = open
+
+    def no_space(path, *args, **kwargs):
+        if ".write_test" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr("builtins.open", no_space)
     assert run_as_script(lambda: train(tmp_path / "run", num_train_steps=2)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: [Errno 28] No space left on device")
+    assert err[-1].startswith("error: cannot write the checkpoint at step ")
+    assert "No space left on device; no checkpoint was written before it" in err[-1]
     assert not (tmp_path / "run" / checkpoint.LOCK_FILE).exists()  # released
 
 

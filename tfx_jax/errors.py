@@ -67,19 +67,6 @@ def require(ok: bool, message: str, error: type[UserError] = ConfigError) -> Non
 USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
-def workdir_os_error(error: OSError) -> "WorkdirError | None":
-    """A WorkdirError with ``error``'s message if it is the user's (USER_ERRNOS), else None.
-
-    For the places that write a workdir, which raise it ``from error`` (or re-raise
-    ``error`` itself when None)."""
-    if error.errno not in USER_ERRNOS:
-        return None
-    text = str(error)
-    if error.filename and str(error.filename) not in text:
-        text += f": {error.filename}"
-    return WorkdirError(text)
-
-
 def require_key(config, key: str, ok: bool, expected: str,
                 error: type[UserError] = ConfigError) -> None:
     """``require`` for one config key: ``config.KEY must be EXPECTED, got VALUE``."""

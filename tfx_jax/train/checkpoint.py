@@ -70,7 +70,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from tfx_jax.errors import WorkdirError, WorkdirNotFound, say
+from tfx_jax.errors import USER_ERRNOS, WorkdirError, WorkdirNotFound, say
 from tfx_jax.train.mesh import make_data_mesh, param_shardings
 from tfx_jax.train.metrics import is_url
 from tfx_jax.train.state import TrainState, abstract_params_with_axes
@@ -95,9 +95,7 @@ logging.getLogger("absl").addFilter(_NoMissingMetricWarning())
 
 # What a full, read-only or forbidden disk looks like, as Python (errno) or TensorStore
 # (status text inside a ValueError) reports it.
-_STORAGE_ERRNOS = {errno.ENOSPC: "No space left on device", errno.EROFS: "Read-only file system",
-                   errno.EACCES: "Permission denied", errno.EPERM: "Operation not permitted",
-                   errno.EDQUOT: "Disk quota exceeded"}
+_STORAGE_ERRNOS = {number: os.strerror(number) for number in USER_ERRNOS}
 _STORAGE_TEXTS = tuple(_STORAGE_ERRNOS.values()) + ("RESOURCE_EXHAUSTED",)
 
 

@@ -37,7 +37,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from tfx_jax.errors import DataError, say, workdir_os_error
+from tfx_jax.errors import DataError, say
 from tfx_jax.train.checkpoint import Checkpointer, check_iterator_checkpointable, hold_workdir_lock
 from tfx_jax.train.finetune import mask_optimizer
 from tfx_jax.train.mesh import check_batch_size, check_eval_batches, make_mesh, shard_batch
@@ -428,13 +428,8 @@ class _Run:
         started = time.perf_counter()
         step = int(jax.device_get(state.step))
         metrics = self.last_eval if self.last_eval.get("step") == step else None
-        try:
-            self.checkpointer.save(state, self.train_iter, metrics=metrics)
-        except OSError as error:  # a full or read-only disk is the user's; others are bugs
-            user = workdir_os_error(error)
-            if user is None:
-                raise
-            raise user from error
+        # (a full, read-only or forbidden disk: Checkpointer raises CheckpointWriteError)
+        self.checkpointer.save(state, self.train_iter, metrics=metrics)
         self.window.save(self.workdir, step)
         self.window.paused_seconds += time.perf_counter() - started
 
