@@ -45,7 +45,10 @@ import numpy as np
 
 from tfx_jax.attention import counting_kernel_flops
 from tfx_jax.errors import ConfigError
-from tfx_jax.train.perf import peak_tflops_per_device
+from tfx_jax.train.mesh import batch_parallelism, batch_sharding, replicated_sharding
+from tfx_jax.train.perf import bytes_per_device, compiled_memory, peak_tflops_per_device
+from tfx_jax.train.state import (abstract_train_state, make_eval_step, make_train_step,
+                                 train_state_shardings)
 
 GiB = 2 ** 30
 
@@ -283,7 +286,6 @@ def compile_step(jitted, args, *, num_devices: int, differentiated: bool) -> dic
     alone exceed the chip), the figures are the compiler's: ``needed_bytes`` and
     ``available_bytes``, with ``compile_error`` its message.
     """
-    from tfx_jax.train.perf import compiled_memory
     start = time.perf_counter()
     with counting_kernel_flops() as kernel:
         lowered = jitted.lower(*args)
@@ -329,7 +331,6 @@ def compile_report(target: Target, mesh, *, train_step, train_args, eval_step=No
     shardings); the first train argument is the TrainState. The peak of the eval
     step counts the optimizer state too: it stays resident while evaluating.
     """
-    from tfx_jax.train.perf import bytes_per_device
     chip = target.chip
     state = train_args[0]
     state_bytes = bytes_per_device(state)
@@ -446,9 +447,6 @@ def compile_task(task, optimizer, schedule, mesh, batch, *, eval_batch=None, see
     ``task`` on ``mesh`` for abstract inputs, as ``train()`` would build them; the
     :func:`compile_report`. ``batch`` / ``eval_batch``: one global batch (arrays
     or ``ShapeDtypeStruct``; only shapes and dtypes are used)."""
-    from tfx_jax.train.mesh import batch_sharding, replicated_sharding
-    from tfx_jax.train.state import (abstract_train_state, make_eval_step, make_train_step,
-                                     train_state_shardings)
     target = target or compile_target()
     placed = batch_sharding(mesh)
 
@@ -483,7 +481,6 @@ def search_batch_size(compile_at, batch, mesh, *, max_compiles: int = 8) -> dict
     from the run's batch (or halving, when it does not fit), then bisecting, in
     steps of the mesh's batch parallelism, at most ``max_compiles`` compiles. The
     report's ``search`` lists every batch tried with its peak bytes and fit."""
-    from tfx_jax.train.mesh import batch_parallelism
     step = batch_parallelism(mesh)
     tried: dict[int, dict] = {}
 
