@@ -70,7 +70,10 @@ def user_errors() -> Iterator[None]:
     except UserError as error:
         if _show_traceback():
             raise
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        # one write, newline included: a line that other threads or C++ code writing to
+        # stderr at the same moment cannot split (print writes the newline separately)
+        sys.stderr.write(f"error: {_one_line(error)}\n")
+        sys.stderr.flush()
         sys.exit(USER_ERROR_EXIT_CODE)
 
 
