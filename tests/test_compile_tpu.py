@@ -286,7 +286,8 @@ def test_a_run_too_large_for_the_chip_exits_2_with_one_line(tmp_path):
                    "--config.batch_size=8", "--config.eval_batch_size=8")),
     ("vit", ("--config.model.patch_size=2", "--config.model.d_model=16",
              "--config.model.num_heads=2", "--config.model.num_layers=1",
-             "--config.model.d_ff=32", "--config.batch_size=16")),
+             "--config.model.d_ff=32", "--config.batch_size=16",
+             "--config.image_shape=(8, 8, 1)", "--config.num_classes=10")),
     ("dalle", ("--config.model.num_layers=1", "--config.model.d_model=16",
                "--config.model.num_heads=2", "--config.model.d_ff=32", "--config.batch_size=16")),
 ])
@@ -298,3 +299,79 @@ def test_scripts_compile_for_a_topology(script, flags, tmp_path):
     report = json.loads((tmp_path / "run" / "compile" / "v5e_2x2.json").read_text())
     assert report["fits"] and set(report["steps"]) == {"train", "eval"}
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["compile"]
+    # translate and vit compile from the config alone: their datasets are never prepared
+    # (DALL-E tokenizes its built-in digits first: the image tokenizer fixes its shapes)
+    assert (tmp_path / "tfds").exists() == (script == "dalle")
+
+
+class _Chars:
+    """ids 4.. for letters (no SentencePiece needed)."""
+    vocab_size = 32
+
+    def encode(self, text):
+        return [4 + (ord(c) - ord("a")) % 26 for c in text]
+
+
+def _structure(batch):
+    return {key: (tuple(np.shape(value)), np.asarray(value).dtype if not hasattr(
+        value, "dtype") else np.dtype(value.dtype)) for key, value in batch.items()}
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_compile_only_batches_are_the_pipelines_batches(packed):
+    """The shapes a --compile_topology run compiles for without reading data are those of
+    the batches the real pipelines build (LM and translation, train and eval)."""
+    from absl import flags
+
+    from tfx_jax.apps.language_model import pipeline
+    from tfx_jax.data import text_pipeline
+    flags.FLAGS.mark_as_parsed()  # Grain reads absl flags
+    texts = ["abcde", "fgh", "ijklmn", "op", "qrstu", "vw"]
+    lm_features = {key: ((16,), "int32") for key in pipeline.LENGTHS_KEYS}
+    lm_train = next(pipeline.train_batches(texts, _Chars(), global_batch_size=2, max_len=16,
+                                           packing_enabled=packed))
+    assert _structure(lm_train) == _structure(tr.abstract_batch(2, lm_features, packed=packed))
+    windows = pipeline.eval_windows(texts, _Chars(), max_len=16)
+    lm_eval = next(iter(pipeline.eval_batches(windows, global_batch_size=2, max_len=16)))
+    assert _structure(lm_eval) == _structure(tr.abstract_batch(2, lm_features))
+
+    pairs = [(t, t[::-1] + "x") for t in texts]
+    mt_features = {"inputs": ((10,), "int32"), "targets": ((12,), "int32")}
+    mt_train = next(text_pipeline.train_batches(pairs, _Chars(), global_batch_size=2,
+                                                max_source_length=10, max_target_length=12,
+                                                packing=packed))
+    assert _structure(mt_train) == _structure(tr.abstract_batch(2, mt_features, packed=packed))
+    mt_eval = next(iter(text_pipeline.eval_batches(pairs, _Chars(), global_batch_size=2,
+                                                   max_source_length=10,
+                                                   max_target_length=12).batches))
+    assert _structure(mt_eval) == _structure(tr.abstract_batch(2, mt_features))
+
+
+@pytest.mark.slow
+def test_lm_compiles_a_checkpoints_config_json_alone_and_reports_model_flops(tmp_path):
+    """A fine-tuning run's fit is checked from the checkpoint's config.json alone (no
+    weights, no tokenizer, no corpus: the dataset does not exist); every CausalLMConfig
+    field is a config.model key; the scanned stack's MFU ceiling stays a fraction (XLA
+    counts a loop's body once; the roofline takes at least the model's FLOPs)."""
+    from tfx_jax.lm import CausalLMConfig
+    from tfx_jax.pretrained.hf_decoders import config_to_hf
+    cfg = CausalLMConfig.preset("llama3.2-1b", num_layers=2, d_model=64, num_heads=4,
+                                num_kv_heads=2, head_dim=16, d_ff=128, vocab_size=512)
+    checkpoint = tmp_path / "llama"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps(config_to_hf(cfg)))
+    done = _script("lm", tmp_path / "run", "--compile_topology=v5e:2x2",
+                   f"--config.init_from={checkpoint}", "--config.finetune=lora",
+                   f"--config.dataset={tmp_path / 'no_such_corpus'}", "--config.max_len=256",
+                   "--config.batch_size=8", "--config.eval_batch_size=8",
+                   "--config.model.scan_layers=True", "--config.model.remat_policy=full")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "run" / "compile" / "v5e_2x2.json").read_text())
+    assert report["fits"] and 0 < report["mfu_ceiling"] <= 1
+    # LoRA: Adam moments for the adapters only (full fine-tuning: 3x the parameters)
+    assert report["state_bytes_per_chip"] < report["params_bytes_per_chip"] * 2
+    assert "no data is read" in done.stderr
+    done = _script("lm", tmp_path / "gpt", "--compile_topology=v5e:2x2", *LM_FLAGS,
+                   "--config.model.fused_qkv=True", "--config.model.num_heads=2",
+                   f"--config.dataset={tmp_path / 'no_such_corpus'}")
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -123,7 +123,8 @@ def _init(model):
                                jnp.ones((1, model.config.max_len), jnp.int32))["params"]
 
 
-def test_eval_perplexity_is_exp_of_mean_token_nll():
+@pytest.mark.parametrize("logits_chunk", [0, 3])  # 3: the loss projects 3 positions at a time
+def test_eval_perplexity_is_exp_of_mean_token_nll(logits_chunk):
     model = _tiny_model()
     params = _init(model)
     texts = ["abcdefghijk", "xyz", "mnop", "q"]
@@ -131,7 +132,8 @@ def test_eval_perplexity_is_exp_of_mean_token_nll():
     data = pipeline.eval_batches(windows, global_batch_size=2, max_len=8)
     windows = [ids for ids, _ in windows]  # every target of a text window counts
     mesh = tr.make_data_mesh(jax.devices()[:1])
-    task = lm_task(model.config, max_len=8)  # the loop's eval path: loss_fn + eval_summary
+    # the loop's eval path: loss_fn + eval_summary
+    task = lm_task(model.config, max_len=8, logits_chunk=logits_chunk)
     metrics = tr.evaluate_batches(tr.make_eval_step(task.loss_fn, mesh), params, data, mesh,
                                   jax.random.key(0), task)
     # by hand in float64: log-softmax of each window's logits at its real targets
@@ -152,6 +154,37 @@ def test_eval_perplexity_is_exp_of_mean_token_nll():
     assert metrics["loss"] == pytest.approx(np.mean(nlls), rel=1e-5)
     assert metrics["perplexity"] == pytest.approx(math.exp(np.mean(nlls)), rel=1e-5)
     assert metrics["accuracy"] == pytest.approx(np.mean(correct))
+
+
+@pytest.mark.parametrize("fields", [dict(), dict(tie_embeddings=False, use_bias=True,
+                                                 final_logit_soft_cap=5.0)])
+def test_hidden_states_and_output_logits_are_the_models_logits(fields):
+    """``return_hidden`` + ``output_logits`` (what a chunked loss applies) give the model's
+    own logits: tied, and untied with a bias and a final soft-cap."""
+    from tfx_jax.lm import output_logits
+    model = CausalLM(CausalLMConfig(vocab_size=32, max_len=8, **{**TINY, **fields}))
+    tokens = jnp.asarray([[2, 5, 9, 4, 7, 3]])
+    params = _init(model)
+    logits = jax.jit(model.apply)({"params": params}, tokens)
+    hidden = jax.jit(lambda p, t: model.apply({"params": p}, t, return_hidden=True))(
+        params, tokens)
+    assert hidden.shape == (1, 6, 16)
+    np.testing.assert_allclose(output_logits(model.config, params, hidden[:, 2:4]),
+                               logits[:, 2:4], rtol=1e-6, atol=1e-6)
+    if fields:
+        assert np.abs(np.asarray(logits)).max() < 5.0 and "logits" in params
+
+
+def test_lm_config_model_section_takes_every_causal_lm_field():
+    """``--config.model.<any CausalLMConfig field>`` is a known key (vocab_size and
+    max_len come from the tokenizer and config.max_len; decode from inference)."""
+    import dataclasses
+    section = experiment_config("lm").model
+    fields = {f.name for f in dataclasses.fields(CausalLMConfig)}
+    assert set(section) == fields - {"vocab_size", "max_len", "decode"}
+    section.update(fused_qkv=True, num_kv_heads=4, norm="rms_norm", mlp="gated",
+                   layer_types=("full",) * 4, rope_scaling=None)
+    assert lm_config(section, vocab_size=64, max_len=16).fused_qkv
 
 
 def test_lm_config_rejects_derived_and_unknown_keys():

@@ -159,13 +159,16 @@ class CausalLM(nn.Module):
 
     With ``return_intermediates=True`` it returns ``(logits, out)``, ``out`` a dict:
     "layers" [num_layers, B, T, D] each block's output and "pre_logits" [B, T, D]
-    the stack's output the vocabulary projection reads.
+    the stack's output the vocabulary projection reads. With ``return_hidden=True``
+    it returns only that [B, T, D] array and skips the projection (:func:`output_logits`
+    applies it, e.g. to a few positions at a time).
     """
     config: CausalLMConfig
 
     @nn.compact
     def __call__(self, tokens: jax.Array, *, positions=None, segment_ids=None,
-                 deterministic: bool = True, return_intermediates: bool = False):
+                 deterministic: bool = True, return_intermediates: bool = False,
+                 return_hidden: bool = False):
         cfg = self.config
         check_tokens("tokens", tokens, cfg.max_len)
         positions, segment_ids = SequenceLayout(cfg.decode, name="positions")(
@@ -185,14 +188,46 @@ class CausalLM(nn.Module):
                            segment_ids, positions, cfg),
                            return_intermediates=return_intermediates)
         x, layers = x if return_intermediates else (x, None)
-        if cfg.tie_embeddings:
-            logits = embedding.attend(x)
-        else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=cfg.use_bias, dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype,
-                              kernel_init=with_axes(nn.linear.default_kernel_init,
-                                                    ("embed", "vocab")),
-                              bias_init=with_axes(nn.initializers.zeros_init(), ("vocab",)),
-                              name="logits")(x)
-        logits = soft_cap(logits.astype(jnp.float32), cfg.final_logit_soft_cap)
+        if return_hidden:
+            return x
+        logits = OutputLayer(cfg, name="logits")(
+            x, embedding.embedding if cfg.tie_embeddings else None)
         return (logits, {"layers": layers, "pre_logits": x}) if return_intermediates else logits
+
+
+class OutputLayer(nn.Module):
+    """The vocabulary projection: final hidden states [..., D] -> float32 logits [..., V].
+
+    Tied (``tie_embeddings``, GPT-2 and the papers it follows): ``x @ E^T`` with the
+    token embedding ``E`` passed in; else its own ``kernel`` [D, V] (and ``bias`` with
+    ``use_bias``), ``params["logits"]``; then ``final_logit_soft_cap``. A module of its
+    own so a loss can project a few positions at a time (:func:`output_logits`):
+    a row of logits is ``T x V`` floats, the largest activation of most LMs.
+    """
+    config: CausalLMConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, embedding: Optional[jax.Array] = None) -> jax.Array:
+        cfg = self.config
+        if cfg.tie_embeddings:
+            x, kernel = nn.dtypes.promote_dtype(x, embedding, dtype=cfg.dtype)
+            logits = jnp.dot(x, kernel.T)
+        else:
+            kernel = self.param("kernel", with_axes(nn.linear.default_kernel_init,
+                                                    ("embed", "vocab")),
+                                (x.shape[-1], cfg.vocab_size), cfg.param_dtype)
+            bias = self.param("bias", with_axes(nn.initializers.zeros_init(), ("vocab",)),
+                              (cfg.vocab_size,), cfg.param_dtype) if cfg.use_bias else None
+            x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=cfg.dtype)
+            logits = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+            if bias is not None:
+                logits = logits + bias
+        return soft_cap(logits.astype(jnp.float32), cfg.final_logit_soft_cap)
+
+
+def output_logits(config: CausalLMConfig, params: Any, hidden: jax.Array) -> jax.Array:
+    """The logits ``CausalLM(config)`` computes from its final hidden states ``hidden``
+    (``CausalLM.apply(..., return_hidden=True)``) with its ``params``; for a loss that
+    projects a chunk of positions at a time (``tfx_jax.train.chunked_token_losses``)."""
+    embedding = params["embedding"]["embedding"] if config.tie_embeddings else None
+    return OutputLayer(config).apply({"params": params.get("logits", {})}, hidden, embedding)

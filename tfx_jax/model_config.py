@@ -229,6 +229,38 @@ class StackConfig:
         return dataclasses.replace(self, **changes)
 
 
+def model_section(cls: type, /, values: Mapping[str, Any], *, derived: tuple[str, ...]):
+    """An experiment config's ``model`` section: an ``ml_collections.ConfigDict`` of every
+    field of ``cls`` but the ``derived`` and runtime ones, so that each one can be set
+    from the command line (``--config.model.fused_qkv=True``).
+
+    ``values`` replace the dataclass defaults; dtypes are kept as names ("float32");
+    a field that is None is a typed placeholder (``--config.model.num_kv_heads=4``
+    works); :func:`from_config_dict` drops the Nones again (the dataclass default).
+    """
+    import typing
+
+    import ml_collections
+    from ml_collections import config_dict
+
+    hints = typing.get_type_hints(cls)
+    section = {}
+    for field in dataclasses.fields(cls):
+        if field.name in derived or field.name in RUNTIME_FIELDS:
+            continue
+        value = values.get(field.name, field.default)
+        if value is dataclasses.MISSING:
+            raise TypeError(f"{cls.__name__}.{field.name} has no default: pass it in values")
+        if value is None:
+            kinds = [t for t in typing.get_args(hints[field.name]) if t is not type(None)]
+            kind = typing.get_origin(kinds[0]) or kinds[0] if len(kinds) == 1 else object
+            value = config_dict.placeholder(kind if kind is not Any else object)
+        elif field.name.endswith("dtype") and not isinstance(value, str):
+            value = jnp.dtype(value).name
+        section[field.name] = value
+    return ml_collections.ConfigDict(section)
+
+
 def from_config_dict(cls: type[ConfigT], config_dict: Optional[Mapping[str, Any]],
                      /, **derived: Any) -> ConfigT:
     """``cls(**config_dict, **derived)``: the one way an app builds its model from ``config.model``.

@@ -17,7 +17,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from tfx_jax import train as tr
-from tfx_jax.apps.language_model.task import DEFAULT_MODEL
+from tfx_jax.apps.language_model.task import default_model_section
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -47,12 +47,17 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.num_packing_bins = 0   # rows the packer fills at once; 0 = the local batch
     config.data_threads = 0       # Grain threads tokenizing; 0 = in the main thread
 
-    # Model: CausalLMConfig fields except vocab_size / max_len. position: "learned" (GPT),
-    # "sinusoidal" or "rope"; num_kv_heads < num_heads: grouped-query attention (None: off).
-    # With config.init_from the checkpoint fixes the architecture: only dropout_rate, dtype,
+    # Model: every CausalLMConfig field except vocab_size / max_len (tfx_jax/lm.py and
+    # model_config.py document them), e.g. position "learned" (GPT), "sinusoidal" or "rope";
+    # num_kv_heads < num_heads: grouped-query attention (None: off); norm="rms_norm",
+    # mlp="gated", activation="silu": Llama's block. With config.init_from the checkpoint
+    # fixes the architecture: only dropout_rate, attention_dropout_rate, dtype,
     # attention_implementation, scan_layers and remat_policy apply then.
-    config.model = ml_collections.ConfigDict(dict(
-        DEFAULT_MODEL, num_kv_heads=config_dict.placeholder(int)))
+    config.model = default_model_section()
+    # Positions per row whose logits the loss holds at once (0: the whole row when its
+    # max_len x vocab_size logits are at most 2^23 floats, else the largest power of two
+    # that is): the same loss, a fraction of the memory of a row of logits.
+    config.logits_chunk = 0
 
     # Start from a Hugging Face decoder directory (Llama, Mistral, Qwen, Gemma, GPT-2 with
     # tokenizer.json; "" = a new model): its config, weights and tokenizer (config.vocab_size

@@ -27,27 +27,29 @@ from tfx_jax.train.mesh import (RULES, batch_sharding, check_batch_size,
                                 initialize_distributed, make_data_mesh, make_mesh, param_shardings,
                                 replicated_sharding, shard_batch)
 from tfx_jax.train.metrics import MetricsWriter, average_metrics, read_metrics
-from tfx_jax.train.optim import (classification_accuracy, classification_cross_entropy,
-                                 create_learning_rate_schedule, create_optimizer, token_accuracy,
+from tfx_jax.train.optim import (chunked_token_losses, classification_accuracy,
+                                 classification_cross_entropy, create_learning_rate_schedule, create_optimizer, token_accuracy,
                                  token_cross_entropy, transformer_schedule)
 from tfx_jax.train.run_config import (check_workdir, default_config, freeze, load_config,
                                       save_config, validate_config)
 from tfx_jax.train.state import (Task, TrainState, abstract_train_state, check_params_fit_mesh,
                                  create_sharded_train_state, create_train_state, make_eval_step,
                                  make_train_step, train_state_shardings)
-from tfx_jax.train.topology import compile_target, compile_task, compiling_for, parse_target
+from tfx_jax.train.topology import (abstract_batch, compile_plan, compile_target, compile_task,
+                                    compiling_for, parse_target)
 
 __all__ = [
     "CheckpointWriteError", "Checkpointer", "launch", "MetricsWriter", "NonFiniteError", "Preempted",
     "PreemptionWatcher", "Task", "TrainResult", "TrainState", "abstract_train_state",
     "average_metrics",
     "batch_sharding", "check_batch_size", "check_params_fit_mesh", "check_workdir",
-    "classification_accuracy",
+    "chunked_token_losses", "classification_accuracy",
     "classification_cross_entropy", "create_learning_rate_schedule", "create_optimizer",
     "create_train_state", "default_config", "evaluate_batches", "freeze", "initialize_distributed", "load_config",
     "make_data_mesh", "make_eval_step", "make_mesh", "RULES", "param_shardings",
     "create_sharded_train_state", "train_state_shardings", "make_train_step", "read_metrics", "replicated_sharding",
     "restore_params", "save_config", "shard_batch",
     "token_accuracy", "token_cross_entropy", "train", "transformer_schedule", "validate_config",
-    "compile_target", "compile_task", "compiling_for", "parse_target",
+    "abstract_batch", "compile_plan", "compile_target", "compile_task", "compiling_for",
+    "parse_target",
 ]

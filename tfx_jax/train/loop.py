@@ -39,7 +39,6 @@ from jax.sharding import Mesh
 
 from tfx_jax.errors import DataError, say
 from tfx_jax.train.checkpoint import Checkpointer, check_iterator_checkpointable, hold_workdir_lock
-from tfx_jax.train.finetune import mask_optimizer
 from tfx_jax.train.mesh import check_batch_size, check_eval_batches, make_mesh, shard_batch
 from tfx_jax.train.metrics import MetricsWriter, average_metrics, make_progress_bar, print_summary
 from tfx_jax.train.optim import create_optimizer
@@ -226,12 +225,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
     if not is_plan(config):
         check_batch_size(config.batch_size, mesh)
     check_eval_batches(eval_batches, mesh)
-    optimizer, schedule = create_optimizer(config)
-    if task.trainable is not None:  # fine-tuning: frozen parameters get zero updates
-        optimizer = mask_optimizer(optimizer, task.trainable)
+    if compile_target() is not None:  # compile, report, stop (tfx_jax.train.topology)
+        compile_run(config, workdir, task, train_iter, eval_batches, mesh)
+    # fine-tuning: frozen parameters get zero updates
+    optimizer, schedule = create_optimizer(config, task.trainable)
     shardings = train_state_shardings(task.init_params, optimizer, mesh)  # checks the mesh
-    if compile_target() is not None:  # --compile_topology: compile, report, stop
-        compile_run(config, workdir, task, train_iter, eval_batches, mesh, optimizer, schedule)
 
     release_lock = hold_workdir_lock(workdir)  # one run per workdir (checkpoint.py)
     try:

@@ -11,18 +11,24 @@ Also in this module: Cross-entropy losses (with label smoothing) and accuracies,
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
 from tfx_jax.errors import ConfigError
+from tfx_jax.train.finetune import mask_optimizer
 
 
 # --- optimizers -------------------------------------------------------------------------
-def create_optimizer(config: ml_collections.ConfigDict
+def create_optimizer(config: ml_collections.ConfigDict, trainable: Optional[Callable] = None
                      ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Returns ``(optimizer, schedule)`` for the config's optimizer keys.
+
+    ``trainable(params) -> bool tree`` (a fine-tuning Task's): the other parameters
+    get zero updates (:func:`tfx_jax.train.finetune.mask_optimizer`).
 
     The chain is: clip by global norm (if ``grad_clip_norm > 0``), then Adam or
     AdamW driven by the schedule, all wrapped in ``optax.MultiSteps`` when
@@ -42,6 +48,8 @@ def create_optimizer(config: ml_collections.ConfigDict
     if config.grad_accum_steps > 1:
         base = optax.MultiSteps(
             base, every_k_schedule=config.grad_accum_steps).gradient_transformation()
+    if trainable is not None:
+        base = mask_optimizer(base, trainable)
     return base, schedule
 
 
@@ -155,6 +163,67 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, *,
     losses = _smoothed_cross_entropy(logits, targets, label_smoothing)
     num_tokens = weights.sum()
     return (losses * weights).sum() / jnp.maximum(num_tokens, 1.0), num_tokens
+
+
+def chunked_token_losses(hidden: jax.Array, targets: jax.Array,
+                         logits_fn: Callable[[jax.Array], jax.Array], *, chunk_length: int,
+                         label_smoothing: float = 0.0, pad_id: int = 0,
+                         weights: jax.Array | None = None
+                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`token_cross_entropy` and :func:`token_accuracy` of ``logits_fn(hidden)``,
+    computed ``chunk_length`` positions at a time: the ``[batch, length, vocab]`` logits
+    are never held at once, in the forward or the backward pass.
+
+    A row of logits is ``length x vocab`` float32s (2048 x 32768: 256 MiB, and as much
+    again for its gradient): the largest activation of a language model. Here each
+    chunk's logits are made, reduced to its loss and accuracy sums, and dropped; the
+    backward pass recomputes them a chunk at a time (``jax.checkpoint`` inside a
+    ``lax.scan``), so the peak is one chunk's, ``batch x chunk_length x vocab``.
+
+    Args:
+      hidden: ``[batch, length, d]`` final hidden states (the model's ``pre_logits``).
+      targets / weights / pad_id / label_smoothing: as :func:`token_cross_entropy`.
+      logits_fn: ``[batch, chunk, d] -> [batch, chunk, vocab]``, the output layer.
+      chunk_length: positions per chunk; a last partial chunk is padded with weight 0.
+
+    Returns:
+      ``(mean_loss, accuracy, num_tokens)``: equal to the unchunked functions' values
+      up to the order of float32 sums.
+    """
+    if hidden.shape[:2] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} must be targets "
+                         f"{tuple(targets.shape)} plus a trailing feature axis")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    weights = _token_weights(targets, pad_id, weights)
+    batch, length = targets.shape
+    chunks = -(-length // chunk_length)
+    pad = chunks * chunk_length - length
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=pad_id)
+        weights = jnp.pad(weights, ((0, 0), (0, pad)))
+
+    def by_chunk(x):  # [batch, chunks * chunk_length, ...] -> [chunks, batch, chunk_length, ...]
+        return jnp.moveaxis(x.reshape((batch, chunks, chunk_length) + x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def chunk_sums(h, t, w):
+        logits = logits_fn(h)
+        losses = _smoothed_cross_entropy(logits, t, label_smoothing)
+        correct = (jnp.argmax(logits, axis=-1) == t).astype(jnp.float32)
+        return (losses * w).sum(), (correct * w).sum()
+
+    def step(sums, chunk):
+        loss, correct = chunk_sums(*chunk)
+        return (sums[0] + loss, sums[1] + correct), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (loss, correct), _ = jax.lax.scan(step, (zero, zero),
+                                      (by_chunk(hidden), by_chunk(targets), by_chunk(weights)))
+    num_tokens = weights.sum()
+    denominator = jnp.maximum(num_tokens, 1.0)
+    return loss / denominator, correct / denominator, num_tokens
 
 
 def _example_mean(values: jax.Array, weights) -> jax.Array:

@@ -22,8 +22,10 @@ Target names (:func:`parse_target`):
 
 What a compile-only check cannot tell: XLA's cost analysis counts no FLOPs
 inside Pallas or cuDNN calls (the attention kernels' FLOPs are counted while
-tracing, ``tfx_jax.attention.counting_kernel_flops``); the roofline time is a lower
-bound, not a measurement; per-chip bytes are the compiler's buffer assignment,
+tracing, ``tfx_jax.attention.counting_kernel_flops``) and counts a loop's body
+once (a scanned layer stack: one layer's FLOPs and bytes; the roofline's compute
+term therefore takes at least the model's FLOPs, and its memory term is then low);
+the roofline time is a lower bound, not a measurement; per-chip bytes are the compiler's buffer assignment,
 which is what the chip would allocate, less the runtime's own reserve.
 """
 from __future__ import annotations
@@ -46,6 +48,7 @@ import numpy as np
 from tfx_jax.attention import counting_kernel_flops
 from tfx_jax.errors import ConfigError
 from tfx_jax.train.mesh import batch_parallelism, batch_sharding, replicated_sharding
+from tfx_jax.train.optim import create_optimizer
 from tfx_jax.train.perf import bytes_per_device, compiled_memory, peak_tflops_per_device
 from tfx_jax.train.state import (abstract_train_state, make_eval_step, make_train_step,
                                  train_state_shardings)
@@ -315,10 +318,16 @@ def compile_step(jitted, args, *, num_devices: int, differentiated: bool) -> dic
             "custom_calls": _custom_calls(compiled.as_text())}
 
 
-def _roofline(step: dict, chip: Chip) -> float:
-    """Seconds: the larger of compute at peak and HBM traffic at full bandwidth."""
-    return max(step["flops_per_device"] / chip.peak_flops,
-               step["bytes_accessed_per_device"] / chip.hbm_bytes_per_s)
+def _roofline(step: dict, chip: Chip, model_flops_per_device: float) -> tuple[float, str]:
+    """(seconds, bound): the larger of compute at peak and HBM traffic at full bandwidth.
+
+    The compute term counts at least the model's FLOPs: XLA's cost analysis counts a
+    loop's body once, so a scanned stack of N layers (``scan_layers``) reports about
+    one layer's FLOPs and bytes; a train step cannot do less work than its model.
+    """
+    compute = max(step["flops_per_device"], model_flops_per_device) / chip.peak_flops
+    memory = step["bytes_accessed_per_device"] / chip.hbm_bytes_per_s
+    return max(compute, memory), ("compute" if compute >= memory else "memory")
 
 
 def compile_report(target: Target, mesh, *, train_step, train_args, eval_step=None,
@@ -347,9 +356,10 @@ def compile_report(target: Target, mesh, *, train_step, train_args, eval_step=No
                                   if "available_bytes" in step])
     train = steps["train"]
     refused = any("compile_error" in step for step in steps.values())
-    roofline = None if refused or not train.get("cost_analysis") else _roofline(train, chip)
     num_devices = mesh.devices.size
     useful = model_flops_per_step or train.get("flops_per_device", 0.0) * num_devices
+    roofline, bound = (None, None) if refused or not train.get("cost_analysis") else (
+        _roofline(train, chip, useful / num_devices))
     return {
         "target": target.name, "topology": target.topology_name,
         "num_slices": target.num_slices, "device_kind": mesh.devices.flat[0].device_kind,
@@ -362,9 +372,11 @@ def compile_report(target: Target, mesh, *, train_step, train_args, eval_step=No
         "steps": steps,
         "model_flops_per_step": model_flops_per_step,
         "roofline_step_s": roofline,
-        "roofline_bound": None if roofline is None else (
-            "compute" if train["flops_per_device"] / chip.peak_flops
-            >= train["bytes_accessed_per_device"] / chip.hbm_bytes_per_s else "memory"),
+        "roofline_bound": bound,
+        # XLA's cost analysis counts a loop body once: below the model's own FLOPs, the
+        # step is a scanned layer stack, and its HBM bytes are counted for one layer too
+        "cost_counts_one_layer": bool(train.get("cost_analysis")) and not refused and (
+            train["flops_per_device"] * num_devices < useful),
         "mfu_ceiling": useful / (roofline * chip.peak_flops * num_devices) if roofline else None,
         "compile_s": round(sum(step["compile_s"] for step in steps.values()), 2),
         "knobs": knobs, "versions": _versions(),
@@ -413,9 +425,15 @@ def format_report(report: Mapping[str, Any]) -> str:
         if not refused_any(report):
             lines.append("  roofline n/a: the compiler gave no cost analysis (GPU without a GPU)")
         return "\n".join(lines)
+    model = report["model_flops_per_step"]
+    model = "" if not model else f"; model {model / report['chips'] / 1e12:.3f} TFLOPs/chip"
     lines.append(f"  roofline train step {report['roofline_step_s'] * 1e3:.2f} ms "
-                 f"({report['roofline_bound']}-bound), MFU ceiling "
+                 f"({report['roofline_bound']}-bound{model}), MFU ceiling "
                  f"{'n/a' if mfu is None else f'{mfu:.1%}'}")
+    if report.get("cost_counts_one_layer"):
+        lines.append("  (XLA's cost analysis counted the scanned layers once: the compute "
+                     "term uses the model's FLOPs, the HBM term is too low, so the roofline "
+                     "is a looser bound)")
     return "\n".join(lines)
 
 
@@ -516,21 +534,35 @@ def _global(batch):
         (np.shape(x)[0] * jax.process_count(),) + np.shape(x)[1:], np.asarray(x).dtype), batch)
 
 
-def compile_run(config, workdir: str, task, train_iter, eval_batches, mesh, optimizer,
-                schedule) -> None:
-    """What ``tfx_jax.train.train`` does under :func:`compiling_for`: compiles the run's
-    train and eval steps for the target (their batch shapes from the first batch of
-    each), writes the report, and raises :class:`Compiled` (it fits) or
-    :class:`DoesNotFit` (one line)."""
+def abstract_batch(rows: int, features: Mapping[str, tuple], *, packed: bool = False,
+                   packed_keys: Optional[tuple] = None) -> dict:
+    """The global batch a run's pipeline would feed, as ``ShapeDtypeStruct``s, from
+    ``features``: ``{key: (shape of one row, dtype)}``; plus ``"valid"`` [rows] (every
+    pipeline's batches carry it) and, when ``packed``, ``<key>_segmentation`` and
+    ``<key>_position`` (int32, the key's shape) of each of ``packed_keys`` (default:
+    every feature), as :mod:`tfx_jax.data.packing` adds them."""
+    batch = {key: jax.ShapeDtypeStruct((rows,) + tuple(shape), np.dtype(dtype))
+             for key, (shape, dtype) in features.items()}
+    if packed:
+        for key in features if packed_keys is None else packed_keys:
+            for suffix in ("_segmentation", "_position"):
+                batch[key + suffix] = jax.ShapeDtypeStruct(batch[key].shape, np.int32)
+    batch["valid"] = jax.ShapeDtypeStruct((rows,), np.bool_)
+    return batch
+
+
+def compile_plan(config, workdir: str, task, mesh, batch, eval_batch=None) -> None:
+    """A ``--compile_topology`` run: compiles the train step (and the eval step, given
+    ``eval_batch``) the run would compile on ``mesh`` for global batches of these
+    shapes, with the run's optimizer (``config``'s, frozen parameters masked), writes
+    ``<workdir>/compile/<target>.json`` (nothing else) and raises :class:`Compiled`
+    (it fits) or :class:`DoesNotFit` (one line). The apps call it from the config
+    alone, before reading any data; :func:`tfx_jax.train.train` from the first batches."""
     target = compile_target()
-    eval_batch = None
-    if eval_batches is not None:
-        first = next(iter(eval_batches() if callable(eval_batches) else eval_batches), None)
-        eval_batch = None if first is None else _global(first)
+    optimizer, schedule = create_optimizer(config, task.trainable)
     compile_at = functools.partial(compile_task, task, optimizer, schedule, mesh,
                                    eval_batch=eval_batch, seed=config.seed,
                                    grad_accum_steps=config.grad_accum_steps, target=target)
-    batch = _global(next(train_iter))
     if _SEARCH.get() == "batch_size":
         report = search_batch_size(compile_at, batch, mesh)
     else:
@@ -541,3 +573,13 @@ def compile_run(config, workdir: str, task, train_iter, eval_batches, mesh, opti
     if not report["fits"]:
         raise DoesNotFit(does_not_fit_line(report))
     raise Compiled(report, path)
+
+
+def compile_run(config, workdir: str, task, train_iter, eval_batches, mesh) -> None:
+    """What ``tfx_jax.train.train`` does under :func:`compiling_for`: :func:`compile_plan`
+    with the shapes of the first batch of ``train_iter`` and of ``eval_batches``."""
+    eval_batch = None
+    if eval_batches is not None:
+        first = next(iter(eval_batches() if callable(eval_batches) else eval_batches), None)
+        eval_batch = None if first is None else _global(first)
+    compile_plan(config, workdir, task, mesh, _global(next(train_iter)), eval_batch)

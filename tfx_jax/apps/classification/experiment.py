@@ -27,7 +27,7 @@ from tfx_jax.data.image_files import load_image_files
 from tfx_jax.data.image_pipeline import (eval_image_batches, image_input_shape,
                                          train_image_batches)
 from tfx_jax.data.image_preprocess import denormalize_images
-from tfx_jax.errors import say
+from tfx_jax.errors import require, say
 from tfx_jax.train.checkpoint import workdir_lock
 from tfx_jax.train.finetune import parameter_counts
 
@@ -74,6 +74,8 @@ def train(config, workdir: str, mesh=None) -> tr.TrainResult:
     """Trains into ``workdir``; ``mesh`` defaults to ``config.mesh`` over every device."""
     mesh = tr.make_mesh(config.mesh) if mesh is None else mesh
     check(config, mesh)
+    if tr.compile_target() is not None:  # --compile_topology: the config alone, no data
+        compile_only(config, workdir, mesh)
     tr.check_workdir(workdir, JOB)
     with workdir_lock(workdir):  # one run per workdir, before reading data
         return _train(config, workdir, mesh, *load_splits(config))
@@ -97,6 +99,35 @@ def _train(config, workdir: str, mesh, train_data, eval_data) -> tr.TrainResult:
         f"images {tuple(plan.image_shape)}, {plan.num_classes} classes; "
         f"{plan.num_train_steps} steps, evaluation every {plan.eval_every_steps}")
     return tr.train(plan, workdir, task, train_iter, eval_batches=eval_batches, mesh=mesh)
+
+
+def compile_only(config, workdir: str, mesh) -> None:
+    """``--compile_topology``: compiles the train and eval steps this run would compile on
+    the target, from the config alone (:func:`tfx_jax.train.topology.compile_plan`): no
+    dataset is read, nothing but the report is written. The images are
+    ``config.image_shape`` or ``image_size`` x ``image_size`` x 3 and the classes
+    ``num_classes``, which must then be set (with ``init_from``: the checkpoint's
+    architecture and resolution, its weights read)."""
+    require(config.get("num_classes") and (config.get("image_shape") or config.get("image_size")
+                                           or config.get("init_from")),
+            "--compile_topology reads no dataset, so the images and classes cannot come from "
+            "it: set config.num_classes and config.image_size (RGB) or config.image_shape "
+            "(height, width, channels)")
+    channels = config.image_shape[-1] if config.get("image_shape") else 3
+    finetuning, params, decided = setup_finetuning(config, config.num_classes, channels)
+    size = decided.get("image_size", config.get("image_size"))
+    shape = tuple(config.image_shape) if config.get("image_shape") and not size else (
+        size, size, channels)
+    steps = config.num_train_steps if config.num_epochs <= 0 else (
+        config.grad_accum_steps * (config.warmup_steps + 1))  # the steps shape no program
+    plan = tr.freeze(config, JOB, **decided, image_shape=shape, num_train_steps=steps)
+    task = classification_task(vit_config(plan), label_smoothing=plan.label_smoothing,
+                               finetuning=finetuning, pretrained_params=params)
+    features = {"image": (shape, "float32"), "label": ((), "int32")}
+    say(f"compiling for {tr.compile_target().name}: images {shape}, {plan.num_classes} "
+        f"classes, batches of {plan.batch_size}; no dataset is read")
+    tr.compile_plan(plan, workdir, task, mesh, tr.abstract_batch(plan.batch_size, features),
+                    tr.abstract_batch(plan.batch_size, features))
 
 
 def predict(workdir: str, paths: list[str], invert: bool) -> None:

@@ -44,9 +44,10 @@ from etils import epath
 from tfx_jax import pretrained
 from tfx_jax import train as tr
 from tfx_jax.apps.language_model.corpus import TextCorpus, open_corpus, read_text_file
-from tfx_jax.apps.language_model.pipeline import (MIN_VOCAB_SIZE, eval_batches, eval_windows,
-                                                  lm_tokenizer_path, load_or_train_lm_tokenizer,
-                                                  special_ids, train_batches)
+from tfx_jax.apps.language_model.pipeline import (LENGTHS_KEYS, MIN_VOCAB_SIZE, eval_batches,
+                                                  eval_windows, lm_tokenizer_path,
+                                                  load_or_train_lm_tokenizer, special_ids,
+                                                  train_batches)
 from tfx_jax.apps.language_model.sampling import generate_texts
 from tfx_jax.apps.language_model.task import (DEFAULT_MODEL, lm_config, lm_task,
                                               make_init_params)
@@ -151,7 +152,8 @@ def check_init_from(config, workdir: Optional[str] = None) -> str:
     directory = config.init_from
     require_key(config, "init_from", isinstance(directory, str) and os.path.isdir(directory),
                 "a Hugging Face model directory (config.json, *.safetensors, tokenizer.json)")
-    require(os.path.isfile(os.path.join(directory, "tokenizer.json")),
+    require(os.path.isfile(os.path.join(directory, "tokenizer.json"))
+            or tr.compile_target() is not None,  # compiling needs only config.json
             f"config.init_from={directory!r} has no tokenizer.json, which the run tokenizes "
             f"its data with (save one with transformers' AutoTokenizer)", DataNotFound)
     return directory
@@ -350,6 +352,8 @@ def train(config, workdir: str, mesh=None) -> tr.TrainResult:
                 f"config.finetune = {before!r}, this run has {config.get('finetune')!r}: use a "
                 f"new --workdir, or --config.finetune={before} to resume", WorkdirError)
     check(config, mesh, workdir)
+    if tr.compile_target() is not None:  # --compile_topology: the config alone, no data
+        compile_only(config, workdir, mesh)
     with workdir_lock(workdir):
         start = checkpoint_start(config, workdir)
         ready = prepare(config, workdir, start and start.tokenizer)
@@ -361,7 +365,7 @@ def train(config, workdir: str, mesh=None) -> tr.TrainResult:
                                  max_len=plan.max_len, pad_id=pad_id)
         finetuning = finetuning_of(plan)
         task = lm_task(model.config, max_len=plan.max_len, num_eval_examples=len(ready.windows),
-                       finetuning=finetuning,
+                       finetuning=finetuning, logits_chunk=plan.logits_chunk,
                        pretrained_params=start and checkpoint_params(plan, start, workdir))
         check_checkpoint_fits(workdir, task.init_params)  # reads metadata, writes nothing
         if ready.tokenizer_bytes is not None:  # the first write into the workdir
@@ -385,6 +389,30 @@ def train(config, workdir: str, mesh=None) -> tr.TrainResult:
             model, params, ready.tokenizer, list(plan.sample_prompts),
             **sampling_kwargs(plan)))
     return result
+
+
+def compile_only(config, workdir: str, mesh) -> None:
+    """``--compile_topology``: compiles the train and eval steps this run would compile on
+    the target, from the config alone (:func:`tfx_jax.train.topology.compile_plan`): no
+    data is read and nothing but the report is written. Rows of ``max_len`` tokens,
+    packed unless ``packing`` is "false", with loss weights; the model of ``config.model``
+    with ``vocab_size`` tokens (the tokenizer's upper bound), or of ``init_from``'s
+    config.json (its weights are not read: a fine-tuning run's fit is checked before
+    the checkpoint is downloaded)."""
+    plan = tr.freeze(config, JOB)
+    model = (checkpoint_model(plan, plan.init_from) if plan.get("init_from") else
+             lm_config(plan.model, vocab_size=plan.vocab_size, max_len=plan.max_len))
+    task = lm_task(model, max_len=plan.max_len, finetuning=finetuning_of(plan),
+                   logits_chunk=plan.logits_chunk)
+    packed = packing_setting(plan.packing) is not False
+    features = {key: ((plan.max_len,), "int32") for key in LENGTHS_KEYS}
+    trained, total = parameter_counts(task)
+    say(f"compiling for {tr.compile_target().name}: {total:,} parameters ({trained:,} "
+        f"trainable), rows of {plan.max_len} tokens{' (packed)' if packed else ''}, "
+        f"batches of {plan.batch_size} (eval {plan.eval_batch_size}); no data is read")
+    tr.compile_plan(plan, workdir, task, mesh, tr.abstract_batch(
+        plan.batch_size, features, packed=packed), tr.abstract_batch(
+        plan.eval_batch_size, features))
 
 
 # ------------------------------------------------------------------------- sampling
@@ -416,7 +444,8 @@ def load_trained_lm(workdir: str, *, step: Optional[int] = None) -> TrainedLM:
                 f"of the checkpoint it was trained from", WorkdirNotFound)
         tokenizer = pretrained.load_tokenizer(files)
         model = CausalLM(checkpoint_model(config, files))
-    task = lm_task(model.config, max_len=config.max_len, finetuning=finetuning)
+    task = lm_task(model.config, max_len=config.max_len, finetuning=finetuning,
+                   logits_chunk=config.get("logits_chunk", 0))
     params = tr.restore_params(workdir, task.init_params, step=step)
     if finetuning is not None:
         params = finetuning.model_params(params)

@@ -18,6 +18,8 @@ example sees only itself and starts at position 0.
 """
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -26,8 +28,8 @@ import numpy as np
 
 from tfx_jax import train as tr
 from tfx_jax.errors import ConfigError
-from tfx_jax.lm import CausalLM, CausalLMConfig
-from tfx_jax.model_config import from_config_dict
+from tfx_jax.lm import CausalLM, CausalLMConfig, output_logits
+from tfx_jax.model_config import from_config_dict, model_section
 from tfx_jax.train.finetune import FineTuning
 from tfx_jax.train.perf import causal_lm_forward_flops, training_flops
 
@@ -35,9 +37,15 @@ from tfx_jax.train.perf import causal_lm_forward_flops, training_flops
 # The default config's model section (experiments/configs/lm.py). A run from a checkpoint
 # takes the checkpoint's architecture: a key of config.model that differs from this
 # default was set by the user, and is refused when the checkpoint disagrees.
-DEFAULT_MODEL = dict(num_layers=4, d_model=128, num_heads=4, d_ff=512, dropout_rate=0.0,
-                     position="learned", num_kv_heads=None, dtype="float32",
-                     attention_implementation="auto", scan_layers=False, remat_policy="none")
+def default_model_section():
+    """The default config's ``model`` section: every CausalLMConfig field but vocab_size
+    and max_len (:func:`tfx_jax.model_config.model_section`), a small GPT by default."""
+    return model_section(CausalLMConfig, dict(
+        num_layers=4, d_model=128, num_heads=4, d_ff=512, dropout_rate=0.0),
+        derived=("vocab_size", "max_len"))
+
+
+DEFAULT_MODEL = default_model_section().to_dict()
 
 
 def lm_config(model: Mapping[str, Any], *, vocab_size: int, max_len: int) -> CausalLMConfig:
@@ -59,19 +67,45 @@ def packing_kwargs(batch: Mapping[str, Any]) -> dict:
     return dict(segment_ids=batch["inputs_segmentation"], positions=batch["inputs_position"])
 
 
-def make_loss_fn(model: CausalLM, model_params=None):
+# Positions x vocabulary of the logits one loss chunk holds (2^23 float32s: 32 MiB a row).
+LOGITS_CHUNK_ELEMENTS = 2 ** 23
+
+
+def logits_chunk_length(max_len: int, vocab_size: int, requested: int = 0) -> int:
+    """Positions of a row whose logits the loss computes at once
+    (:func:`tfx_jax.train.chunked_token_losses`): ``requested`` if > 0, else the whole
+    row when its ``max_len x vocab_size`` logits are at most LOGITS_CHUNK_ELEMENTS,
+    else the largest power of two whose chunk is (at least 16 positions)."""
+    if requested > 0:
+        return min(requested, max_len)
+    if max_len * vocab_size <= LOGITS_CHUNK_ELEMENTS:
+        return max_len
+    return max(16, 2 ** int(math.log2(LOGITS_CHUNK_ELEMENTS // vocab_size)))
+
+
+def make_loss_fn(model: CausalLM, model_params=None, *, chunk_length: Optional[int] = None):
     """``loss_fn(params, batch, rng, train) -> (mean token NLL, {"accuracy", "weight"})``
     (:func:`tfx_jax.train.token_cross_entropy` / ``token_accuracy`` on ``batch["weights"]``,
     without them padding 0 ignored). ``model_params(params)``: what ``model.apply`` takes
-    (fine-tuning: LoRA adapters merged); default the parameters themselves."""
+    (fine-tuning: LoRA adapters merged); default the parameters themselves.
+
+    ``chunk_length`` shorter than the rows: the model returns its hidden states and
+    the loss projects them to logits that many positions at a time
+    (:func:`tfx_jax.train.chunked_token_losses`; the same values, far less memory)."""
 
     def loss_fn(params, batch, rng, train):
         applied = params if model_params is None else model_params(params)
-        logits = model.apply({"params": applied}, batch["inputs"], **packing_kwargs(batch),
-                             deterministic=not train, rngs={"dropout": rng})
-        weights = batch.get("weights")
-        loss, num_tokens = tr.token_cross_entropy(logits, batch["targets"], weights=weights)
-        accuracy, _ = tr.token_accuracy(logits, batch["targets"], weights=weights)
+        tokens, targets, weights = batch["inputs"], batch["targets"], batch.get("weights")
+        chunked = chunk_length is not None and chunk_length < tokens.shape[1]
+        out = model.apply({"params": applied}, tokens, **packing_kwargs(batch),
+                          deterministic=not train, rngs={"dropout": rng}, return_hidden=chunked)
+        if chunked:
+            loss, accuracy, num_tokens = tr.chunked_token_losses(
+                out, targets, functools.partial(output_logits, model.config, applied),
+                chunk_length=chunk_length, weights=weights)
+        else:
+            loss, num_tokens = tr.token_cross_entropy(out, targets, weights=weights)
+            accuracy, _ = tr.token_accuracy(out, targets, weights=weights)
         return loss, {"accuracy": accuracy, "weight": num_tokens}
 
     return loss_fn
@@ -97,7 +131,7 @@ def make_init_params(config: CausalLMConfig, *, max_len: int):
 
 def lm_task(config: CausalLMConfig, *, max_len: int, num_eval_examples: Optional[int] = None,
             evaluate=None, finetuning: Optional[FineTuning] = None,
-            pretrained_params: Any = None) -> tr.Task:
+            pretrained_params: Any = None, logits_chunk: int = 0) -> tr.Task:
     """The :class:`tfx_jax.train.Task` of next-token prediction on rows of ``max_len`` tokens.
 
     With ``finetuning`` the run starts from ``pretrained_params`` (None: parameters of
@@ -106,6 +140,8 @@ def lm_task(config: CausalLMConfig, *, max_len: int, num_eval_examples: Optional
     attention and MLP kernels). Evaluation is the loop's common path (its eval batches
     through ``loss_fn``: token-weighted ``loss`` and ``accuracy``); ``eval_summary`` adds
     ``perplexity = exp(loss)``, ``num_tokens`` and, if given, ``num_examples``.
+    ``logits_chunk``: positions whose logits the loss holds at once (0: chosen by
+    :func:`logits_chunk_length`).
     """
     if max_len > config.max_len:
         raise ConfigError(f"rows of max_len={max_len} tokens do not fit the model's context "
@@ -124,6 +160,7 @@ def lm_task(config: CausalLMConfig, *, max_len: int, num_eval_examples: Optional
         init_params = finetuning.init_params(init_params, pretrained_params)
         model_params, trainable = finetuning.model_params, finetuning.trainable
     return tr.Task(init_params=init_params, trainable=trainable,
-                   loss_fn=make_loss_fn(model, model_params), evaluate=evaluate,
+                   loss_fn=make_loss_fn(model, model_params, chunk_length=logits_chunk_length(
+                       max_len, config.vocab_size, logits_chunk)), evaluate=evaluate,
                    flops_per_example=training_flops(causal_lm_forward_flops(config, max_len)),
                    count_tokens=count_tokens, eval_summary=eval_summary)

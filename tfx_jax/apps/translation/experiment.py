@@ -226,6 +226,8 @@ def train_and_test(config, workdir: str, data: Optional[TranslationData] = None,
     """
     mesh = tr.make_mesh(config.mesh) if mesh is None else mesh  # --config.mesh.fsdp=4 etc.
     check(config, mesh)
+    if tr.compile_target() is not None:  # --compile_topology: the config alone, no data
+        compile_only(config, workdir, mesh)
     tr.check_workdir(workdir, JOB)
     with workdir_lock(workdir):
         data = open_data(config) if data is None else data
@@ -264,6 +266,30 @@ def train_and_test(config, workdir: str, data: Optional[TranslationData] = None,
         test_data = eval_batches(data.test, tokenizer, global_batch_size=eval_batch_size,
                                  **lengths)
         return final_test(plan, workdir, result, model, tokenizer, test_data, mesh)
+
+
+def compile_only(config, workdir: str, mesh) -> None:
+    """``--compile_topology``: compiles the train and eval steps this run would compile on
+    the target, from the config alone (:func:`tfx_jax.train.topology.compile_plan`): no
+    data is read, nothing but the report is written. Rows of ``max_source_length`` /
+    ``max_target_length`` tokens (which must then be set: the data cannot decide them),
+    packed unless ``packing`` is "false", a vocabulary of ``vocab_size`` (the
+    tokenizer's upper bound). Beam search at the test is not compiled."""
+    require(config.max_source_length and config.max_target_length,
+            "--compile_topology reads no data, so the row lengths cannot come from it: set "
+            "config.max_source_length and config.max_target_length (tokens per row)")
+    steps = config.num_train_steps or config.grad_accum_steps * (config.warmup_steps + 1)
+    plan = tr.freeze(config, JOB, num_train_steps=steps)  # the steps shape no program
+    task = make_task(plan, model_config(plan, plan.vocab_size))
+    packed = packing_setting(plan.packing) is not False
+    features = {"inputs": ((plan.max_source_length,), "int32"),
+                "targets": ((plan.max_target_length,), "int32")}
+    say(f"compiling for {tr.compile_target().name}: rows of {plan.max_source_length} / "
+        f"{plan.max_target_length} tokens{' (packed)' if packed else ''}, vocabulary "
+        f"{plan.vocab_size}, batches of {plan.batch_size}; no data is read")
+    tr.compile_plan(plan, workdir, task, mesh,
+                    tr.abstract_batch(plan.batch_size, features, packed=packed),
+                    tr.abstract_batch(padded_batch_size(plan.eval_batch_size, mesh), features))
 
 
 def decoding_name(beam_size: int) -> str:
