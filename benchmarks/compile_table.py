@@ -294,6 +294,8 @@ def main() -> int:
     parser.add_argument("--no_attention", action="store_true")
     parser.add_argument("--attention_only", default="", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--name", default="compile_table",
+                        help="file stem in --out (the date is appended)")
     args = parser.parse_args()
     if args.attention_only:  # the child of a GPU run (it needs the CUDA python)
         print(json.dumps(attention_rows(args.attention_only)))
@@ -305,7 +307,7 @@ def main() -> int:
                               capture_output=True).returncode == 0
     date = datetime.date.today().isoformat()
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"compile_table_{date}")
+    stem = os.path.join(args.out, f"{args.name}_{date}")
     results = {"date": date, "command": " ".join(sys.argv), "models": [], "attention": []}
 
     def save():

@@ -57,10 +57,8 @@ def workdir_tokenizer(workdir: str, name: str,
 
 
 def write_workdir_file(workdir: str, name: str, content: bytes) -> None:
-    """Writes ``<workdir>/<name>`` (process 0 only), via a temporary name when local;
-    nothing in a ``--compile_topology`` run, which writes only its report."""
-    from tfx_jax.train.topology import compile_target
-    if jax.process_index() != 0 or compile_target() is not None:
+    """Writes ``<workdir>/<name>`` (process 0 only), via a temporary name when local."""
+    if jax.process_index() != 0:
         return
     directory = epath.Path(workdir)
     target = directory / name  # ``name`` may name a subdirectory: "init_from/config.json"

@@ -26,6 +26,7 @@ from tfx_jax.apps.dalle.joint_sequence import JointLayout
 from tfx_jax.apps.dalle.prompts import DigitPrompts
 from tfx_jax.apps.dalle.task import (IMAGE_TOKENIZERS, generator_config, generator_task,
                                      image_tokenizer_from_config, load_generator)
+from tfx_jax.data.digits import DIGITS_IMAGE_SHAPE
 from tfx_jax.errors import ConfigError, require, say
 from tfx_jax.lm import CausalLM
 from tfx_jax.train.checkpoint import workdir_lock
@@ -64,9 +65,38 @@ def train(config, workdir: str, mesh=None) -> tr.TrainResult:
     """
     mesh = tr.make_mesh(config.mesh) if mesh is None else mesh
     check(config, mesh)
+    if tr.compile_target() is not None:  # --compile_topology: the config alone, no data
+        compile_only(config, workdir, mesh)
     tr.check_workdir(workdir, JOB)
     with workdir_lock(workdir):
         return _train(config, workdir, mesh, *load_splits(config))
+
+
+def compile_only(config, workdir: str, mesh) -> None:
+    """``--compile_topology``: compiles the train and eval steps this run would compile on
+    the target, from the config alone (:func:`tfx_jax.train.topology.compile_plan`): no
+    images are read, no codebook is fitted, nothing but the report is written. Images of
+    ``config.image_shape`` (default the digits' 8 x 8 x 1) as ``num_gray_levels`` levels
+    per pixel, or ``codebook_size`` codes per ``vq_patch_size`` patch (an upper bound: a
+    fitted codebook merges equal codes)."""
+    shape = tuple(config.image_shape or DIGITS_IMAGE_SHAPE)
+    prompts = DigitPrompts()
+    if config.image_tokenizer == "gray_levels":
+        image_length, codes = shape[0] * shape[1], config.num_gray_levels
+    else:
+        patch = config.vq_patch_size
+        image_length, codes = (shape[0] // patch) * (shape[1] // patch), config.codebook_size
+    layout = JointLayout(text_vocab_size=prompts.vocab_size, image_vocab_size=codes,
+                         max_text_length=prompts.max_length, image_length=image_length)
+    plan = tr.freeze(config, JOB, image_shape=shape)
+    task = generator_task(generator_config(plan, layout), layout=layout)
+    features = {"tokens": ((layout.sequence_length,), "int32"),
+                "weights": ((layout.sequence_length,), "float32")}
+    say(f"compiling for {tr.compile_target().name}: images {shape} as {image_length} "
+        f"{plan.image_tokenizer} tokens, sequences of {layout.sequence_length}, batches of "
+        f"{plan.batch_size}; no data is read")
+    batch = tr.abstract_batch(plan.batch_size, features)
+    tr.compile_plan(plan, workdir, task, mesh, batch, batch)
 
 
 def _train(config, workdir: str, mesh, train_data, eval_data) -> tr.TrainResult:
