@@ -266,3 +266,34 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
                             mesh=one_device_mesh())
     assert "config.model.num_layers = 3 conflicts with config.init_from's num_layers = 2" in line
     assert not workdir.exists()
+
+
+def test_released_weights_enter_the_state_as_arguments_in_their_shards():
+    """Fine-tuning from a checkpoint: the weights, read shard by shard onto the mesh, are
+    an argument of the jit that builds the train state, not constants of its program (an
+    8B model would be 32 GB of literals), and the state holds them bitwise, stacked for
+    scan_layers inside that jit."""
+    import dataclasses
+
+    from tfx_jax.apps.language_model.task import lm_task
+    from tfx_jax.train.finetune import FineTuning
+    from tfx_jax.train.state import state_initializer
+    cfg, host = pretrained.load_hf(str(LLAMA))
+    cfg = dataclasses.replace(cfg, scan_layers=True)
+    mesh = tr.make_mesh({"data": 1, "fsdp": 2}, devices=jax.devices()[:2])
+    _, placed = pretrained.load_hf(str(LLAMA), mesh=mesh)
+    kernel = placed["embedding"]["embedding"]
+    assert isinstance(kernel, jax.Array) and len(kernel.sharding.device_set) == 2
+    task = lm_task(cfg, max_len=16, finetuning=FineTuning(mode="lora", new=(), lora_rank=2,
+                                                          lora_alpha=4.0),
+                   pretrained_params=placed)
+    optimizer, _ = tr.create_optimizer(experiment_config("lm"), task.trainable)
+    shardings = tr.train_state_shardings(task.init_params, optimizer, mesh)
+    create, args = state_initializer(task.init_params, optimizer, 0, shardings)
+    assert args == (placed,)
+    program = create.lower(*args).as_text()
+    assert 'dense<"0x' not in program  # no weight is a literal of the program
+    state = create(*args)
+    want = pretrained.to_scan(host, "layers", cfg.num_layers)
+    for got, ref in zip(jax.tree.leaves(state.params["model"]), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(got), ref)

@@ -33,12 +33,20 @@ def to_scan(params: Any, stack: str, num_layers: int) -> Any:
     if missing:
         raise ValueError(f"params[{stack!r}] lacks {missing}; its keys are {sorted(block)}")
     layers = [block.pop(f"layer_{i}") for i in range(num_layers)]
-    block["layers"] = _map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)
+    block["layers"] = _map(_stack, *layers)
     return {**params, stack: block}
 
 
+def _stack(*xs):
+    """NumPy arrays stack in NumPy; jax arrays (placed in shards, or traced) in jax."""
+    if all(isinstance(x, np.ndarray) for x in xs):
+        return np.stack(xs)
+    import jax.numpy as jnp
+    return jnp.stack(xs)
+
+
 def _map(fn, *trees):
-    """tree map over nested dicts (no jax import: values stay NumPy)."""
+    """tree map over nested dicts (NumPy values stay NumPy)."""
     first = trees[0]
     if isinstance(first, dict) or hasattr(first, "items"):
         return {k: _map(fn, *(t[k] for t in trees)) for k in first}

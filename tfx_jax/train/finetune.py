@@ -45,6 +45,24 @@ from tfx_jax.errors import ConfigError
 Mask = Any  # a pytree of bools with the parameters' structure (True = trained)
 
 
+@dataclasses.dataclass(frozen=True)
+class FromPretrained:
+    """``init_params`` of a run that starts from released weights.
+
+    ``build(rng, weights)`` gives the parameters (the weights, plus fresh adapters for
+    LoRA). :func:`tfx_jax.train.create_sharded_train_state` calls it inside its jit with
+    ``weights`` as an argument: closed over, they would be constants of the compiled
+    program (an 8B model: 32 GB of HLO literals); as arguments, weights already placed
+    in their shards (``pretrained.load_hf(mesh=...)``) stay there. Called as
+    ``init_params(rng)`` it uses ``weights`` directly (shapes, small models, tests).
+    """
+    build: Callable[[jax.Array, Any], Any]
+    weights: Any
+
+    def __call__(self, rng: jax.Array) -> Any:
+        return self.build(rng, self.weights)
+
+
 def mask_optimizer(optimizer: optax.GradientTransformation,
                    trainable: Callable[[Any], Mask]) -> optax.GradientTransformation:
     """``optimizer`` on the parameters ``trainable(params)`` marks True; zero updates elsewhere."""
@@ -208,22 +226,32 @@ class FineTuning:
             _check(self.lora_rank, self.lora_targets)
 
     def init_params(self, base_init: Callable[[jax.Array], Any],
-                    pretrained: Optional[Any] = None) -> Callable[[jax.Array], Any]:
+                    pretrained: Optional[Any] = None,
+                    layout: Optional[Callable[[Any], Any]] = None
+                    ) -> Callable[[jax.Array], Any]:
         """``init_params(rng)``: the pre-trained parameters (+ fresh adapters for LoRA).
 
         Without ``pretrained`` the model's own ``base_init`` gives the shapes
-        (e.g. to restore a fine-tuned checkpoint for inference).
+        (e.g. to restore a fine-tuned checkpoint for inference). With it, a
+        :class:`FromPretrained`: the training library passes the weights to the jit
+        that builds the state as an argument, never as constants of the program;
+        ``layout(weights)`` (e.g. stacking the layers for ``scan_layers``) runs there.
         """
-        def init(rng):
-            params = (base_init(rng) if pretrained is None
-                      else jax.tree.map(jnp.asarray, pretrained))
+        def add_adapters(rng, params):
             if self.mode != "lora":
                 return params
             # Adapters are small and stay replicated; the base keeps its logical axes.
             adapters = init_lora(jax.random.fold_in(rng, 1), nn.meta.unbox(params),
-                                      rank=self.lora_rank, targets=self.lora_targets)
+                                 rank=self.lora_rank, targets=self.lora_targets)
             return {"model": params, "lora": adapters}
-        return init
+
+        if pretrained is None:
+            return lambda rng: add_adapters(rng, base_init(rng))
+
+        def build(rng, weights):
+            weights = jax.tree.map(jnp.asarray, weights)
+            return add_adapters(rng, weights if layout is None else layout(weights))
+        return FromPretrained(build=build, weights=pretrained)
 
     def model_params(self, params: Any) -> Any:
         """The parameters ``model.apply`` takes (LoRA adapters merged into the kernels)."""

@@ -132,8 +132,24 @@ def create_sharded_train_state(init_params: Callable[[jax.Array], Any],
     """
     if isinstance(shardings, Mesh):
         shardings = train_state_shardings(init_params, optimizer, shardings)
-    return jax.jit(lambda: create_train_state(init_params, optimizer, seed),
-                   out_shardings=shardings)()
+    create, args = state_initializer(init_params, optimizer, seed, shardings)
+    return create(*args)
+
+
+def state_initializer(init_params: Callable[[jax.Array], Any],
+                      optimizer: optax.GradientTransformation, seed: int,
+                      shardings: TrainState) -> tuple[Callable, tuple]:
+    """``(jitted, args)``: ``jitted(*args)`` is the initial state in its shards. Released
+    weights (``init_params`` a :class:`tfx_jax.train.finetune.FromPretrained`) are its
+    argument, in the shards they already have; closed over, they would be constants of
+    the compiled program."""
+    weights = getattr(init_params, "weights", None)
+    if weights is None:
+        return jax.jit(lambda: create_train_state(init_params, optimizer, seed),
+                       out_shardings=shardings), ()
+    return jax.jit(lambda w: create_train_state(lambda rng: init_params.build(rng, w),
+                                                optimizer, seed),
+                   out_shardings=shardings), (weights,)
 
 
 def abstract_train_state(init_params: Callable[[jax.Array], Any],

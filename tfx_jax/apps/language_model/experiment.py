@@ -241,9 +241,11 @@ def checkpoint_start(config, workdir: str) -> Optional[Start]:
     return Start(model=model, tokenizer=tokenizer, files=files, copied=copy is not None)
 
 
-def checkpoint_params(config, start: Start, workdir: str):
-    """The checkpoint's weights (in ``start.model``'s layer layout), or None when the
-    workdir has a checkpoint of its own (a resume starts from that)."""
+def checkpoint_params(config, start: Start, workdir: str, mesh=None):
+    """The checkpoint's weights (per-layer layout: the task stacks them for
+    ``scan_layers``), or None when the workdir has a checkpoint of its own (a resume
+    starts from that). With a ``mesh`` each device reads only its shard of each tensor
+    (``pretrained.load_hf(mesh=...)``): no host holds the whole model."""
     model = start.model
     say(f"config.init_from={config.init_from}: {model.num_layers} layers, d_model "
         f"{model.d_model}, vocabulary {model.vocab_size}, context {model.max_len}; the "
@@ -251,9 +253,7 @@ def checkpoint_params(config, start: Start, workdir: str):
         f"the tokenizer keys do not apply)")
     if has_checkpoint(workdir):
         return None
-    _, params = pretrained.load_hf(config.init_from)
-    if model.scan_layers:
-        params = pretrained.to_scan(params, "layers", model.num_layers)
+    _, params = pretrained.load_hf(config.init_from, mesh=mesh)
     return params
 
 
@@ -366,7 +366,7 @@ def train(config, workdir: str, mesh=None) -> tr.TrainResult:
         finetuning = finetuning_of(plan)
         task = lm_task(model.config, max_len=plan.max_len, num_eval_examples=len(ready.windows),
                        finetuning=finetuning, logits_chunk=plan.logits_chunk,
-                       pretrained_params=start and checkpoint_params(plan, start, workdir))
+                       pretrained_params=start and checkpoint_params(plan, start, workdir, mesh))
         check_checkpoint_fits(workdir, task.init_params)  # reads metadata, writes nothing
         if ready.tokenizer_bytes is not None:  # the first write into the workdir
             write_workdir_file(workdir, _tokenizer_name(plan), ready.tokenizer_bytes)

@@ -30,6 +30,7 @@ from tfx_jax import train as tr
 from tfx_jax.errors import ConfigError
 from tfx_jax.lm import CausalLM, CausalLMConfig, output_logits
 from tfx_jax.model_config import from_config_dict, model_section
+from tfx_jax.pretrained.layers import to_scan
 from tfx_jax.train.finetune import FineTuning
 from tfx_jax.train.perf import causal_lm_forward_flops, training_flops
 
@@ -157,7 +158,10 @@ def lm_task(config: CausalLMConfig, *, max_len: int, num_eval_examples: Optional
 
     init_params, model_params, trainable = make_init_params(config, max_len=max_len), None, None
     if finetuning is not None:
-        init_params = finetuning.init_params(init_params, pretrained_params)
+        layout = None
+        if config.scan_layers:  # a checkpoint's layers, stacked for nn.scan (in the jit)
+            layout = functools.partial(to_scan, stack="layers", num_layers=config.num_layers)
+        init_params = finetuning.init_params(init_params, pretrained_params, layout)
         model_params, trainable = finetuning.model_params, finetuning.trainable
     return tr.Task(init_params=init_params, trainable=trainable,
                    loss_fn=make_loss_fn(model, model_params, chunk_length=logits_chunk_length(
