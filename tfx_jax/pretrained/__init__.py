@@ -26,11 +26,22 @@ checkpoint families each loader accepts.
   hf_vit.py     ViTModel / ViTForImageClassification <-> ViT tensor map
   hf.py         load_hf / save_hf
 """
-from tfx_jax.pretrained.hf import load_hf, load_hf_config, save_hf
-from tfx_jax.pretrained.hf_files import CheckpointTokenizer, load_tokenizer
-from tfx_jax.pretrained.layers import from_scan, to_scan
-from tfx_jax.pretrained.posemb import resize_position_embedding
-from tfx_jax.pretrained.vit_npz import load_vit_npz
+import importlib
 
-__all__ = ["CheckpointTokenizer", "from_scan", "load_hf", "load_hf_config", "load_tokenizer",
-           "load_vit_npz", "resize_position_embedding", "save_hf", "to_scan"]
+# name -> module: loaded on first use (PEP 562), so that importing this package (the LM
+# job does, for its optional init_from) costs nothing until a checkpoint is read
+_EXPORTS = {"load_hf": "hf", "load_hf_config": "hf", "save_hf": "hf",
+            "CheckpointTokenizer": "hf_files", "load_tokenizer": "hf_files",
+            "from_scan": "layers", "to_scan": "layers",
+            "resize_position_embedding": "posemb", "load_vit_npz": "vit_npz"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
