@@ -258,6 +258,7 @@ def model_table(rows: list[dict]) -> list[list[str]]:
                     f"{flops / 1e12:.2f}",
                     "" if roofline is None else f"{roofline * 1e3:.1f}"
                     + ("*" if report.get("cost_counts_one_layer") else ""),
+                    "n/a*" if report.get("cost_counts_one_layer") else
                     "" if mfu is None else f"{mfu:.0%}",
                     f"{report['compile_s']:.0f}"])
     return out
@@ -344,8 +345,8 @@ def main() -> int:
                 save()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    tables = [("Models (* roofline: XLA counted the scanned layers once, so its HBM term "
-               "is low and the compute term is the model's FLOPs)",
+    tables = [("Models (*: XLA counted the scanned layers once, so the roofline is the "
+               "model's FLOPs at the chip's peak and gives no MFU ceiling)",
                model_table(results["models"]))]
     if results["attention"]:
         tables.append(("Attention alone, one chip, fwd+bwd, causal, 16 x 128 heads, bf16",

@@ -9,6 +9,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from tfx_jax import train as tr
+from tfx_jax.lm import CausalLMConfig
+from tfx_jax.model_config import model_section
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -25,10 +27,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.vq_patch_size = 2
     config.text_loss_weight = 1 / 8  # DALL-E: text 1/8, image 7/8 of the loss
 
-    # Model: any CausalLMConfig field; vocabulary and context length come from the tokens.
-    config.model = ml_collections.ConfigDict(dict(
+    # Model: every CausalLMConfig field (tfx_jax/lm.py); vocabulary and context length
+    # come from the tokens.
+    config.model = model_section(CausalLMConfig, dict(
         num_layers=4, d_model=64, num_heads=4, d_ff=256, dropout_rate=0.1,
-        position="learned", tie_embeddings=True, dtype="float32"))
+        position="learned", tie_embeddings=True, dtype="float32"),
+        derived=("vocab_size", "max_len"))
 
     # Training (teacher forcing), AdamW with warm-up and cosine decay.
     config.num_train_steps = 2000

@@ -13,6 +13,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from tfx_jax import train as tr
+from tfx_jax.model_config import model_section
+from tfx_jax.vit import ViTConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -27,10 +29,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment = True  # random shifts (+ flips where the dataset allows them)
     config.max_shift = config_dict.placeholder(int)  # shift range in pixels (None: side // 8)
 
-    # Model: any ViTConfig field; image size, channels and classes come from the data.
-    config.model = ml_collections.ConfigDict(dict(
+    # Model: every ViTConfig field (tfx_jax/vit.py); image size, channels and classes come
+    # from the data.
+    config.model = model_section(ViTConfig, dict(
         patch_size=2, d_model=64, num_heads=4, num_layers=4, d_ff=128,
-        dropout_rate=0.0, pool="cls", dtype="float32"))
+        dropout_rate=0.0, pool="cls", dtype="float32"),
+        derived=("image_size", "num_channels", "num_classes"))
 
     # Fine-tuning from released weights (docs/pretrained.md): a ViT .npz checkpoint
     # (google-research/vision_transformer, big_vision) or a Hugging Face ViT directory.
