@@ -294,6 +294,9 @@ def main() -> int:
                         help="a python with JAX's CUDA plugin, for the GPU targets")
     parser.add_argument("--no_attention", action="store_true")
     parser.add_argument("--attention_only", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--render", default="",
+                        help="comma-separated JSON files of earlier runs: write their rows "
+                             "as one table (no compiling)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--name", default="compile_table",
                         help="file stem in --out (the date is appended)")
@@ -301,7 +304,7 @@ def main() -> int:
     if args.attention_only:  # the child of a GPU run (it needs the CUDA python)
         print(json.dumps(attention_rows(args.attention_only)))
         return 0
-    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    unknown = [m for m in args.models.split(",") if m not in MODELS and not args.render]
     if unknown:
         parser.error(f"unknown models {unknown}; known: {', '.join(MODELS)}")
     has_cuda = subprocess.run([args.gpu_python, "-c", "import jax_cuda12_plugin"],
@@ -315,9 +318,16 @@ def main() -> int:
         with open(stem + ".json", "w") as f:
             json.dump(results, f, indent=1)
 
+    if args.render:
+        for path in args.render.split(","):
+            with open(path) as f:
+                earlier = json.load(f)
+            results["models"] += earlier["models"]
+            results["attention"] += earlier["attention"]
+        args.models, args.no_attention = "", True
     scratch = tempfile.mkdtemp(prefix="compile_table_")
     try:
-        for key in args.models.split(","):
+        for key in filter(None, args.models.split(",")):
             model = MODELS[key]
             targets = (args.targets.split(",") if args.targets else
                        FINETUNING_TARGETS if model.hf_config else TARGETS)

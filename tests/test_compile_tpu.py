@@ -374,3 +374,31 @@ def test_lm_compiles_a_checkpoints_config_json_alone_and_reports_model_flops(tmp
                    "--config.model.fused_qkv=True", "--config.model.num_heads=2",
                    f"--config.dataset={tmp_path / 'no_such_corpus'}")
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_remat_search_finds_each_policys_largest_batch_and_reports_the_best(monkeypatch,
+                                                                            tmp_path):
+    """--compile_search=batch_size,remat_policy: one batch search per remat policy (the
+    app's task rebuilt with it), the report of the policy with the largest batch, each
+    policy's batch in ``search_by_remat``; against a stand-in compiler."""
+    limits = {"none": 8, "full": 40, "dots": 16, "dots_no_batch": 24}
+    tasks = {policy: tr.Task(init_params=lambda rng: {}, loss_fn=lambda *a: 0.0)
+             for policy in limits}
+
+    def compile_task(task, optimizer, schedule, mesh, batch, **_):
+        policy = next(p for p, t in tasks.items() if t is task)
+        rows = jax.tree.leaves(batch)[0].shape[0]
+        return {"fits": rows <= limits[policy], "peak_bytes_per_chip": rows, "policy": policy}
+
+    monkeypatch.setattr(topology, "compile_task", compile_task)
+    monkeypatch.setattr(topology, "format_report", lambda report: "")
+    with tr.compiling_for(V5E, search="batch_size,remat_policy"):
+        mesh = tr.make_mesh({"data": 4})
+        with pytest.raises(topology.Compiled) as done:
+            topology.compile_plan(tr.default_config(), str(tmp_path), tasks["none"], mesh,
+                                  {"x": _tokens((8, 16))}, with_remat=tasks.__getitem__)
+    report = done.value.report
+    assert report["remat_policy"] == "full" and report["policy"] == "full"
+    assert {p: r["batch_size"] for p, r in report["search_by_remat"].items()} == limits
+    assert json.loads((tmp_path / "compile" / "v5e_2x2.json").read_text())["remat_policy"] \
+        == "full"

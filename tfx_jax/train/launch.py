@@ -119,7 +119,9 @@ def _define_flags(default_config: str) -> None:
     flags.DEFINE_integer("compile_num_slices", 1, "TPU slices of --compile_topology "
                          "(multi-slice: data parallelism across slices).")
     flags.DEFINE_string("compile_search", None, "With --compile_topology: 'batch_size' finds "
-                        "the largest global batch that fits (a few compiles).")
+                        "the largest global batch that fits (a few compiles); "
+                        "'batch_size,remat_policy' finds it for each remat policy (the "
+                        "report is the best one's).")
 
 
 def _exit_without_waiting(code: int) -> None:

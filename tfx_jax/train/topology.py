@@ -40,13 +40,14 @@ import json
 import os
 import re
 import time
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import jax
 import numpy as np
 
 from tfx_jax.attention import counting_kernel_flops
 from tfx_jax.errors import ConfigError
+from tfx_jax.model_config import REMAT_POLICIES
 from tfx_jax.train.mesh import batch_parallelism, batch_sharding, replicated_sharding
 from tfx_jax.train.optim import create_optimizer
 from tfx_jax.train.perf import bytes_per_device, compiled_memory, peak_tflops_per_device
@@ -240,7 +241,10 @@ _TARGET: contextvars.ContextVar[Optional[Target]] = contextvars.ContextVar(
 
 _SEARCH: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
     "tfx_jax_compile_search", default=None)
-SEARCHES = ("batch_size",)
+# "batch_size": the largest global batch that fits, with the run's remat policy;
+# "batch_size,remat_policy": that for every remat policy, the report at the largest
+REMAT_SEARCH = "batch_size,remat_policy"
+SEARCHES = ("batch_size", REMAT_SEARCH)
 
 
 def compile_target() -> Optional[Target]:
@@ -252,7 +256,8 @@ def compile_target() -> Optional[Target]:
 def compiling_for(target: Target, search: Optional[str] = None) -> Iterator[None]:
     """Inside, ``make_mesh`` builds meshes on the target's devices and ``train()``
     compiles its steps for them instead of training (:func:`compile_run`);
-    ``search="batch_size"`` makes it look for the largest global batch that fits."""
+    ``search="batch_size"`` makes it look for the largest global batch that fits
+    (``"batch_size,remat_policy"``: for each remat policy)."""
     if search and search not in SEARCHES:
         raise ConfigError(f"--compile_search must be one of {SEARCHES}, got {search!r}")
     tokens = _TARGET.set(target), _SEARCH.set(search or None)
@@ -422,6 +427,10 @@ def format_report(report: Mapping[str, Any]) -> str:
                           for t in found["tried"])
         lines.append(f"  largest global batch that fits: {found['batch_size']} (tried {tried}); "
                      f"the figures above are at that batch")
+    for policy, found in report.get("search_by_remat", {}).items():
+        lines.append(f"  remat_policy={policy}: largest batch {found['batch_size']} "
+                     f"({found['compiles']} compiles)"
+                     + (" <- the figures above" if policy == report["remat_policy"] else ""))
     mfu = report["mfu_ceiling"]
     if report["roofline_step_s"] is None:
         if not refused_any(report):
@@ -552,22 +561,45 @@ def abstract_batch(rows: int, features: Mapping[str, tuple], *, packed: bool = F
     return batch
 
 
-def compile_plan(config, workdir: str, task, mesh, batch, eval_batch=None) -> None:
+def compile_plan(config, workdir: str, task, mesh, batch, eval_batch=None, *,
+                 with_remat: Optional[Callable[[str], Any]] = None) -> None:
     """A ``--compile_topology`` run: compiles the train step (and the eval step, given
     ``eval_batch``) the run would compile on ``mesh`` for global batches of these
     shapes, with the run's optimizer (``config``'s, frozen parameters masked), writes
     ``<workdir>/compile/<target>.json`` (nothing else) and raises :class:`Compiled`
     (it fits) or :class:`DoesNotFit` (one line). The apps call it from the config
-    alone, before reading any data; :func:`tfx_jax.train.train` from the first batches."""
+    alone, before reading any data; :func:`tfx_jax.train.train` from the first batches.
+
+    ``with_remat(policy)``: the task with another ``remat_policy``, for the search
+    ``"batch_size,remat_policy"`` (the report is that of the policy with the largest
+    batch; its ``search_by_remat`` lists each policy's).
+    """
     target = compile_target()
-    optimizer, schedule = create_optimizer(config, task.trainable)
-    compile_at = functools.partial(compile_task, task, optimizer, schedule, mesh,
-                                   eval_batch=eval_batch, seed=config.seed,
-                                   grad_accum_steps=config.grad_accum_steps, target=target)
-    if _SEARCH.get() == "batch_size":
-        report = search_batch_size(compile_at, batch, mesh)
+
+    def compile_at(task):
+        optimizer, schedule = create_optimizer(config, task.trainable)
+        return functools.partial(compile_task, task, optimizer, schedule, mesh,
+                                 eval_batch=eval_batch, seed=config.seed,
+                                 grad_accum_steps=config.grad_accum_steps, target=target)
+
+    search = _SEARCH.get()
+    if search == REMAT_SEARCH:
+        if with_remat is None:
+            raise ConfigError(f"--compile_search={REMAT_SEARCH} needs a script whose model "
+                              f"has a remat_policy")
+        found = {policy: search_batch_size(compile_at(with_remat(policy)), batch, mesh)
+                 for policy in REMAT_POLICIES}
+        best = max(found, key=lambda p: (found[p]["search"]["batch_size"] or 0,
+                                         -found[p]["peak_bytes_per_chip"]))
+        report = {**found[best], "search_by_remat": {
+            policy: {"batch_size": r["search"]["batch_size"],
+                     "peak_bytes_per_chip": r["peak_bytes_per_chip"],
+                     "compiles": len(r["search"]["tried"])} for policy, r in found.items()},
+            "remat_policy": best}
+    elif search == "batch_size":
+        report = search_batch_size(compile_at(task), batch, mesh)
     else:
-        report = compile_at(batch)
+        report = compile_at(task)(batch)
     path = write_report(report, workdir, target)
     print(format_report(report))
     print(f"wrote {path}")

@@ -14,6 +14,7 @@ workdir (config.json and the latest checkpoint).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from etils import epath
@@ -121,13 +122,18 @@ def compile_only(config, workdir: str, mesh) -> None:
     steps = config.num_train_steps if config.num_epochs <= 0 else (
         config.grad_accum_steps * (config.warmup_steps + 1))  # the steps shape no program
     plan = tr.freeze(config, JOB, **decided, image_shape=shape, num_train_steps=steps)
-    task = classification_task(vit_config(plan), label_smoothing=plan.label_smoothing,
-                               finetuning=finetuning, pretrained_params=params)
+    def task_with(model):
+        return classification_task(model, label_smoothing=plan.label_smoothing,
+                                   finetuning=finetuning, pretrained_params=params)
+
+    model = vit_config(plan)
+    task = task_with(model)
     features = {"image": (shape, "float32"), "label": ((), "int32")}
     say(f"compiling for {tr.compile_target().name}: images {shape}, {plan.num_classes} "
         f"classes, batches of {plan.batch_size}; no dataset is read")
     tr.compile_plan(plan, workdir, task, mesh, tr.abstract_batch(plan.batch_size, features),
-                    tr.abstract_batch(plan.batch_size, features))
+                    tr.abstract_batch(plan.batch_size, features), with_remat=lambda policy: (
+                        task_with(dataclasses.replace(model, remat_policy=policy))))
 
 
 def predict(workdir: str, paths: list[str], invert: bool) -> None:

@@ -10,6 +10,7 @@ workdir (config.json, patch_vq.npz, the latest checkpoint).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -89,14 +90,16 @@ def compile_only(config, workdir: str, mesh) -> None:
     layout = JointLayout(text_vocab_size=prompts.vocab_size, image_vocab_size=codes,
                          max_text_length=prompts.max_length, image_length=image_length)
     plan = tr.freeze(config, JOB, image_shape=shape)
-    task = generator_task(generator_config(plan, layout), layout=layout)
+    model = generator_config(plan, layout)
+    task = generator_task(model, layout=layout)
     features = {"tokens": ((layout.sequence_length,), "int32"),
                 "weights": ((layout.sequence_length,), "float32")}
     say(f"compiling for {tr.compile_target().name}: images {shape} as {image_length} "
         f"{plan.image_tokenizer} tokens, sequences of {layout.sequence_length}, batches of "
         f"{plan.batch_size}; no data is read")
     batch = tr.abstract_batch(plan.batch_size, features)
-    tr.compile_plan(plan, workdir, task, mesh, batch, batch)
+    tr.compile_plan(plan, workdir, task, mesh, batch, batch, with_remat=lambda policy: (
+        generator_task(dataclasses.replace(model, remat_policy=policy), layout=layout)))
 
 
 def _train(config, workdir: str, mesh, train_data, eval_data) -> tr.TrainResult:

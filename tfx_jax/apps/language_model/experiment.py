@@ -402,8 +402,11 @@ def compile_only(config, workdir: str, mesh) -> None:
     plan = tr.freeze(config, JOB)
     model = (checkpoint_model(plan, plan.init_from) if plan.get("init_from") else
              lm_config(plan.model, vocab_size=plan.vocab_size, max_len=plan.max_len))
-    task = lm_task(model, max_len=plan.max_len, finetuning=finetuning_of(plan),
-                   logits_chunk=plan.logits_chunk)
+    def task_with(model):
+        return lm_task(model, max_len=plan.max_len, finetuning=finetuning_of(plan),
+                       logits_chunk=plan.logits_chunk)
+
+    task = task_with(model)
     packed = packing_setting(plan.packing) is not False
     features = {key: ((plan.max_len,), "int32") for key in LENGTHS_KEYS}
     trained, total = parameter_counts(task)
@@ -412,7 +415,8 @@ def compile_only(config, workdir: str, mesh) -> None:
         f"batches of {plan.batch_size} (eval {plan.eval_batch_size}); no data is read")
     tr.compile_plan(plan, workdir, task, mesh, tr.abstract_batch(
         plan.batch_size, features, packed=packed), tr.abstract_batch(
-        plan.eval_batch_size, features))
+        plan.eval_batch_size, features), with_remat=lambda policy: task_with(
+        dataclasses.replace(model, remat_policy=policy)))
 
 
 # ------------------------------------------------------------------------- sampling

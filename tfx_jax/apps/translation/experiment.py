@@ -280,7 +280,8 @@ def compile_only(config, workdir: str, mesh) -> None:
             "config.max_source_length and config.max_target_length (tokens per row)")
     steps = config.num_train_steps or config.grad_accum_steps * (config.warmup_steps + 1)
     plan = tr.freeze(config, JOB, num_train_steps=steps)  # the steps shape no program
-    task = make_task(plan, model_config(plan, plan.vocab_size))
+    model = model_config(plan, plan.vocab_size)
+    task = make_task(plan, model)
     packed = packing_setting(plan.packing) is not False
     features = {"inputs": ((plan.max_source_length,), "int32"),
                 "targets": ((plan.max_target_length,), "int32")}
@@ -289,7 +290,9 @@ def compile_only(config, workdir: str, mesh) -> None:
         f"{plan.vocab_size}, batches of {plan.batch_size}; no data is read")
     tr.compile_plan(plan, workdir, task, mesh,
                     tr.abstract_batch(plan.batch_size, features, packed=packed),
-                    tr.abstract_batch(padded_batch_size(plan.eval_batch_size, mesh), features))
+                    tr.abstract_batch(padded_batch_size(plan.eval_batch_size, mesh), features),
+                    with_remat=lambda policy: make_task(
+                        plan, dataclasses.replace(model, remat_policy=policy)))
 
 
 def decoding_name(beam_size: int) -> str:
