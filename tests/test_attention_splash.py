@@ -23,6 +23,7 @@ T = 256  # two 128-wide tiles each way: the smallest shape where tiles are skipp
     (dict(mask=jnp.ones((1, 1, T, T), bool)), "dense"),            # an array mask
     (dict(dropout_rate=0.1), "dense"),
     (dict(bias=jnp.zeros((1, 1, T, T))), "dense"),
+    (dict(causal=True, logit_soft_cap=50.0), "splash"),  # Gemma 2's attention soft-cap
 ])
 def test_auto_on_tpu_picks_splash_when_it_can(kwargs, expected):
     q = jnp.zeros((1, T, 8, 128), jnp.bfloat16)
@@ -66,8 +67,9 @@ KV_PACKED = np.array([[2] * 60 + [1] * 150 + [0] * 46])  # segment 2 first; no s
     dict(causal=True, q_lengths=np.array([230]), kv_lengths=np.array([0])),
     dict(causal=True, length=200),         # padded to the 256 tile, cut back
     dict(kv_lengths=np.array([150]), length=200),
+    dict(causal=True, logit_soft_cap=0.7, scale=1.0),  # Gemma 2: the kernel's soft-cap
 ], ids=["causal_segments", "window_scale", "cross_segments", "kv_lengths", "no_keys",
-        "tile_padding", "tile_and_kv_padding"])
+        "tile_padding", "tile_and_kv_padding", "soft_cap"])
 def test_splash_in_interpret_mode_matches_dense(kwargs):
     rng = np.random.default_rng(0)
     kwargs = dict(kwargs)

@@ -405,9 +405,9 @@ def _unsupported_reason(implementation, query, key, *, mask, bias, causal, dropo
     """None if `implementation` runs these inputs, else a sentence naming why not."""
     if implementation == "dense":
         return None
-    if logit_soft_cap is not None and implementation in ("cudnn", "splash"):
-        return (f"implementation={implementation!r} takes no logit_soft_cap (its fused kernel "
-                f"here applies none); use implementation='dense' or 'chunked'")
+    if logit_soft_cap is not None and implementation == "cudnn":
+        return ("implementation='cudnn' takes no logit_soft_cap (its fused kernel here "
+                "applies none); use implementation='splash' (TPU), 'chunked' or 'dense'")
     if bias is not None:
         return (f"implementation={implementation!r} takes no additive bias (only 'dense' "
                 f"materialises the scores it is added to); use implementation='dense'")
@@ -452,7 +452,7 @@ def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0,
     `dot_product_attention`; only their shapes, dtypes and presence matter).
 
     1. an additive ``bias`` -> "dense" (the only implementation that takes one);
-       a ``logit_soft_cap`` rules out "splash" and "cudnn";
+       a ``logit_soft_cap`` rules out "cudnn" (splash applies it in its kernel);
     2. a TPU, no mask array and no dropout, lengths that are multiples of 128 or
        padded to them at a cost of at most a third (``SPLASH_MAX_TILE_PADDING``),
        and padding a window or causal segment ids leave no real query without a
@@ -599,6 +599,6 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
         return splash_attention(query, key, value, causal=causal, local_window=local_window,
                                 scale=scale, q_segment_ids=q_segment_ids,
                                 kv_segment_ids=kv_segment_ids, q_lengths=q_lengths,
-                                kv_lengths=kv_lengths)
+                                kv_lengths=kv_lengths, logit_soft_cap=logit_soft_cap)
     return cudnn_attention(query, key, value, causal=causal, q_lengths=q_lengths,
                            kv_lengths=kv_lengths, local_window=local_window, scale=scale)

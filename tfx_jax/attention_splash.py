@@ -100,7 +100,7 @@ def _head_mask(t: int, s: int, causal: bool, local_window):
 
 
 def _kernel(t: int, s: int, num_heads: int, causal: bool, local_window, block_q: int,
-            block_kv: int):
+            block_kv: int, logit_soft_cap: Optional[float] = None):
     """The kernel for one example, built in the trace that calls it: it holds its mask
     tables as arrays of that trace (a kernel cached across traces leaked them as
     tracers into the next caller). jax caches the mask processing itself."""
@@ -110,7 +110,8 @@ def _kernel(t: int, s: int, num_heads: int, causal: bool, local_window, block_q:
                            block_q_dkv=block_q, block_kv_dkv=block_kv,
                            block_kv_dkv_compute=block_kv, block_q_dq=block_q,
                            block_kv_dq=block_kv)
-    return sa.make_splash_mha_single_device(mask, block_sizes=blocks)
+    return sa.make_splash_mha_single_device(mask, block_sizes=blocks,
+                                            attn_logits_soft_cap=logit_soft_cap)
 
 
 def _block(length: int, block: int) -> int:
@@ -266,8 +267,8 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                      kv_segment_ids: Optional[jax.Array] = None,
                      q_lengths: Optional[jax.Array] = None,
                      kv_lengths: Optional[jax.Array] = None,
-                     block_q: Optional[int] = None, block_kv: Optional[int] = None
-                     ) -> jax.Array:
+                     block_q: Optional[int] = None, block_kv: Optional[int] = None,
+                     logit_soft_cap: Optional[float] = None) -> jax.Array:
     """Splash attention on [B, T, N, H] query and [B, S, K, H] key/value; returns [B, T, N, H].
 
     Inputs are assumed validated by ``tfx_jax.dot_product_attention`` /
@@ -276,7 +277,8 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     that are not multiples of the 128-wide tile are padded to it with id 0 and
     the result cut back. Queries with no key to attend return zeros.
     ``block_q`` / ``block_kv``: the kernel's tiles (default: :func:`choose_blocks`
-    for the chip and head size).
+    for the chip and head size). ``logit_soft_cap`` c: the kernel's
+    ``attn_logits_soft_cap``, the scaled scores become c * tanh(scores / c) (Gemma 2).
 
     A Mosaic kernel cannot be partitioned by XLA, so on a mesh (``jax.set_mesh``,
     or the training library's steps) the calls run under ``jax.shard_map``:
@@ -313,7 +315,8 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
         over_batch = lambda f: lambda *xs: jax.lax.map(lambda x: f(*x), xs)  # noqa: E731
 
     def attend(q, k, v, *ids):
-        kernel = _kernel(t, s, q.shape[1], bool(causal), local_window, bq, bkv)
+        kernel = _kernel(t, s, q.shape[1], bool(causal), local_window, bq, bkv,
+                         None if logit_soft_cap is None else float(logit_soft_cap))
         segments = [SegmentIds(q=ids[0], kv=ids[1])] if ids else []
         return over_batch(kernel)(q, k, v, *segments)
 
