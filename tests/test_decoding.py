@@ -211,3 +211,18 @@ def test_cache_overflow_is_refused_before_decoding_even_under_jit():
     with pytest.raises(ValueError, match=r"beam_search \(max_len=6\) feeds 6 tokens"):
         decoding.beam_search(step, variables["cache"], batch_size=1, beam_size=1, max_len=6,
                              bos_id=BOS, eos_id=EOS)
+
+
+def test_sampling_stops_at_any_of_several_eos_ids():
+    """Llama 3 ends a turn with any of several ids: after one of them a row emits the
+    first id of the tuple (one id, as before: that id)."""
+    table = np.full((VOCAB, VOCAB), -10.0)
+    for token in range(VOCAB):
+        table[token, (token + 1) % VOCAB] = 0.0  # greedy walks 0 -> 1 -> 2 -> 3 -> 0
+    prompt = jnp.array([[0]])
+    out = decoding.sample(markov_step(table), jnp.zeros(()), prompt, 5, temperature=0.0,
+                          eos_id=(3, 2))
+    assert [int(t) for t in out[0]] == [0, 1, 2, 3, 3, 3]
+    single = decoding.sample(markov_step(table), jnp.zeros(()), prompt, 3, temperature=0.0,
+                             eos_id=2)
+    assert [int(t) for t in single[0]] == [0, 1, 2, 2]

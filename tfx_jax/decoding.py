@@ -23,7 +23,7 @@ the sequence (batch * beam) on axis 0, so beams are reordered by one gather.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -210,12 +210,15 @@ def _sample_logits(logits, rng, temperature, top_k, top_p):
 def sample(step_fn: StepFn, cache: Any, prompt: jax.Array, num_steps: int, *,
            rng: Optional[jax.Array] = None, temperature: float = 1.0,
            top_k: Optional[int] = None, top_p: Optional[float] = None,
-           eos_id: Optional[int] = None, prompt_kwargs: Optional[dict] = None) -> jax.Array:
+           eos_id: Union[int, Sequence[int], None] = None,
+           prompt_kwargs: Optional[dict] = None) -> jax.Array:
     """Continues ``prompt`` [N, P] by ``num_steps`` tokens; returns [N, P + num_steps].
 
     The prompt goes through the model in one call (filling the cache), then one
     token per step. ``temperature=0`` is greedy decoding; ``top_k`` keeps the k
-    most likely tokens and ``top_p`` the nucleus before sampling (:func:`top_k_top_p_mask`). After ``eos_id`` a sequence emits ``eos_id``.
+    most likely tokens and ``top_p`` the nucleus before sampling (:func:`top_k_top_p_mask`).
+    ``eos_id``: one id or several (Llama 3 ends with any of three); after one of them
+    a sequence emits the first.
     ``prompt_kwargs`` are passed to the prompt's call only, ``step_fn(prompt, cache,
     **prompt_kwargs)`` (e.g. the positions and segment ids of :func:`left_pad`).
     ``rng`` is one key, or one key per row ([N] keys): then each row draws from
@@ -238,6 +241,8 @@ def sample(step_fn: StepFn, cache: Any, prompt: jax.Array, num_steps: int, *,
         raise ValueError(f"rng holds {rng.shape[0]} keys (one per row) for a batch of "
                          f"{prompt.shape[0]} rows")
     batch = prompt.shape[0]
+    eos_ids = () if eos_id is None else tuple(np.atleast_1d(eos_id).tolist())
+    eos_id = eos_ids[0] if eos_ids else None
     logits, cache = step_fn(prompt, cache, **(prompt_kwargs or {}))
     check_token_ids(prompt, logits.shape[-1], "the prompt")
     _debug_check_ids(prompt, logits.shape[-1], "the prompt")
@@ -249,7 +254,7 @@ def sample(step_fn: StepFn, cache: Any, prompt: jax.Array, num_steps: int, *,
         token, done, cache = carry
         if eos_id is not None:
             token = jnp.where(done, eos_id, token)
-            done = done | (token == eos_id)
+            done = done | jnp.isin(token, jnp.asarray(eos_ids, token.dtype))
         logits, cache = step_fn(token[:, None], cache)
         next_token = _sample_logits(logits[:, -1], step_rng, temperature, top_k, top_p)
         return (next_token, done, cache), token

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import zlib
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +57,7 @@ def sample_continuations(model: CausalLM, params: Any, tokens: jax.Array, positi
                          segment_ids: jax.Array, rngs: jax.Array, *, num_steps: int,
                          temperature: float = 1.0, top_k: Optional[int] = None,
                          top_p: Optional[float] = None,
-                         eos_id: Optional[int] = EOS_ID) -> jax.Array:
+                         eos_id: Union[int, tuple, None] = EOS_ID) -> jax.Array:
     """Left-padded prompts ``tokens`` [N, L] (with their ``positions`` / ``segment_ids``
     from :func:`tfx_jax.decoding.left_pad`) continued by ``num_steps`` tokens: [N, L + steps].
 
@@ -105,13 +105,14 @@ def row_keys(seed: int, prompts: Sequence[np.ndarray], num_samples: int) -> jax.
 def generate_ids(model: CausalLM, params: Any, prompts: Sequence[Sequence[int]], *,
                  num_tokens: int, num_samples: int = 1, seed: int = 0,
                  temperature: float = 1.0, top_k: Optional[int] = None,
-                 top_p: Optional[float] = None, eos_id: Optional[int] = EOS_ID,
+                 top_p: Optional[float] = None, eos_id: Union[int, tuple, None] = EOS_ID,
                  pad_id: int = PAD_ID) -> list[list[np.ndarray]]:
     """The generated ids (EOS and what follows cut off) of ``num_samples`` rows per prompt.
 
     ``prompts``: token ids, each starting with BOS and shorter than ``max_len``.
-    A row stops at EOS, after ``num_tokens`` tokens, or where its context
-    (``max_len`` positions) is full. One batch, one compiled call.
+    A row stops at EOS (``eos_id``: one id, or a tuple of them), after ``num_tokens``
+    tokens, or where its context (``max_len`` positions) is full. One batch, one
+    compiled call.
     """
     decoding.check_sampling_options(temperature, top_k, top_p)
     if num_tokens < 1 or num_samples < 1:
@@ -141,7 +142,7 @@ def generate_ids(model: CausalLM, params: Any, prompts: Sequence[Sequence[int]],
         samples = []
         for row in sequences[index * num_samples:(index + 1) * num_samples]:
             generated = row[padded:padded + budget]
-            eos = np.flatnonzero(generated == eos_id) if eos_id is not None else []
+            eos = (np.flatnonzero(np.isin(generated, eos_id)) if eos_id is not None else [])
             samples.append(generated[:eos[0]] if len(eos) else generated)
         outputs.append(samples)
     return outputs
@@ -156,9 +157,11 @@ def generate_texts(model: CausalLM, params: Any, tokenizer, prompts: Sequence[st
     See :func:`generate_ids`. All prompts are checked (length, sampling
     options) before any decoding. A tokenizer with ``bos_id`` / ``eos_id`` /
     ``pad_id`` attributes (a checkpoint's, ``pretrained.load_tokenizer``) brings
-    its own special ids; otherwise the project tokenizer's are used.
+    its own special ids (and ``eos_ids``: a row stops at any of them); otherwise
+    the project tokenizer's are used.
     """
     bos_id, eos_id, pad_id = special_ids(tokenizer)  # padding is masked
+    eos_id = tuple(getattr(tokenizer, "eos_ids", ())) or eos_id  # all of a checkpoint's
     decoding.check_sampling_options(temperature, top_k, top_p)
     if not prompts:
         raise DataError("no prompts to continue")
