@@ -161,6 +161,13 @@ def test_mesh_loading_places_each_block_and_equals_host_loading(loaded):
     assert len(blocks) == 8  # split 4 (embed) x 2 (heads)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(host)):
         np.testing.assert_array_equal(np.asarray(a), b)
+    # GPT-2 checkpoints are read whole, then placed the same way (lm.py loads with a mesh)
+    gpt2 = str(FIXTURES.parent / "hf_gpt2")
+    placed = pretrained.load_hf(gpt2, mesh=tr.make_mesh({"data": 1, "fsdp": 8}))[1]
+    kernel = placed["layers"]["layer_0"]["ffn"]["wi"]["kernel"]
+    assert len({tuple((i.start, i.stop) for i in s.index) for s in kernel.addressable_shards}) > 1
+    for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(pretrained.load_hf(gpt2)[1])):
+        np.testing.assert_array_equal(np.asarray(a), b)
 
 
 def test_read_block_of_each_layout_is_that_block_of_the_whole_tensor():

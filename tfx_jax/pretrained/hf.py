@@ -68,7 +68,8 @@ def load_hf(directory: str, *, num_classes: Optional[int] = None,
     Sharded checkpoints (``model.safetensors.index.json``) and float32 / bfloat16 /
     float16 tensors are read (as float32). With a ``mesh`` (decoders), every
     parameter is a ``jax.Array`` placed by the partitioning ``rules`` (default
-    ``tfx_jax.train.RULES``), each device's block read from disk on its own.
+    ``tfx_jax.train.RULES``), each device's block read from disk on its own (GPT-2:
+    read whole, then placed).
     For ViTs, ``num_classes`` attaches a new zero-initialised head and
     ``image_size`` resizes the position embeddings, as in :func:`load_vit_npz`.
     """
@@ -82,7 +83,7 @@ def load_hf(directory: str, *, num_classes: Optional[int] = None,
                               f"{architecture}")
         cfg = hf_decoders.config_from_hf(config, architecture, source)
         return cfg, _load_decoder(cfg, directory, mesh, rules)
-    if mesh is not None:
+    if mesh is not None and architecture != hf_gpt2.ARCHITECTURE:
         raise ConfigError(f"load_hf(mesh=...) places decoder checkpoints; {architecture} is "
                           f"read whole (shard it with jax.device_put)")
     config, tensors = read_directory(directory)
@@ -92,7 +93,11 @@ def load_hf(directory: str, *, num_classes: Optional[int] = None,
             raise ConfigError("num_classes and image_size apply to ViT checkpoints, not "
                              f"{architecture}")
         cfg = hf_gpt2.config_from_hf(config, source)
-        return cfg, unflatten(hf_gpt2.params_from_hf(tensors, cfg, weights))
+        params = unflatten(hf_gpt2.params_from_hf(tensors, cfg, weights))
+        if mesh is not None:  # GPT-2 sizes are read whole, then placed in their shards
+            import jax
+            params = jax.device_put(params, _decoder_shardings(cfg, mesh, rules))
+        return cfg, params
     cfg = hf_vit.config_from_hf(config, architecture, tensors, source)
     flat = hf_vit.params_from_hf(tensors, cfg, architecture, weights, num_classes)
     cfg, flat = adapt_vit(cfg, flat, num_classes=num_classes, image_size=image_size)
@@ -108,15 +113,8 @@ def _load_decoder(cfg: CausalLMConfig, directory: str, mesh, rules) -> dict:
         return unflatten({s.ours: hf_decoders.read_block(
             s, lambda index, s=s: checkpoint.block(s.hf, index)) for s in specs})
     import jax
-    import jax.numpy as jnp
     from flax import traverse_util
-
-    import tfx_jax.train as tr
-    from tfx_jax.logical_axes import recording_logical_axes
-    with recording_logical_axes():
-        abstract = jax.eval_shape(lambda: CausalLM(cfg).init(
-            jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
-    shardings = traverse_util.flatten_dict(tr.param_shardings(abstract, mesh, rules), sep="/")
+    shardings = traverse_util.flatten_dict(_decoder_shardings(cfg, mesh, rules), sep="/")
     dtype = np.dtype(cfg.param_dtype)
     flat = {}
     for spec in specs:
@@ -125,6 +123,19 @@ def _load_decoder(cfg: CausalLMConfig, directory: str, mesh, rules) -> dict:
                 spec, lambda hf_index: checkpoint.block(spec.hf, hf_index), index).astype(dtype)
         flat[spec.ours] = jax.make_array_from_callback(spec.shape, shardings[spec.ours], block)
     return unflatten(flat)
+
+
+def _decoder_shardings(cfg: CausalLMConfig, mesh, rules) -> dict:
+    """Where the partitioning ``rules`` place each of ``CausalLM(cfg)``'s parameters."""
+    import jax
+    import jax.numpy as jnp
+
+    import tfx_jax.train as tr
+    from tfx_jax.logical_axes import recording_logical_axes
+    with recording_logical_axes():
+        abstract = jax.eval_shape(lambda: CausalLM(cfg).init(
+            jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    return tr.param_shardings(abstract, mesh, rules)
 
 
 def save_hf(cfg: Union[CausalLMConfig, ViTConfig], params: Any, directory: str, *,

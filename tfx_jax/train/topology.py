@@ -25,8 +25,9 @@ inside Pallas or cuDNN calls (the attention kernels' FLOPs are counted while
 tracing, ``tfx_jax.attention.counting_kernel_flops``) and counts a loop's body
 once (a scanned layer stack: one layer's FLOPs and bytes; the roofline's compute
 term therefore takes at least the model's FLOPs, and its memory term is then low);
-the roofline time is a lower bound, not a measurement; per-chip bytes are the compiler's buffer assignment,
-which is what the chip would allocate, less the runtime's own reserve.
+the roofline time is a lower bound, not a measurement; per-chip bytes are the
+compiler's buffer assignment, which is what the chip would allocate, less the
+runtime's own reserve.
 """
 from __future__ import annotations
 
@@ -544,17 +545,16 @@ def _global(batch):
         (np.shape(x)[0] * jax.process_count(),) + np.shape(x)[1:], np.asarray(x).dtype), batch)
 
 
-def abstract_batch(rows: int, features: Mapping[str, tuple], *, packed: bool = False,
-                   packed_keys: Optional[tuple] = None) -> dict:
+def abstract_batch(rows: int, features: Mapping[str, tuple], *, packed: bool = False) -> dict:
     """The global batch a run's pipeline would feed, as ``ShapeDtypeStruct``s, from
     ``features``: ``{key: (shape of one row, dtype)}``; plus ``"valid"`` [rows] (every
     pipeline's batches carry it) and, when ``packed``, ``<key>_segmentation`` and
-    ``<key>_position`` (int32, the key's shape) of each of ``packed_keys`` (default:
-    every feature), as :mod:`tfx_jax.data.packing` adds them."""
+    ``<key>_position`` (int32, the key's shape) of each feature, as
+    :mod:`tfx_jax.data.packing` adds them."""
     batch = {key: jax.ShapeDtypeStruct((rows,) + tuple(shape), np.dtype(dtype))
              for key, (shape, dtype) in features.items()}
     if packed:
-        for key in features if packed_keys is None else packed_keys:
+        for key in features:
             for suffix in ("_segmentation", "_position"):
                 batch[key + suffix] = jax.ShapeDtypeStruct(batch[key].shape, np.int32)
     batch["valid"] = jax.ShapeDtypeStruct((rows,), np.bool_)
