@@ -104,14 +104,19 @@ MODELS = {
         "Llama 3.1 8B, full", "lm", (*LM_SCAN, "--config.finetune=full",
                                       "--config.max_len=2048"),
         per_chip=1, batch_unit="rows of 2048 tokens", hf_config="llama3.1-8b"),
+    # Gemma 2 alternates sliding and full layers: nn.scan needs identical layers
     "gemma2-2b-lora": Model(
-        "Gemma 2 2B, LoRA r8", "lm", (*LM_SCAN, "--config.finetune=lora",
-                                       "--config.max_len=2048"),
+        "Gemma 2 2B, LoRA r8 (layers unscanned)", "lm", ("--config.finetune=lora",
+                                                         "--config.max_len=2048"),
         per_chip=1, batch_unit="rows of 2048 tokens", hf_config="gemma2-2b"),
     "gemma2-2b-full": Model(
-        "Gemma 2 2B, full", "lm", (*LM_SCAN, "--config.finetune=full",
-                                    "--config.max_len=2048"),
+        "Gemma 2 2B, full (layers unscanned)", "lm", ("--config.finetune=full",
+                                                      "--config.max_len=2048"),
         per_chip=1, batch_unit="rows of 2048 tokens", hf_config="gemma2-2b"),
+    "llama3.1-8b-lora-unscanned": Model(
+        "Llama 3.1 8B, LoRA r8 (layers unscanned)", "lm", ("--config.finetune=lora",
+                                                           "--config.max_len=2048"),
+        per_chip=1, batch_unit="rows of 2048 tokens", hf_config="llama3.1-8b"),
 }
 RENTING = ("transformer-base", "vit-b16", "gpt2", "gpt-474m", "gpt-1.3b")
 FINETUNING = ("llama3.1-8b-lora", "llama3.1-8b-full", "gemma2-2b-lora", "gemma2-2b-full")

@@ -181,6 +181,15 @@ def test_auto_on_gpu(dtype, head_dim, capability, mask, causal_cross, expected):
                                  compute_capability=capability) == "chunked"
 
 
+def test_auto_on_gpu_keeps_odd_lengths_off_cudnn():
+    """ViT-B/16 at 224 has 197 tokens: jax's cuDNN training call refuses odd lengths
+    (the deviceless H100 compile of vit.py failed with "Unsupported sequence length")."""
+    vit = jnp.zeros((1, 197, 12, 64), jnp.bfloat16)
+    assert select_implementation(vit, vit, platform="gpu", compute_capability="9.0") != "cudnn"
+    even = jnp.zeros((1, 198, 12, 64), jnp.bfloat16)
+    assert select_implementation(even, even, platform="gpu", compute_capability="9.0") == "cudnn"
+
+
 def test_auto_on_gpu_keeps_value_head_dim_other_than_query_off_cudnn():
     q = jnp.zeros((1, CHUNKED_MIN_LENGTH, 2, 64), jnp.bfloat16)
     assert select_implementation(q, q, platform="gpu", compute_capability="9.0",

@@ -82,6 +82,9 @@ def cudnn_unsupported_reason(dtype, head_dim: int, *, has_mask: bool, dropout_ra
     if causal and q_length != kv_length:
         return (f"causal cross-attention (q_length {q_length} != kv_length {kv_length}) is not "
                 f"routed to cuDNN: its diagonal alignment for T != S is untested here")
+    if q_length % 2 or kv_length % 2:  # found compiling ViT-B/16 (197 tokens) for an H100
+        return (f"cuDNN's training kernel (jax 0.10) needs even sequence lengths, got q_length "
+                f"{q_length} and kv_length {kv_length}; use implementation='chunked' or 'dense'")
     if platform is None:
         from tfx_jax.attention import placement  # attention.py imports this module
         placed = placement()

@@ -254,10 +254,19 @@ class FineTuning:
         return FromPretrained(build=build, weights=pretrained)
 
     def model_params(self, params: Any) -> Any:
-        """The parameters ``model.apply`` takes (LoRA adapters merged into the kernels)."""
-        if self.mode != "lora":
+        """The parameters ``model.apply`` takes (LoRA adapters merged into the kernels).
+
+        The frozen ones pass through ``jax.lax.stop_gradient``: a train step then
+        computes no gradient for them (one the optimizer would drop: for a frozen 8B
+        model, 32 GB of float32 work and memory)."""
+        if self.mode == "full":
             return params
-        return merge_lora(params["model"], params["lora"], alpha=self.lora_alpha)
+        base = params["model"] if self.mode == "lora" else params
+        base = {name: value if name in self.new else jax.lax.stop_gradient(value)
+                for name, value in base.items()}
+        if self.mode != "lora":
+            return base
+        return merge_lora(base, params["lora"], alpha=self.lora_alpha)
 
     def trainable(self, params: Any) -> Mask:
         """True on the parameters that train."""
