@@ -297,3 +297,41 @@ def test_released_weights_enter_the_state_as_arguments_in_their_shards():
     want = pretrained.to_scan(host, "layers", cfg.num_layers)
     for got, ref in zip(jax.tree.leaves(state.params["model"]), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(got), ref)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_lora_beside_the_kernels_equals_the_merged_kernels(scan):
+    """A LoRA step computes x W + (alpha / r) (x A) B in the adapted layers (no merged
+    copy of W, no gradient for the frozen weights): its loss and its gradients for A and
+    B equal those of the merged kernels W + (alpha / r) A B (the export path), on every
+    adapted kernel (GQA query/key/value, out, gated MLP), scanned or not; the frozen
+    weights get exactly zero gradient."""
+    import dataclasses
+
+    from tfx_jax.apps.language_model.task import lm_task
+    from tfx_jax.train.finetune import FineTuning
+    cfg, host = pretrained.load_hf(str(LLAMA))
+    cfg = dataclasses.replace(cfg, scan_layers=scan)
+    finetuning = FineTuning(mode="lora", new=(), lora_rank=2, lora_alpha=4.0)
+    task = lm_task(cfg, max_len=16, finetuning=finetuning, pretrained_params=host)
+    params = jax.jit(task.init_params)(jax.random.key(0))
+    # B = 0 at the start: give it values, so that the adapters change the model
+    params["lora"] = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(
+        jax.random.key(x.size), x.shape, x.dtype), params["lora"])
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, cfg.vocab_size, size=(2, 16)).astype(np.int32)
+    batch = {"inputs": tokens, "targets": np.roll(tokens, -1, axis=1)}
+
+    def merged_loss(params):
+        logits = CausalLM(cfg).apply({"params": finetuning.model_params(params)},
+                                     batch["inputs"])
+        return tr.token_cross_entropy(logits, batch["targets"])[0]
+
+    (loss, _), grads = jax.jit(jax.value_and_grad(
+        lambda p: task.loss_fn(p, batch, jax.random.key(1), False), has_aux=True))(params)
+    want, want_grads = jax.jit(jax.value_and_grad(merged_loss))(params)
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+    for got, ref in zip(jax.tree.leaves(grads["lora"]), jax.tree.leaves(want_grads["lora"])):
+        np.testing.assert_allclose(got, ref, rtol=2e-4, atol=1e-6)
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads["model"]))
+    assert len(jax.tree.leaves(grads["lora"])) == 2 * 7 * (1 if scan else cfg.num_layers)

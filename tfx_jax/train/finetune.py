@@ -20,8 +20,9 @@ Also in this module: Training only part of the parameters: masks, the masked opt
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -45,7 +46,7 @@ from tfx_jax.errors import ConfigError
 Mask = Any  # a pytree of bools with the parameters' structure (True = trained)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: jax.jit(init_params)
 class FromPretrained:
     """``init_params`` of a run that starts from released weights.
 
@@ -196,6 +197,50 @@ def merge_lora(params: Any, adapters: Any, *, alpha: float) -> Any:
     return merged
 
 
+def beside_kernels(params: Any, adapters: Any) -> Any:
+    """``params`` with each adapter's ``lora_a`` / ``lora_b`` put beside the kernel it
+    adapts (a dict merge: no arithmetic), for :func:`adapted_layers`."""
+    out = dict(params)
+    for name, adapter in adapters.items():
+        if name not in params:
+            raise ValueError(f"LoRA adapter for {name!r} has no parameters to adapt; "
+                             f"parameter keys are {sorted(params)}")
+        out[name] = ({**params[name], **adapter} if "lora_a" in adapter
+                     else beside_kernels(params[name], adapter))
+    return out
+
+
+@contextlib.contextmanager
+def adapted_layers(alpha: float) -> Iterator[None]:
+    """Inside, every ``nn.Dense`` / ``nn.DenseGeneral`` whose parameters hold ``lora_a``
+    and ``lora_b`` (:func:`beside_kernels`) returns ``x W + (alpha / r) (x A) B``.
+
+    The same function as ``x (W + (alpha / r) A B)`` (:func:`merge_lora`), computed
+    the paper's way: the gradients of A and B pass through [.., r] activations only,
+    never through a [in, out] update of W, so a LoRA step needs no full-size copy or
+    gradient of the adapted kernels (merged, an 8B model's LoRA step took more memory
+    than full fine-tuning). It works inside ``nn.scan``: the adapters are stacked with
+    the layers' other parameters and sliced with them.
+    """
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        out = next_fun(*args, **kwargs)
+        if (context.method_name != "__call__"
+                or not isinstance(module, (nn.Dense, nn.DenseGeneral))
+                or not module.has_variable("params", "lora_a")):
+            return out
+        a = module.get_variable("params", "lora_a")
+        b = module.get_variable("params", "lora_b")
+        x = args[0]
+        contracted = 1 if isinstance(module, nn.Dense) else len(np.atleast_1d(module.axis))
+        x = x.reshape(x.shape[:x.ndim - contracted] + (a.shape[-2],)).astype(out.dtype)
+        delta = (x @ a.astype(out.dtype)) @ b.astype(out.dtype)
+        return out + (alpha / a.shape[-1]) * delta.reshape(out.shape)
+
+    with nn.intercept_methods(intercept):
+        yield
+
+
 # --- finetune ---------------------------------------------------------------------------
 MODES = ("full", "frozen", "lora")
 
@@ -254,19 +299,30 @@ class FineTuning:
         return FromPretrained(build=build, weights=pretrained)
 
     def model_params(self, params: Any) -> Any:
-        """The parameters ``model.apply`` takes (LoRA adapters merged into the kernels).
-
-        The frozen ones pass through ``jax.lax.stop_gradient``: a train step then
-        computes no gradient for them (one the optimizer would drop: for a frozen 8B
-        model, 32 GB of float32 work and memory)."""
-        if self.mode == "full":
+        """The parameters ``model.apply`` takes (LoRA adapters merged into the kernels:
+        to generate or export; training uses :meth:`applying`)."""
+        if self.mode != "lora":
             return params
+        return merge_lora(params["model"], params["lora"], alpha=self.lora_alpha)
+
+    def applying(self, params: Any) -> tuple[Any, Any]:
+        """``(parameters, context)`` for a training step's ``model.apply``: ``with
+        context: model.apply({"params": parameters}, ...)``.
+
+        The frozen weights pass through ``jax.lax.stop_gradient``, so the step
+        computes no gradient for them (one the optimizer would drop: a frozen 8B
+        model's is 32 GB of float32); LoRA adapters sit beside their kernels and the
+        adapted layers add ``(x A) B`` (:func:`adapted_layers`) instead of a merged
+        copy of every adapted kernel.
+        """
+        if self.mode == "full":
+            return params, contextlib.nullcontext()
         base = params["model"] if self.mode == "lora" else params
         base = {name: value if name in self.new else jax.lax.stop_gradient(value)
                 for name, value in base.items()}
         if self.mode != "lora":
-            return base
-        return merge_lora(base, params["lora"], alpha=self.lora_alpha)
+            return base, contextlib.nullcontext()
+        return beside_kernels(base, params["lora"]), adapted_layers(self.lora_alpha)
 
     def trainable(self, params: Any) -> Mask:
         """True on the parameters that train."""

@@ -18,6 +18,7 @@ example sees only itself and starts at position 0.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Mapping
@@ -84,22 +85,27 @@ def logits_chunk_length(max_len: int, vocab_size: int, requested: int = 0) -> in
     return max(16, 2 ** int(math.log2(LOGITS_CHUNK_ELEMENTS // vocab_size)))
 
 
-def make_loss_fn(model: CausalLM, model_params=None, *, chunk_length: Optional[int] = None):
+def make_loss_fn(model: CausalLM, finetuning: Optional[FineTuning] = None, *,
+                 chunk_length: Optional[int] = None):
     """``loss_fn(params, batch, rng, train) -> (mean token NLL, {"accuracy", "weight"})``
     (:func:`tfx_jax.train.token_cross_entropy` / ``token_accuracy`` on ``batch["weights"]``,
-    without them padding 0 ignored). ``model_params(params)``: what ``model.apply`` takes
-    (fine-tuning: LoRA adapters merged); default the parameters themselves.
+    without them padding 0 ignored). ``finetuning``: how the parameters of a run from a
+    checkpoint apply (:meth:`tfx_jax.train.finetune.FineTuning.applying`: frozen weights
+    without gradients, LoRA adapters beside their kernels).
 
     ``chunk_length`` shorter than the rows: the model returns its hidden states and
     the loss projects them to logits that many positions at a time
     (:func:`tfx_jax.train.chunked_token_losses`; the same values, far less memory)."""
 
     def loss_fn(params, batch, rng, train):
-        applied = params if model_params is None else model_params(params)
+        applied, context = ((params, contextlib.nullcontext()) if finetuning is None
+                            else finetuning.applying(params))
         tokens, targets, weights = batch["inputs"], batch["targets"], batch.get("weights")
         chunked = chunk_length is not None and chunk_length < tokens.shape[1]
-        out = model.apply({"params": applied}, tokens, **packing_kwargs(batch),
-                          deterministic=not train, rngs={"dropout": rng}, return_hidden=chunked)
+        with context:
+            out = model.apply({"params": applied}, tokens, **packing_kwargs(batch),
+                              deterministic=not train, rngs={"dropout": rng},
+                              return_hidden=chunked)
         if chunked:
             loss, accuracy, num_tokens = tr.chunked_token_losses(
                 out, targets, functools.partial(output_logits, model.config, applied),
@@ -156,15 +162,15 @@ def lm_task(config: CausalLMConfig, *, max_len: int, num_eval_examples: Optional
             summary["num_examples"] = num_eval_examples
         return summary
 
-    init_params, model_params, trainable = make_init_params(config, max_len=max_len), None, None
+    init_params, trainable = make_init_params(config, max_len=max_len), None
     if finetuning is not None:
         layout = None
         if config.scan_layers:  # a checkpoint's layers, stacked for nn.scan (in the jit)
             layout = functools.partial(to_scan, stack="layers", num_layers=config.num_layers)
         init_params = finetuning.init_params(init_params, pretrained_params, layout)
-        model_params, trainable = finetuning.model_params, finetuning.trainable
+        trainable = finetuning.trainable
     return tr.Task(init_params=init_params, trainable=trainable,
-                   loss_fn=make_loss_fn(model, model_params, chunk_length=logits_chunk_length(
+                   loss_fn=make_loss_fn(model, finetuning, chunk_length=logits_chunk_length(
                        max_len, config.vocab_size, logits_chunk)), evaluate=evaluate,
                    flops_per_example=training_flops(causal_lm_forward_flops(config, max_len)),
                    count_tokens=count_tokens, eval_summary=eval_summary)
