@@ -88,6 +88,22 @@ def test_a_bad_model_size_is_one_line_before_any_data(tmp_path):
                                 "'base'), got 'huge'")
 
 
+def test_a_decided_warmup_is_cut_to_a_fifth_of_the_run_an_explicit_one_is_not():
+    sizes = ex.decide_sizes(default_config(), 50_000)[0]
+    cut, note = ex.cut_warmup(sizes, 3000)
+    assert (sizes["warmup_steps"], cut["warmup_steps"]) == (4000, 600)  # "small"'s, cut
+    assert note.startswith("warm-up: 600 steps, a fifth of the 3000 training steps")
+    assert ex.cut_warmup(sizes, 20_000) == (sizes, None)
+    config = default_config()
+    config.num_train_steps = 50  # "tiny"'s 100 warm-up steps do not fit: cut, accepted
+    mesh = tr.make_mesh(config.mesh)
+    ex.check(config, mesh)
+    config.warmup_steps = 100  # set by the user: kept, and refused
+    with pytest.raises(ConfigError, match="config.warmup_steps must be smaller than the "
+                                          "number of optimizer updates"):
+        ex.check(config, mesh)
+
+
 def test_config_json_holds_the_decided_sizes_and_a_rerun_decides_the_same(tmp_path, capsys):
     train_toy.use_compilation_cache(tmp_path / "jax_cache")
     words = "red green blue black white pink gray gold".split()

@@ -100,7 +100,10 @@ def check(config, mesh) -> None:
             f"({config.num_train_steps}), not both")
     # the sized keys a user left None: the named size's, or for "auto" the one number_words
     # gets (the size the data picks is checked against the mesh in train_and_test)
-    probe = tr.freeze(config, JOB, **decide_sizes(config, 0, user_corpus=False)[0]).as_configdict()
+    sizes = decide_sizes(config, 0, user_corpus=False)[0]
+    if config.num_train_steps:
+        sizes = cut_warmup(sizes, config.num_train_steps)[0]
+    probe = tr.freeze(config, JOB, **sizes).as_configdict()
     if not config.num_train_steps:  # decided by the data; check the other keys now
         probe.num_train_steps = config.grad_accum_steps * (probe.warmup_steps + 1)
     tr.validate_config(probe)
@@ -204,6 +207,16 @@ def _key(config, key: str):
     for parent in parents:
         config = config[parent]
     return config.get(leaf)
+
+
+def cut_warmup(sizes: dict, num_train_steps: int) -> tuple[dict, Optional[str]]:
+    """(``sizes`` with a decided warm-up cut to a fifth of the run, a note if it was cut)."""
+    most = num_train_steps // WARMUP_SHARE
+    if sizes.get("warmup_steps", 0) <= most:
+        return sizes, None
+    return {**sizes, "warmup_steps": most}, (
+        f"warm-up: {most} steps, a fifth of the {num_train_steps} training steps (the model "
+        f"size's {sizes['warmup_steps']} do not fit; set config.warmup_steps to choose)")
 
 
 def check_model_size(config) -> str:
@@ -327,11 +340,9 @@ def resolve(config, data: TranslationData, tokenizer,
     steps, line = resolve_train_length(sized, len(data.train), data.user_corpus,
                                        packing.examples_per_row)
     say(line)
-    sizes = dict(sizes)
-    if "warmup_steps" in sizes and sizes["warmup_steps"] > steps // WARMUP_SHARE:
-        say(f"warm-up: {steps // WARMUP_SHARE} steps, a fifth of the run (the model size's "
-            f"{sizes['warmup_steps']} would not fit; set config.warmup_steps to choose)")
-        sizes["warmup_steps"] = steps // WARMUP_SHARE
+    sizes, note = cut_warmup(sizes, steps)
+    if note:
+        say(note)
     return tr.freeze(config, JOB, **sizes, **lengths, num_train_steps=steps), packing
 
 
