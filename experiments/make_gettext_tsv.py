@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--out_dir", required=True)
     parser.add_argument("--language", default="de", help="the catalogs' language (target side)")
     parser.add_argument("--eval_size", type=int, default=500)
-    parser.add_argument("--test_size", type=int, default=1000)
+    parser.add_argument("--test_size", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     paths = catalog_paths(args.language)
