@@ -128,9 +128,17 @@ def check(config, mesh) -> None:
     require_key(config, "tsv_header", config.tsv_header in TSV_HEADER,
                 f"one of {tuple(TSV_HEADER)}")
     tr.check_batch_size(probe.batch_size, mesh)
-    # d_model % num_heads, unknown fields; then heads, d_ff, vocab against mesh.tensor
-    tr.check_params_fit_mesh(make_init_params(model_config(probe, probe.vocab_size),
-                                              max_source_length=2, max_target_length=2), mesh)
+    check_model_fits_mesh(model_config(probe, probe.vocab_size), mesh)
+
+
+def check_model_fits_mesh(model, mesh) -> None:
+    """d_model % num_heads, unknown fields; then heads, d_ff, vocab against mesh.tensor.
+
+    Traces a fresh ``init_params`` of tiny rows (shapes only): JAX caches what
+    ``eval_shape`` of one function returned, so the task's own one stays unboxed.
+    """
+    tr.check_params_fit_mesh(make_init_params(model, max_source_length=2,
+                                              max_target_length=2), mesh)
 
 
 # ------------------------------------------------------------ the model size from the data
@@ -384,9 +392,9 @@ def train_and_test(config, workdir: str, data: Optional[TranslationData] = None,
         def evaluate(params, step, mesh):  # + minutes since start, for learning curves in time
             return {**translation_metrics(params, step, mesh), "wall_minutes": _minutes()}
 
-        task = make_task(plan, model, evaluate)
         if sizes:  # check() could only try the size number_words gets against the mesh
-            tr.check_params_fit_mesh(task.init_params, mesh)
+            check_model_fits_mesh(model, mesh)
+        task = make_task(plan, model, evaluate)
         check_checkpoint_fits(workdir, task.init_params)  # reads metadata, writes nothing
         if tokenizer_bytes is not None:  # the first write into the workdir
             write_workdir_file(workdir, _tokenizer_name(plan), tokenizer_bytes)
