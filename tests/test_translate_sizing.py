@@ -92,7 +92,8 @@ def test_a_decided_warmup_is_cut_to_a_fifth_of_the_run_an_explicit_one_is_not():
     sizes = ex.decide_sizes(default_config(), 50_000)[0]
     cut, note = ex.cut_warmup(sizes, 3000)
     assert (sizes["warmup_steps"], cut["warmup_steps"]) == (4000, 600)  # "small"'s, cut
-    assert note.startswith("warm-up: 600 steps, a fifth of the 3000 training steps")
+    assert note.startswith("warm-up: 600 of the 3000 training steps (a fifth: the model "
+                           "size's 4000 do not fit")
     assert ex.cut_warmup(sizes, 20_000) == (sizes, None)
     config = default_config()
     config.num_train_steps = 50  # "tiny"'s 100 warm-up steps do not fit: cut, accepted

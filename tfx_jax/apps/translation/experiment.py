@@ -223,8 +223,8 @@ def cut_warmup(sizes: dict, num_train_steps: int) -> tuple[dict, Optional[str]]:
     if sizes.get("warmup_steps", 0) <= most:
         return sizes, None
     return {**sizes, "warmup_steps": most}, (
-        f"warm-up: {most} steps, a fifth of the {num_train_steps} training steps (the model "
-        f"size's {sizes['warmup_steps']} do not fit; set config.warmup_steps to choose)")
+        f"warm-up: {most} of the {num_train_steps} training steps (a fifth: the model size's "
+        f"{sizes['warmup_steps']} do not fit; set config.warmup_steps to choose)")
 
 
 def check_model_size(config) -> str:
