@@ -177,7 +177,7 @@ MODEL_KEYS = ("d_model", "num_heads", "num_encoder_layers", "num_decoder_layers"
 #   match in 10 CPU minutes); also for user corpora below 20,000 pairs.
 # * "small": the IWSLT'14 De-En Transformer of fairseq (arch transformer_iwslt_de_en: 6+6
 #   layers, d_model 512, FFN 1024, 4 heads; dropout 0.3; Adam (0.9, 0.98), lr 5e-4 after
-#   4,000 warm-up updates, batches of 4,096 tokens; joint BPE of 10,000 merges), trained
+#   4,000 warm-up updates, batches of 4,096 tokens (rows here); joint BPE of 10,000 merges), trained
 #   on 160,239 pairs: about 34-35 BLEU De->En, 28-29 En->De on the IWSLT'14 test set
 #   (docs/translate.md names the sources).
 # * "base": the base model of Vaswani et al. 2017 (6+6 layers, d_model 512, d_ff 2048, 8
