@@ -14,8 +14,9 @@ messages, help lines), offline:
 How many pairs there are depends on the packages installed: the script prints
 the count and the number of catalogs it read (42,340 distinct pairs from 85
 catalogs on the machine docs/translate.md was measured on, about 72,000 entries
-before removing duplicates; another machine gives other numbers). A catalog is read with Python's :mod:`gettext`; for a plural
-message only its singular form is kept (msgid with msgstr[0]); whitespace runs
+before removing duplicates; another machine gives other numbers). A catalog is
+read with Python's :mod:`gettext`; for a plural message only its singular form
+is kept (msgid with msgstr[0]); whitespace runs
 (line breaks, tabs) become one space; the header entry, empty or untranslated
 (identical) messages and messages without a letter are left out, and a msgid
 seen in several catalogs keeps its first translation (catalogs in name order).
