@@ -5,6 +5,7 @@ number_words keeps the model and schedule it had before the rule; a value the us
 wins; a bad model_size is one ConfigError line before any data is read; config.json holds
 the decided values and a rerun on the same data decides the same.
 """
+import importlib.util
 import json
 import os
 
@@ -136,3 +137,18 @@ def test_config_json_holds_the_decided_sizes_and_a_rerun_decides_the_same(tmp_pa
     resumed = json.load(open(os.path.join(workdir, "config.json")))
     assert resumed.pop("num_train_steps") == 3 and saved.pop("num_train_steps") == 2
     assert resumed == saved
+
+
+def test_the_base_variant_is_the_base_size_with_the_papers_schedule():
+    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs",
+                        "translate.py")
+    spec = importlib.util.spec_from_file_location("translate_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("base")
+    sizes, line = ex.decide_sizes(config, 100)  # a named size: the number of pairs is moot
+    assert (sizes["model.d_model"], sizes["model.d_ff"], sizes["model.num_heads"],
+            sizes["vocab_size"], sizes["batch_size"]) == (512, 2048, 8, 37_000, 256)
+    assert "learning_rate" not in sizes and line.endswith(
+        "kept your config.learning_rate = 1.0, config.warmup_steps = 4000")  # eq. 3's
+    ex.check(config, tr.make_mesh(config.mesh))
