@@ -4,9 +4,11 @@
 the point: everything that can be refused is refused before anything is
 written, so a refused run leaves the workdir as it was.
 
-1. :func:`check`: training keys, model section (``d_model`` divisible by
-   ``num_heads``, known fields, heads and widths against ``mesh.tensor``),
-   every batch size against the mesh, decoding and data keys. No data is read.
+1. :func:`check`: ``model_size``, training keys, model section (``d_model``
+   divisible by ``num_heads``, known fields, heads and widths against
+   ``mesh.tensor``; keys the size decides filled in with a named size's values,
+   or for "auto" number_words'), every batch size against the mesh, decoding
+   and data keys. No data is read.
 2. The workdir: one of another script is refused naming it
    (:func:`tfx_jax.train.check_workdir`); then its lock (one run per workdir; a
    file or read-only workdir fails here, before data preparation).
