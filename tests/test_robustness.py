@@ -100,7 +100,7 @@ def trained(tmp_path_factory, corpus):
     train_toy.use_compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache")
     config = tiny_config(tmp, train_data=str(corpus))
     sizes = ex.decide_sizes(config, 300, user_corpus=True)[0]  # the defaults
-    assert (sizes["batch_size"], config.eval_batch_size) == (128, 500)
+    assert (sizes["batch_size"], sizes["eval_batch_size"]) == (128, 500)
     workdir = tmp / "run"
     code, out, err = run(lambda: ex.train_and_test(config, str(workdir)))
     assert code == 0, err

@@ -23,7 +23,7 @@ from tfx_jax.errors import ConfigError
 NUMBER_WORDS_BEFORE = {"model.d_model": 128, "model.num_heads": 4, "model.num_encoder_layers": 2,
                        "model.num_decoder_layers": 2, "model.d_ff": 512,
                        "model.dropout_rate": 0.1, "vocab_size": 1000, "batch_size": 128,
-                       "learning_rate": 1e-3, "warmup_steps": 100}
+                       "learning_rate": 1e-3, "warmup_steps": 100, "eval_batch_size": 500}
 
 
 def default_config():
@@ -44,7 +44,8 @@ def test_number_words_keeps_the_model_and_schedule_it_had():
     assert sizes == NUMBER_WORDS_BEFORE
     assert line.startswith("model: 'tiny' (2+2 layers, d_model 128, d_ff 512, 4 heads, "
                            "dropout 0.1, vocabulary <= 1,000, batch 128, learning rate 0.001, "
-                           "warm-up 100) for number_words (config.model_size = 'auto'")
+                           "warm-up 100, decoding batch 500) for number_words "
+                           "(config.model_size = 'auto'")
     # the rest of the plan is the config file's, untouched by the sizes
     plan = tr.freeze(config, ex.JOB, **sizes)
     assert (plan.model.attention_dropout_rate, plan.schedule, plan.label_smoothing) == (
@@ -55,8 +56,8 @@ def test_a_user_corpus_gets_the_size_of_its_pairs():
     sizes, line = ex.decide_sizes(default_config(), 74_235, user_corpus=True)
     assert (sizes["model.num_encoder_layers"], sizes["model.d_model"], sizes["model.d_ff"],
             sizes["model.num_heads"], sizes["model.dropout_rate"]) == (6, 512, 1024, 4, 0.3)
-    assert (sizes["vocab_size"], sizes["learning_rate"], sizes["warmup_steps"]) == (
-        10_000, 5e-4, 4000)
+    assert (sizes["vocab_size"], sizes["learning_rate"], sizes["warmup_steps"],
+            sizes["eval_batch_size"]) == (10_000, 5e-4, 4000, 100)
     assert line.startswith("model: 'small' (6+6 layers, d_model 512, d_ff 1024, 4 heads, "
                            "dropout 0.3, ")
     assert "for 74,235 training pairs (config.model_size = 'auto'" in line
@@ -150,5 +151,6 @@ def test_the_base_variant_is_the_base_size_with_the_papers_schedule():
     assert (sizes["model.d_model"], sizes["model.d_ff"], sizes["model.num_heads"],
             sizes["vocab_size"], sizes["batch_size"]) == (512, 2048, 8, 37_000, 256)
     assert "learning_rate" not in sizes and line.endswith(
-        "kept your config.learning_rate = 1.0, config.warmup_steps = 4000")  # eq. 3's
+        "kept your config.learning_rate = 1.0, config.warmup_steps = 4000, "  # eq. 3's
+        "config.eval_batch_size = 256")
     ex.check(config, tr.make_mesh(config.mesh))

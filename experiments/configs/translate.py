@@ -52,7 +52,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         split_seed=0, train_all_below=1_000, small_number_repeats=5))
 
     # Model size: "auto" sizes the model, vocabulary, dropout, batch, learning rate and
-    # warm-up from the data (number_words: "tiny", today's tuned model; a user corpus: by
+    # warm-up (and decoding batch) from the data (number_words: "tiny", today's tuned model; a user corpus: by
     # its number of training pairs, see tfx_jax/apps/translation/experiment.py, size_for),
     # or a named size: "tiny", "small" (the IWSLT'14 Transformer), "base" (Vaswani et al.
     # 2017). The keys below that are None are the size's; a value you set always wins
@@ -115,7 +115,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     # Evaluation and decoding: greedy during training (cheap), beam search (beam 4,
     # alpha 0.6 as the paper) for the final test evaluation and --translate.
-    config.eval_batch_size = 500
+    config.eval_batch_size = config_dict.placeholder(int)  # None: the model size's
     config.eval_beam_size = 1
     config.beam_size = 4
     config.alpha = 0.6

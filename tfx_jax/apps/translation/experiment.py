@@ -158,6 +158,8 @@ class ModelSize:
     batch_size: int  # rows per step (a packed row holds several pairs)
     learning_rate: float  # the peak of config.schedule
     warmup_steps: int  # at most a fifth of the run (:func:`resolve`)
+    eval_batch_size: int  # sentences per decoding batch: beam search keeps beam_size caches
+    # of every layer per sentence, so a deep, wide model decodes fewer at a time
 
     def values(self) -> dict:
         """Config keys (``model.*`` dotted) -> this size's values."""
@@ -169,7 +171,7 @@ class ModelSize:
                 f"{self.d_model}, d_ff {self.d_ff}, {self.num_heads} heads, dropout "
                 f"{self.dropout_rate:g}, vocabulary <= {self.vocab_size:,}, batch "
                 f"{self.batch_size}, learning rate {self.learning_rate:g}, warm-up "
-                f"{self.warmup_steps}")
+                f"{self.warmup_steps}, decoding batch {self.eval_batch_size}")
 
 
 MODEL_KEYS = ("d_model", "num_heads", "num_encoder_layers", "num_decoder_layers", "d_ff",
@@ -186,19 +188,22 @@ MODEL_KEYS = ("d_model", "num_heads", "num_encoder_layers", "num_decoder_layers"
 #   heads, dropout 0.1, a shared vocabulary of about 37,000 BPE tokens, 4,000 warm-up
 #   steps; 27.3 BLEU on WMT'14 En-De newstest2014 after training on 4.5M pairs). Its
 #   schedule (eq. 3) peaks at 512^-0.5 * 4000^-0.5 = 7.0e-4, the peak used here.
+# Decoding batches are not published figures: 100 sentences keep beam search (4 beams) of a
+# 6+6 d_model 512 model within a few GB (500, tiny's, needed over 21 GB on a CPU host:
+# docs/translate.md).
 # The thresholds sit between the corpora the sizes were published for (on a log scale,
 # the 1M of "base" is near the geometric mean of 160k and 4.5M); they are a rule of
 # thumb, not measured optima: set config.model_size or the keys to choose.
 MODEL_SIZES = {
     "tiny": ModelSize(d_model=128, num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
                       d_ff=512, dropout_rate=0.1, vocab_size=1000, batch_size=128,
-                      learning_rate=1e-3, warmup_steps=100),
+                      learning_rate=1e-3, warmup_steps=100, eval_batch_size=500),
     "small": ModelSize(d_model=512, num_heads=4, num_encoder_layers=6, num_decoder_layers=6,
                        d_ff=1024, dropout_rate=0.3, vocab_size=10_000, batch_size=128,
-                       learning_rate=5e-4, warmup_steps=4000),
+                       learning_rate=5e-4, warmup_steps=4000, eval_batch_size=100),
     "base": ModelSize(d_model=512, num_heads=8, num_encoder_layers=6, num_decoder_layers=6,
                       d_ff=2048, dropout_rate=0.1, vocab_size=37_000, batch_size=256,
-                      learning_rate=7e-4, warmup_steps=4000),
+                      learning_rate=7e-4, warmup_steps=4000, eval_batch_size=100),
 }
 SMALLEST_CORPUS = {"tiny": 0, "small": 20_000, "base": 1_000_000}  # training pairs
 WARMUP_SHARE = 5  # a size's warm-up is at most 1/5 of the run's steps
