@@ -49,6 +49,7 @@ import ml_collections  # noqa: E402
 from tfx_jax import train as tr  # noqa: E402
 from tfx_jax.apps import language_model as lm_app  # noqa: E402
 from tfx_jax.apps.translation import transformer_config, translation_task  # noqa: E402
+from tfx_jax.apps.translation.experiment import decide_sizes  # noqa: E402
 from tfx_jax.data import packing  # noqa: E402
 from tfx_jax.data.pair_sources import open_text_pairs  # noqa: E402
 from tfx_jax.data.length_caps import length_caps  # noqa: E402
@@ -93,7 +94,9 @@ def _run_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def _translation_job(workdir: str, pairs, name: str):
     """(config, task, make_batches(packing), keys, description): translate.py's model and
     rows (lengths from the data, as the script measures them) on ``pairs``."""
-    config = _run_config(default_config("translate"))
+    config = default_config("translate")  # its number_words model size ("tiny"), on any pairs
+    config = tr.freeze(config, "translate", **decide_sizes(config, 0, user_corpus=False)[0])
+    config = _run_config(config.as_configdict())
     tokenizer = load_or_train_tokenizer(pairs, workdir, vocab_size=config.vocab_size,
                                         model_type=config.tokenizer_type,
                                         split_digits=config.split_digits, seed=config.seed)

@@ -99,7 +99,8 @@ def trained(tmp_path_factory, corpus):
     tmp = tmp_path_factory.mktemp("trained")
     train_toy.use_compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache")
     config = tiny_config(tmp, train_data=str(corpus))
-    assert (config.batch_size, config.eval_batch_size) == (128, 500)  # the defaults
+    sizes = ex.decide_sizes(config, 300, user_corpus=True)[0]  # the defaults
+    assert (sizes["batch_size"], sizes["eval_batch_size"]) == (128, 500)
     workdir = tmp / "run"
     code, out, err = run(lambda: ex.train_and_test(config, str(workdir)))
     assert code == 0, err
@@ -324,14 +325,16 @@ def test_translate_on_an_empty_workdir_is_one_line_and_creates_nothing(tmp_path)
 ], ids=["number_words", "user_corpus", "small_user_corpus", "epochs", "steps_round_to_accum"])
 def test_training_length_follows_the_data(tmp_path, overrides, pairs_count, user, steps, line):
     config = tiny_config(tmp_path, **{"num_train_steps": 0, **overrides})
-    resolved, said = ex.resolve_train_length(config, pairs_count, user)
+    sized = tr.freeze(config, ex.JOB, **ex.decide_sizes(config, pairs_count, user)[0])
+    resolved, said = ex.resolve_train_length(sized, pairs_count, user)
     assert resolved == steps and config.num_train_steps == overrides.get("num_train_steps", 0)
     assert said.startswith("training length: ") and line in said
 
 
 def test_an_epoch_of_packed_rows_is_one_pass_over_the_pairs(tmp_path):
     config = tiny_config(tmp_path, num_train_steps=0, num_epochs=2.0)
-    steps, said = ex.resolve_train_length(config, 10_000, True, pairs_per_row=2.5)
+    sized = tr.freeze(config, ex.JOB, **ex.decide_sizes(config, 10_000, True)[0])
+    steps, said = ex.resolve_train_length(sized, 10_000, True, pairs_per_row=2.5)
     assert steps == 63  # ceil(2 * 10,000 / (128 rows * 2.5 pairs))
     assert "63 steps of 128 rows of ~2.5 pairs = 2.02 epochs of 10000 pairs" in said
 

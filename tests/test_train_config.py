@@ -8,6 +8,7 @@ import pytest
 
 from tests.scripts import experiment_config
 from tfx_jax import train as tr
+from tfx_jax.apps.translation import experiment as translation
 
 
 def test_default_config_is_valid_and_follows_the_paper():
@@ -58,8 +59,11 @@ def test_experiment_configs_extend_the_defaults(name):
     missing = sorted(set(defaults) - set(config))
     assert not missing, f"experiments/configs/{name}.py drops training keys {missing}"
     assert "model" in set(config) - set(defaults)  # plus the experiment's own keys
-    if name == "translate":  # 0 = decided by the data (apps/translation/experiment.py)
+    if name == "translate":  # 0 / None = decided by the data (apps/translation/experiment.py)
         assert config.num_train_steps == 0 and config.num_epochs == 0
+        assert config.batch_size is None and config.model_size == "auto"
+        sizes = translation.decide_sizes(config, 0, user_corpus=False)[0]  # number_words
+        config = tr.freeze(config, translation.JOB, **sizes).as_configdict()
         config.num_train_steps = 600
     tr.validate_config(config)  # which the loop ignores
     config.batch_size = 0  # while it still checks the training keys

@@ -51,8 +51,18 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         max_number=999_999, train_size=50_000, validation_size=1_000, test_size=2_000,
         split_seed=0, train_all_below=1_000, small_number_repeats=5))
 
+    # Model size: "auto" sizes the model, vocabulary, dropout, batch, learning rate and
+    # warm-up (and decoding batch) from the data (number_words: "tiny", today's tuned model; a user corpus: by
+    # its number of training pairs, see tfx_jax/apps/translation/experiment.py, size_for),
+    # or a named size: "tiny", "small" (the IWSLT'14 Transformer), "base" (Vaswani et al.
+    # 2017). The keys below that are None are the size's; a value you set always wins
+    # (--config.model.d_model=256, --config.vocab_size=8000, --config.learning_rate=3e-4).
+    # config.json keeps the values the run decided.
+    config.model_size = "auto"
+
     # Tokenizer: one SentencePiece vocabulary for both languages, cached in the workdir.
-    config.vocab_size = 1000  # an upper bound: a small corpus gets what it supports
+    config.vocab_size = config_dict.placeholder(int)  # an upper bound: a small corpus gets
+    # what it supports (None: the model size's)
     config.tokenizer_type = "bpe"  # "bpe" (the paper) or "unigram"
     config.split_digits = True  # one piece per digit: numbers are copied, not memorised
     # Tokens per row, EOS included; longer rows are cut. 0: from the data (measured on up
@@ -71,16 +81,20 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # "false" force it.
     config.packing = "auto"
 
-    # Model: any TransformerConfig field except vocab_size / max_len (from the data).
+    # Model: any TransformerConfig field except vocab_size / max_len (from the data); the
+    # placeholders (None) are decided by config.model_size.
     config.model = ml_collections.ConfigDict(dict(
-        d_model=128, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, d_ff=512,
-        dropout_rate=0.1, attention_dropout_rate=0.0, pre_norm=False, activation="relu",
+        d_model=config_dict.placeholder(int), num_heads=config_dict.placeholder(int),
+        num_encoder_layers=config_dict.placeholder(int),
+        num_decoder_layers=config_dict.placeholder(int), d_ff=config_dict.placeholder(int),
+        dropout_rate=config_dict.placeholder(float), attention_dropout_rate=0.0,
+        pre_norm=False, activation="relu",
         share_embeddings=True, position="sinusoidal", dtype="float32",
         attention_implementation="auto", scan_layers=False, remat_policy="none"))
 
     # Training: the paper's Adam (0.9, 0.98, 1e-9), label smoothing 0.1.
     config.label_smoothing = 0.1
-    config.batch_size = 128
+    config.batch_size = config_dict.placeholder(int)  # None: the model size's (rows per step)
     # Training length: num_train_steps, or num_epochs of the training pairs; with both 0
     # the default: 600 steps for number_words (tuned, docs/translate.md), and for a user
     # corpus `epochs` epochs within [min_steps, max_steps]. The run prints the epochs.
@@ -91,8 +105,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # config.early_stopping_patience = N stops after N evaluations without a better
     # eval loss (config.best_metric); the best checkpoint is kept either way.
     config.schedule = "warmup_cosine"
-    config.learning_rate = 1e-3
-    config.warmup_steps = 100
+    config.learning_rate = config_dict.placeholder(float)  # None: the model size's (peak)
+    config.warmup_steps = config_dict.placeholder(int)  # None: the size's, <= 1/5 of the run
     config.grad_clip_norm = 1.0
     config.log_every_steps = 100
     config.eval_every_steps = 200
@@ -101,7 +115,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     # Evaluation and decoding: greedy during training (cheap), beam search (beam 4,
     # alpha 0.6 as the paper) for the final test evaluation and --translate.
-    config.eval_batch_size = 500
+    config.eval_batch_size = config_dict.placeholder(int)  # None: the model size's
     config.eval_beam_size = 1
     config.beam_size = 4
     config.alpha = 0.6
@@ -109,10 +123,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.num_examples_to_print = 8
 
     if variant == "base":  # Vaswani et al. 2017, base model, schedule of eq. 3
-        config.model.update(d_model=512, num_heads=8, num_encoder_layers=6,
-                            num_decoder_layers=6, d_ff=2048, dropout_rate=0.1)
-        config.update(vocab_size=32_000, max_source_length=128, max_target_length=128,
-                      drop_overlong=True, batch_size=256, num_train_steps=100_000,
+        config.update(model_size="base", max_source_length=128, max_target_length=128,
+                      drop_overlong=True, num_train_steps=100_000,
                       schedule="transformer", learning_rate=1.0, warmup_steps=4000,
                       schedule_d_model=512, grad_clip_norm=0.0, eval_every_steps=5000,
                       checkpoint_every_steps=5000, eval_batch_size=256,

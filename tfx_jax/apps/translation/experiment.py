@@ -4,16 +4,20 @@
 the point: everything that can be refused is refused before anything is
 written, so a refused run leaves the workdir as it was.
 
-1. :func:`check`: training keys, model section (``d_model`` divisible by
-   ``num_heads``, known fields, heads and widths against ``mesh.tensor``),
-   every batch size against the mesh, decoding and data keys. No data is read.
+1. :func:`check`: ``model_size``, training keys, model section (``d_model``
+   divisible by ``num_heads``, known fields, heads and widths against
+   ``mesh.tensor``; keys the size decides filled in with a named size's values,
+   or for "auto" number_words'), every batch size against the mesh, decoding
+   and data keys. No data is read.
 2. The workdir: one of another script is refused naming it
    (:func:`tfx_jax.train.check_workdir`); then its lock (one run per workdir; a
    file or read-only workdir fails here, before data preparation).
-3. Data (:mod:`.data`) and the tokenizer (trained into a temporary directory,
-   or read from the workdir); :func:`resolve` turns what they decide (row
-   lengths, :mod:`tfx_jax.data.length_caps`; packing; the training length in
-   steps or epochs) into the frozen plan the rest of the run reads.
+3. Data (:mod:`.data`); :func:`decide_sizes` (``config.model_size``: the
+   model, vocabulary, dropout, batch and learning rate the user left None, from
+   the number of training pairs); the tokenizer (trained into a temporary
+   directory, or read from the workdir); :func:`resolve` turns what they decide
+   (row lengths, :mod:`tfx_jax.data.length_caps`; packing; the training length
+   in steps or epochs) into the frozen plan the rest of the run reads.
 4. One Task; :func:`tfx_jax.train.check_checkpoint_fits`: a resumed
    workdir's checkpoint must fit the model.
 5. Only then the tokenizer is written into the workdir, and
@@ -96,13 +100,18 @@ def check(config, mesh) -> None:
     require(not (config.num_epochs > 0 and config.num_train_steps > 0),
             f"set one of config.num_epochs ({config.num_epochs}) and config.num_train_steps "
             f"({config.num_train_steps}), not both")
-    probe = config.copy_and_resolve_references()
+    # the sized keys a user left None: the named size's, or for "auto" the one number_words
+    # gets (the size the data picks is checked against the mesh in train_and_test)
+    sizes = decide_sizes(config, 0, user_corpus=False)[0]
+    if config.num_train_steps:
+        sizes = cut_warmup(sizes, config.num_train_steps)[0]
+    probe = tr.freeze(config, JOB, **sizes).as_configdict()
     if not config.num_train_steps:  # decided by the data; check the other keys now
-        probe.num_train_steps = config.grad_accum_steps * (config.warmup_steps + 1)
+        probe.num_train_steps = config.grad_accum_steps * (probe.warmup_steps + 1)
     tr.validate_config(probe)
     for key in ("eval_batch_size", "beam_size", "eval_beam_size", "vocab_size"):
-        require_key(config, key, is_int(config[key]) and config[key] > 0, "a positive integer")
-    require_key(config, "vocab_size", config.vocab_size >= 5, ">= 5 (4 reserved ids)")
+        require_key(probe, key, is_int(probe[key]) and probe[key] > 0, "a positive integer")
+    require_key(probe, "vocab_size", probe.vocab_size >= 5, ">= 5 (4 reserved ids)")
     for key, value in (("max_source_length", config.max_source_length),
                        ("max_target_length", config.max_target_length)):
         require_key(config, key, value == 0 or value >= 2, "0 (from the data) or >= 2")
@@ -120,10 +129,139 @@ def check(config, mesh) -> None:
     packing_setting(config.packing)  # "auto", "true" or "false"
     require_key(config, "tsv_header", config.tsv_header in TSV_HEADER,
                 f"one of {tuple(TSV_HEADER)}")
-    tr.check_batch_size(config.batch_size, mesh)
-    # d_model % num_heads, unknown fields; then heads, d_ff, vocab against mesh.tensor
-    tr.check_params_fit_mesh(make_init_params(model_config(probe, config.vocab_size),
-                                              max_source_length=2, max_target_length=2), mesh)
+    tr.check_batch_size(probe.batch_size, mesh)
+    check_model_fits_mesh(model_config(probe, probe.vocab_size), mesh)
+
+
+def check_model_fits_mesh(model, mesh) -> None:
+    """d_model % num_heads, unknown fields; then heads, d_ff, vocab against mesh.tensor.
+
+    Traces a fresh ``init_params`` of tiny rows (shapes only): JAX caches what
+    ``eval_shape`` of one function returned, so the task's own one stays unboxed.
+    """
+    tr.check_params_fit_mesh(make_init_params(model, max_source_length=2,
+                                              max_target_length=2), mesh)
+
+
+# ------------------------------------------------------------ the model size from the data
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    """A named size: the model section's widths and depths and the keys that go with them."""
+    d_model: int
+    num_heads: int
+    num_encoder_layers: int
+    num_decoder_layers: int
+    d_ff: int
+    dropout_rate: float
+    vocab_size: int  # an upper bound: a small corpus gets the vocabulary it supports
+    batch_size: int  # rows per step (a packed row holds several pairs)
+    learning_rate: float  # the peak of config.schedule
+    warmup_steps: int  # at most a fifth of the run (:func:`resolve`)
+    eval_batch_size: int  # sentences per decoding batch: beam search keeps beam_size caches
+    # of every layer per sentence, so a deep, wide model decodes fewer at a time
+
+    def values(self) -> dict:
+        """Config keys (``model.*`` dotted) -> this size's values."""
+        return {(f"model.{key}" if key in MODEL_KEYS else key): value
+                for key, value in dataclasses.asdict(self).items()}
+
+    def describe(self) -> str:
+        return (f"{self.num_encoder_layers}+{self.num_decoder_layers} layers, d_model "
+                f"{self.d_model}, d_ff {self.d_ff}, {self.num_heads} heads, dropout "
+                f"{self.dropout_rate:g}, vocabulary <= {self.vocab_size:,}, batch "
+                f"{self.batch_size}, learning rate {self.learning_rate:g}, warm-up "
+                f"{self.warmup_steps}, decoding batch {self.eval_batch_size}")
+
+
+MODEL_KEYS = ("d_model", "num_heads", "num_encoder_layers", "num_decoder_layers", "d_ff",
+              "dropout_rate")
+# The sizes and the smallest user corpus (training pairs) each is chosen for:
+# * "tiny": this project's number_words model (docs/translate.md: tuned to >= 95% exact
+#   match in 10 CPU minutes); also for user corpora below 20,000 pairs.
+# * "small": the IWSLT'14 De-En Transformer of fairseq (arch transformer_iwslt_de_en: 6+6
+#   layers, d_model 512, FFN 1024, 4 heads; dropout 0.3; Adam (0.9, 0.98), lr 5e-4 after
+#   4,000 warm-up updates, batches of 4,096 tokens (rows here); joint BPE of 10,000 merges), trained
+#   on 160,239 pairs: about 34-35 BLEU De->En, 28-29 En->De on the IWSLT'14 test set
+#   (docs/translate.md names the sources).
+# * "base": the base model of Vaswani et al. 2017 (6+6 layers, d_model 512, d_ff 2048, 8
+#   heads, dropout 0.1, a shared vocabulary of about 37,000 BPE tokens, 4,000 warm-up
+#   steps; 27.3 BLEU on WMT'14 En-De newstest2014 after training on 4.5M pairs). Its
+#   schedule (eq. 3) peaks at 512^-0.5 * 4000^-0.5 = 7.0e-4, the peak used here.
+# Decoding batches are not published figures: 100 sentences keep beam search (4 beams) of a
+# 6+6 d_model 512 model within a few GB (500, tiny's, needed over 21 GB on a CPU host:
+# docs/translate.md).
+# The thresholds sit between the corpora the sizes were published for (on a log scale,
+# the 1M of "base" is near the geometric mean of 160k and 4.5M); they are a rule of
+# thumb, not measured optima: set config.model_size or the keys to choose.
+MODEL_SIZES = {
+    "tiny": ModelSize(d_model=128, num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
+                      d_ff=512, dropout_rate=0.1, vocab_size=1000, batch_size=128,
+                      learning_rate=1e-3, warmup_steps=100, eval_batch_size=500),
+    "small": ModelSize(d_model=512, num_heads=4, num_encoder_layers=6, num_decoder_layers=6,
+                       d_ff=1024, dropout_rate=0.3, vocab_size=10_000, batch_size=128,
+                       learning_rate=5e-4, warmup_steps=4000, eval_batch_size=100),
+    "base": ModelSize(d_model=512, num_heads=8, num_encoder_layers=6, num_decoder_layers=6,
+                      d_ff=2048, dropout_rate=0.1, vocab_size=37_000, batch_size=256,
+                      learning_rate=7e-4, warmup_steps=4000, eval_batch_size=100),
+}
+SMALLEST_CORPUS = {"tiny": 0, "small": 20_000, "base": 1_000_000}  # training pairs
+WARMUP_SHARE = 5  # a size's warm-up is at most 1/5 of the run's steps
+
+
+def size_for(num_train_pairs: int, user_corpus: bool = True) -> str:
+    """The named size ``config.model_size = "auto"`` picks (number_words: "tiny")."""
+    if not user_corpus:
+        return "tiny"
+    return max((pairs, name) for name, pairs in SMALLEST_CORPUS.items()
+               if num_train_pairs >= pairs)[1]
+
+
+def _key(config, key: str):
+    *parents, leaf = key.split(".")
+    for parent in parents:
+        config = config[parent]
+    return config.get(leaf)
+
+
+def cut_warmup(sizes: dict, num_train_steps: int) -> tuple[dict, Optional[str]]:
+    """(``sizes`` with a decided warm-up cut to a fifth of the run, a note if it was cut)."""
+    most = num_train_steps // WARMUP_SHARE
+    if sizes.get("warmup_steps", 0) <= most:
+        return sizes, None
+    return {**sizes, "warmup_steps": most}, (
+        f"warm-up: {most} of the {num_train_steps} training steps (a fifth: the model size's "
+        f"{sizes['warmup_steps']} do not fit; set config.warmup_steps to choose)")
+
+
+def check_model_size(config) -> str:
+    """The size config.model_size names ("auto" -> None); ConfigError for another value."""
+    name = config.get("model_size", "auto")
+    require_key(config, "model_size", name == "auto" or name in MODEL_SIZES,
+                f"'auto' or one of {tuple(MODEL_SIZES)}")
+    return None if name == "auto" else name
+
+
+def decide_sizes(config, num_train_pairs: int, user_corpus: bool = True) -> tuple[dict, str]:
+    """(the sized keys ``config`` leaves None -> the chosen size's values, a line saying so).
+
+    ``config.model_size`` names the size, or "auto" picks it with :func:`size_for`
+    from the number of training pairs (a compile-only run can pass a stated
+    number). A key the user set (not None) keeps its value.
+    """
+    name = check_model_size(config)
+    why = f"(config.model_size = {name!r}"
+    if name is None:
+        name = size_for(num_train_pairs, user_corpus)
+        corpus = f"{num_train_pairs:,} training pairs" if user_corpus else "number_words"
+        why = f"for {corpus} (config.model_size = 'auto'"
+    size = MODEL_SIZES[name]
+    decided = {key: value for key, value in size.values().items() if _key(config, key) is None}
+    kept = [f"config.{key} = {_key(config, key)!r}" for key in size.values()
+            if key not in decided]
+    line = (f"model: {name!r} ({size.describe()}) {why}; set it or config.model.*, "
+            f"config.vocab_size, ... to choose)")
+    return decided, line + (f"; kept your {', '.join(kept)}" if kept else "")
 
 
 def resolve_train_length(config, num_pairs: int, user_corpus: bool,
@@ -188,14 +326,19 @@ def _train_batches(config, data: TranslationData, tokenizer, *, packing: bool, *
                          drop_overlong=config.drop_overlong, packing=packing, **kwargs)
 
 
-def resolve(config, data: TranslationData, tokenizer) -> tuple[object, PackingChoice]:
+def resolve(config, data: TranslationData, tokenizer,
+            sizes: Optional[dict] = None) -> tuple[object, PackingChoice]:
     """(the run's plan, the packing decision): what the data decides, computed once.
 
-    Row lengths (``max_source_length`` / ``max_target_length`` when 0), packing
+    ``sizes``: the keys :func:`decide_sizes` decided (None: decided here). Row
+    lengths (``max_source_length`` / ``max_target_length`` when 0), packing
     (measured on the first batches, built as process 0 of 1 so every process
-    decides alike) and the training length go into a frozen copy of ``config``
-    (:func:`tfx_jax.train.freeze`); ``config`` itself is not changed.
+    decides alike), the training length and a decided warm-up cut to at most a
+    fifth of it go into a frozen copy of ``config`` (:func:`tfx_jax.train.freeze`);
+    ``config`` itself is not changed.
     """
+    if sizes is None:
+        sizes = decide_sizes(config, len(data.train), data.user_corpus)[0]
     lengths = dict(max_source_length=config.max_source_length,
                    max_target_length=config.max_target_length)
     if not (lengths["max_source_length"] and lengths["max_target_length"]):
@@ -204,15 +347,18 @@ def resolve(config, data: TranslationData, tokenizer) -> tuple[object, PackingCh
         lengths = dict(max_source_length=lengths["max_source_length"] or caps.max_source_length,
                        max_target_length=lengths["max_target_length"] or caps.max_target_length)
         say(caps.describe(config.drop_overlong))
-    sized = tr.freeze(config, JOB, **lengths)
+    sized = tr.freeze(config, JOB, **sizes, **lengths)
     packing = choose_packing(config.packing, lambda packed: _train_batches(
         sized, data, tokenizer, packing=packed, process_index=0, process_count=1,
         read_options=grain.ReadOptions(num_threads=0)), ("inputs", "targets"))
     say(packing.report("train rows"))
-    steps, line = resolve_train_length(config, len(data.train), data.user_corpus,
+    steps, line = resolve_train_length(sized, len(data.train), data.user_corpus,
                                        packing.examples_per_row)
     say(line)
-    return tr.freeze(config, JOB, **lengths, num_train_steps=steps), packing
+    sizes, note = cut_warmup(sizes, steps)
+    if note:
+        say(note)
+    return tr.freeze(config, JOB, **sizes, **lengths, num_train_steps=steps), packing
 
 
 def train_and_test(config, workdir: str, data: Optional[TranslationData] = None,
@@ -233,8 +379,11 @@ def train_and_test(config, workdir: str, data: Optional[TranslationData] = None,
         data = open_data(config) if data is None else data
         for note in data.notes:
             say(note)
-        tokenizer, tokenizer_bytes = run_tokenizer(config, workdir, data.train)
-        plan, packing = resolve(config, data, tokenizer)
+        sizes, line = decide_sizes(config, len(data.train), data.user_corpus)
+        say(line)
+        tokenizer, tokenizer_bytes = run_tokenizer(tr.freeze(config, JOB, **sizes), workdir,
+                                                   data.train)
+        plan, packing = resolve(config, data, tokenizer, sizes)
         model = model_config(plan, tokenizer.vocab_size)
         eval_batch_size = padded_batch_size(plan.eval_batch_size, mesh)
         if eval_batch_size != plan.eval_batch_size:
@@ -252,6 +401,8 @@ def train_and_test(config, workdir: str, data: Optional[TranslationData] = None,
         def evaluate(params, step, mesh):  # + minutes since start, for learning curves in time
             return {**translation_metrics(params, step, mesh), "wall_minutes": _minutes()}
 
+        if sizes:  # check() could only try the size number_words gets against the mesh
+            check_model_fits_mesh(model, mesh)
         task = make_task(plan, model, evaluate)
         check_checkpoint_fits(workdir, task.init_params)  # reads metadata, writes nothing
         if tokenizer_bytes is not None:  # the first write into the workdir
