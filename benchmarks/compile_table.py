@@ -323,12 +323,15 @@ def main() -> int:
         with open(stem + ".json", "w") as f:
             json.dump(results, f, indent=1)
 
-    if args.render:
+    if args.render:  # a later file's row of the same model and target replaces an earlier
+        rows, attention = {}, {}
         for path in args.render.split(","):
             with open(path) as f:
                 earlier = json.load(f)
-            results["models"] += earlier["models"]
-            results["attention"] += earlier["attention"]
+            rows.update({(r["model"], r["target"]): r for r in earlier["models"]})
+            attention.update({(r["target"], r["implementation"], r["length"]): r
+                              for r in earlier["attention"]})
+        results["models"], results["attention"] = list(rows.values()), list(attention.values())
         args.models, args.no_attention = "", True
     scratch = tempfile.mkdtemp(prefix="compile_table_")
     try:
