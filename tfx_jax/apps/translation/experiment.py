@@ -44,7 +44,7 @@ import jax
 from tfx_jax import train as tr
 from tfx_jax.errors import is_int, is_number, require, require_key, say
 from tfx_jax.apps.translation.data import (TSV_HEADER, TranslationData, bleu_tokenize,
-                                           open_data)
+                                           is_number_words, open_data)
 from tfx_jax.apps.translation.evaluation import (make_evaluate, translate_eval_data,
                                                  translation_scores)
 from tfx_jax.apps.translation.inference import translate_texts
@@ -425,12 +425,19 @@ def compile_only(config, workdir: str, mesh) -> None:
     data is read, nothing but the report is written. Rows of ``max_source_length`` /
     ``max_target_length`` tokens (which must then be set: the data cannot decide them),
     packed unless ``packing`` is "false", a vocabulary of ``vocab_size`` (the
-    tokenizer's upper bound). Beam search at the test is not compiled."""
+    tokenizer's upper bound), the model of ``model_size`` (which must then be named for
+    a user corpus: "auto" counts its pairs). Beam search at the test is not compiled."""
     require(config.max_source_length and config.max_target_length,
             "--compile_topology reads no data, so the row lengths cannot come from it: set "
             "config.max_source_length and config.max_target_length (tokens per row)")
-    steps = config.num_train_steps or config.grad_accum_steps * (config.warmup_steps + 1)
-    plan = tr.freeze(config, JOB, num_train_steps=steps)  # the steps shape no program
+    user_corpus = not is_number_words(config.train_data or config.dataset)
+    require(not user_corpus or check_model_size(config) is not None,
+            f"--compile_topology reads no data, so config.model_size = 'auto' cannot count "
+            f"the training pairs: name the size ({', '.join(MODEL_SIZES)}) or set config.model.*")
+    sizes = decide_sizes(config, 0, user_corpus=False)[0]
+    steps = config.num_train_steps or config.grad_accum_steps * (
+        (sizes.get("warmup_steps") or config.warmup_steps) + 1)  # the steps shape no program
+    plan = tr.freeze(config, JOB, **sizes, num_train_steps=steps)
     model = model_config(plan, plan.vocab_size)
     task = make_task(plan, model)
     packed = packing_setting(plan.packing) is not False
