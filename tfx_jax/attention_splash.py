@@ -57,7 +57,7 @@ def splash_unsupported_reason(query_shape, key_shape, *, has_mask: bool, has_bia
     keys get the very same ones as the queries (self-attention padding).
     Lengths that are not multiples of the tile are padded (:func:`splash_attention`).
     """
-    t, n, h = query_shape[1], query_shape[2], query_shape[3]
+    t, h = query_shape[1], query_shape[3]
     s = key_shape[1]
     if has_mask:
         return ("splash takes masks only as causal=True, local_window, segment ids or "
