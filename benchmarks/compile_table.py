@@ -363,8 +363,9 @@ def main() -> int:
                 save()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    tables = [("Models (*: XLA counted the scanned layers once, so the roofline is the "
-               "model's FLOPs at the chip's peak and gives no MFU ceiling)",
+    tables = [("Models (*: XLA's FLOPs are under 80% of the model's, as when it counts a "
+               "scanned layer stack's body once: the roofline is the model's FLOPs at the "
+               "chip's peak and gives no MFU ceiling)",
                model_table(results["models"]))]
     if results["attention"]:
         tables.append(("Attention alone, one chip, fwd+bwd, causal, 16 x 128 heads, bf16",

@@ -354,7 +354,7 @@ def test_lm_compiles_a_checkpoints_config_json_alone_and_reports_model_flops(tmp
     layer: the roofline takes the model's FLOPs and no MFU ceiling is claimed."""
     from tfx_jax.lm import CausalLMConfig
     from tfx_jax.pretrained.hf_decoders import config_to_hf
-    cfg = CausalLMConfig.preset("llama3.2-1b", num_layers=2, d_model=64, num_heads=4,
+    cfg = CausalLMConfig.preset("llama3.2-1b", num_layers=6, d_model=64, num_heads=4,
                                 num_kv_heads=2, head_dim=16, d_ff=128, vocab_size=512)
     checkpoint = tmp_path / "llama"
     checkpoint.mkdir()
