@@ -96,28 +96,22 @@ MODELS = {
          "--config.model.position=learned", "--config.vocab_size=50304",
          "--config.max_len=2048"),
         per_chip=4, batch_unit="rows of 2048 tokens"),
-    "llama3.1-8b-lora": Model(
-        "Llama 3.1 8B, LoRA r8", "lm", (*LM_SCAN, "--config.finetune=lora",
-                                         "--config.max_len=2048"),
-        per_chip=1, batch_unit="rows of 2048 tokens", hf_config="llama3.1-8b"),
-    "llama3.1-8b-full": Model(
-        "Llama 3.1 8B, full", "lm", (*LM_SCAN, "--config.finetune=full",
-                                      "--config.max_len=2048"),
-        per_chip=1, batch_unit="rows of 2048 tokens", hf_config="llama3.1-8b"),
-    # Gemma 2 alternates sliding and full layers: nn.scan needs identical layers
-    "gemma2-2b-lora": Model(
-        "Gemma 2 2B, LoRA r8 (layers unscanned)", "lm", ("--config.finetune=lora",
-                                                         "--config.max_len=2048"),
-        per_chip=1, batch_unit="rows of 2048 tokens", hf_config="gemma2-2b"),
-    "gemma2-2b-full": Model(
-        "Gemma 2 2B, full (layers unscanned)", "lm", ("--config.finetune=full",
-                                                      "--config.max_len=2048"),
-        per_chip=1, batch_unit="rows of 2048 tokens", hf_config="gemma2-2b"),
-    "llama3.1-8b-lora-unscanned": Model(
-        "Llama 3.1 8B, LoRA r8 (layers unscanned)", "lm", ("--config.finetune=lora",
-                                                           "--config.max_len=2048"),
-        per_chip=1, batch_unit="rows of 2048 tokens", hf_config="llama3.1-8b"),
 }
+
+
+def fine_tuning(title: str, preset: str, mode: str, scan: bool = True) -> Model:
+    """A row that fine-tunes ``preset`` (its config.json only) on rows of 2048 tokens."""
+    return Model(f"{title}, {'LoRA r8' if mode == 'lora' else 'full'}"
+                 + ("" if scan else " (layers unscanned)"), "lm",
+                 (*(LM_SCAN if scan else ()), f"--config.finetune={mode}",
+                  "--config.max_len=2048"),
+                 per_chip=1, batch_unit="rows of 2048 tokens", hf_config=preset)
+
+
+for mode in ("lora", "full"):
+    MODELS[f"llama3.1-8b-{mode}"] = fine_tuning("Llama 3.1 8B", "llama3.1-8b", mode)
+    # Gemma 2 alternates sliding and full layers: nn.scan needs identical layers
+    MODELS[f"gemma2-2b-{mode}"] = fine_tuning("Gemma 2 2B", "gemma2-2b", mode, scan=False)
 RENTING = ("transformer-base", "vit-b16", "gpt2", "gpt-474m", "gpt-1.3b")
 FINETUNING = ("llama3.1-8b-lora", "llama3.1-8b-full", "gemma2-2b-lora", "gemma2-2b-full")
 TARGETS = ("v5e-8", "v5p-8", "v6e-8", "v5e-256", "h100:8")
