@@ -403,3 +403,23 @@ def test_readme_and_docs_snippets_run_and_cached_sampling_matches_full_forward(m
     for t in range(3, 11):
         expected[:, t] = np.asarray(forward(expected))[:, t - 1].argmax(-1)
     np.testing.assert_array_equal(greedy, expected[:, :11])
+
+
+def test_the_lazy_package_imports_nothing_until_a_name_or_submodule_is_used():
+    import subprocess
+    import sys
+    probe = (
+        "import sys, tfx_jax.pretrained as p\n"
+        "loaded = [m for m in sys.modules if m.startswith('tfx_jax.pretrained.')]\n"
+        "assert not loaded, loaded\n"
+        "assert p.hf_files.LazyCheckpoint and p.hf_decoders.to_hf and p.load_hf\n"
+        "for name in p._SUBMODULES: getattr(p, name)\n"
+        "try:\n    p.no_such_name\nexcept AttributeError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert "has no attribute 'no_such_name'" in done.stdout
+    assert sorted(pretrained._SUBMODULES) == sorted(
+        p.stem for p in pathlib.Path(pretrained.__file__).parent.glob("*.py")
+        if p.stem != "__init__")

@@ -34,10 +34,15 @@ _EXPORTS = {"load_hf": "hf", "load_hf_config": "hf", "save_hf": "hf",
             "CheckpointTokenizer": "hf_files", "load_tokenizer": "hf_files",
             "from_scan": "layers", "to_scan": "layers",
             "resize_position_embedding": "posemb", "load_vit_npz": "vit_npz"}
+_SUBMODULES = ("tensors", "layers", "tree", "posemb", "vit_adapt", "vit_npz", "hf_files",
+               "hf_gpt2", "hf_decoders", "hf_vit", "hf")
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
+    """``pretrained.load_hf`` and ``pretrained.hf_files`` alike, imported on first use."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
