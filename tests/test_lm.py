@@ -156,6 +156,28 @@ def test_eval_perplexity_is_exp_of_mean_token_nll(logits_chunk):
     assert metrics["accuracy"] == pytest.approx(np.mean(correct))
 
 
+def test_the_loss_chunk_keeps_each_devices_logits_within_the_budget(monkeypatch):
+    from tfx_jax.apps.language_model import task as task_lib
+    monkeypatch.setattr(task_lib, "LOGITS_CHUNK_ELEMENTS", 2048)  # a row's logits: 128 x 32
+    model = CausalLM(lm_config(dict(TINY), vocab_size=32, max_len=128))
+    params = _init(model)
+    chunks, chunked_losses = [], tr.chunked_token_losses
+    monkeypatch.setattr(tr, "chunked_token_losses", lambda *args, **kwargs: (
+        chunks.append(kwargs["chunk_length"]), chunked_losses(*args, **kwargs))[1])
+    tokens = np.asarray(jax.random.randint(jax.random.key(1), (4, 129), 1, 32))
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    whole_rows = task_lib.make_loss_fn(model, logits_chunk=None)
+    expected = float(jax.jit(whole_rows, static_argnums=3)(params, batch, jax.random.key(0),
+                                                          False)[0])
+    for devices, chunk in ((1, 16), (4, 64)):  # 4 rows on one device; 1 row on each of 4
+        mesh = tr.make_data_mesh(jax.devices()[:devices])
+        step = tr.make_eval_step(task_lib.make_loss_fn(model), mesh)
+        loss, _ = step(params, tr.shard_batch(batch, mesh), jax.random.key(0))
+        assert chunks[-1] == chunk and (4 // devices) * chunk * 32 <= 2048
+        assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert tr.rows_per_device(4) == 4  # no mesh in context: all rows
+
+
 @pytest.mark.parametrize("fields", [dict(), dict(tie_embeddings=False, use_bias=True,
                                                  final_logit_soft_cap=5.0)])
 def test_hidden_states_and_output_logits_are_the_models_logits(fields):

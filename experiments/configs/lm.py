@@ -54,9 +54,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # fixes the architecture: only dropout_rate, attention_dropout_rate, dtype,
     # attention_implementation, scan_layers and remat_policy apply then.
     config.model = default_model_section()
-    # Positions per row whose logits the loss holds at once (0: the whole row when its
-    # max_len x vocab_size logits are at most 2^23 floats, else the largest power of two
-    # that is): the same loss, a fraction of the memory of a row of logits.
+    # Positions per row whose logits the loss holds at once (0: decided from the rows each
+    # device holds: whole rows when their logits are at most 2^23 floats, else the largest
+    # power of two that keeps rows x positions x vocab_size under it): the same loss, a
+    # fraction of the memory of a batch of logits.
     config.logits_chunk = 0
 
     # Start from a Hugging Face decoder directory (Llama, Mistral, Qwen, Gemma, GPT-2 with

@@ -25,7 +25,7 @@ from tfx_jax.train.loop import (NonFiniteError, Preempted, PreemptionWatcher, Tr
                                 evaluate_batches, train)
 from tfx_jax.train.mesh import (RULES, batch_sharding, check_batch_size,
                                 initialize_distributed, make_data_mesh, make_mesh, param_shardings,
-                                replicated_sharding, shard_batch)
+                                replicated_sharding, rows_per_device, shard_batch)
 from tfx_jax.train.metrics import MetricsWriter, average_metrics, read_metrics
 from tfx_jax.train.optim import (chunked_token_losses, classification_accuracy,
                                  classification_cross_entropy, create_learning_rate_schedule, create_optimizer, token_accuracy,
@@ -47,7 +47,7 @@ __all__ = [
     "classification_cross_entropy", "create_learning_rate_schedule", "create_optimizer",
     "create_train_state", "default_config", "evaluate_batches", "freeze", "initialize_distributed", "load_config",
     "make_data_mesh", "make_eval_step", "make_mesh", "RULES", "param_shardings",
-    "create_sharded_train_state", "train_state_shardings", "make_train_step", "read_metrics", "replicated_sharding",
+    "create_sharded_train_state", "train_state_shardings", "make_train_step", "read_metrics", "replicated_sharding", "rows_per_device",
     "restore_params", "save_config", "shard_batch",
     "token_accuracy", "token_cross_entropy", "train", "transformer_schedule", "validate_config",
     "abstract_batch", "compile_plan", "compile_target", "compile_task", "compiling_for",

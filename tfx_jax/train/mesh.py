@@ -319,10 +319,20 @@ def batch_partition(mesh: Mesh) -> PartitionSpec:
     return PartitionSpec(axes if axes else None)
 
 
-def batch_parallelism(mesh: Mesh) -> int:
+def batch_parallelism(mesh: Mesh | jax.sharding.AbstractMesh) -> int:
     """How many ways the batch is split: the product of the ``data`` and ``fsdp`` sizes."""
-    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+    sizes = dict(mesh.shape)
     return int(np.prod([sizes[a] for a in BATCH_AXES if a in sizes]))
+
+
+def rows_per_device(batch_rows: int) -> int:
+    """Rows each device holds of a ``batch_rows``-row batch being traced: the batch is
+    split over the data-parallel axes of the mesh in context (the library's steps trace
+    under theirs; ``jax.set_mesh`` sets a user's); without a mesh, all of it."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return batch_rows
+    return max(1, batch_rows // batch_parallelism(mesh))
 
 
 # --- batch sizes ------------------------------------------------------------------------

@@ -288,19 +288,35 @@ def _size(number: str, unit: str) -> int:
     return int(float(number) * 2 ** (10 * "KMGT".index(unit) + 10))
 
 
+# XLA's GPU compiler tiles its Triton GEMMs by autotuning on the device; compiling without
+# one it can find no tiles for some shapes (ViT-B/16's [12608, 768] projection on h100:8:
+# "Couldn't find output tile sizes"). Such a step is compiled again with cuBLAS for its
+# GEMMs (the report says so); on the GPU itself the executable is recompiled and autotuned.
+_NO_GPU_TILES = "Couldn't find output tile sizes"
+CUBLAS_GEMMS = {"xla_gpu_enable_triton_gemm": False}
+
+
 def compile_step(jitted, args, *, num_devices: int, differentiated: bool) -> dict:
     """Lowers and compiles one jitted step for abstract ``args``; its per-device figures.
 
     When the TPU compiler itself refuses the program for HBM (its temporaries
     alone exceed the chip), the figures are the compiler's: ``needed_bytes`` and
-    ``available_bytes``, with ``compile_error`` its message.
+    ``available_bytes``, with ``compile_error`` its message. ``compiler_options``
+    records the options a second compile needed (:data:`CUBLAS_GEMMS`), {} if none.
     """
     start = time.perf_counter()
     with counting_kernel_flops() as kernel:
         lowered = jitted.lower(*args)
     kernel_flops = sum(kernel) * ((1 + KERNEL_BACKWARD_FACTOR) if differentiated else 1)
+    options = {}
     try:
-        compiled = lowered.compile()
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as error:
+            if _NO_GPU_TILES not in str(error):
+                raise
+            options = CUBLAS_GEMMS
+            compiled = lowered.compile(compiler_options=options)
     except jax.errors.JaxRuntimeError as error:
         found = _HBM_EXHAUSTED.search(str(error))
         if found is None:
@@ -321,7 +337,7 @@ def compile_step(jitted, args, *, num_devices: int, differentiated: bool) -> dic
             "flops_per_device": xla_flops + kernel_flops / num_devices,
             "bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
             "cost_analysis": bool(cost),  # XLA's GPU compiler gives none without a GPU
-            "custom_calls": _custom_calls(compiled.as_text())}
+            "custom_calls": _custom_calls(compiled.as_text()), "compiler_options": options}
 
 
 def _roofline(step: dict, chip: Chip, model_flops_per_device: float) -> tuple[float, str]:
@@ -424,6 +440,9 @@ def format_report(report: Mapping[str, Any]) -> str:
             f"{step['xla_flops_per_device'] / 1e12:.3f} + kernels "
             f"{step['kernel_flops_per_device'] / 1e12:.3f}); Mosaic calls {calls['mosaic']}, "
             f"cuDNN calls {calls['cudnn']}; compiled in {step['compile_s']:.1f} s")
+        if step.get("compiler_options"):
+            lines.append(f"    (compiled with {step['compiler_options']}: XLA found no Triton "
+                         f"GEMM tiles without a GPU to tune on; its GEMMs are cuBLAS's here)")
     if "search" in report:
         found = report["search"]
         tried = ", ".join(f"{t['batch_size']} {'fits' if t['fits'] else 'no'}"

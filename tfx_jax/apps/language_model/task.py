@@ -69,39 +69,48 @@ def packing_kwargs(batch: Mapping[str, Any]) -> dict:
     return dict(segment_ids=batch["inputs_segmentation"], positions=batch["inputs_position"])
 
 
-# Positions x vocabulary of the logits one loss chunk holds (2^23 float32s: 32 MiB a row).
+# Logits one loss chunk holds on a device: rows x positions x vocabulary, 2^23 float32s
+# (32 MiB, and as much again for their gradient).
 LOGITS_CHUNK_ELEMENTS = 2 ** 23
 
 
-def logits_chunk_length(max_len: int, vocab_size: int, requested: int = 0) -> int:
-    """Positions of a row whose logits the loss computes at once
+def logits_chunk_length(max_len: int, vocab_size: int, requested: int = 0, *,
+                        rows: int = 1) -> int:
+    """Positions of each row whose logits the loss computes at once
     (:func:`tfx_jax.train.chunked_token_losses`): ``requested`` if > 0, else the whole
-    row when its ``max_len x vocab_size`` logits are at most LOGITS_CHUNK_ELEMENTS,
-    else the largest power of two whose chunk is (at least 16 positions)."""
+    row when the ``rows`` rows a device holds have at most LOGITS_CHUNK_ELEMENTS logits,
+    else the largest power of two that keeps ``rows x positions x vocab_size`` under
+    it (at least 16 positions)."""
     if requested > 0:
         return min(requested, max_len)
-    if max_len * vocab_size <= LOGITS_CHUNK_ELEMENTS:
+    per_row = LOGITS_CHUNK_ELEMENTS // max(rows, 1)
+    if max_len * vocab_size <= per_row:
         return max_len
-    return max(16, 2 ** int(math.log2(LOGITS_CHUNK_ELEMENTS // vocab_size)))
+    return max(16, 2 ** int(math.log2(max(per_row // vocab_size, 1))))
 
 
 def make_loss_fn(model: CausalLM, finetuning: Optional[FineTuning] = None, *,
-                 chunk_length: Optional[int] = None):
+                 logits_chunk: Optional[int] = 0):
     """``loss_fn(params, batch, rng, train) -> (mean token NLL, {"accuracy", "weight"})``
     (:func:`tfx_jax.train.token_cross_entropy` / ``token_accuracy`` on ``batch["weights"]``,
     without them padding 0 ignored). ``finetuning``: how the parameters of a run from a
     checkpoint apply (:meth:`tfx_jax.train.finetune.FineTuning.applying`: frozen weights
     without gradients, LoRA adapters beside their kernels).
 
-    ``chunk_length`` shorter than the rows: the model returns its hidden states and
-    the loss projects them to logits that many positions at a time
-    (:func:`tfx_jax.train.chunked_token_losses`; the same values, far less memory)."""
+    ``logits_chunk`` (:func:`logits_chunk_length`'s ``requested``; 0: decided while
+    tracing, from the rows each device holds of the batch; None: never chunk): when
+    shorter than the rows, the model returns its hidden states and the loss projects
+    them to logits that many positions at a time (:func:`tfx_jax.train.chunked_token_losses`;
+    the same values, far less memory)."""
 
     def loss_fn(params, batch, rng, train):
         applied, context = ((params, contextlib.nullcontext()) if finetuning is None
                             else finetuning.applying(params))
         tokens, targets, weights = batch["inputs"], batch["targets"], batch.get("weights")
-        chunked = chunk_length is not None and chunk_length < tokens.shape[1]
+        rows, length = tokens.shape
+        chunk_length = length if logits_chunk is None else logits_chunk_length(
+            length, model.config.vocab_size, logits_chunk, rows=tr.rows_per_device(rows))
+        chunked = chunk_length < length
         with context:
             out = model.apply({"params": applied}, tokens, **packing_kwargs(batch),
                               deterministic=not train, rngs={"dropout": rng},
@@ -170,7 +179,7 @@ def lm_task(config: CausalLMConfig, *, max_len: int, num_eval_examples: Optional
         init_params = finetuning.init_params(init_params, pretrained_params, layout)
         trainable = finetuning.trainable
     return tr.Task(init_params=init_params, trainable=trainable,
-                   loss_fn=make_loss_fn(model, finetuning, chunk_length=logits_chunk_length(
-                       max_len, config.vocab_size, logits_chunk)), evaluate=evaluate,
+                   loss_fn=make_loss_fn(model, finetuning, logits_chunk=logits_chunk),
+                   evaluate=evaluate,
                    flops_per_example=training_flops(causal_lm_forward_flops(config, max_len)),
                    count_tokens=count_tokens, eval_summary=eval_summary)
