@@ -7,7 +7,9 @@ there, and tries meshes and rematerialisation in order until one fits:
 
   1. data parallel (the scripts' default mesh), no remat;
   2. FSDP over every chip (``mesh.fsdp`` = chips), no remat;
-  3. FSDP over every chip, full remat (``remat_policy=full``).
+  3. FSDP over every chip, full remat (``remat_policy=full``);
+  4. FSDP over every chip, ``remat_policy=full_nested`` (each attention recomputed
+     again at its own backward: less memory, one more attention forward per layer).
 
 The first that fits is the recommendation; its per-chip peak, FLOPs per step,
 roofline step time and MFU ceiling are the row. Every model is compiled with
@@ -119,7 +121,9 @@ FINETUNING_TARGETS = ("v5e-8", "v5p-8", "h100:8")
 ATTEMPTS = (("data parallel", ()),
             ("fsdp", ("--config.mesh.data=1", "--config.mesh.fsdp=-1")),
             ("fsdp + full remat", ("--config.mesh.data=1", "--config.mesh.fsdp=-1",
-                                   "--config.model.remat_policy=full")))
+                                   "--config.model.remat_policy=full")),
+            ("fsdp + full_nested remat", ("--config.mesh.data=1", "--config.mesh.fsdp=-1",
+                                          "--config.model.remat_policy=full_nested")))
 ATTENTION_LENGTHS = (2048, 4096, 8192, 16384, 32768, 65536)
 
 

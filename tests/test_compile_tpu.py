@@ -383,7 +383,7 @@ def test_remat_search_finds_each_policys_largest_batch_and_reports_the_best(monk
     """--compile_search=batch_size,remat_policy: one batch search per remat policy (the
     app's task rebuilt with it), the report of the policy with the largest batch, each
     policy's batch in ``search_by_remat``; against a stand-in compiler."""
-    limits = {"none": 8, "full": 40, "dots": 16, "dots_no_batch": 24}
+    limits = {"none": 8, "full": 40, "full_nested": 36, "dots": 16, "dots_no_batch": 24}
     tasks = {policy: tr.Task(init_params=lambda rng: {}, loss_fn=lambda *a: 0.0)
              for policy in limits}
 

@@ -322,7 +322,8 @@ def stack_layers(params, num_layers):
 
 
 @pytest.mark.parametrize("knobs", [dict(scan_layers=True), dict(remat_policy="full"),
-                                   dict(remat_policy="dots", scan_layers=True)])
+                                   dict(remat_policy="dots", scan_layers=True),
+                                   dict(remat_policy="full_nested", scan_layers=True)])
 def test_scan_and_remat_leave_outputs_and_gradients_unchanged(knobs):
     base, knobbed = tiny_transformer(pre_norm=True), tiny_transformer(pre_norm=True, **knobs)
     src, tgt = tokens(18, (2, 5)), tokens(19, (2, 4))
@@ -335,6 +336,35 @@ def test_scan_and_remat_leave_outputs_and_gradients_unchanged(knobs):
     g_knob = jax.jit(jax.grad(lambda p: loss(knobbed, p)))(converted)
     expected = stack_layers(g_base, 2) if knobs.get("scan_layers") else g_base
     chex.assert_trees_all_close(g_knob, expected, atol=1e-4, rtol=1e-4)
+
+
+def count_checkpoints(jaxpr) -> int:
+    """jax.checkpoint equations in ``jaxpr``, nested ones included."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name in ("checkpoint", "remat", "remat2")
+        for value in eqn.params.values():
+            for inner in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    count += count_checkpoints(inner)
+    return count
+
+
+def test_full_nested_remat_checkpoints_each_attention_inside_its_layer():
+    """"full_nested": the layer's checkpoint holds one more per attention sub-layer
+    (self- and cross-attention in a decoder layer, self-attention in an encoder layer)."""
+    src, tgt = tokens(18, (2, 5)), tokens(19, (2, 4))
+
+    def checkpoints(policy):
+        model = tiny_transformer(pre_norm=True, remat_policy=policy)
+        params = init(tiny_transformer(pre_norm=True), src, tgt)["params"]
+        return count_checkpoints(
+            jax.make_jaxpr(lambda p: model.apply({"params": p}, src, tgt))(params).jaxpr)
+
+    layers = 2 * 2  # tiny_transformer: 2 encoder + 2 decoder layers
+    assert checkpoints("full") == layers
+    assert checkpoints("full_nested") == layers + 2 + 2 * 2
 
 
 def test_unshared_embeddings_have_separate_tables_and_output_layer():

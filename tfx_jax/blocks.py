@@ -35,6 +35,7 @@ _ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "gelu_exact": lambda x: nn.gel
                 "silu": nn.silu}
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer
+    "full_nested": None,  # as "full", and each attention checkpointed again inside it
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
@@ -143,6 +144,16 @@ class TransformerBlock(nn.Module):
             return x + dropout(h, deterministic=self.deterministic)
         return norm(x + dropout(sublayer(x), deterministic=self.deterministic))
 
+    def _checkpointed(self, attend):
+        """``attend(module, *arrays)``, checkpointed on its own under remat_policy
+        "full_nested": the layer's recomputed forward then keeps only the attention's
+        input and output, and its internals (q/k/v, the kernel's residuals) are computed
+        a third time at the attention's own backward instead of living through the MLP's.
+        ``prevent_cse``: without it XLA merges the two recomputations back into one."""
+        if self.config.remat_policy != "full_nested" or self.config.decode:
+            return attend
+        return nn.remat(attend, prevent_cse=True)
+
     def _attention(self, name, decode, rotary=False):
         cfg = self.config
         local = name == "self_attention" and self.layer_type == "sliding"
@@ -172,17 +183,21 @@ class TransformerBlock(nn.Module):
         x = constrain(x)  # ("batch", "length", "embed") at block boundaries
         self_attention = self._attention("self_attention", decode=cfg.decode,
                                          rotary=cfg.rotary)
-        x = self._residual(
-            x, lambda h: self_attention(h, mask=mask, causal=self.causal,
-                                        deterministic=self.deterministic,
-                                        **(attention_args or {})), "self_attention")
+        attend = self._checkpointed(
+            lambda module, h, mask, args: module(h, mask=mask, causal=self.causal,
+                                                 deterministic=self.deterministic, **args))
+        x = self._residual(x, lambda h: attend(self_attention, h, mask, attention_args or {}),
+                           "self_attention")
         if self.cross_attention:
             if encoded is None:
                 raise ValueError("a cross-attention block needs the encoder output")
             cross = self._attention("cross_attention", decode=False)
-            x = self._residual(
-                x, lambda h: cross(h, encoded, mask=cross_mask, deterministic=self.deterministic,
-                                   **(cross_attention_args or {})), "cross_attention")
+            attend_encoded = self._checkpointed(
+                lambda module, h, encoded, mask, args: module(
+                    h, encoded, mask=mask, deterministic=self.deterministic, **args))
+            x = self._residual(x, lambda h: attend_encoded(cross, h, encoded, cross_mask,
+                                                           cross_attention_args or {}),
+                               "cross_attention")
         ffn = FeedForward(cfg, deterministic=self.deterministic, name="ffn")
         x = constrain(self._residual(x, ffn, "ffn"))
         return x, (x if self.emit_output else None)

@@ -23,7 +23,7 @@ POSITION_KINDS = ("sinusoidal", "learned", "rope")
 NORMS = ("layer_norm", "rms_norm")
 MLPS = ("dense", "gated")
 LAYER_TYPES = ("full", "sliding")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "full_nested", "dots", "dots_no_batch")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Set by the code that decodes (inference), never by a training config's ``model`` section.
 RUNTIME_FIELDS = ("decode",)
@@ -90,7 +90,10 @@ class StackConfig:
       attention_implementation: "auto", "dense", "chunked" or "cudnn".
       scan_layers: run the layers with ``nn.scan`` (one compiled layer, faster compile).
       remat_policy: rematerialisation of each layer in the backward pass:
-        "none", "full" (recompute everything), "dots" / "dots_no_batch" (save matmuls).
+        "none", "full" (recompute everything), "full_nested" ("full", and each attention
+        sub-layer checkpointed again inside the layer: its internals are recomputed at
+        its own backward instead of living through the MLP's, a lower peak for one more
+        attention forward per layer), "dots" / "dots_no_batch" (save matmuls).
       dtype: computation dtype (e.g. "bfloat16" on TPU); param_dtype: parameters'.
       decode: autoregressive mode with key/value caches.
       rope_base: base of the rotary frequencies theta_i = rope_base^(-2i/d_k) when a
