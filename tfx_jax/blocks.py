@@ -20,6 +20,7 @@ attention: a sliding window on some layers, with its own rotary base.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -184,19 +185,19 @@ class TransformerBlock(nn.Module):
         self_attention = self._attention("self_attention", decode=cfg.decode,
                                          rotary=cfg.rotary)
         attend = self._checkpointed(
-            lambda module, h, mask, args: module(h, mask=mask, causal=self.causal,
+            lambda module, mask, args, h: module(h, mask=mask, causal=self.causal,
                                                  deterministic=self.deterministic, **args))
-        x = self._residual(x, lambda h: attend(self_attention, h, mask, attention_args or {}),
-                           "self_attention")
+        x = self._residual(x, functools.partial(attend, self_attention, mask,
+                                                attention_args or {}), "self_attention")
         if self.cross_attention:
             if encoded is None:
                 raise ValueError("a cross-attention block needs the encoder output")
             cross = self._attention("cross_attention", decode=False)
             attend_encoded = self._checkpointed(
-                lambda module, h, encoded, mask, args: module(
+                lambda module, encoded, mask, args, h: module(
                     h, encoded, mask=mask, deterministic=self.deterministic, **args))
-            x = self._residual(x, lambda h: attend_encoded(cross, h, encoded, cross_mask,
-                                                           cross_attention_args or {}),
+            x = self._residual(x, functools.partial(attend_encoded, cross, encoded, cross_mask,
+                                                    cross_attention_args or {}),
                                "cross_attention")
         ffn = FeedForward(cfg, deterministic=self.deterministic, name="ffn")
         x = constrain(self._residual(x, ffn, "ffn"))
