@@ -143,6 +143,21 @@ def test_auto_packs_rows_with_a_spread_of_lengths_and_counts_pairs_per_row():
     assert "packing off (config.packing = false)" in off.report("rows")
 
 
+@pytest.mark.parametrize("setting", ["auto", "false"])
+def test_the_chosen_measured_pipeline_comes_back_rewound_to_its_first_batch(setting):
+    """The run trains on the pipeline the decision measured: it must start where a
+    freshly built one starts, batch for batch, and not 4 batches in."""
+    choice = packing.choose_packing(setting, _translation_batches, ("inputs", "targets"))
+    fresh = _translation_batches(choice.enabled)
+    for _ in range(6):
+        expected, got = next(fresh), next(choice.batches)
+        assert expected.keys() == got.keys()
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key])
+    assert packing.run_pipeline(choice) is choice.batches  # one process: the run's own
+    assert packing.measurement_pipeline() == {}
+
+
 def test_auto_does_not_pack_rows_that_are_nearly_full():
     full = [("abcdefg", "hijklmn")] * 6 + [("abcdef", "hijklm")] * 2  # 7-8 of 8 slots used
 

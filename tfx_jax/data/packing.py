@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 
 from tfx_jax.errors import ConfigError, DataError
@@ -198,6 +199,8 @@ class PackingChoice:
     padding_packed: float
     examples_per_packed_row: float
     min_gain: float = AUTO_MIN_GAIN  # what "auto" asked of the gain
+    # the measured iterator of the chosen layout, rewound (see choose_packing)
+    batches: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def gain(self) -> float:
@@ -234,6 +237,25 @@ def packing_setting(value) -> bool | str:
     raise ConfigError(f"config.packing must be 'auto', 'true' or 'false', got {value!r}")
 
 
+def measurement_pipeline() -> dict:
+    """The process arguments of the pipeline :func:`choose_packing` measures.
+
+    One process: none (the run's own pipeline, which :func:`run_pipeline` then hands
+    to the run). Several: process 0 of 1 without read threads on every host, so that
+    every host measures the same examples and decides alike; each then builds its own
+    shard's pipeline.
+    """
+    if jax.process_count() == 1:
+        return {}
+    return dict(process_index=0, process_count=1, read_options=grain.ReadOptions(num_threads=0))
+
+
+def run_pipeline(choice: PackingChoice):
+    """The measured iterator of ``choice``'s layout, rewound, when it is this run's own
+    pipeline (one process, see :func:`measurement_pipeline`); else None."""
+    return choice.batches if jax.process_count() == 1 else None
+
+
 def choose_packing(setting,
                    make_batches: Callable[[bool], Iterator[Mapping[str, np.ndarray]]],
                    keys: Sequence[str], *, num_batches: int = 4,
@@ -241,16 +263,26 @@ def choose_packing(setting,
     """Measures a pipeline's first batches both ways and decides ``"auto"``.
 
     ``setting``: ``config.packing`` (see :func:`packing_setting`).
-    ``make_batches(packing)`` builds a fresh training iterator either way (the
-    run's own pipeline is not touched). In a multi-process run it must read the
-    same examples on every process (build it as process 0 of 1), so that every
-    process decides alike.
+    ``make_batches(packing)`` builds a fresh training iterator either way. In a
+    multi-process run it must read the same examples on every process (build it as
+    process 0 of 1), so that every process decides alike. The measured iterator of
+    the chosen layout comes back rewound to its first batch (``choice.batches``,
+    through Grain's ``get_state`` / ``set_state``; None for an iterator without
+    them): a one-process run whose own pipeline is built as the measurement's trains
+    on it instead of building a third.
     """
     setting = packing_setting(setting)
-    unpacked, _ = _measure(make_batches(False), keys, num_batches=num_batches)
-    packed, examples_per_row = _measure(make_batches(True), keys, num_batches=num_batches)
+    measured = {}
+    for packed in (False, True):
+        batches = make_batches(packed)
+        start = batches.get_state() if hasattr(batches, "get_state") else None
+        measured[packed] = (*_measure(batches, keys, num_batches=num_batches), batches, start)
+    (unpacked, _, _, _), (packed, examples_per_row, _, _) = measured[False], measured[True]
     enabled = (setting if isinstance(setting, bool)
                else real_token_gain(unpacked, packed) >= min_gain)
+    *_, batches, start = measured[enabled]
+    if start is not None:
+        batches.set_state(start)
     return PackingChoice(enabled=enabled, setting=setting, padding_unpacked=unpacked,
                          padding_packed=packed, examples_per_packed_row=examples_per_row,
-                         min_gain=min_gain)
+                         min_gain=min_gain, batches=batches if start is not None else None)

@@ -16,8 +16,9 @@ refused run leaves the workdir as it was:
 3. :func:`prepare`: the corpus, the tokenizer (trained into a temporary
    directory, read from the workdir, or the checkpoint's), the held-out windows
    and the packing decision (:func:`tfx_jax.data.packing.choose_packing`: the
-   first batches, built as process 0 of 1 so that every process decides alike,
-   measured with and without packing); the plan (:func:`tfx_jax.train.freeze`),
+   first batches, measured with and without packing; one process then trains on
+   the measured pipeline, several build it as process 0 of 1 so that every
+   process decides alike); the plan (:func:`tfx_jax.train.freeze`),
    the checkpoint's weights (not when resuming), one Task and
    :func:`tfx_jax.train.check_checkpoint_fits`.
 4. Only then the tokenizer (or the checkpoint's config.json and tokenizer
@@ -51,7 +52,8 @@ from tfx_jax.apps.language_model.pipeline import (LENGTHS_KEYS, MIN_VOCAB_SIZE, 
 from tfx_jax.apps.language_model.sampling import generate_texts
 from tfx_jax.apps.language_model.task import (DEFAULT_MODEL, lm_config, lm_task,
                                               make_init_params)
-from tfx_jax.data.packing import PackingChoice, choose_packing, packing_setting
+from tfx_jax.data.packing import (PackingChoice, choose_packing, measurement_pipeline,
+                                  packing_setting, run_pipeline)
 from tfx_jax.data.tokenizer import SentencePieceTokenizer
 from tfx_jax.data.workdir_tokenizer import (local_temp_dir, read_workdir_tokenizer,
                                             workdir_tokenizer, write_workdir_file)
@@ -326,10 +328,8 @@ def prepare(config, workdir: str, tokenizer=None) -> Prepared:
         tokenizer, tokenizer_bytes = run_tokenizer(config, workdir, corpus.train)
     windows = eval_windows(corpus.eval, tokenizer, max_len=config.max_len,
                            max_examples=config.max_eval_examples)
-    packing = choose_packing(  # the same examples on every process: every process decides alike
-        config.packing, lambda packed: make_train_batches(
-            config, corpus, tokenizer, packing=packed, process_index=0, process_count=1,
-            read_options=grain.ReadOptions(num_threads=0)), ("weights",))
+    packing = choose_packing(config.packing, lambda packed: make_train_batches(
+        config, corpus, tokenizer, packing=packed, **measurement_pipeline()), ("weights",))
     return Prepared(corpus=corpus, tokenizer=tokenizer, tokenizer_bytes=tokenizer_bytes,
                     windows=windows, packing=packing)
 
@@ -372,8 +372,8 @@ def train(config, workdir: str, mesh=None) -> tr.TrainResult:
             write_workdir_file(workdir, _tokenizer_name(plan), ready.tokenizer_bytes)
         if start and not start.copied:
             write_checkpoint_files(workdir, start.files)
-        train_iter = make_train_batches(plan, ready.corpus, ready.tokenizer,
-                                        packing=ready.packing.enabled)
+        train_iter = run_pipeline(ready.packing) or make_train_batches(
+            plan, ready.corpus, ready.tokenizer, packing=ready.packing.enabled)
         trained, total = parameter_counts(task)
         say(f"parameters: {trained:,} trainable of {total:,}"
             + (f" (from {plan.init_from}, finetune={plan.finetune})" if finetuning else ""))

@@ -51,7 +51,8 @@ from tfx_jax.apps.translation.inference import translate_texts
 from tfx_jax.apps.translation.task import (make_init_params, transformer_config,
                                            translation_task)
 from tfx_jax.data.length_caps import length_caps
-from tfx_jax.data.packing import PackingChoice, choose_packing, packing_setting
+from tfx_jax.data.packing import (PackingChoice, choose_packing, measurement_pipeline,
+                                  packing_setting, run_pipeline)
 from tfx_jax.data.text_pipeline import eval_batches, train_batches
 from tfx_jax.data.tokenizer import (SentencePieceTokenizer, load_or_train_tokenizer,
                                     tokenizer_path)
@@ -332,8 +333,9 @@ def resolve(config, data: TranslationData, tokenizer,
 
     ``sizes``: the keys :func:`decide_sizes` decided (None: decided here). Row
     lengths (``max_source_length`` / ``max_target_length`` when 0), packing
-    (measured on the first batches, built as process 0 of 1 so every process
-    decides alike), the training length and a decided warm-up cut to at most a
+    (measured on the first batches; :func:`tfx_jax.data.packing.measurement_pipeline`:
+    one process trains on the measured pipeline, several each decide alike), the
+    training length and a decided warm-up cut to at most a
     fifth of it go into a frozen copy of ``config`` (:func:`tfx_jax.train.freeze`);
     ``config`` itself is not changed.
     """
@@ -349,8 +351,7 @@ def resolve(config, data: TranslationData, tokenizer,
         say(caps.describe(config.drop_overlong))
     sized = tr.freeze(config, JOB, **sizes, **lengths)
     packing = choose_packing(config.packing, lambda packed: _train_batches(
-        sized, data, tokenizer, packing=packed, process_index=0, process_count=1,
-        read_options=grain.ReadOptions(num_threads=0)), ("inputs", "targets"))
+        sized, data, tokenizer, packing=packed, **measurement_pipeline()), ("inputs", "targets"))
     say(packing.report("train rows"))
     steps, line = resolve_train_length(sized, len(data.train), data.user_corpus,
                                        packing.examples_per_row)
@@ -411,9 +412,9 @@ def train_and_test(config, workdir: str, data: Optional[TranslationData] = None,
             f"pairs, vocabulary {tokenizer.vocab_size}, rows of "
             f"{plan.max_source_length} / {plan.max_target_length} tokens; "
             f"{plan.num_train_steps} steps of {plan.batch_size}")
-        result = tr.train(plan, workdir, task, _train_batches(plan, data, tokenizer,
-                                                              packing=packing.enabled),
-                          eval_batches=eval_data, mesh=mesh)
+        train_data = run_pipeline(packing) or _train_batches(plan, data, tokenizer,
+                                                              packing=packing.enabled)
+        result = tr.train(plan, workdir, task, train_data, eval_batches=eval_data, mesh=mesh)
         test_data = eval_batches(data.test, tokenizer, global_batch_size=eval_batch_size,
                                  **lengths)
         return final_test(plan, workdir, result, model, tokenizer, test_data, mesh)
