@@ -272,17 +272,17 @@ def choose_packing(setting,
     on it instead of building a third.
     """
     setting = packing_setting(setting)
-    measured = {}
-    for packed in (False, True):
-        batches = make_batches(packed)
-        start = batches.get_state() if hasattr(batches, "get_state") else None
-        measured[packed] = (*_measure(batches, keys, num_batches=num_batches), batches, start)
-    (unpacked, _, _, _), (packed, examples_per_row, _, _) = measured[False], measured[True]
+    iterators = {packed: make_batches(packed) for packed in (False, True)}
+    starts = {packed: it.get_state() for packed, it in iterators.items()
+              if hasattr(it, "get_state")}
+    unpacked, _ = _measure(iterators[False], keys, num_batches=num_batches)
+    packed, examples_per_row = _measure(iterators[True], keys, num_batches=num_batches)
     enabled = (setting if isinstance(setting, bool)
                else real_token_gain(unpacked, packed) >= min_gain)
-    *_, batches, start = measured[enabled]
-    if start is not None:
-        batches.set_state(start)
+    rewound = None
+    if enabled in starts:
+        rewound = iterators[enabled]
+        rewound.set_state(starts[enabled])
     return PackingChoice(enabled=enabled, setting=setting, padding_unpacked=unpacked,
                          padding_packed=packed, examples_per_packed_row=examples_per_row,
-                         min_gain=min_gain, batches=batches if start is not None else None)
+                         min_gain=min_gain, batches=rewound)
