@@ -26,7 +26,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from tfx_jax.data.tsv_pairs import write_tsv_pairs  # noqa: E402
+from tfx_jax.data.text_pairs import write_tsv_pairs  # noqa: E402
 
 FIRST_DAY = datetime.date(1900, 1, 1)
 NUM_DAYS = (datetime.date(2099, 12, 31) - FIRST_DAY).days + 1

@@ -37,7 +37,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from tfx_jax.data.tsv_pairs import write_tsv_pairs  # noqa: E402
+from tfx_jax.data.text_pairs import write_tsv_pairs  # noqa: E402
 
 
 def catalog_paths(language: str, root: str = "/usr/share") -> list[str]:

@@ -20,7 +20,7 @@ if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 from tfx_jax.data.number_lists import number_list_pairs  # noqa: E402
-from tfx_jax.data.tsv_pairs import write_tsv_pairs  # noqa: E402
+from tfx_jax.data.text_pairs import write_tsv_pairs  # noqa: E402
 
 
 def main() -> None:

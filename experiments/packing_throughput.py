@@ -51,7 +51,7 @@ from tfx_jax.apps import language_model as lm_app  # noqa: E402
 from tfx_jax.apps.translation import transformer_config, translation_task  # noqa: E402
 from tfx_jax.apps.translation.experiment import decide_sizes  # noqa: E402
 from tfx_jax.data import packing  # noqa: E402
-from tfx_jax.data.pair_sources import open_text_pairs  # noqa: E402
+from tfx_jax.data.text_pairs import open_text_pairs  # noqa: E402
 from tfx_jax.data.length_caps import length_caps  # noqa: E402
 from tfx_jax.data.number_lists import number_list_pairs  # noqa: E402
 from tfx_jax.data.text_pipeline import train_batches as translation_batches  # noqa: E402

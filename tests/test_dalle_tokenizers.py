@@ -17,7 +17,7 @@ from tfx_jax.apps.dalle import (
 )
 from tfx_jax.data import tokenizer as tok
 from tfx_jax.data.tokenizer import BOS_ID, PAD_ID
-from tfx_jax.apps.dalle.patch_vq import image_patches, kmeans, patches_to_images
+from tfx_jax.apps.dalle.image_tokens import image_patches, kmeans, patches_to_images
 from tfx_jax.data.image_datasets import load_image_dataset
 
 FAST = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)

@@ -8,16 +8,14 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from tfx_jax.data import number_words_grammar as nw
-from tfx_jax.data import number_words_dataset as nwd
+from tfx_jax.data import number_words as nw
 from tfx_jax.data import text_pipeline, tokenizer as tok
-from tfx_jax.data.pair_sources import open_text_pairs
-from tfx_jax.data.tfds_translation import TranslationPairs, tfds_translation_pairs
-from tfx_jax.data.tsv_pairs import TsvPairs
+from tfx_jax.data.text_pairs import (TranslationPairs, TsvPairs, open_text_pairs,
+                                     tfds_translation_pairs)
 
 tfds.disable_progress_bar()
 
-TINY = nwd.number_words_config("de", max_number=2999, train_size=300,
+TINY = nw.number_words_config("de", max_number=2999, train_size=300,
                                validation_size=23, test_size=37, split_seed=5,
                                train_all_below=100, small_number_repeats=2)
 
@@ -25,13 +23,13 @@ TINY = nwd.number_words_config("de", max_number=2999, train_size=300,
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tfds"))
-    nwd.prepare_number_words(TINY, data_dir=path)
+    nw.prepare_number_words(TINY, data_dir=path)
     return path
 
 
 @pytest.fixture(scope="module")
 def spm_tokenizer(tmp_path_factory, data_dir):
-    pairs = nwd.number_words_pairs("train", data_dir=data_dir, config=TINY)
+    pairs = nw.number_words_pairs("train", data_dir=data_dir, config=TINY)
     return tok.load_or_train_tokenizer(
         pairs, tmp_path_factory.mktemp("workdir"), vocab_size=200)
 
@@ -53,7 +51,7 @@ def _decode_chars(row):
 
 
 def test_number_words_splits_are_disjoint_with_configured_sizes(data_dir):
-    builder = nwd.prepare_number_words(TINY, data_dir=data_dir)
+    builder = nw.prepare_number_words(TINY, data_dir=data_dir)
     numbers = {}
     # train: 300 distinct numbers, those below 100 twice (small_number_repeats=2)
     for split, size, length in (("train", 300, 400), ("validation", 23, 23), ("test", 37, 37)):
@@ -77,9 +75,9 @@ def test_number_words_splits_are_disjoint_with_configured_sizes(data_dir):
 
 
 def test_number_words_test_split_does_not_move_when_train_grows():
-    small = nwd.number_words_config("de", max_number=999, train_size=10,
+    small = nw.number_words_config("de", max_number=999, train_size=10,
                                     validation_size=5, test_size=20, train_all_below=10)
-    large = nwd.number_words_config("de", max_number=999, train_size=900,
+    large = nw.number_words_config("de", max_number=999, train_size=900,
                                     validation_size=5, test_size=20, train_all_below=10)
     np.testing.assert_array_equal(small.split_numbers()["test"],
                                   large.split_numbers()["test"])
@@ -87,8 +85,8 @@ def test_number_words_test_split_does_not_move_when_train_grows():
 
 
 def test_number_words_pairs_direction(data_dir):
-    forward = nwd.number_words_pairs("test", data_dir=data_dir, config=TINY)
-    backward = nwd.number_words_pairs("test", data_dir=data_dir, config=TINY,
+    forward = nw.number_words_pairs("test", data_dir=data_dir, config=TINY)
+    backward = nw.number_words_pairs("test", data_dir=data_dir, config=TINY,
                                       source_language="de")
     assert backward[3] == forward[3][::-1]
     in_memory = open_text_pairs("number_words", "test", data_dir=data_dir,
@@ -104,7 +102,7 @@ def test_number_words_pairs_direction(data_dir):
 
 
 def test_number_words_korean_config(tmp_path):
-    config = nwd.number_words_config("ko", max_number=99_999, train_size=20,
+    config = nw.number_words_config("ko", max_number=99_999, train_size=20,
                                      validation_size=5, test_size=5, train_all_below=0)
     pairs = open_text_pairs("number_words", "validation", data_dir=str(tmp_path),
                             number_words_config=config)
@@ -116,14 +114,14 @@ def test_number_words_korean_config(tmp_path):
 
 def test_number_words_config_errors():
     with pytest.raises(ValueError, match="exceeds the 100 numbers"):
-        nwd.number_words_config(max_number=99, train_size=90, validation_size=6,
+        nw.number_words_config(max_number=99, train_size=90, validation_size=6,
                                 test_size=5)
     with pytest.raises(ValueError, match="target_language"):
-        nwd.number_words_config("fr")
+        nw.number_words_config("fr")
     with pytest.raises(ValueError, match="test_size must be >= 1"):
-        nwd.number_words_config(test_size=0)
+        nw.number_words_config(test_size=0)
     with pytest.raises(ValueError, match="train_all_below=1000 puts more numbers"):
-        nwd.number_words_config(max_number=9999, train_size=500)
+        nw.number_words_config(max_number=9999, train_size=500)
 
 
 # ------------------------------------------------------------------------- TSV
@@ -226,7 +224,7 @@ def test_tokenizer_reserved_ids_and_round_trip(spm_tokenizer, data_dir):
     assert [processor.id_to_piece(i) for i in range(4)] == [
         "<pad>", "</s>", "<s>", "<unk>"]
     assert 4 < spm_tokenizer.vocab_size <= 200
-    for source, target in nwd.number_words_pairs("test", data_dir=data_dir,
+    for source, target in nw.number_words_pairs("test", data_dir=data_dir,
                                                  config=TINY):
         for text in (source, target):
             ids = spm_tokenizer.encode(text)

@@ -9,9 +9,9 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from tfx_jax.data import grain_batches
-from tfx_jax.data.image_augment import augment_image, random_translate
+from tfx_jax.data.image_pipeline import augment_image, random_translate
 from tfx_jax.data.image_datasets import load_image_dataset
-from tfx_jax.data.image_files import load_image_files
+from tfx_jax.data.image_preprocess import load_image_files
 from tfx_jax.data.image_pipeline import (
     eval_image_batches,
     image_input_shape,

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from tfx_jax.data import number_words_grammar as grammar
+from tfx_jax.data import number_words as grammar
 from tfx_jax.data.number_lists import number_list_pairs
 
 # The number back from its English words, for numbers below 1,000 (a lookup the test can
@@ -37,7 +37,7 @@ def test_bad_arguments_are_named():
 
 
 def test_written_tsv_reads_back_pair_for_pair(tmp_path):
-    from tfx_jax.data.tsv_pairs import TsvPairs, write_tsv_pairs
+    from tfx_jax.data.text_pairs import TsvPairs, write_tsv_pairs
     pairs = number_list_pairs(50, seed=2)
     assert write_tsv_pairs(tmp_path / "lists.tsv", pairs) == 50
     assert list(TsvPairs(tmp_path / "lists.tsv")) == pairs

@@ -1,7 +1,7 @@
 """Number-word grammar against hand-written spellings."""
 import pytest
 
-from tfx_jax.data import number_words_grammar as nw
+from tfx_jax.data import number_words as nw
 
 # Hand-written: (number, English, German, Korean).
 KNOWN = [

@@ -19,9 +19,9 @@ from tfx_jax.apps.language_model import corpus as corpus_lib
 from tfx_jax.apps.language_model import experiment as lm_experiment
 from tfx_jax.apps.language_model.pipeline import load_or_train_lm_tokenizer
 from tfx_jax.apps.language_model.sampling import generate_ids
-from tfx_jax.data.image_files import read_image_file
+from tfx_jax.data.image_preprocess import read_image_file
 from tfx_jax.data.tokenizer import train_sentencepiece
-from tfx_jax.data.tsv_pairs import TsvPairs
+from tfx_jax.data.text_pairs import TsvPairs
 from tfx_jax.errors import DataError
 from tfx_jax.lm import CausalLM, CausalLMConfig
 

@@ -38,27 +38,51 @@ Library packages (import them explicitly):
 Scripts in experiments/ are thin: they parse flags and call an app. docs/ARCHITECTURE.md
 follows one training step from config file to checkpoint.
 """
-from tfx_jax import decoding
-from tfx_jax.attention import attention_weights, causal_mask, dot_product_attention
-from tfx_jax.blocks import (BlockStack, FeedForward, TransformerBlock,
-                            padding_lengths)
-from tfx_jax.context_parallel import context_parallel_attention
-from tfx_jax.model_config import StackConfig
-from tfx_jax.lm import CausalLM, CausalLMConfig
-from tfx_jax.multihead import MultiHeadAttention
-from tfx_jax.position import (AddPositionEncoding, SequenceLayout, positions_from_segment_ids,
-                              sinusoidal_position_encoding)
-from tfx_jax.rotary import apply_rotary
-from tfx_jax.transformer import Decoder, Encoder, Transformer, TransformerConfig
-from tfx_jax.vit import ViT, ViTConfig
+import importlib
+import sys
+
+# name -> module, imported on first use (PEP 562): ``import tfx_jax as tfx`` costs nothing,
+# and a translation run loads the encoder-decoder's chapters, not the ViT's or the LM's
+_EXPORTS = {
+    "attention_weights": "attention", "causal_mask": "attention",
+    "dot_product_attention": "attention",
+    "BlockStack": "blocks", "FeedForward": "blocks", "TransformerBlock": "blocks",
+    "padding_lengths": "blocks",
+    "context_parallel_attention": "context_parallel",
+    "StackConfig": "model_config",
+    "CausalLM": "lm", "CausalLMConfig": "lm",
+    "MultiHeadAttention": "multihead",
+    "AddPositionEncoding": "position", "SequenceLayout": "position",
+    "positions_from_segment_ids": "position", "sinusoidal_position_encoding": "position",
+    "apply_rotary": "rotary",
+    "Decoder": "transformer", "Encoder": "transformer", "Transformer": "transformer",
+    "TransformerConfig": "transformer",
+    "ViT": "vit", "ViTConfig": "vit",
+}
+_SUBMODULES = ("attention", "attention_chunked", "attention_cudnn", "attention_dropout",
+               "attention_splash", "blocks", "context_parallel", "decoding", "errors", "lm",
+               "logical_axes", "model_config", "multihead", "position", "rotary",
+               "transformer", "vit", "data", "train", "apps", "pretrained")
 
 __version__ = "0.1.0"
+__all__ = sorted([*_EXPORTS, "decoding"])
 
-__all__ = [
-    "AddPositionEncoding", "BlockStack", "CausalLM", "CausalLMConfig", "Decoder", "Encoder",
-    "FeedForward", "MultiHeadAttention", "StackConfig", "Transformer", "TransformerBlock",
-    "TransformerConfig", "ViT", "ViTConfig", "attention_weights", "causal_mask",
-    "context_parallel_attention",
-    "decoding", "dot_product_attention", "sinusoidal_position_encoding",
-    "SequenceLayout", "apply_rotary", "padding_lengths", "positions_from_segment_ids",
-]
+
+def lazy_attributes(package: str, exports: dict, submodules=()):
+    """A package's ``__getattr__`` and ``__dir__`` (PEP 562) that import on first use:
+    ``exports`` maps a name to the submodule defining it; ``submodules`` are given as
+    attributes too (``tfx.decoding``, ``pretrained.hf_files``)."""
+    def __getattr__(name: str):
+        if name in submodules:
+            return importlib.import_module(f"{package}.{name}")
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
+
+    def __dir__():
+        return sorted({*vars(sys.modules[package]), *exports, *submodules})
+
+    return __getattr__, __dir__
+
+
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, _SUBMODULES)

@@ -31,11 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tfx_jax.attention_chunked import DEFAULT_BLOCK_KV, DEFAULT_BLOCK_Q, chunked_attention
-from tfx_jax.attention_cudnn import (compute_capability_of, cudnn_attention,
-                                     cudnn_unsupported_reason)
 from tfx_jax.attention_dropout import dense_keep_multiplier, dropout_seeds
-from tfx_jax.attention_splash import (LANES, padded_length, splash_attention,
-                                      splash_unsupported_reason)
+# The accelerator kernels (attention_splash.py for TPU, attention_cudnn.py for NVIDIA GPUs)
+# are imported where they are chosen, so a run loads only its own platform's kernel.
 
 IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn", "splash")
 # "auto" switches from dense to chunked at this length. CPU measurements
@@ -67,6 +65,7 @@ def placement() -> Placement:
         platform = mesh.abstract_device.platform
         capability = None
         if platform in ("cuda", "gpu"):
+            from tfx_jax.attention_cudnn import compute_capability_of  # pylint: disable=import-outside-toplevel
             local = jax.devices()[0]  # the mesh's own kind of device: ask it
             capability = (getattr(local, "compute_capability", None)
                           if local.device_kind == kind else None) or compute_capability_of(kind)
@@ -414,6 +413,7 @@ def _unsupported_reason(implementation, query, key, *, mask, bias, causal, dropo
     if implementation == "chunked":
         return None
     if implementation == "splash":
+        from tfx_jax.attention_splash import splash_unsupported_reason  # pylint: disable=import-outside-toplevel
         has_padding = any(x is not None for x in (q_segment_ids, q_lengths, kv_lengths))
         return splash_unsupported_reason(
             query.shape, key.shape, has_mask=mask is not None, has_bias=False,
@@ -422,6 +422,7 @@ def _unsupported_reason(implementation, query, key, *, mask, bias, causal, dropo
                                            kv_lengths),
             local_window=local_window, platform=platform, value_head_dim=value_head_dim,
             causal=causal, has_segment_ids=q_segment_ids is not None)
+    from tfx_jax.attention_cudnn import cudnn_unsupported_reason  # pylint: disable=import-outside-toplevel
     return cudnn_unsupported_reason(
         query.dtype, query.shape[-1], has_mask=mask is not None, dropout_rate=dropout_rate,
         causal=causal, q_length=query.shape[1], kv_length=key.shape[1],
@@ -437,6 +438,7 @@ SPLASH_MAX_TILE_PADDING = 4 / 3
 
 
 def _splash_tile_padding_ok(length: int) -> bool:
+    from tfx_jax.attention_splash import LANES, padded_length  # pylint: disable=import-outside-toplevel
     return length % LANES == 0 or (
         length >= LANES and padded_length(length) <= SPLASH_MAX_TILE_PADDING * length)
 
@@ -487,7 +489,7 @@ def select_implementation(query, key, mask=None, causal=False, dropout_rate=0.0,
     if (platform == "tpu" and _unsupported_reason("splash", query, key, **common) is None
             and all(_splash_tile_padding_ok(n) for n in (query.shape[1], key.shape[1]))):
         return "splash"
-    if _unsupported_reason("cudnn", query, key, **common) is None:
+    if platform == "gpu" and _unsupported_reason("cudnn", query, key, **common) is None:
         return "cudnn"
     if max(query.shape[1], key.shape[1]) >= CHUNKED_MIN_LENGTH:
         return "chunked"
@@ -596,9 +598,11 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                                  dropout_rng=dropout_rng, logit_soft_cap=logit_soft_cap,
                                  block_q=block_q, block_kv=block_kv)
     if implementation == "splash":
+        from tfx_jax.attention_splash import splash_attention  # pylint: disable=import-outside-toplevel
         return splash_attention(query, key, value, causal=causal, local_window=local_window,
                                 scale=scale, q_segment_ids=q_segment_ids,
                                 kv_segment_ids=kv_segment_ids, q_lengths=q_lengths,
                                 kv_lengths=kv_lengths, logit_soft_cap=logit_soft_cap)
+    from tfx_jax.attention_cudnn import cudnn_attention  # pylint: disable=import-outside-toplevel
     return cudnn_attention(query, key, value, causal=causal, q_lengths=q_lengths,
                            kv_lengths=kv_lengths, local_window=local_window, scale=scale)

@@ -21,6 +21,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from tfx_jax.attention import placement, record_kernel_flops
+
 CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
 MIN_COMPUTE_CAPABILITY = (8, 0)
 
@@ -86,7 +88,6 @@ def cudnn_unsupported_reason(dtype, head_dim: int, *, has_mask: bool, dropout_ra
         return (f"cuDNN's training kernel (jax 0.10) needs even sequence lengths, got q_length "
                 f"{q_length} and kv_length {kv_length}; use implementation='chunked' or 'dense'")
     if platform is None:
-        from tfx_jax.attention import placement  # attention.py imports this module
         placed = placement()
         platform, compute_capability = placed.platform, placed.compute_capability
     capability = _parse_capability(compute_capability)
@@ -120,7 +121,6 @@ def cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, causa
     Queries that have nothing to attend (past ``q_lengths``, or a sequence with
     ``kv_lengths == 0``) are set to zero, as the other implementations return.
     """
-    from tfx_jax.attention import record_kernel_flops  # (attention.py imports this module)
     batch, t, n, h = query.shape
     s = key.shape[1]
     record_kernel_flops(4 * batch * n * h * t * s * (0.5 if causal or local_window else 1.0))

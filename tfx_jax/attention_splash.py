@@ -32,6 +32,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from tfx_jax.attention import placement, record_kernel_flops
+
 # The kernel's tiles are multiples of the TPU lane width (128); 512 is the
 # larger tile the kernel's own benchmarks use, clipped to the sequence length.
 LANES = 128
@@ -76,7 +78,6 @@ def splash_unsupported_reason(query_shape, key_shape, *, has_mask: bool, has_bia
     if local_window is not None and t != s:
         return (f"splash with a local window needs q_length == kv_length, got {t} and {s}")
     if platform is None:
-        from tfx_jax.attention import placement  # attention.py imports this module
         platform = placement().platform
         if platform != "tpu" and _interpret_mode_forced():
             return None
@@ -287,7 +288,6 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
-    from tfx_jax.attention import placement, record_kernel_flops  # (attention.py imports us)
     placed = placement()
     b, t0, n, h = query.shape
     s0 = key.shape[1]

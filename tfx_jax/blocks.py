@@ -145,15 +145,18 @@ class TransformerBlock(nn.Module):
             return x + dropout(h, deterministic=self.deterministic)
         return norm(x + dropout(sublayer(x), deterministic=self.deterministic))
 
-    def _checkpointed(self, attend):
-        """``attend(module, *arrays)``, checkpointed on its own under remat_policy
-        "full_nested": the layer's recomputed forward then keeps only the attention's
-        input and output, and its internals (q/k/v, the kernel's residuals) are computed
-        a third time at the attention's own backward instead of living through the MLP's.
-        ``prevent_cse``: without it XLA merges the two recomputations back into one."""
+    def _attend(self, attention: MultiHeadAttention, arrays: dict, **options):
+        """The attention sub-layer as a function of its input, ``h -> attention(h, **arrays,
+        **options)``. Under remat_policy "full_nested" it is checkpointed on its own: the
+        layer's recomputed forward then keeps only the attention's input and output, and its
+        internals (q/k/v, the kernel's residuals) are computed a third time at the
+        attention's own backward instead of living through the MLP's. ``prevent_cse``:
+        without it XLA merges the two recomputations back into one."""
         if self.config.remat_policy != "full_nested" or self.config.decode:
-            return attend
-        return nn.remat(attend, prevent_cse=True)
+            return functools.partial(attention, **arrays, **options)
+        checkpointed = nn.remat(lambda module, arrays, h: module(h, **arrays, **options),
+                                prevent_cse=True)
+        return functools.partial(checkpointed, attention, arrays)
 
     def _attention(self, name, decode, rotary=False):
         cfg = self.config
@@ -184,20 +187,15 @@ class TransformerBlock(nn.Module):
         x = constrain(x)  # ("batch", "length", "embed") at block boundaries
         self_attention = self._attention("self_attention", decode=cfg.decode,
                                          rotary=cfg.rotary)
-        attend = self._checkpointed(
-            lambda module, mask, args, h: module(h, mask=mask, causal=self.causal,
-                                                 deterministic=self.deterministic, **args))
-        x = self._residual(x, functools.partial(attend, self_attention, mask,
-                                                attention_args or {}), "self_attention")
+        arrays = dict(mask=mask, **(attention_args or {}))
+        x = self._residual(x, self._attend(self_attention, arrays, causal=self.causal,
+                                           deterministic=self.deterministic), "self_attention")
         if self.cross_attention:
             if encoded is None:
                 raise ValueError("a cross-attention block needs the encoder output")
             cross = self._attention("cross_attention", decode=False)
-            attend_encoded = self._checkpointed(
-                lambda module, encoded, mask, args, h: module(
-                    h, encoded, mask=mask, deterministic=self.deterministic, **args))
-            x = self._residual(x, functools.partial(attend_encoded, cross, encoded, cross_mask,
-                                                    cross_attention_args or {}),
+            arrays = dict(inputs_kv=encoded, mask=cross_mask, **(cross_attention_args or {}))
+            x = self._residual(x, self._attend(cross, arrays, deterministic=self.deterministic),
                                "cross_attention")
         ffn = FeedForward(cfg, deterministic=self.deterministic, name="ffn")
         x = constrain(self._residual(x, ffn, "ffn"))

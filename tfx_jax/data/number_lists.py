@@ -1,7 +1,7 @@
 """Number lists: a translation corpus whose lengths spread like sentence lengths.
 
 A pair is a list of numbers in English words and the same list in German
-(grammar in ``number_words_grammar.py``)::
+(grammar in ``number_words.py``)::
 
     twelve, three hundred five          zwölf, dreihundertfünf
     seven                               sieben
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tfx_jax.data.number_words_grammar import number_words
+from tfx_jax.data.number_words import number_words
 
 
 def number_list_pairs(num_pairs: int, *, mean_count: float = 3.0, max_count: int = 24,

@@ -26,7 +26,7 @@ checkpoint families each loader accepts.
   hf_vit.py     ViTModel / ViTForImageClassification <-> ViT tensor map
   hf.py         load_hf / save_hf
 """
-import importlib
+from tfx_jax import lazy_attributes
 
 # name -> module: loaded on first use (PEP 562), so that importing this package (the LM
 # job does, for its optional init_from) costs nothing until a checkpoint is read
@@ -37,16 +37,4 @@ _EXPORTS = {"load_hf": "hf", "load_hf_config": "hf", "save_hf": "hf",
 _SUBMODULES = ("tensors", "layers", "tree", "posemb", "vit_adapt", "vit_npz", "hf_files",
                "hf_gpt2", "hf_decoders", "hf_vit", "hf")
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    """``pretrained.load_hf`` and ``pretrained.hf_files`` alike, imported on first use."""
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, _SUBMODULES)

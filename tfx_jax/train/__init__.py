@@ -19,11 +19,12 @@ data iterator, and calls :func:`train`. See docs/training.md and docs/ARCHITECTU
   perf.py         FLOPs per step, throughput and MFU, memory estimates
   loop.py         train(): the loop that ties these together, early stopping, preemption
 """
+from tfx_jax import lazy_attributes
 from tfx_jax.train import launch
 from tfx_jax.train.checkpoint import CheckpointWriteError, Checkpointer, restore_params
 from tfx_jax.train.loop import (NonFiniteError, Preempted, PreemptionWatcher, TrainResult,
                                 evaluate_batches, train)
-from tfx_jax.train.mesh import (RULES, batch_sharding, check_batch_size,
+from tfx_jax.train.mesh import (RULES, batch_sharding, check_batch_size, compile_target,
                                 initialize_distributed, make_data_mesh, make_mesh, param_shardings,
                                 replicated_sharding, rows_per_device, shard_batch)
 from tfx_jax.train.metrics import MetricsWriter, average_metrics, read_metrics
@@ -35,8 +36,12 @@ from tfx_jax.train.run_config import (check_workdir, default_config, freeze, loa
 from tfx_jax.train.state import (Task, TrainState, abstract_train_state, check_params_fit_mesh,
                                  create_sharded_train_state, create_train_state, make_eval_step,
                                  make_train_step, train_state_shardings)
-from tfx_jax.train.topology import (abstract_batch, compile_plan, compile_target, compile_task,
-                                    compiling_for, parse_target)
+
+# compiling for a chip this host lacks (``--compile_topology``): loaded on first use, so a
+# training run never imports the compiler's module
+_TOPOLOGY = ("abstract_batch", "compile_plan", "compile_task", "compiling_for", "parse_target")
+__getattr__, __dir__ = lazy_attributes(__name__, dict.fromkeys(_TOPOLOGY, "topology"),
+                                       ("topology",))
 
 __all__ = [
     "CheckpointWriteError", "Checkpointer", "launch", "MetricsWriter", "NonFiniteError", "Preempted",

@@ -39,7 +39,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tfx_jax.errors import ConfigError, UserError
-from tfx_jax.train import topology
 from tfx_jax.train.loop import (INTERRUPT_EXIT_CODE, NonFiniteError, Preempted,
                                 install_interrupt_handler)
 from tfx_jax.train.mesh import initialize_distributed
@@ -164,10 +163,13 @@ def _run(main: Callable, default_config: str) -> None:
         if not f["verbosity"].present:  # keep Orbax's per-save INFO lines out of the way
             logging.set_verbosity(logging.WARNING)
         target = contextlib.nullcontext()
+        compiled = ()  # the exception a compile-only run ends with, exit 0
         if f.compile_search and not f.compile_topology:
             print("error: --compile_search needs --compile_topology", file=sys.stderr)
             sys.exit(USER_ERROR_EXIT_CODE)
         if f.compile_topology:
+            from tfx_jax.train import topology  # pylint: disable=import-outside-toplevel
+            compiled = topology.Compiled
             with user_errors():
                 target = topology.compiling_for(topology.parse_target(
                     f.compile_topology, f.compile_num_slices), f.compile_search)
@@ -178,7 +180,7 @@ def _run(main: Callable, default_config: str) -> None:
         try:
             with user_errors(), target:
                 main(f.config, f.workdir)
-        except topology.Compiled:
+        except compiled:
             sys.exit(0)
         except Preempted as e:
             print(f"Stopped: {e}", file=sys.stderr)

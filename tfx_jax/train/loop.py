@@ -39,7 +39,8 @@ from jax.sharding import Mesh
 
 from tfx_jax.errors import DataError, say
 from tfx_jax.train.checkpoint import Checkpointer, check_iterator_checkpointable, hold_workdir_lock
-from tfx_jax.train.mesh import check_batch_size, check_eval_batches, make_mesh, shard_batch
+from tfx_jax.train.mesh import (check_batch_size, check_eval_batches, compile_target, make_mesh,
+                                shard_batch)
 from tfx_jax.train.metrics import MetricsWriter, average_metrics, make_progress_bar, print_summary
 from tfx_jax.train.optim import create_optimizer
 from tfx_jax.train.perf import StepProfiler, ThroughputMeter
@@ -47,7 +48,6 @@ from tfx_jax.train.run_config import is_plan, save_config, validate_config
 from tfx_jax.train.state import (Batch, Task, TrainState, abstract_train_state,
                                  create_sharded_train_state, make_eval_step, make_train_step,
                                  train_state_shardings)
-from tfx_jax.train.topology import compile_run, compile_target
 
 
 # --- loop -------------------------------------------------------------------------------
@@ -225,7 +225,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
     if not is_plan(config):
         check_batch_size(config.batch_size, mesh)
     check_eval_batches(eval_batches, mesh)
-    if compile_target() is not None:  # compile, report, stop (tfx_jax.train.topology)
+    if compile_target() is not None:  # compile, report, stop
+        from tfx_jax.train.topology import compile_run  # pylint: disable=import-outside-toplevel
         compile_run(config, workdir, task, train_iter, eval_batches, mesh)
     # fine-tuning: frozen parameters get zero updates
     optimizer, schedule = create_optimizer(config, task.trainable)

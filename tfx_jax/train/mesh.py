@@ -26,6 +26,7 @@ Also in this module: Every batch size checked against the mesh before the first 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
@@ -101,6 +102,17 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, .
     return tuple(sizes)
 
 
+# The target of a ``--compile_topology`` run (a tfx_jax.train.topology.Target), which
+# ``topology.compiling_for`` sets; None in a real run, which never imports the compiler's module.
+COMPILE_TARGET: contextvars.ContextVar[Optional[Any]] = contextvars.ContextVar(
+    "tfx_jax_compile_target", default=None)
+
+
+def compile_target():
+    """The target of a ``--compile_topology`` run (None: a real run)."""
+    return COMPILE_TARGET.get()
+
+
 def make_mesh(mesh_config: Optional[Mapping[str, int]] = None,
               devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     """The ``("data", "fsdp", "tensor")`` mesh over ``devices`` (default: every host's, or
@@ -114,10 +126,13 @@ def make_mesh(mesh_config: Optional[Mapping[str, int]] = None,
     (``create_hybrid_device_mesh``) only ``data`` crosses the slow
     data-centre network (DCN) between slices.
     """
-    if devices is None:  # a --compile_topology run: the target's devices
-        from tfx_jax.train.topology import compile_target, target_devices
+    if devices is None:
         target = compile_target()
-        devices = jax.devices() if target is None else target_devices(target)
+        if target is None:
+            devices = jax.devices()
+        else:  # a --compile_topology run: the target's devices
+            from tfx_jax.train.topology import target_devices  # pylint: disable=import-outside-toplevel
+            devices = target_devices(target)
     devices = list(devices)
     if not devices:
         raise ValueError("make_mesh needs at least one device")

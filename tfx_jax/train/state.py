@@ -194,9 +194,8 @@ def abstract_train_state(init_params: Callable[[jax.Array], Any],
 Metrics = Mapping[str, jax.Array]
 
 
-def _call_loss_fn(loss_fn: LossFn, params, batch, rng, train: bool):
-    """Calls the task's loss_fn and checks it returned ``(scalar, dict of scalars)``."""
-    out = loss_fn(params, batch, rng, train)
+def _checked_loss_output(out):
+    """What a task's loss_fn returned, checked to be ``(scalar, dict of scalars)``."""
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
         got = (f"an array of shape {jnp.shape(out)}" if hasattr(out, "shape")
                else type(out).__name__)
@@ -237,7 +236,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     def train_step(state: TrainState, batch: Batch):
         def compute_loss(params):
             with activation_sharding(mesh, rules):
-                return _call_loss_fn(loss_fn, params, batch, state.step_rng(), True)
+                return _checked_loss_output(loss_fn(params, batch, state.step_rng(), True))
 
         (loss, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
         grad_norm = optax.tree.norm(grads)
@@ -279,7 +278,7 @@ def make_eval_step(loss_fn: LossFn, mesh: Mesh, params_shardings: Any = None,
 
     def eval_step(params, batch, rng):
         with activation_sharding(mesh, rules):
-            return _call_loss_fn(loss_fn, params, batch, rng, False)
+            return _checked_loss_output(loss_fn(params, batch, rng, False))
 
     replicated = replicated_sharding(mesh)
     params_shardings = replicated if params_shardings is None else params_shardings

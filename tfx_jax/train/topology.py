@@ -49,7 +49,8 @@ import numpy as np
 from tfx_jax.attention import counting_kernel_flops
 from tfx_jax.errors import ConfigError
 from tfx_jax.model_config import REMAT_POLICIES
-from tfx_jax.train.mesh import batch_parallelism, batch_sharding, replicated_sharding
+from tfx_jax.train.mesh import (COMPILE_TARGET, batch_parallelism, batch_sharding, compile_target,
+                                replicated_sharding)
 from tfx_jax.train.optim import create_optimizer
 from tfx_jax.train.perf import bytes_per_device, compiled_memory, peak_tflops_per_device
 from tfx_jax.train.state import (abstract_train_state, make_eval_step, make_train_step,
@@ -236,21 +237,12 @@ def target_devices(target: Target) -> list:
 
 
 # ------------------------------------------------------------------ the active target
-_TARGET: contextvars.ContextVar[Optional[Target]] = contextvars.ContextVar(
-    "tfx_jax_compile_target", default=None)
-
-
 _SEARCH: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
     "tfx_jax_compile_search", default=None)
 # "batch_size": the largest global batch that fits, with the run's remat policy;
 # "batch_size,remat_policy": that for every remat policy, the report at the largest
 REMAT_SEARCH = "batch_size,remat_policy"
 SEARCHES = ("batch_size", REMAT_SEARCH)
-
-
-def compile_target() -> Optional[Target]:
-    """The target of a ``--compile_topology`` run (None: a real run)."""
-    return _TARGET.get()
 
 
 @contextlib.contextmanager
@@ -261,11 +253,11 @@ def compiling_for(target: Target, search: Optional[str] = None) -> Iterator[None
     (``"batch_size,remat_policy"``: for each remat policy)."""
     if search and search not in SEARCHES:
         raise ConfigError(f"--compile_search must be one of {SEARCHES}, got {search!r}")
-    tokens = _TARGET.set(target), _SEARCH.set(search or None)
+    tokens = COMPILE_TARGET.set(target), _SEARCH.set(search or None)
     try:
         yield
     finally:
-        _TARGET.reset(tokens[0])
+        COMPILE_TARGET.reset(tokens[0])
         _SEARCH.reset(tokens[1])
 
 

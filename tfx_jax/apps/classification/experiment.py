@@ -24,7 +24,7 @@ from tfx_jax.apps.attention_maps import cls_attention_maps, save_attention_maps
 from tfx_jax.apps.classification.task import (JOB, classification_task, format_predictions,
                                               load_classifier, load_splits, setup_finetuning,
                                               vit_config)
-from tfx_jax.data.image_files import load_image_files
+from tfx_jax.data.image_preprocess import load_image_files
 from tfx_jax.data.image_pipeline import (eval_image_batches, image_input_shape,
                                          train_image_batches)
 from tfx_jax.data.image_preprocess import denormalize_images

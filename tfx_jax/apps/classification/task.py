@@ -35,8 +35,6 @@ from tfx_jax import train as tr
 from tfx_jax.data.image_datasets import load_image_dataset
 from tfx_jax.errors import ConfigError, DataError, DataNotFound, require
 from tfx_jax.model_config import from_config_dict
-from tfx_jax.pretrained.tree import flatten, unflatten
-from tfx_jax.pretrained.vit_adapt import adapt_vit
 from tfx_jax.train.finetune import MODES, FineTuning
 from tfx_jax.train.state import EvaluateFn
 from tfx_jax.train.perf import training_flops, vit_forward_flops
@@ -203,7 +201,8 @@ def load_pretrained_vit(path: str, *, num_classes: Optional[int] = None,
                                 f"Hugging Face model directory")
     if not isinstance(cfg, ViTConfig):
         raise DataError(f"init_from={path!r} holds a {type(cfg).__name__}, not a ViT")
-    cfg, flat = adapt_vit(cfg, flatten(params), num_classes=num_classes, image_size=image_size)
+    cfg, flat = pretrained.vit_adapt.adapt_vit(cfg, pretrained.tree.flatten(params),
+                                               num_classes=num_classes, image_size=image_size)
     if num_channels is not None and num_channels != cfg.num_channels:
         if num_channels != 1:
             raise DataError(f"the checkpoint takes {cfg.num_channels}-channel images; images "
@@ -211,7 +210,7 @@ def load_pretrained_vit(path: str, *, num_classes: Optional[int] = None,
         flat["patch_embedding/kernel"] = flat["patch_embedding/kernel"].sum(axis=2,
                                                                             keepdims=True)
         cfg = cfg.replace(num_channels=1)
-    return cfg, unflatten(flat)
+    return cfg, pretrained.tree.unflatten(flat)
 
 
 def setup_finetuning(config: ml_collections.ConfigDict, num_classes: int,

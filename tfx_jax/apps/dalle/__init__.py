@@ -9,15 +9,13 @@ by grey-level quantisation (`GrayLevelTokenizer`) or a k-means patch codebook
 are the project's ids (:mod:`tfx_jax.data.tokenizer`); ``BOI_ID`` is the one
 special id of DALL-E's own.
 """
-from tfx_jax.apps.dalle.gray_levels import GrayLevelTokenizer
-from tfx_jax.apps.dalle.image_tokenizer import ImageTokenizer
+from tfx_jax.apps.dalle.image_tokens import GrayLevelTokenizer, ImageTokenizer, PatchVQTokenizer
 from tfx_jax.apps.dalle.input_pipeline import (
     DALLE_TEXT_LOSS_WEIGHT,
     eval_generator_batches,
     train_generator_batches,
 )
 from tfx_jax.apps.dalle.joint_sequence import BOI_ID, JointLayout
-from tfx_jax.apps.dalle.patch_vq import PatchVQTokenizer
 from tfx_jax.apps.dalle.prompts import PROMPT_TEMPLATES, DigitPrompts
 
 __all__ = [

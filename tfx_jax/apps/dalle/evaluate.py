@@ -30,7 +30,7 @@ from etils import epath
 from tfx_jax.errors import ConfigError
 from tfx_jax.apps.classification import Classifier
 from tfx_jax.apps.dalle.generate import generate_images
-from tfx_jax.apps.dalle.image_tokenizer import ImageTokenizer
+from tfx_jax.apps.dalle.image_tokens import ImageTokenizer
 from tfx_jax.apps.dalle.prompts import DigitPrompts
 from tfx_jax.data.image_datasets import ImageDataset
 from tfx_jax.data.image_preprocess import normalize_images

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tfx_jax import decoding
-from tfx_jax.apps.dalle.image_tokenizer import ImageTokenizer
+from tfx_jax.apps.dalle.image_tokens import ImageTokenizer
 from tfx_jax.apps.figures import save_png
 from tfx_jax.apps.dalle.joint_sequence import JointLayout
 from tfx_jax.apps.dalle.prompts import DigitPrompts

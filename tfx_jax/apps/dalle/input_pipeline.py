@@ -24,7 +24,7 @@ import grain
 import numpy as np
 
 from tfx_jax.errors import ConfigError
-from tfx_jax.apps.dalle.image_tokenizer import ImageTokenizer
+from tfx_jax.apps.dalle.image_tokens import ImageTokenizer
 from tfx_jax.apps.dalle.joint_sequence import JointLayout
 from tfx_jax.apps.dalle.prompts import DigitPrompts
 from tfx_jax.data import grain_batches

@@ -30,10 +30,8 @@ from etils import epath
 
 from tfx_jax.errors import ConfigError, WorkdirNotFound
 from tfx_jax import train as tr
-from tfx_jax.apps.dalle.gray_levels import GrayLevelTokenizer
-from tfx_jax.apps.dalle.image_tokenizer import ImageTokenizer
+from tfx_jax.apps.dalle.image_tokens import GrayLevelTokenizer, ImageTokenizer, PatchVQTokenizer
 from tfx_jax.apps.dalle.joint_sequence import JointLayout
-from tfx_jax.apps.dalle.patch_vq import PatchVQTokenizer
 from tfx_jax.apps.dalle.prompts import DigitPrompts
 from tfx_jax.lm import CausalLM, CausalLMConfig
 from tfx_jax.model_config import from_config_dict

@@ -45,7 +45,7 @@ from typing import Optional, Sequence
 import tensorflow_datasets as tfds
 
 from tfx_jax.apps.language_model.pipeline import PromptResponse
-from tfx_jax.data.pair_sources import is_file_spec
+from tfx_jax.data.text_pairs import is_file_spec
 from tfx_jax.errors import ConfigError, DataError, DataNotFound, require, say
 
 STDLIB = "python_stdlib"

@@ -54,9 +54,8 @@ from tfx_jax.apps.language_model.task import (DEFAULT_MODEL, lm_config, lm_task,
                                               make_init_params)
 from tfx_jax.data.packing import (PackingChoice, choose_packing, measurement_pipeline,
                                   packing_setting, run_pipeline)
-from tfx_jax.data.tokenizer import SentencePieceTokenizer
-from tfx_jax.data.workdir_tokenizer import (local_temp_dir, read_workdir_tokenizer,
-                                            workdir_tokenizer, write_workdir_file)
+from tfx_jax.data.tokenizer import (SentencePieceTokenizer, local_temp_dir, read_workdir_tokenizer,
+                                    workdir_tokenizer, write_workdir_file)
 from tfx_jax.errors import (ConfigError, DataError, DataNotFound, WorkdirError,
                             WorkdirNotFound, is_int, is_number, require, require_key, say)
 from tfx_jax.lm import CausalLM, CausalLMConfig

@@ -31,7 +31,7 @@ from tfx_jax import train as tr
 from tfx_jax.errors import ConfigError
 from tfx_jax.lm import CausalLM, CausalLMConfig, output_logits
 from tfx_jax.model_config import from_config_dict, model_section
-from tfx_jax.pretrained.layers import to_scan
+from tfx_jax import pretrained
 from tfx_jax.train.finetune import FineTuning
 from tfx_jax.train.perf import causal_lm_forward_flops, training_flops
 
@@ -175,7 +175,7 @@ def lm_task(config: CausalLMConfig, *, max_len: int, num_eval_examples: Optional
     if finetuning is not None:
         layout = None
         if config.scan_layers:  # a checkpoint's layers, stacked for nn.scan (in the jit)
-            layout = functools.partial(to_scan, stack="layers", num_layers=config.num_layers)
+            layout = functools.partial(pretrained.to_scan, stack="layers", num_layers=config.num_layers)
         init_params = finetuning.init_params(init_params, pretrained_params, layout)
         trainable = finetuning.trainable
     return tr.Task(init_params=init_params, trainable=trainable,

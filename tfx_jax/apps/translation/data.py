@@ -26,9 +26,7 @@ import dataclasses
 import numpy as np
 
 from tfx_jax.errors import ConfigError
-from tfx_jax.data.number_words_dataset import number_words_config
-from tfx_jax.data.pair_sources import NUMBER_WORDS, is_file_spec, open_text_pairs
-from tfx_jax.data.tsv_pairs import TsvPairs
+from tfx_jax.data.text_pairs import NUMBER_WORDS, TsvPairs, is_file_spec, open_text_pairs
 
 MAX_HOLDOUT = 1_000
 TSV_HEADER = {"auto": "auto", "skip": True, "keep": False}  # config.tsv_header -> TsvPairs
@@ -78,6 +76,7 @@ def open_split(config, spec: str, split: str, notes: list[str]):
     options.update(source_language=config.source_language,
                    target_language=config.target_language)
     if is_number_words(spec):
+        from tfx_jax.data.number_words import number_words_config  # pylint: disable=import-outside-toplevel
         config_name = spec.partition("/")[2] or "en_de"
         sizes = number_words_config(config_name.split("_")[-1], **config.number_words.to_dict())
         if sizes.name != config_name:  # not a registered config: generate these sizes

@@ -55,9 +55,8 @@ from tfx_jax.data.packing import (PackingChoice, choose_packing, measurement_pip
                                   packing_setting, run_pipeline)
 from tfx_jax.data.text_pipeline import eval_batches, train_batches
 from tfx_jax.data.tokenizer import (SentencePieceTokenizer, load_or_train_tokenizer,
-                                    tokenizer_path)
-from tfx_jax.data.workdir_tokenizer import (read_workdir_tokenizer, workdir_tokenizer,
-                                            write_workdir_file)
+                                    read_workdir_tokenizer, tokenizer_path, workdir_tokenizer,
+                                    write_workdir_file)
 from tfx_jax.train.checkpoint import check_checkpoint_fits, workdir_lock
 from tfx_jax.train.mesh import padded_batch_size
 from tfx_jax.train.metrics import print_summary

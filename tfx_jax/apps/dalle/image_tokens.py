@@ -1,5 +1,22 @@
-"""Image tokens from a learned codebook of small patches (vector quantisation).
+"""Image tokens: images <-> a fixed-length sequence of ids, and the two tokenizers.
 
+DALL-E (Ramesh et al. 2021) trains a discrete VAE that turns a 256x256 image
+into a 32x32 grid of tokens from an 8192-entry codebook, read in raster order,
+so a Transformer can model text and image as one token stream. tfx_jax's
+tokenizers are the small analogue for 8x8 digits (`GrayLevelTokenizer`,
+`PatchVQTokenizer`); both follow this protocol.
+
+`GrayLevelTokenizer`: Image tokens by grey-level quantisation: one token per pixel.
+The simplest discrete image code, in place of DALL-E's learned dVAE: each pixel
+of a grey image becomes the index of the nearest of K evenly spaced levels
+``round(k * 255 / (K - 1))``, k = 0..K-1 (so black and white are exact), read
+in raster order (row by row). An 8x8 digit becomes 64 tokens.
+
+Decoding maps each index back to its level. An image whose pixels are already
+levels round-trips exactly; any other pixel moves by at most
+``255 / (2 (K - 1)) + 1/2`` (half a level step, plus rounding to uint8).
+
+`PatchVQTokenizer`: Image tokens from a learned codebook of small patches (vector quantisation).
 A step closer to DALL-E's dVAE, which maps each 8x8 region of a 256x256 image
 to one of 8192 learned codes: here each non-overlapping ``p x p`` patch becomes
 the index of its nearest codeword (squared Euclidean distance on pixel values),
@@ -15,13 +32,105 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+from typing import Protocol
 
 import numpy as np
 from etils import epath
 
 from tfx_jax.errors import ConfigError
-from tfx_jax.apps.dalle.image_tokenizer import check_images, check_tokens
 
+
+# --- the protocol and its input checks -----------------------------------------------------
+
+class ImageTokenizer(Protocol):
+    """Images uint8 [..., H, W, C] <-> token ids int32 [..., sequence_length]."""
+
+    image_shape: tuple[int, int, int]
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def sequence_length(self) -> int: ...
+
+    def encode(self, images: np.ndarray) -> np.ndarray: ...
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray: ...
+
+
+def check_images(images, image_shape: tuple[int, ...]) -> np.ndarray:
+    """``images`` as uint8 with trailing shape ``image_shape``, else ValueError."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise TypeError(f"expected uint8 images (0..255), got dtype {images.dtype}")
+    if images.shape[images.ndim - len(image_shape):] != tuple(image_shape):
+        dims = ", ".join(map(str, image_shape))
+        raise ValueError(f"expected images [..., {dims}], got shape {images.shape}")
+    return images
+
+
+def check_tokens(tokens, sequence_length: int, vocab_size: int) -> np.ndarray:
+    """``tokens`` as int64 [..., sequence_length] with ids in [0, vocab_size)."""
+    tokens = np.asarray(tokens)
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise TypeError(f"expected integer token ids, got dtype {tokens.dtype}")
+    if tokens.ndim == 0 or tokens.shape[-1] != sequence_length:
+        raise ValueError(f"expected tokens [..., {sequence_length}], got shape {tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(
+            f"image token ids must lie in [0, {vocab_size}), got range "
+            f"[{tokens.min()}, {tokens.max()}]"
+        )
+    return tokens.astype(np.int64)
+
+
+# --- grey-level quantisation: one token per pixel ------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class GrayLevelTokenizer:
+    """K-level per-pixel quantiser for grey images [H, W, 1] (raster order)."""
+
+    image_shape: tuple[int, int, int] = (8, 8, 1)
+    num_levels: int = 8
+
+    def __post_init__(self):
+        if len(self.image_shape) != 3 or self.image_shape[-1] != 1:
+            raise ConfigError(
+                "GrayLevelTokenizer needs grey images (H, W, 1), got image_shape "
+                f"{self.image_shape}"
+                " (use PatchVQTokenizer for colour)"
+            )
+        if not 2 <= self.num_levels <= 256:
+            raise ConfigError(f"num_levels must be in 2..256, got {self.num_levels}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_levels
+
+    @property
+    def sequence_length(self) -> int:
+        return self.image_shape[0] * self.image_shape[1]
+
+    @property
+    def levels(self) -> np.ndarray:
+        """uint8 [K]: the grey value each token decodes to."""
+        steps = np.arange(self.num_levels) * (255.0 / (self.num_levels - 1))
+        return np.floor(steps + 0.5).astype(np.uint8)
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [..., H, W, 1] -> int32 [..., H*W], nearest level per pixel."""
+        images = check_images(images, self.image_shape)
+        scaled = images.astype(np.float64) * ((self.num_levels - 1) / 255.0)
+        tokens = np.floor(scaled + 0.5).astype(np.int32)
+        return tokens.reshape(*images.shape[:-3], self.sequence_length)
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """int [..., H*W] -> uint8 [..., H, W, 1]."""
+        tokens = check_tokens(tokens, self.sequence_length, self.vocab_size)
+        return self.levels[tokens].reshape(*tokens.shape[:-1], *self.image_shape)
+
+
+# --- a learned codebook of small patches ---------------------------------------------------
 
 def image_patches(images: np.ndarray, patch_size: int) -> np.ndarray:
     """[..., H, W, C] -> [..., (H/p)*(W/p), p*p*C], patches in raster order."""
