@@ -19,12 +19,28 @@ def get_config():
     return toy.toy_config()
 
 
+def fail_writes_of_step(step: int) -> None:
+    """Files of ``step``'s save fail with ENOSPC in this process, at the layer Orbax writes
+    through (``etils.epath``), so its background threads meet it as on a full disk."""
+    import errno  # pylint: disable=import-outside-toplevel
+    from etils.epath import gpath  # pylint: disable=import-outside-toplevel
+    real = gpath._GPath.write_text  # pylint: disable=protected-access
+
+    def write_text(self, *args, **kwargs):
+        if f"{step}.orbax-checkpoint-tmp" in str(self):
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, *args, **kwargs)
+    gpath._GPath.write_text = write_text  # pylint: disable=protected-access
+
+
 def main():
     from absl import flags  # pylint: disable=import-outside-toplevel
 
     flags.DEFINE_integer("devices_per_process", 4, "CPU devices in each process.")
     flags.DEFINE_string("cache_dir", None, "JAX persistent compilation cache.")
     flags.DEFINE_float("seconds_per_batch", 0.0, "Slow the data down (preemption tests).")
+    flags.DEFINE_integer("fail_save_at_step", 0, "The last process cannot write its part of "
+                         "the checkpoint at this step (ENOSPC, a full disk on that host).")
     flags.DEFINE_bool("uneven_eval", False, "Give the last process one eval batch more "
                       "than the others (a broken eval set).")
     # The backend must not start before the device count is known: read the flag by hand.
@@ -44,6 +60,8 @@ def main():
         f = flags.FLAGS
         if f.cache_dir:
             toy.use_compilation_cache(f.cache_dir)
+        if f.fail_save_at_step and jax.process_index() == jax.process_count() - 1:
+            fail_writes_of_step(f.fail_save_at_step)
         print(f"process {jax.process_index()} of {jax.process_count()}: "
               f"{jax.local_device_count()} of {jax.device_count()} devices", flush=True)
         def eval_batches():

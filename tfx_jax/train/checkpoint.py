@@ -30,9 +30,10 @@ readers only skip it.
 
 A save that storage refuses (full, read-only, not ours to write) raises
 :class:`CheckpointWriteError` naming that step and the step kept: at once when a
-probe file cannot be written before the save, else as soon as the asynchronous
-save has failed (the loop asks after every step). Orbax's per-thread tracebacks of
-such failures are kept out of the log (``--verbosity=1`` shows them).
+probe file cannot be written before the save, else as soon as the asynchronous save
+has failed (the loop asks after every step; with several processes all hosts agree
+at every logged step and before each save, so all stop together). Orbax's per-thread
+tracebacks of such failures are kept out of the log (``--verbosity=1`` shows them).
 
 With ``best_metric`` set, the checkpoint with the best value of that eval
 metric is kept besides the latest ``max_to_keep`` (Orbax ``BestN`` +
@@ -58,7 +59,10 @@ import json
 import logging
 import math
 import os
+import posixpath
+import re
 import socket
+import time
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import flax.linen as nn
@@ -117,6 +121,39 @@ def storage_cause(error: BaseException) -> Optional[str]:
             return "RESOURCE_EXHAUSTED (storage full or over quota)"
         error = error.__cause__ or error.__context__
     return None
+
+
+# checkpoint directory -> the exception an Orbax writer thread of this process met
+_BACKGROUND_ERRORS: dict[str, BaseException] = {}
+
+
+class _BackgroundSaveErrors(logging.Filter):
+    """Orbax's writer thread says that a write failed in two ways: a log record carrying
+    the exception, and the exception raised again by a ``join`` that, with several
+    processes, first waits at a barrier for every host (minutes, until its timeout, when a
+    host's write failed). The record is the word that comes without waiting: kept per
+    checkpoint directory for :meth:`Checkpointer._save_error`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.exc_info and "orbax" in record.pathname:
+            written = re.search(r"directory: (\S+)", record.getMessage())
+            if written:
+                _BACKGROUND_ERRORS[posixpath.dirname(written.group(1).rstrip("/"))] = (
+                    record.exc_info[1])
+        return True
+
+
+logging.getLogger("absl").addFilter(_BackgroundSaveErrors())  # before the next filter
+
+
+_STORAGE_CAUSES = (*_STORAGE_ERRNOS.values(), "RESOURCE_EXHAUSTED (storage full or over quota)")
+
+
+def _failure_code(error: BaseException) -> int:
+    """1 + the index of ``error``'s storage cause in _STORAGE_CAUSES; past them: another error."""
+    cause = storage_cause(error)
+    return 1 + (_STORAGE_CAUSES.index(cause) if cause in _STORAGE_CAUSES
+                else len(_STORAGE_CAUSES))
 
 
 class _NoStorageTracebacks(logging.Filter):
@@ -320,20 +357,26 @@ class Checkpointer:
     # A save that cannot be written (full, read-only or forbidden storage) raises
     # CheckpointWriteError naming its step and the step kept: at once when the directory
     # refuses a probe file, otherwise as soon as the asynchronous save has failed
-    # (check_saves, after every step), and at the latest at the next save or wait. Orbax
-    # deletes old steps only after a save succeeded, so the previous checkpoint stays.
+    # (check_saves, after every step; with several processes at every logged step, on
+    # every host together), and at the latest at the next save or wait. Orbax deletes old
+    # steps only after a save succeeded, so the previous checkpoint stays.
 
     def _probe_writable(self, step: int) -> None:
-        """Writes and deletes a small file first, so read-only storage fails at this save."""
-        if is_url(self.directory):
-            return
-        probe = os.path.join(self.directory, f".write_test.process_{jax.process_index()}")
-        try:
-            with open(probe, "wb") as f:
-                f.write(b"\0")
-            os.remove(probe)
-        except OSError as e:
-            raise self._write_error(step, e) from e
+        """Writes and deletes a small file first, so read-only storage fails at this save
+        (on every host together: each probes its own file and all learn what any met)."""
+        error = None
+        if not is_url(self.directory):
+            probe = os.path.join(self.directory, f".write_test.process_{jax.process_index()}")
+            try:
+                with open(probe, "wb") as f:
+                    f.write(b"\0")
+                os.remove(probe)
+            except OSError as e:
+                error = e
+        if jax.process_count() > 1:
+            self._agree(step, error)
+        elif error is not None:
+            raise self._write_error(step, error) from error
 
     def _write_error(self, step: Optional[int], error: Exception) -> Exception:
         """A :class:`CheckpointWriteError` for a storage failure; ``error`` itself otherwise."""
@@ -347,6 +390,11 @@ class Checkpointer:
 
     def _finish_pending(self) -> None:
         """Waits for the save in progress; raises CheckpointWriteError if it failed."""
+        if self._saving is not None and jax.process_count() > 1:
+            # Orbax's writers of the other hosts wait at a barrier for a host whose write
+            # failed until a timeout of minutes: all hosts first agree that every write is done
+            while not self._agree(self._saving, self._save_error(), waiting=True):
+                time.sleep(0.05)
         step, self._saving = self._saving, None
         try:
             self._manager.wait_until_finished()
@@ -360,11 +408,55 @@ class Checkpointer:
         """Raises CheckpointWriteError once the asynchronous save in progress has failed.
 
         Cheap (no waiting); the training loop calls it after every step of a
-        one-process run, so a failed save stops the run at the next step. With
-        several processes the failure surfaces at the next save, on every host.
+        one-process run, so a failed save stops the run at the next step. With several
+        processes it is a collective (every process calls it at the same steps: the loop
+        does at each logged step) and raises on every host when any host's save failed.
         """
-        if self._saving is not None and not self._manager.is_saving_in_progress():
+        if jax.process_count() > 1:
+            self._agree(self._saving, self._save_error() if self._saving is not None else None)
+        elif self._saving is not None and not self._manager.is_saving_in_progress():
             self._finish_pending()
+
+    def _save_error(self) -> Optional[BaseException]:
+        """What this host's writers of the save in progress met (None: nothing, yet)."""
+        if self.directory in _BACKGROUND_ERRORS:
+            return _BACKGROUND_ERRORS.pop(self.directory)
+        try:
+            self._manager.check_for_errors()
+        except Exception as e:  # pylint: disable=broad-except
+            return e
+        return None
+
+    def _agree(self, step: Optional[int], error: Optional[Exception], *,
+               waiting: bool = False) -> bool:
+        """Every process says what its own part of the save at ``step`` met (a collective);
+        raises on every host when any failed: the failing hosts their own error, the others
+        a CheckpointWriteError naming the hosts and their storage problem. With ``waiting``:
+        True once every host's writes are done."""
+        code = 0 if error is None else _failure_code(error)
+        done = error is None and not (waiting and self._manager.is_saving_in_progress())
+        codes = np.asarray(multihost_utils.process_allgather(np.array([code, done], np.int32)))
+        failed = [i for i, c in enumerate(codes[:, 0]) if c]
+        if not failed:
+            return bool(codes[:, 1].all())
+        self._saving = None
+        if error is not None:
+            converted = self._write_error(step, error)
+            if converted is error:
+                raise error
+            raise converted from error
+        self._failed = True
+        first = int(codes[failed[0], 0])
+        if first > len(_STORAGE_CAUSES):  # not a storage problem: that host's traceback says
+            raise RuntimeError(f"the checkpoint save at step {step} failed on process(es) "
+                               f"{failed}; see their error")
+        self._manager.reload()
+        kept = [s for s in self._manager.all_steps() if step is None or s < step]
+        hosts = ", ".join(map(str, failed))
+        raise CheckpointWriteError(
+            step, self.directory,
+            f"{_STORAGE_CAUSES[first - 1]} on process{'es' * (len(failed) > 1)} {hosts}",
+            max(kept, default=None))
 
     def restore(self, abstract_state: TrainState, data_iterator=None,
                 step: Optional[int] = None) -> TrainState:

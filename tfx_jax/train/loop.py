@@ -337,10 +337,13 @@ class _Run:
                 self.meter.add(batch)
                 self.window.steps.append((step, metrics))
                 self.bar.update(1)
-                if jax.process_count() == 1:  # a failed asynchronous save stops the run now
-                    self.checkpointer.check_saves()
                 final = step == last_step
-                if final or step % config.log_every_steps == 0:
+                logged = final or step % config.log_every_steps == 0
+                if logged or jax.process_count() == 1:
+                    # a failed asynchronous save stops the run now (with several processes
+                    # a collective, so at the logged steps only)
+                    self.checkpointer.check_saves()
+                if logged:
                     self.write_train_metrics(step)
                 if wants_eval and (final or (config.eval_every_steps
                                              and step % config.eval_every_steps == 0)):
