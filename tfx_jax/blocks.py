@@ -261,6 +261,17 @@ class BlockStack(nn.Module):
         return (x, layers) if return_intermediates else x
 
 
+def self_attention_args(segment_ids, positions, config, lengths=None) -> dict:
+    """Keyword arguments of every self-attention: segment ids (or key lengths) and,
+    for rotary embeddings, the positions."""
+    args = {"q_segment_ids": segment_ids} if segment_ids is not None else {}
+    if segment_ids is None and lengths is not None:
+        args["kv_lengths"] = lengths
+    if config.rotary:
+        args["positions"] = positions
+    return args
+
+
 def padding_lengths(tokens: jax.Array, pad_id: int = 0) -> jax.Array:
     """int32 [B]: the number of non-pad tokens per row.
 

@@ -28,12 +28,11 @@ import jax
 import jax.numpy as jnp
 
 from tfx_jax.attention import soft_cap
-from tfx_jax.blocks import BlockStack
+from tfx_jax.blocks import BlockStack, self_attention_args
 from tfx_jax.errors import ConfigError
 from tfx_jax.logical_axes import with_axes
 from tfx_jax.model_config import POSITION_KINDS, StackConfig, check_one_of, check_positive
-from tfx_jax.position import SequenceLayout
-from tfx_jax.transformer import add_positions, check_tokens, self_attention_args
+from tfx_jax.position import SequenceLayout, add_positions, check_tokens
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -159,3 +159,21 @@ class SequenceLayout(nn.Module):
             next_position.value = positions[:, -1] + 1
             last_segment.value = segment_ids[:, -1]
         return positions, segment_ids
+
+
+def check_tokens(name: str, tokens: jax.Array, max_len: int) -> None:
+    """Token inputs must be integer [batch, length] with length <= max_len."""
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} must have shape [batch, length], got {tuple(tokens.shape)}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
+    if tokens.shape[1] > max_len:
+        raise ValueError(f"{name} length {tokens.shape[1]} exceeds max_len={max_len}")
+
+
+def add_positions(x: jax.Array, positions: jax.Array, config, *, name: str = "position"):
+    """Adds the additive position encoding at ``positions`` (nothing for "rope")."""
+    if config.position == "rope":
+        return x
+    return AddPositionEncoding(config.max_len, config.position, param_dtype=config.param_dtype,
+                               name=name)(x, positions)

@@ -29,11 +29,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tfx_jax.blocks import BlockStack, padding_lengths
+from tfx_jax.blocks import BlockStack, padding_lengths, self_attention_args
 from tfx_jax.errors import ConfigError
 from tfx_jax.logical_axes import with_axes
 from tfx_jax.model_config import POSITION_KINDS, StackConfig, check_one_of, check_positive
-from tfx_jax.position import AddPositionEncoding, SequenceLayout
+from tfx_jax.position import SequenceLayout, add_positions, check_tokens
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,38 +86,9 @@ class TransformerConfig(StackConfig):
                       "position": "sinusoidal", "share_embeddings": True, **overrides})
 
 
-def check_tokens(name: str, tokens: jax.Array, max_len: int) -> None:
-    """Token inputs must be integer [batch, length] with length <= max_len."""
-    if tokens.ndim != 2:
-        raise ValueError(f"{name} must have shape [batch, length], got {tuple(tokens.shape)}")
-    if not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise TypeError(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
-    if tokens.shape[1] > max_len:
-        raise ValueError(f"{name} length {tokens.shape[1]} exceeds max_len={max_len}")
-
-
 def embed_tokens(embedding: nn.Embed, tokens: jax.Array, config: StackConfig) -> jax.Array:
     """Token embeddings multiplied by sqrt(d_model), as in sec. 3.4."""
     return embedding(tokens) * jnp.asarray(math.sqrt(config.d_model), config.dtype)
-
-
-def add_positions(x: jax.Array, positions: jax.Array, config, *, name: str = "position"):
-    """Adds the additive position encoding at ``positions`` (nothing for "rope")."""
-    if config.position == "rope":
-        return x
-    return AddPositionEncoding(config.max_len, config.position, param_dtype=config.param_dtype,
-                               name=name)(x, positions)
-
-
-def self_attention_args(segment_ids, positions, config, lengths=None) -> dict:
-    """Keyword arguments of every self-attention: segment ids (or key lengths) and,
-    for rotary embeddings, the positions."""
-    args = {"q_segment_ids": segment_ids} if segment_ids is not None else {}
-    if segment_ids is None and lengths is not None:
-        args["kv_lengths"] = lengths
-    if config.rotary:
-        args["positions"] = positions
-    return args
 
 
 class Encoder(nn.Module):
