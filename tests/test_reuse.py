@@ -6,6 +6,7 @@ the parameters, closed-form parameter counts, and the Linen apply (for the NNX b
 from __future__ import annotations
 
 import math
+import os
 import pathlib
 import re
 from functools import partial
@@ -355,3 +356,34 @@ def test_readme_section_runs():
     moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), namespace["params"],
                          namespace["linen_params"])
     assert any(jax.tree.leaves(moved))
+
+
+def test_a_run_loads_its_own_model_and_kernels_and_every_public_name_still_resolves():
+    """``import tfx_jax`` is lazy (PEP 562): a translation run's imports leave out the ViT, the
+    LM, the TPU and GPU kernels, the compile-only module and the checkpoint converters;
+    ``tfx.X`` and ``from tfx_jax import X`` still give every exported name and submodule."""
+    import subprocess
+    import sys
+    probe = (
+        "import sys, tfx_jax as tfx\n"
+        "assert [m for m in sys.modules if m.startswith('tfx_jax.')] == [], 'eager'\n"
+        "import tfx_jax.apps.translation\n"
+        "loaded = {m for m in sys.modules if m.startswith('tfx_jax')}\n"
+        "unused = {'tfx_jax.vit', 'tfx_jax.lm', 'tfx_jax.attention_splash',\n"
+        "          'tfx_jax.attention_cudnn', 'tfx_jax.train.topology', 'tfx_jax.pretrained',\n"
+        "          'tfx_jax.data.number_words', 'tfx_jax.apps.classification'}\n"
+        "assert not loaded & unused, sorted(loaded & unused)\n"
+        "for name in tfx.__all__: getattr(tfx, name)\n"
+        "for name in tfx._SUBMODULES: getattr(tfx, name)\n"
+        "from tfx_jax import ViTConfig, decoding\n"
+        "from tfx_jax import train as tr\n"
+        "assert tr.compile_plan and tr.parse_target and 'compile_plan' in dir(tr)\n"
+        "try:\n    tfx.no_such_name\nexcept AttributeError as e:\n    print(e)\n")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert "module 'tfx_jax' has no attribute 'no_such_name'" in done.stdout
+    assert sorted(tfx._SUBMODULES) == sorted(
+        [p.stem for p in (root / "tfx_jax").glob("*.py") if p.stem != "__init__"]
+        + [p.name for p in (root / "tfx_jax").iterdir() if (p / "__init__.py").exists()])
