@@ -3,7 +3,7 @@
 Usage: PYTHONPATH=. python benchmarks/attention_interleaved.py OUT.json
 """
 import sys, time, json, os
-import jax, jax.numpy as jnp
+import jax
 import tfx_jax as tfx
 rows = []
 for T in (1024, 2048, 4096):
