@@ -33,6 +33,19 @@ def fail_writes_of_step(step: int) -> None:
     gpath._GPath.write_text = write_text  # pylint: disable=protected-access
 
 
+def refuse_probe_files() -> None:
+    """The Checkpointer's probe file before each save fails with EROFS in this process."""
+    import builtins  # pylint: disable=import-outside-toplevel
+    import errno  # pylint: disable=import-outside-toplevel
+    real = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if ".write_test.process_" in str(file):
+            raise OSError(errno.EROFS, "Read-only file system", str(file))
+        return real(file, *args, **kwargs)
+    builtins.open = refusing_open
+
+
 def main():
     from absl import flags  # pylint: disable=import-outside-toplevel
 
@@ -41,6 +54,8 @@ def main():
     flags.DEFINE_float("seconds_per_batch", 0.0, "Slow the data down (preemption tests).")
     flags.DEFINE_integer("fail_save_at_step", 0, "The last process cannot write its part of "
                          "the checkpoint at this step (ENOSPC, a full disk on that host).")
+    flags.DEFINE_bool("read_only_probe", False, "The last process finds the checkpoint "
+                      "directory read-only (EROFS) when it probes it before a save.")
     flags.DEFINE_bool("uneven_eval", False, "Give the last process one eval batch more "
                       "than the others (a broken eval set).")
     # The backend must not start before the device count is known: read the flag by hand.
@@ -62,6 +77,8 @@ def main():
             toy.use_compilation_cache(f.cache_dir)
         if f.fail_save_at_step and jax.process_index() == jax.process_count() - 1:
             fail_writes_of_step(f.fail_save_at_step)
+        if f.read_only_probe and jax.process_index() == jax.process_count() - 1:
+            refuse_probe_files()
         print(f"process {jax.process_index()} of {jax.process_count()}: "
               f"{jax.local_device_count()} of {jax.device_count()} devices", flush=True)
         def eval_batches():

@@ -279,3 +279,23 @@ def test_a_save_one_host_cannot_write_stops_every_host_at_once_and_keeps_the_las
     assert rerun.wait() == [0, 0], rerun.output(0) + rerun.output(1)
     assert "Resuming from the checkpoint at step 4" in rerun.output(0)
     assert sorted(os.listdir(checkpoints)) == ["6"]
+
+
+def test_a_checkpoint_directory_one_host_finds_read_only_stops_every_host_at_the_first_save(
+        tmp_path, cache):
+    """The probe before each save (issue 23, item 1) on several hosts: process 1's probe file
+    is refused; both hosts stop at the step-4 save with exit 2, nothing written."""
+    workdir = tmp_path / "run"
+    job = Job(workdir, cache, "--config.num_train_steps=8", "--read_only_probe")
+    assert job.wait(timeout=120) == [2, 2], job.output(0) + job.output(1)
+    checkpoints = workdir / "checkpoints"
+    fix = f"Make {checkpoints} writable and rerun the same command to resume"
+    errors = [[l[l.index("error:"):] for l in job.output(i).splitlines() if "error:" in l]
+              for i in range(NUM_PROCESSES)]
+    assert errors == [
+        [f"error: cannot write the checkpoint at step 4 to {checkpoints}: Read-only file "
+         f"system on process 1; no checkpoint was written before it. {fix}"],
+        [f"error: cannot write the checkpoint at step 4 to {checkpoints}: Read-only file "
+         f"system; no checkpoint was written before it. {fix}"]]
+    assert "step 5:" not in job.output(0)
+    assert os.listdir(checkpoints) == []
