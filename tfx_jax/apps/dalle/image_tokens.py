@@ -6,22 +6,22 @@ so a Transformer can model text and image as one token stream. tfx_jax's
 tokenizers are the small analogue for 8x8 digits (`GrayLevelTokenizer`,
 `PatchVQTokenizer`); both follow this protocol.
 
-`GrayLevelTokenizer`: Image tokens by grey-level quantisation: one token per pixel.
-The simplest discrete image code, in place of DALL-E's learned dVAE: each pixel
-of a grey image becomes the index of the nearest of K evenly spaced levels
-``round(k * 255 / (K - 1))``, k = 0..K-1 (so black and white are exact), read
-in raster order (row by row). An 8x8 digit becomes 64 tokens.
+`GrayLevelTokenizer`, grey-level quantisation (one token per pixel): the simplest
+discrete image code, in place of DALL-E's learned dVAE: each pixel of a grey image
+becomes the index of the nearest of K evenly spaced levels ``round(k * 255 / (K -
+1))``, k = 0..K-1 (so black and white are exact), read in raster order (row by row).
+An 8x8 digit becomes 64 tokens.
 
 Decoding maps each index back to its level. An image whose pixels are already
 levels round-trips exactly; any other pixel moves by at most
 ``255 / (2 (K - 1)) + 1/2`` (half a level step, plus rounding to uint8).
 
-`PatchVQTokenizer`: Image tokens from a learned codebook of small patches (vector quantisation).
-A step closer to DALL-E's dVAE, which maps each 8x8 region of a 256x256 image
-to one of 8192 learned codes: here each non-overlapping ``p x p`` patch becomes
-the index of its nearest codeword (squared Euclidean distance on pixel values),
-and the codebook is learned by k-means (Lloyd's algorithm, k-means++ start) on
-the training images' patches. An 8x8 digit with p=2 becomes 16 tokens.
+`PatchVQTokenizer`, a learned codebook of small patches (vector quantisation): a
+step closer to DALL-E's dVAE, which maps each 8x8 region of a 256x256 image to one
+of 8192 learned codes: here each non-overlapping ``p x p`` patch becomes the index
+of its nearest codeword (squared Euclidean distance on pixel values), and the
+codebook is learned by k-means (Lloyd's algorithm, k-means++ start) on the training
+images' patches. An 8x8 digit with p=2 becomes 16 tokens.
 
 Codewords are stored as uint8 pixels, so decoding is a table lookup and an
 image made of codewords round-trips exactly. Duplicate codewords (possible
