@@ -8,9 +8,9 @@ tokenizers are the small analogue for 8x8 digits (`GrayLevelTokenizer`,
 
 `GrayLevelTokenizer`, grey-level quantisation (one token per pixel): the simplest
 discrete image code, in place of DALL-E's learned dVAE: each pixel of a grey image
-becomes the index of the nearest of K evenly spaced levels ``round(k * 255 / (K -
-1))``, k = 0..K-1 (so black and white are exact), read in raster order (row by row).
-An 8x8 digit becomes 64 tokens.
+becomes the index of the nearest of K evenly spaced levels
+``round(k * 255 / (K - 1))``, k = 0..K-1 (so black and white are exact), read in
+raster order (row by row). An 8x8 digit becomes 64 tokens.
 
 Decoding maps each index back to its level. An image whose pixels are already
 levels round-trips exactly; any other pixel moves by at most
