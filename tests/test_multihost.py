@@ -246,6 +246,14 @@ def test_hosts_with_unequal_eval_batch_counts_fail_together_with_clear_error(tmp
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]  # earlier checkpoint intact
 
 
+def error_lines(job: Job) -> list[list[str]]:
+    """Each process's ``error:`` lines. TensorStore writes in flight may print C++ noise
+    ("Event loop is closed") anywhere, as in tests/test_robustness_storage.py, so a line
+    is found by its text and kept from "error:" on."""
+    return [[l[l.index("error:"):] for l in job.output(i).splitlines() if "error:" in l]
+            for i in range(NUM_PROCESSES)]
+
+
 def test_a_save_one_host_cannot_write_stops_every_host_at_once_and_keeps_the_last_checkpoint(
         tmp_path, cache):
     """Issue 23, item 9 on several hosts: process 1's part of the step-8 save meets a full
@@ -261,11 +269,7 @@ def test_a_save_one_host_cannot_write_stops_every_host_at_once_and_keeps_the_las
     assert time.monotonic() - started < 90  # Orbax's own barrier timeout is 10 minutes
     fix = "Free some space and rerun the same command to resume"
     checkpoints = workdir / "checkpoints"
-    # (TensorStore writes in flight may print C++ noise, "Event loop is closed", anywhere,
-    # as in tests/test_robustness_storage.py: the error line is found by its text)
-    errors = [[l[l.index("error:"):] for l in job.output(i).splitlines() if "error:" in l]
-              for i in range(NUM_PROCESSES)]
-    assert errors == [
+    assert error_lines(job) == [
         [f"error: cannot write the checkpoint at step 8 to {checkpoints}: No space left on "
          f"device on process 1; the checkpoint at step 4 is kept. {fix}"],
         [f"error: cannot write the checkpoint at step 8 to {checkpoints}: No space left on "
@@ -290,9 +294,7 @@ def test_a_checkpoint_directory_one_host_finds_read_only_stops_every_host_at_the
     assert job.wait(timeout=120) == [2, 2], job.output(0) + job.output(1)
     checkpoints = workdir / "checkpoints"
     fix = f"Make {checkpoints} writable and rerun the same command to resume"
-    errors = [[l[l.index("error:"):] for l in job.output(i).splitlines() if "error:" in l]
-              for i in range(NUM_PROCESSES)]
-    assert errors == [
+    assert error_lines(job) == [
         [f"error: cannot write the checkpoint at step 4 to {checkpoints}: Read-only file "
          f"system on process 1; no checkpoint was written before it. {fix}"],
         [f"error: cannot write the checkpoint at step 4 to {checkpoints}: Read-only file "
