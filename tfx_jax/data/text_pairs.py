@@ -85,6 +85,7 @@ def open_text_pairs(
     target_language: str | None = None,
     number_words_config: NumberWordsConfig | None = None,
     in_memory: bool = False,
+    tsv_header: bool | str = "auto",
 ) -> TextPairs:
     """Returns the ``(source_text, target_text)`` pairs that ``spec`` names.
 
@@ -102,6 +103,7 @@ def open_text_pairs(
       in_memory: read the whole split into a list now (TFDS-backed sources).
         Worth it for corpora that fit in RAM, such as number_words: reading
         ArrayRecord one example at a time costs far more than tokenizing it.
+      tsv_header: a TSV file's header line, :class:`TsvPairs`'s ``header``.
 
     Raises:
       TypeError / ValueError: ``spec`` is not a non-empty string or names no
@@ -114,7 +116,7 @@ def open_text_pairs(
         if source_language or target_language:
             raise ConfigError(f"{spec}: a TSV file has a fixed direction (source<TAB>"
                              "target); source_language/target_language do not apply")
-        return TsvPairs(spec)
+        return TsvPairs(spec, header=tsv_header)
     name, _, config_name = spec.partition("/")
     if name == NUMBER_WORDS:
         from tfx_jax.data.number_words import number_words_pairs  # pylint: disable=import-outside-toplevel

@@ -380,13 +380,18 @@ class Checkpointer:
 
     def _write_error(self, step: Optional[int], error: Exception) -> Exception:
         """A :class:`CheckpointWriteError` for a storage failure; ``error`` itself otherwise."""
+        _BACKGROUND_ERRORS.pop(self.directory, None)  # this failure is being reported
         cause = storage_cause(error)
         if cause is None:
             return error
         self._failed = True
+        return CheckpointWriteError(step, self.directory, cause, self._kept_before(step))
+
+    def _kept_before(self, step: Optional[int]) -> Optional[int]:
+        """The newest checkpoint on disk before ``step`` (None: none), after a failed save."""
         self._manager.reload()
-        kept = [s for s in self._manager.all_steps() if step is None or s < step]
-        return CheckpointWriteError(step, self.directory, cause, max(kept, default=None))
+        return max((s for s in self._manager.all_steps() if step is None or s < step),
+                   default=None)
 
     def _finish_pending(self) -> None:
         """Waits for the save in progress; raises CheckpointWriteError if it failed."""
@@ -450,13 +455,11 @@ class Checkpointer:
         if first > len(_STORAGE_CAUSES):  # not a storage problem: that host's traceback says
             raise RuntimeError(f"the checkpoint save at step {step} failed on process(es) "
                                f"{failed}; see their error")
-        self._manager.reload()
-        kept = [s for s in self._manager.all_steps() if step is None or s < step]
         hosts = ", ".join(map(str, failed))
         raise CheckpointWriteError(
             step, self.directory,
             f"{_STORAGE_CAUSES[first - 1]} on process{'es' * (len(failed) > 1)} {hosts}",
-            max(kept, default=None))
+            self._kept_before(step))
 
     def restore(self, abstract_state: TrainState, data_iterator=None,
                 step: Optional[int] = None) -> TrainState:

@@ -26,10 +26,10 @@ import dataclasses
 import numpy as np
 
 from tfx_jax.errors import ConfigError
-from tfx_jax.data.text_pairs import NUMBER_WORDS, TsvPairs, is_file_spec, open_text_pairs
+from tfx_jax.data.text_pairs import NUMBER_WORDS, is_file_spec, open_text_pairs
 
 MAX_HOLDOUT = 1_000
-TSV_HEADER = {"auto": "auto", "skip": True, "keep": False}  # config.tsv_header -> TsvPairs
+TSV_HEADER = {"auto": "auto", "skip": True, "keep": False}  # config.tsv_header -> open_text_pairs
 MIN_HOLDOUT = 5
 
 
@@ -66,7 +66,7 @@ def open_split(config, spec: str, split: str, notes: list[str]):
     """The pairs ``spec`` names (a file, or ``split`` of a dataset)."""
     options = dict(data_dir=config.data_dir, in_memory=config.data_in_memory)
     if is_file_spec(spec):
-        pairs = TsvPairs(spec, header=TSV_HEADER[config.get("tsv_header", "auto")])
+        pairs = open_text_pairs(spec, tsv_header=TSV_HEADER[config.get("tsv_header", "auto")])
         if pairs.had_bom:
             notes.append(f"{spec}: removed the UTF-8 byte order mark before the first line")
         if pairs.header is not None:
